@@ -1,0 +1,277 @@
+//! The one GPU context: instance, adapter, device, queue, limits and the pipeline cache, plus the
+//! few buffer chores every op shares (upload, readback, timestamps, error scopes).
+//!
+//! Op modules (`layer_norm`, `batch_norm`) own their shaders and dispatch logic; they come here for
+//! pipelines and buffers so nothing on the hot path compiles a shader twice.
+
+use std::collections::HashMap;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
+
+use crate::NormError;
+
+/// A GPU with everything gpunorm needs to run on it. `Send + Sync`: wgpu's device and queue are,
+/// and the pipeline cache sits behind a mutex.
+pub(crate) struct GpuContext {
+    // Kept so the adapter and device outlive nothing they depend on.
+    _instance: wgpu::Instance,
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub limits: wgpu::Limits,
+    pub timestamps: bool,
+    pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+}
+
+impl GpuContext {
+    /// Opens the best adapter wgpu finds (high performance unless `WGPU_POWER_PREF` says
+    /// otherwise; `WGPU_BACKEND` narrows the APIs tried).
+    pub fn new() -> Result<Self, NormError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::from_env()
+                .unwrap_or(wgpu::PowerPreference::HighPerformance),
+            ..Default::default()
+        };
+        let adapter = pollster::block_on(instance.request_adapter(&options))
+            .map_err(|e| NormError::NoAdapter(e.to_string()))?;
+        Self::from_adapter(instance, adapter)
+    }
+
+    fn from_adapter(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self, NormError> {
+        // Ask for everything the adapter can address: normalization tensors are big, and the
+        // defaults (128 MiB bindings) would refuse tensors the hardware handles fine.
+        let limits = adapter.limits();
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let required_features = if timestamps {
+            wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::empty()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("gpunorm device"),
+            required_features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| NormError::RequestDevice(e.to_string()))?;
+        log::info!("gpunorm: {}", describe_adapter(&adapter.get_info()));
+        Ok(Self {
+            _instance: instance,
+            adapter,
+            device,
+            queue,
+            limits,
+            timestamps,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The largest buffer one binding may cover, in bytes.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// The compute pipeline for `entry` in the WGSL `source`, built once and cached under `key`
+    /// (which is also its label, so a GPU debugger shows what it is).
+    pub fn pipeline(
+        &self,
+        key: &str,
+        source: impl FnOnce() -> String,
+        entry: &str,
+    ) -> Result<wgpu::ComputePipeline, NormError> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(key) {
+            return Ok(p.clone());
+        }
+        let pipeline = self.scoped("building a compute pipeline", || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(key),
+                    source: wgpu::ShaderSource::Wgsl(source().into()),
+                });
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+        })?;
+        cache.insert(key.to_owned(), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Runs `f` inside out-of-memory and validation error scopes, so a wgpu error becomes a
+    /// `NormError` instead of the default handler's panic.
+    pub fn scoped<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> Result<T, NormError> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let errors = [
+            pollster::block_on(validation.pop()),
+            pollster::block_on(oom.pop()),
+        ];
+        match errors.into_iter().flatten().next() {
+            None => Ok(value),
+            Some(e) => Err(NormError::Gpu {
+                op,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// A storage buffer of `bytes` bytes (at least 16, the size of one vec4).
+    pub fn buffer(&self, label: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(16),
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A read-only storage buffer holding `data`, or a 16-byte placeholder when `data` is None
+    /// (the shader is told by a flag not to read it).
+    pub fn param_buffer(&self, label: &str, data: Option<&[f32]>) -> wgpu::Buffer {
+        let bytes = data.map_or(16, |d| (d.len() * 4) as u64);
+        let buffer = self.buffer(
+            label,
+            bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        if let Some(d) = data {
+            self.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(d));
+        }
+        buffer
+    }
+
+    /// Waits for all submitted work and copies the first `out.len()` floats of the mappable
+    /// `staging` buffer into `out`.
+    pub fn read_into(&self, staging: &wgpu::Buffer, out: &mut [f32]) -> Result<(), NormError> {
+        let bytes = (out.len() * 4) as u64;
+        if bytes == 0 {
+            return Ok(());
+        }
+        let slice = staging.slice(..bytes);
+        let (tx, rx) = mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| gpu_err("reading back", e))?
+            .map_err(|e| gpu_err("reading back", e))?;
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| gpu_err("reading back", e))?;
+            out.copy_from_slice(bytemuck::cast_slice(&view));
+        }
+        staging.unmap();
+        Ok(())
+    }
+
+    /// Blocks until the queue is idle.
+    pub fn wait(&self) -> Result<(), NormError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| gpu_err("waiting for the GPU", e))
+    }
+}
+
+fn gpu_err(op: &'static str, e: impl std::fmt::Display) -> NormError {
+    NormError::Gpu {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// One line naming an adapter: name, API, device type and driver.
+pub(crate) fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    let driver = if info.driver_info.is_empty() {
+        info.driver.clone()
+    } else {
+        format!("{} {}", info.driver, info.driver_info)
+    };
+    format!(
+        "{} ({:?}, {:?}, driver {})",
+        info.name, info.backend, info.device_type, driver
+    )
+}
+
+/// Timestamp queries around compute passes: kernel time summed over every pass it wraps.
+/// Absent (`None`) where the adapter lacks `TIMESTAMP_QUERY` or the caller did not ask.
+pub(crate) struct PassTimer {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    period_ns: f64,
+    total: Duration,
+}
+
+impl PassTimer {
+    pub fn new(ctx: &GpuContext, wanted: bool) -> Option<Self> {
+        if !(wanted && ctx.timestamps) {
+            return None;
+        }
+        let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("gpunorm pass timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = ctx.buffer(
+            "gpunorm timestamp resolve",
+            16,
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let staging = ctx.buffer(
+            "gpunorm timestamp readback",
+            16,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        Some(Self {
+            queries,
+            resolve,
+            staging,
+            period_ns: ctx.queue.get_timestamp_period() as f64,
+            total: Duration::ZERO,
+        })
+    }
+
+    /// The timestamp writes to attach to the next compute pass.
+    pub fn writes(&self) -> wgpu::ComputePassTimestampWrites<'_> {
+        wgpu::ComputePassTimestampWrites {
+            query_set: &self.queries,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        }
+    }
+
+    /// Records the copy of this pass's timestamps; call after the pass, before submitting.
+    pub fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.resolve_query_set(&self.queries, 0..2, &self.resolve, 0);
+        encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.staging, 0, 16);
+    }
+
+    /// Reads the pass's timestamps after its submission completed and adds them to the total.
+    pub fn collect(&mut self, ctx: &GpuContext) -> Result<(), NormError> {
+        let mut raw = [0f32; 4];
+        ctx.read_into(&self.staging, &mut raw)?;
+        let ticks: [u64; 2] = bytemuck::cast(raw);
+        let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.period_ns;
+        self.total += Duration::from_nanos(ns as u64);
+        Ok(())
+    }
+
+    pub fn total(timer: &Option<Self>) -> Option<Duration> {
+        timer.as_ref().map(|t| t.total)
+    }
+}

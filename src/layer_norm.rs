@@ -1,0 +1,203 @@
+//! LayerNorm: its options, input validation, and the GPU host that drives `shaders/layer_norm.wgsl`.
+//!
+//! Path of a tensor: `Normalizer::layer_norm` validates → `gpu` splits the rows into chunks that
+//! fit one binding → each chunk is uploaded, dispatched (one workgroup per row) and read back.
+
+use std::time::Duration;
+
+use crate::context::{GpuContext, PassTimer};
+use crate::shaders::{self, Width};
+use crate::{check_eps, check_param, NormError};
+
+/// Options for [`Normalizer::layer_norm`](crate::Normalizer::layer_norm).
+///
+/// ```
+/// use gpunorm::LayerNorm;
+/// let gamma = [1.0, 2.0, 0.5];
+/// let opts = LayerNorm { gamma: Some(&gamma), ..Default::default() };
+/// assert_eq!(opts.eps, 1e-5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNorm<'a> {
+    /// Added to the variance before the square root; finite and >= 0. Default 1e-5.
+    pub eps: f32,
+    /// Per-feature scale (one value per feature), or None for 1.
+    pub gamma: Option<&'a [f32]>,
+    /// Per-feature shift (one value per feature), or None for 0.
+    pub beta: Option<&'a [f32]>,
+}
+
+impl Default for LayerNorm<'_> {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            gamma: None,
+            beta: None,
+        }
+    }
+}
+
+/// Checks a LayerNorm call; returns the number of rows.
+pub(crate) fn validate(
+    x: &[f32],
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<usize, NormError> {
+    let rows = crate::rows_of(x, features)?;
+    check_eps(opts.eps)?;
+    check_param("gamma", opts.gamma, features)?;
+    check_param("beta", opts.beta, features)?;
+    Ok(rows)
+}
+
+// Keep in sync with `Params` in shaders/layer_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LayerNormParams {
+    rows: u32,
+    features: u32,
+    eps: f32,
+    flags: u32,
+}
+const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
+
+const FLAG_GAMMA: u32 = 1;
+const FLAG_BETA: u32 = 2;
+
+/// Runs LayerNorm on the GPU; returns the output and, when asked and available, kernel time.
+pub(crate) fn gpu(
+    ctx: &GpuContext,
+    x: &[f32],
+    features: usize,
+    opts: &LayerNorm<'_>,
+    timed: bool,
+) -> Result<(Vec<f32>, Option<Duration>), NormError> {
+    let rows = x.len() / features;
+    let mut y = vec![0f32; x.len()];
+    if rows == 0 {
+        return Ok((y, None));
+    }
+    let row_bytes = (features * 4) as u64;
+    let max_bytes = ctx.max_binding_bytes();
+    if row_bytes > max_bytes {
+        return Err(NormError::TooLarge {
+            what: "one row",
+            needed: row_bytes,
+            limit: max_bytes,
+        });
+    }
+    let width = Width::for_features(features);
+    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    // Rows per chunk: bounded by the binding size, by the 2-D grid, and by u32 indexing.
+    let chunk_rows = ((max_bytes / row_bytes) as usize)
+        .min(max_groups * max_groups)
+        .min(u32::MAX as usize / features)
+        .min(rows);
+    let chunk_bytes = chunk_rows as u64 * row_bytes;
+
+    let label = format!("layer_norm {}", width.name());
+    let pipeline = ctx.pipeline(
+        &label,
+        || shaders::assemble(width, shaders::LAYER_NORM),
+        "layer_norm",
+    )?;
+
+    ctx.scoped("layer_norm", || -> Result<_, NormError> {
+        use wgpu::BufferUsages as U;
+        let input = ctx.buffer("layer_norm x", chunk_bytes, U::STORAGE | U::COPY_DST);
+        let output = ctx.buffer(
+            "layer_norm y",
+            chunk_bytes,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+        );
+        let staging = ctx.buffer(
+            "layer_norm readback",
+            chunk_bytes,
+            U::MAP_READ | U::COPY_DST,
+        );
+        let params = ctx.buffer("layer_norm params", 16, U::UNIFORM | U::COPY_DST);
+        let gamma = ctx.param_buffer("layer_norm gamma", opts.gamma);
+        let beta = ctx.param_buffer("layer_norm beta", opts.beta);
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                entry(0, &params),
+                entry(1, &input),
+                entry(2, &output),
+                entry(3, &gamma),
+                entry(4, &beta),
+            ],
+        });
+        let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
+            | if opts.beta.is_some() { FLAG_BETA } else { 0 };
+        let mut timer = PassTimer::new(ctx, timed);
+
+        for (x_chunk, y_chunk) in x
+            .chunks(chunk_rows * features)
+            .zip(y.chunks_mut(chunk_rows * features))
+        {
+            let n_rows = x_chunk.len() / features;
+            ctx.queue
+                .write_buffer(&input, 0, bytemuck::cast_slice(x_chunk));
+            #[cfg(debug_assertions)]
+            poison(ctx, &output, x_chunk.len());
+            let p = LayerNormParams {
+                rows: n_rows as u32,
+                features: features as u32,
+                eps: opts.eps,
+                flags,
+            };
+            ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(&label),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(&label),
+                    timestamp_writes: timer.as_ref().map(|t| t.writes()),
+                });
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                let (gx, gy) = grid(n_rows, max_groups);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            if let Some(t) = &timer {
+                t.resolve(&mut encoder);
+            }
+            encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, (x_chunk.len() * 4) as u64);
+            ctx.queue.submit([encoder.finish()]);
+            ctx.read_into(&staging, y_chunk)?;
+            if let Some(t) = &mut timer {
+                t.collect(ctx)?;
+            }
+        }
+        Ok(PassTimer::total(&timer))
+    })?
+    .map(|kernel| (y, kernel))
+}
+
+pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: buffer.as_entire_binding(),
+    }
+}
+
+/// A 2-D grid of at least `groups` workgroups with no side over `max` (65535 on most
+/// adapters); shaders linearise it as `wid.y * num_workgroups.x + wid.x` and skip the excess.
+pub(crate) fn grid(groups: usize, max: usize) -> (u32, u32) {
+    let gx = groups.min(max);
+    let gy = groups.div_ceil(gx.max(1));
+    (gx as u32, gy as u32)
+}
+
+/// Debug builds fill an output buffer with NaN before a kernel runs, so any element a kernel
+/// forgets to write fails the comparison with the reference instead of passing as 0.
+#[cfg(debug_assertions)]
+pub(crate) fn poison(ctx: &GpuContext, buffer: &wgpu::Buffer, floats: usize) {
+    ctx.queue.write_buffer(buffer, 0, &vec![0xFFu8; floats * 4]);
+}

@@ -1,0 +1,132 @@
+//! The f64 reference: obviously correct, loops shaped like the math, slow on purpose.
+//!
+//! Every backend of gpunorm is tested against these functions. They take f32 input and return
+//! f64 output so a test can measure the error of an f32 result without rounding the reference.
+//! They assume valid input (callers validate); shapes that do not fit panic.
+
+/// LayerNorm of each row of `x` (row-major, `features` values per row), biased variance.
+///
+/// y = (x − mean) / sqrt(var + eps) · gamma + beta, in f64.
+pub fn layer_norm(
+    x: &[f32],
+    features: usize,
+    eps: f32,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(features) {
+        let n = features as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv_std = 1.0 / (var + eps as f64).sqrt();
+        for (c, &v) in row.iter().enumerate() {
+            let g = gamma.map_or(1.0, |g| g[c] as f64);
+            let b = beta.map_or(0.0, |b| b[c] as f64);
+            y.push((v as f64 - mean) * inv_std * g + b);
+        }
+    }
+    y
+}
+
+/// Per-feature statistics over the rows of a `[rows, features]` tensor where `mask` (if given)
+/// is true: (mean, biased variance, counted rows).
+pub fn column_stats(
+    x: &[f32],
+    features: usize,
+    mask: Option<&[bool]>,
+) -> (Vec<f64>, Vec<f64>, usize) {
+    let counted = |r: usize| mask.is_none_or(|m| m[r]);
+    let rows: Vec<&[f32]> = x
+        .chunks_exact(features)
+        .enumerate()
+        .filter(|&(r, _)| counted(r))
+        .map(|(_, row)| row)
+        .collect();
+    let n = rows.len() as f64;
+    let mean: Vec<f64> = (0..features)
+        .map(|c| rows.iter().map(|row| row[c] as f64).sum::<f64>() / n)
+        .collect();
+    let var = (0..features)
+        .map(|c| {
+            rows.iter()
+                .map(|row| (row[c] as f64 - mean[c]).powi(2))
+                .sum::<f64>()
+                / n
+        })
+        .collect();
+    (mean, var, rows.len())
+}
+
+/// Normalizes each feature of a `[rows, features]` tensor with the given per-feature mean and
+/// variance; rows where `mask` is false are written as 0.
+pub fn batch_norm_apply(
+    x: &[f32],
+    features: usize,
+    mean: &[f64],
+    var: &[f64],
+    eps: f32,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    mask: Option<&[bool]>,
+) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks_exact(features).enumerate() {
+        let counted = mask.is_none_or(|m| m[r]);
+        for (c, &v) in row.iter().enumerate() {
+            if !counted {
+                y.push(0.0);
+                continue;
+            }
+            let g = gamma.map_or(1.0, |g| g[c] as f64);
+            let b = beta.map_or(0.0, |b| b[c] as f64);
+            y.push((v as f64 - mean[c]) / (var[c] + eps as f64).sqrt() * g + b);
+        }
+    }
+    y
+}
+
+/// BatchNorm in training mode on a `[rows, features]` tensor: per-feature statistics over the
+/// counted rows, then normalization. Returns (y, mean, biased var, count).
+#[allow(clippy::type_complexity)]
+pub fn batch_norm_train(
+    x: &[f32],
+    features: usize,
+    eps: f32,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    mask: Option<&[bool]>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
+    let (mean, var, count) = column_stats(x, features, mask);
+    let y = batch_norm_apply(x, features, &mean, &var, eps, gamma, beta, mask);
+    (y, mean, var, count)
+}
+
+/// Rearranges a channels-first `[batch, channels, spatial]` tensor into features-last
+/// `[batch · spatial, channels]`, so the features-last reference applies to it.
+pub fn channels_first_to_last(x: &[f32], channels: usize, spatial: usize) -> Vec<f32> {
+    let batch = x.len() / (channels * spatial);
+    let mut out = Vec::with_capacity(x.len());
+    for n in 0..batch {
+        for s in 0..spatial {
+            for c in 0..channels {
+                out.push(x[(n * channels + c) * spatial + s]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`channels_first_to_last`], for f64 results.
+pub fn channels_last_to_first(y: &[f64], channels: usize, spatial: usize) -> Vec<f64> {
+    let batch = y.len() / (channels * spatial);
+    let mut out = vec![0.0; y.len()];
+    for n in 0..batch {
+        for s in 0..spatial {
+            for c in 0..channels {
+                out[(n * channels + c) * spatial + s] = y[(n * spatial + s) * channels + c];
+            }
+        }
+    }
+    out
+}

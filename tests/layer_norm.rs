@@ -1,0 +1,322 @@
+//! LayerNorm on every backend against the f64 reference: the shape table, the hard cases, bad
+//! input, determinism and threads. Tolerances are max |y − ref| / max(1, |ref|).
+
+mod common;
+
+use common::{backends, data, gpu, max_err, ordinary};
+use gpunorm::{reference, LayerNorm, NormError, Normalizer};
+
+/// Ordinary data: f32 rounding of a few operations, far below this.
+const TOL: f64 = 1e-4;
+/// Rows with mean 1e4 and spread 1e-2: a plain f32 two-pass errs by 1e-2..1e-1 here.
+const TOL_OFFSET: f64 = 1e-3;
+
+fn check(norm: &Normalizer, x: &[f32], features: usize, opts: &LayerNorm<'_>) -> f64 {
+    let y = norm.layer_norm(x, features, opts).expect("valid input");
+    let r = reference::layer_norm(x, features, opts.eps, opts.gamma, opts.beta);
+    max_err(&y, &r)
+}
+
+#[test]
+fn every_row_length_matches_the_reference() {
+    for (name, norm) in backends() {
+        for &features in &[1, 2, 3, 4, 5, 127, 768, 4097, 65537, 100_003] {
+            let rows = if features > 10_000 { 2 } else { 7 };
+            let x = ordinary(rows * features, features as u64);
+            let err = check(norm, &x, features, &LayerNorm::default());
+            assert!(
+                err < TOL,
+                "{name}: {features} features: error {err:e} >= {TOL:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gamma_and_beta_are_applied_per_feature() {
+    for (name, norm) in backends() {
+        for &features in &[3, 8, 1000] {
+            let x = ordinary(5 * features, 11);
+            let gamma = data(features, 1.0, 0.5, 12);
+            let beta = data(features, 0.0, 1.0, 13);
+            for opts in [
+                LayerNorm {
+                    gamma: Some(&gamma),
+                    beta: Some(&beta),
+                    eps: 1e-3,
+                },
+                LayerNorm {
+                    gamma: Some(&gamma),
+                    ..Default::default()
+                },
+                LayerNorm {
+                    beta: Some(&beta),
+                    ..Default::default()
+                },
+            ] {
+                let err = check(norm, &x, features, &opts);
+                assert!(
+                    err < TOL,
+                    "{name}: {features} features, {opts:?}: error {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn one_row_and_many_rows() {
+    for (name, norm) in backends() {
+        let x = ordinary(768, 1);
+        let err = check(norm, &x, 768, &LayerNorm::default());
+        assert!(err < TOL, "{name}: one row: error {err:e}");
+        // More rows than one dispatch dimension holds (65535 workgroups).
+        let x = ordinary(70_000 * 8, 2);
+        let err = check(norm, &x, 8, &LayerNorm::default());
+        assert!(err < TOL, "{name}: 70000 x 8: error {err:e}");
+    }
+}
+
+#[test]
+fn constant_and_padded_rows_become_zero() {
+    for (name, norm) in backends() {
+        for &features in &[1, 3, 4, 513] {
+            let mut x = vec![7.25f32; features];
+            x.extend(vec![0.0; features]);
+            let y = norm
+                .layer_norm(&x, features, &LayerNorm::default())
+                .unwrap();
+            // (c − c) / sqrt(0 + eps) is exactly 0; no NaN from a zero variance.
+            assert!(
+                y.iter().all(|&v| v == 0.0),
+                "{name}: {features} features: {y:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn offset_rows_with_a_tiny_spread_stay_accurate() {
+    for (name, norm) in backends() {
+        for &features in &[3, 4, 768, 4097] {
+            let x = data(9 * features, 1e4, 1e-2, features as u64);
+            let err = check(norm, &x, features, &LayerNorm::default());
+            assert!(
+                err < TOL_OFFSET,
+                "{name}: {features} features, mean 1e4 spread 1e-2: error {err:e}"
+            );
+            let x = data(9 * features, -3e5, 0.5, 3);
+            let err = check(norm, &x, features, &LayerNorm::default());
+            assert!(
+                err < TOL_OFFSET,
+                "{name}: {features} features, mean -3e5 spread 0.5: error {err:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_nan_poisons_only_its_own_row() {
+    for (name, norm) in backends() {
+        for &features in &[3, 8, 4097] {
+            let mut x = ordinary(4 * features, 5);
+            x[features + features / 2] = f32::NAN;
+            x[3 * features] = f32::INFINITY;
+            let y = norm
+                .layer_norm(&x, features, &LayerNorm::default())
+                .unwrap();
+            let r = reference::layer_norm(&x, features, 1e-5, None, None);
+            for row in [1, 3] {
+                let out = &y[row * features..(row + 1) * features];
+                assert!(
+                    out.iter().all(|v| v.is_nan()),
+                    "{name}: row {row} should be all NaN"
+                );
+            }
+            for row in [0, 2] {
+                let range = row * features..(row + 1) * features;
+                let err = max_err(&y[range.clone()], &r[range]);
+                assert!(
+                    err < TOL,
+                    "{name}: {features} features: clean row {row}: error {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_with_nothing_computed() {
+    let x = [1.0f32; 12];
+    let three = [1.0f32; 3];
+    let four = [1.0f32; 4];
+    for (name, norm) in backends() {
+        let ln = |x: &[f32], f, o: &LayerNorm<'_>| norm.layer_norm(x, f, o);
+        let d = LayerNorm::default();
+        assert_eq!(ln(&x, 0, &d), Err(NormError::ZeroFeatures), "{name}");
+        assert_eq!(ln(&[], 0, &d), Err(NormError::ZeroFeatures), "{name}");
+        assert_eq!(
+            ln(&x, 5, &d),
+            Err(NormError::LengthNotMultiple {
+                len: 12,
+                features: 5
+            }),
+            "{name}"
+        );
+        let g = LayerNorm {
+            gamma: Some(&three),
+            ..d
+        };
+        assert_eq!(
+            ln(&x, 4, &g),
+            Err(NormError::ParamLength {
+                name: "gamma",
+                len: 3,
+                features: 4
+            }),
+            "{name}"
+        );
+        let b = LayerNorm {
+            beta: Some(&four),
+            ..d
+        };
+        assert_eq!(
+            ln(&x, 3, &b),
+            Err(NormError::ParamLength {
+                name: "beta",
+                len: 4,
+                features: 3
+            }),
+            "{name}"
+        );
+        for eps in [f32::NAN, f32::INFINITY, -1e-5] {
+            let e = LayerNorm { eps, ..d };
+            assert!(
+                matches!(ln(&x, 3, &e), Err(NormError::InvalidEps(_))),
+                "{name}: eps {eps}"
+            );
+        }
+        // The messages say what was wrong and what would be right.
+        let msg = ln(&x, 5, &d).unwrap_err().to_string();
+        assert!(
+            msg.contains("12") && msg.contains("multiple of features (5)"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn empty_input_gives_empty_output() {
+    for (name, norm) in backends() {
+        assert_eq!(
+            norm.layer_norm(&[], 3, &LayerNorm::default()),
+            Ok(vec![]),
+            "{name}"
+        );
+    }
+}
+
+/// The seed document's worked example: batch 2, sequence length 4, d_model 3, the last position
+/// of the second sequence padded with zeros.
+#[test]
+fn the_seed_example() {
+    let x: Vec<f32> = [
+        [1., 2., 3.],
+        [2., 4., 6.],
+        [3., 6., 9.],
+        [4., 8., 12.],
+        [5., 10., 15.],
+        [6., 12., 18.],
+        [7., 13., 19.],
+        [0., 0., 0.],
+    ]
+    .concat();
+    // "I" = [1, 2, 3]: mean 2, biased variance 2/3, so ±1/sqrt(2/3 + 1e-5) = ±1.22473.
+    let i_word = 1.0 / (2.0f64 / 3.0 + 1e-5).sqrt();
+    for (name, norm) in backends() {
+        let y = norm.layer_norm(&x, 3, &LayerNorm::default()).unwrap();
+        assert!(
+            (y[0] as f64 + i_word).abs() < 1e-5 && y[1].abs() < 1e-6,
+            "{name}: {:?}",
+            &y[..3]
+        );
+        assert!((y[2] as f64 - i_word).abs() < 1e-5, "{name}: {:?}", &y[..3]);
+        // The seed rounds this to ±1.22 (and to ±1.23 with its std rounded to 0.81).
+        assert!((y[2] - 1.22).abs() < 0.01, "{name}");
+        assert_eq!(&y[21..], &[0.0, 0.0, 0.0], "{name}: the padded position");
+        assert!(
+            max_err(&y, &reference::layer_norm(&x, 3, 1e-5, None, None)) < TOL,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn repeated_gpu_calls_are_bitwise_identical() {
+    let Some(norm) = gpu() else { return };
+    for &features in &[7, 1024, 4097] {
+        let x = ordinary(33 * features, 9);
+        let a = norm
+            .layer_norm(&x, features, &LayerNorm::default())
+            .unwrap();
+        for _ in 0..3 {
+            let b = norm
+                .layer_norm(&x, features, &LayerNorm::default())
+                .unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{features} features"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_normalizer_serves_several_threads() {
+    for (name, norm) in backends() {
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    let features = 100 + 37 * t as usize;
+                    let x = ordinary(50 * features, t);
+                    for _ in 0..3 {
+                        let err = check(norm, &x, features, &LayerNorm::default());
+                        assert!(err < TOL, "{name}: thread {t}: error {err:e}");
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn gpu_reports_kernel_time_where_timestamps_exist() {
+    let Some(norm) = gpu() else { return };
+    let x = ordinary(64 * 256, 4);
+    let (_, timing) = norm
+        .layer_norm_timed(&x, 256, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(timing.kernel.is_some(), norm.has_kernel_timing());
+    if let Some(t) = timing.kernel {
+        assert!(t.as_nanos() > 0, "a kernel that ran took some time");
+    }
+}
+
+/// A tensor larger than llvmpipe's 128 MiB binding limit is split into chunks of rows.
+#[test]
+fn tensors_larger_than_one_binding_are_chunked() {
+    let Some(norm) = gpu() else { return };
+    let features = 1024;
+    let rows = 36 * 1024; // 144 MiB of f32
+    let x = ordinary(rows * features, 21);
+    let y = norm
+        .layer_norm(&x, features, &LayerNorm::default())
+        .unwrap();
+    // Spot-check rows at the start, across any chunk boundary and at the end.
+    for row in [0, 1, rows / 2 - 1, rows / 2, 32767, 32768, rows - 1] {
+        let range = row * features..(row + 1) * features;
+        let r = reference::layer_norm(&x[range.clone()], features, 1e-5, None, None);
+        let err = max_err(&y[range], &r);
+        assert!(err < TOL, "row {row}: error {err:e}");
+    }
+}
