@@ -30,6 +30,7 @@
 //! max |y − ref| / max(1, |ref|) < 1e-4 on ordinary data and < 1e-3 on rows with mean 1e4 and
 //! spread 1e-2. GPU results are bitwise reproducible from run to run.
 
+mod batch_norm;
 mod context;
 mod cpu;
 mod error;
@@ -39,9 +40,11 @@ mod shaders;
 
 use std::time::Duration;
 
+pub use batch_norm::{mask_from_lengths, BatchNorm, BatchNormOutput, RunningStats};
 pub use error::NormError;
 pub use layer_norm::LayerNorm;
 
+use batch_norm::{Shape, Stats};
 use context::GpuContext;
 
 /// The entry point: a GPU (or the CPU fallback) ready to normalize batches.
@@ -160,12 +163,148 @@ impl Normalizer {
     }
 }
 
+impl Normalizer {
+    /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's
+    /// `[batch, seq, d_model]` flattened): per-feature mean and biased variance over the rows
+    /// where `opts.mask` is true, then y = (x − mean) / sqrt(var + eps) · gamma + beta. Masked
+    /// rows are left out of the statistics and written as 0.
+    ///
+    /// Errors, with nothing computed, on zero features, a length that is not a multiple of
+    /// `features`, an empty batch, a mask without one entry per row or with every row masked
+    /// out, gamma or beta without one value per feature, and eps NaN, infinite or negative.
+    pub fn batch_norm_train(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        self.batch_norm_train_timed(x, features, opts)
+            .map(|(out, _)| out)
+    }
+
+    /// [`Normalizer::batch_norm_train`], also returning the GPU kernel time where timestamps exist.
+    pub fn batch_norm_train_timed(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(BatchNormOutput, Timing), NormError> {
+        self.train(x, &Shape::features_last(x, features)?, opts)
+    }
+
+    /// BatchNorm in eval mode on a features-last tensor: one elementwise pass with the running
+    /// statistics, y = (x − running_mean) / sqrt(running_var + eps) · gamma + beta; masked rows
+    /// are written as 0. Errors as [`Normalizer::batch_norm_train`] does, and when the running
+    /// statistics do not have one mean and one variance (>= 0) per feature.
+    pub fn batch_norm_eval(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        self.eval(x, &Shape::features_last(x, features)?, opts, stats)
+    }
+
+    /// BatchNorm in training mode on a channels-first `[batch, channels, spatial]` tensor (NCHW
+    /// with spatial = H·W, or NCL), what CNN users hand to BatchNorm2d: statistics per channel
+    /// over batch × spatial. `opts.mask`, if given, has one entry per (batch, spatial) position,
+    /// batch-major. Errors as [`Normalizer::batch_norm_train`] does, and on `spatial` 0.
+    pub fn batch_norm_train_channels_first(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        self.train(x, &Shape::channels_first(x, channels, spatial)?, opts)
+            .map(|(out, _)| out)
+    }
+
+    /// BatchNorm in eval mode on a channels-first `[batch, channels, spatial]` tensor.
+    pub fn batch_norm_eval_channels_first(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        self.eval(
+            x,
+            &Shape::channels_first(x, channels, spatial)?,
+            opts,
+            stats,
+        )
+    }
+
+    fn train(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(BatchNormOutput, Timing), NormError> {
+        let (count, first) = batch_norm::validate(shape, opts)?;
+        let (y, (mean, var), kernel) = match &self.backend {
+            Backend::Gpu(ctx) => {
+                let out = batch_norm::gpu(ctx, x, shape, opts, Stats::Batch { first }, true)?;
+                let stats = out.stats.expect("training returns statistics");
+                (out.y, stats, out.kernel)
+            }
+            Backend::Cpu => {
+                let (shift, mean_d, var) = cpu::batch_norm::stats(x, shape, opts.mask, first);
+                let mean = shift
+                    .iter()
+                    .zip(&mean_d)
+                    .map(|(&s, &m)| (s as f64 + m) as f32)
+                    .collect();
+                let center = mean_d.iter().map(|&m| m as f32).collect();
+                let cols = cpu::batch_norm::Columns::new(shift, center, &var, opts);
+                let mut y = vec![0f32; x.len()];
+                cpu::batch_norm::apply(x, &mut y, shape, opts.mask, &cols);
+                (y, (mean, var.iter().map(|&v| v as f32).collect()), None)
+            }
+        };
+        let out = BatchNormOutput {
+            y,
+            mean,
+            var,
+            count,
+        };
+        Ok((out, Timing { kernel }))
+    }
+
+    fn eval(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        batch_norm::validate(shape, opts)?;
+        batch_norm::validate_stats(shape, stats)?;
+        match &self.backend {
+            Backend::Gpu(ctx) => {
+                batch_norm::gpu(ctx, x, shape, opts, Stats::Running(stats), false).map(|r| r.y)
+            }
+            Backend::Cpu => {
+                let var: Vec<f64> = stats.var.iter().map(|&v| v as f64).collect();
+                let shift = vec![0.0; shape.channels];
+                let cols = cpu::batch_norm::Columns::new(shift, stats.mean.clone(), &var, opts);
+                let mut y = vec![0f32; x.len()];
+                cpu::batch_norm::apply(x, &mut y, shape, opts.mask, &cols);
+                Ok(y)
+            }
+        }
+    }
+}
+
 /// The number of rows of a row-major tensor, or the error that says why it has none.
 pub(crate) fn rows_of(x: &[f32], features: usize) -> Result<usize, NormError> {
     if features == 0 {
         return Err(NormError::ZeroFeatures);
     }
-    if x.len() % features != 0 {
+    if !x.len().is_multiple_of(features) {
         return Err(NormError::LengthNotMultiple {
             len: x.len(),
             features,

@@ -4,6 +4,8 @@
 //! f64 output so a test can measure the error of an f32 result without rounding the reference.
 //! They assume valid input (callers validate); shapes that do not fit panic.
 
+use crate::BatchNorm;
+
 /// LayerNorm of each row of `x` (row-major, `features` values per row), biased variance.
 ///
 /// y = (x − mean) / sqrt(var + eps) · gamma + beta, in f64.
@@ -65,22 +67,19 @@ pub fn batch_norm_apply(
     features: usize,
     mean: &[f64],
     var: &[f64],
-    eps: f32,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    mask: Option<&[bool]>,
+    opts: &BatchNorm<'_>,
 ) -> Vec<f64> {
     let mut y = Vec::with_capacity(x.len());
     for (r, row) in x.chunks_exact(features).enumerate() {
-        let counted = mask.is_none_or(|m| m[r]);
+        let counted = opts.mask.is_none_or(|m| m[r]);
         for (c, &v) in row.iter().enumerate() {
             if !counted {
                 y.push(0.0);
                 continue;
             }
-            let g = gamma.map_or(1.0, |g| g[c] as f64);
-            let b = beta.map_or(0.0, |b| b[c] as f64);
-            y.push((v as f64 - mean[c]) / (var[c] + eps as f64).sqrt() * g + b);
+            let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
+            let b = opts.beta.map_or(0.0, |b| b[c] as f64);
+            y.push((v as f64 - mean[c]) / (var[c] + opts.eps as f64).sqrt() * g + b);
         }
     }
     y
@@ -92,13 +91,10 @@ pub fn batch_norm_apply(
 pub fn batch_norm_train(
     x: &[f32],
     features: usize,
-    eps: f32,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    mask: Option<&[bool]>,
+    opts: &BatchNorm<'_>,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
-    let (mean, var, count) = column_stats(x, features, mask);
-    let y = batch_norm_apply(x, features, &mean, &var, eps, gamma, beta, mask);
+    let (mean, var, count) = column_stats(x, features, opts.mask);
+    let y = batch_norm_apply(x, features, &mean, &var, opts);
     (y, mean, var, count)
 }
 
@@ -129,4 +125,22 @@ pub fn channels_last_to_first(y: &[f64], channels: usize, spatial: usize) -> Vec
         }
     }
     out
+}
+
+/// The error measure every gpunorm tolerance is stated in: max |y − ref| / max(1, |ref|) over
+/// all elements. A NaN where the reference has none, or the reverse, counts as infinite.
+pub fn max_error(y: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(
+        y.len(),
+        reference.len(),
+        "output and reference lengths differ"
+    );
+    y.iter()
+        .zip(reference)
+        .map(|(&v, &r)| match (v.is_nan(), r.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) => (v as f64 - r).abs() / r.abs().max(1.0),
+            _ => f64::INFINITY,
+        })
+        .fold(0.0, f64::max)
 }

@@ -5,6 +5,7 @@
 //! it needs. Every assembled module is parsed and validated by naga in this module's tests.
 
 pub(crate) const LAYER_NORM: &str = include_str!("../shaders/layer_norm.wgsl");
+pub(crate) const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
 const SCALAR: &str = include_str!("../shaders/shared/scalar.wgsl");
 const VEC4: &str = include_str!("../shaders/shared/vec4.wgsl");
 const REDUCE: &str = include_str!("../shaders/shared/reduce.wgsl");
@@ -19,7 +20,7 @@ pub(crate) enum Width {
 impl Width {
     /// Vec4 when every row (and every per-feature parameter) splits into whole vec4s.
     pub fn for_features(features: usize) -> Self {
-        if features % 4 == 0 {
+        if features.is_multiple_of(4) {
             Width::Vec4
         } else {
             Width::Scalar
@@ -43,9 +44,24 @@ pub(crate) fn assemble(width: Width, source: &str) -> String {
     [element, REDUCE, source].join("\n")
 }
 
-/// Every (name, op source) pair the host may assemble; the naga test walks it.
+/// The full WGSL module for an op that works element by element (no `V`): the shared
+/// reduction helpers, then `source`.
+pub(crate) fn assemble_plain(source: &str) -> String {
+    [REDUCE, source].join("\n")
+}
+
+/// Every module the host may build, by name; the naga test walks it.
 #[cfg(test)]
-pub(crate) const ALL: &[(&str, &str)] = &[("layer_norm", LAYER_NORM)];
+fn all_modules() -> Vec<(String, String)> {
+    let mut all = vec![("batch_norm".to_owned(), assemble_plain(BATCH_NORM))];
+    for width in [Width::Scalar, Width::Vec4] {
+        all.push((
+            format!("layer_norm {}", width.name()),
+            assemble(width, LAYER_NORM),
+        ));
+    }
+    all
+}
 
 #[cfg(test)]
 mod tests {
@@ -55,31 +71,16 @@ mod tests {
     /// `cargo test` on a machine without a GPU.
     #[test]
     fn every_shader_parses_and_validates() {
-        for &(name, source) in ALL {
-            for width in [Width::Scalar, Width::Vec4] {
-                let wgsl = assemble(width, source);
-                let module = naga::front::wgsl::parse_str(&wgsl).unwrap_or_else(|e| {
-                    panic!(
-                        "{name} ({width:?}) does not parse:\n{}",
-                        e.emit_to_string(&wgsl)
-                    )
-                });
-                naga::valid::Validator::new(
-                    naga::valid::ValidationFlags::all(),
-                    naga::valid::Capabilities::all(),
-                )
-                .validate(&module)
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{name} ({width:?}) does not validate:\n{}",
-                        e.emit_to_string(&wgsl)
-                    )
-                });
-                assert!(
-                    !module.entry_points.is_empty(),
-                    "{name} ({width:?}) has no entry point"
-                );
-            }
+        for (name, wgsl) in all_modules() {
+            let module = naga::front::wgsl::parse_str(&wgsl)
+                .unwrap_or_else(|e| panic!("{name} does not parse:\n{}", e.emit_to_string(&wgsl)));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name} does not validate:\n{}", e.emit_to_string(&wgsl)));
+            assert!(!module.entry_points.is_empty(), "{name} has no entry point");
         }
     }
 }

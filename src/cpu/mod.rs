@@ -3,6 +3,7 @@
 //! with f64 accumulators, rows in parallel with rayon. Results do not depend on the thread count:
 //! every reduction has a fixed order.
 
+pub(crate) mod batch_norm;
 pub(crate) mod layer_norm;
 
 /// Lanes of the f64 accumulators: wide enough for the compiler to vectorise the sums.

@@ -42,19 +42,7 @@ pub fn backends() -> Vec<(&'static str, &'static Normalizer)> {
     all
 }
 
-/// max |y − ref| / max(1, |ref|) over all elements, the metric every tolerance is stated in.
-/// A NaN where the reference has none (or the reverse) counts as an infinite error.
-pub fn max_err(y: &[f32], reference: &[f64]) -> f64 {
-    assert_eq!(y.len(), reference.len(), "output length");
-    y.iter()
-        .zip(reference)
-        .map(|(&v, &r)| match (v.is_nan(), r.is_nan()) {
-            (true, true) => 0.0,
-            (false, false) => (v as f64 - r).abs() / r.abs().max(1.0),
-            _ => f64::INFINITY,
-        })
-        .fold(0.0, f64::max)
-}
+pub use gpunorm::reference::max_error as max_err;
 
 /// `n` values drawn uniformly from mean ± spread·√3 (standard deviation `spread`), seeded.
 pub fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {

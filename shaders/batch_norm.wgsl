@@ -1,0 +1,181 @@
+// BatchNorm: per-channel statistics over every counted position, then one elementwise pass.
+//
+// The tensor is [batch, channels, spatial]: element (position p, channel c) sits at
+// ((p / spatial) * channels + c) * spatial + p % spatial, with p = n * spatial + s. Features-last
+// [rows, features] is the case spatial = 1 (positions are rows, channels are features).
+//
+// Algorithm, deterministic and accurate on offset columns:
+//   stats_partial: one workgroup per (column tile, row tile); threads are laid out as
+//                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
+//                  all threads on one channel for channels-first). Each column is shifted by its
+//                  value at the first counted position (exact for offset data), then a two-pass
+//                  over the tile gives (count, mean_d, M2) per column.
+//   stats_merge:   one thread per column merges the row tiles in order with Chan's formula and
+//                  writes (shift, mean_d, biased var) per column. No atomics, fixed order.
+//   apply:         y = ((x - shift) - mean_d) * inverseSqrt(var + eps) * gamma + beta; masked
+//                  positions are written as 0. Eval mode runs only this pass, with
+//                  (0, running_mean, running_var) per column.
+//
+// Needs shared/reduce.wgsl prepended (WG, partial).
+
+// Keep in sync with `BatchNormParams` in src/batch_norm.rs.
+struct Params {
+    positions: u32,
+    channels: u32,
+    spatial: u32,
+    // Position whose values shift each column (the first counted one).
+    first: u32,
+    tile_cols: u32,
+    tile_rows: u32,
+    rows_per_tile: u32,
+    row_tiles: u32,
+    col_tiles: u32,
+    eps: f32,
+    // bit 0: multiply by gamma; bit 1: add beta; bit 2: read the mask.
+    flags: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> mask: array<u32>;
+// Per (row tile, column): (count, mean_d, M2, 0).
+@group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
+// Per column: (shift, mean_d, biased var, 0).
+@group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> gamma: array<f32>;
+@group(0) @binding(7) var<storage, read> beta: array<f32>;
+
+fn index_of(p: u32, c: u32) -> u32 {
+    let s = params.spatial;
+    return ((p / s) * params.channels + c) * s + p % s;
+}
+
+fn counted(p: u32) -> bool {
+    return (params.flags & 4u) == 0u || mask[p] != 0u;
+}
+
+// Sum of `value` over the tile_rows threads that share this thread's column, in a fixed tree
+// order. lid = tr * tile_cols + tc; tile_rows is a power of two. Every thread must call it.
+fn column_sum(lid: u32, value: f32) -> f32 {
+    let tc = lid % params.tile_cols;
+    let tr = lid / params.tile_cols;
+    partial[lid] = value;
+    workgroupBarrier();
+    for (var stride = params.tile_rows / 2u; stride > 0u; stride = stride / 2u) {
+        if tr < stride {
+            partial[lid] = partial[lid] + partial[lid + stride * params.tile_cols];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[tc];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn stats_partial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = wid.y * groups.x + wid.x;
+    if group >= params.col_tiles * params.row_tiles {
+        return;
+    }
+    let col_tile = group % params.col_tiles;
+    let row_tile = group / params.col_tiles;
+    let tc = lid % params.tile_cols;
+    let tr = lid / params.tile_cols;
+    let c = col_tile * params.tile_cols + tc;
+    let live = c < params.channels;
+    let begin = row_tile * params.rows_per_tile;
+    let end = min(begin + params.rows_per_tile, params.positions);
+
+    var shift = 0.0;
+    if live {
+        shift = x[index_of(params.first, c)];
+    }
+    var count = 0.0;
+    var sum = 0.0;
+    if live {
+        for (var p = begin + tr; p < end; p += params.tile_rows) {
+            if counted(p) {
+                sum += x[index_of(p, c)] - shift;
+                count += 1.0;
+            }
+        }
+    }
+    let n = column_sum(lid, count);
+    let mean_d = select(0.0, column_sum(lid, sum) / n, n > 0.0);
+
+    var sq = 0.0;
+    if live {
+        for (var p = begin + tr; p < end; p += params.tile_rows) {
+            if counted(p) {
+                let d = x[index_of(p, c)] - shift - mean_d;
+                sq += d * d;
+            }
+        }
+    }
+    let m2 = column_sum(lid, sq);
+    if live && tr == 0u {
+        partials[row_tile * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
+    }
+}
+
+@compute @workgroup_size(256)
+fn stats_merge(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var t = 0u; t < params.row_tiles; t++) {
+        let q = partials[t * params.channels + c];
+        if q.x > 0.0 {
+            // Chan et al.: merge (n, mean, m2) with (q.x, q.y, q.z).
+            let total = n + q.x;
+            let delta = q.y - mean;
+            mean += delta * (q.x / total);
+            m2 += q.z + delta * delta * (n * q.x / total);
+            n = total;
+        }
+    }
+    columns[c] = vec4<f32>(x[index_of(params.first, c)], mean, m2 / n, 0.0);
+}
+
+@compute @workgroup_size(256)
+fn apply(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = (wid.y * groups.x + wid.x) * WG + lid;
+    let plane = params.spatial * params.channels;
+    if e >= params.positions * params.channels {
+        return;
+    }
+    let c = (e % plane) / params.spatial;
+    let p = (e / plane) * params.spatial + e % params.spatial;
+    if !counted(p) {
+        y[e] = 0.0;
+        return;
+    }
+    let st = columns[c];
+    var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z + params.eps);
+    if (params.flags & 1u) != 0u {
+        v = v * gamma[c];
+    }
+    if (params.flags & 2u) != 0u {
+        v = v + beta[c];
+    }
+    y[e] = v;
+}

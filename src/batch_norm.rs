@@ -1,0 +1,467 @@
+//! BatchNorm: options, outputs, running statistics, padding masks, validation, and the GPU host
+//! that drives `shaders/batch_norm.wgsl`.
+//!
+//! Path of a tensor in training mode: `Normalizer::batch_norm_train` validates → `gpu` uploads x
+//! (and the mask) → one submission runs `stats_partial`, `stats_merge` and `apply` → y and the
+//! per-column statistics are read back. Eval mode runs `apply` alone on the running statistics.
+
+use std::time::Duration;
+
+use crate::context::{GpuContext, PassTimer};
+use crate::layer_norm::{entry, grid};
+use crate::shaders;
+use crate::{check_eps, check_param, NormError};
+
+/// Options for BatchNorm ([`Normalizer::batch_norm_train`](crate::Normalizer::batch_norm_train),
+/// [`Normalizer::batch_norm_eval`](crate::Normalizer::batch_norm_eval) and their
+/// channels-first forms).
+///
+/// ```
+/// use gpunorm::{mask_from_lengths, BatchNorm};
+/// // Two sequences padded to length 4; the second has 3 real tokens.
+/// let mask = mask_from_lengths(&[4, 3], 4).unwrap();
+/// let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
+/// assert_eq!(opts.eps, 1e-5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNorm<'a> {
+    /// Added to the variance before the square root; finite and >= 0. Default 1e-5.
+    pub eps: f32,
+    /// Per-feature scale (one value per feature or channel), or None for 1.
+    pub gamma: Option<&'a [f32]>,
+    /// Per-feature shift, or None for 0.
+    pub beta: Option<&'a [f32]>,
+    /// One entry per position (row for features-last, (batch, spatial) pair for channels-first);
+    /// false marks padding: left out of the statistics and written as 0. None counts every row.
+    pub mask: Option<&'a [bool]>,
+}
+
+impl Default for BatchNorm<'_> {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            gamma: None,
+            beta: None,
+            mask: None,
+        }
+    }
+}
+
+/// What BatchNorm training returns: the output and the batch statistics it used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNormOutput {
+    /// Normalized tensor, same layout as the input; masked positions are 0.
+    pub y: Vec<f32>,
+    /// Per-feature mean over the counted positions.
+    pub mean: Vec<f32>,
+    /// Per-feature biased variance over the counted positions.
+    pub var: Vec<f32>,
+    /// Positions counted (rows, or batch × spatial for channels-first, less the masked ones).
+    pub count: usize,
+}
+
+/// Running statistics for eval mode, updated with PyTorch's rule after each training step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningStats {
+    /// Running per-feature mean.
+    pub mean: Vec<f32>,
+    /// Running per-feature (unbiased) variance.
+    pub var: Vec<f32>,
+    /// Weight of each new batch, in [0, 1].
+    pub momentum: f32,
+}
+
+impl RunningStats {
+    /// Mean 0, variance 1 and momentum 0.1 for each of `features` features, as PyTorch starts.
+    pub fn new(features: usize) -> RunningStats {
+        RunningStats {
+            mean: vec![0.0; features],
+            var: vec![1.0; features],
+            momentum: 0.1,
+        }
+    }
+
+    /// Folds a training batch in: new = (1 − momentum) · old + momentum · batch, where the batch
+    /// variance is the unbiased one, var · count / (count − 1).
+    ///
+    /// Errors, leaving the statistics unchanged, when the batch counted fewer than 2 positions,
+    /// its feature count differs, or momentum is not in [0, 1].
+    pub fn update(&mut self, out: &BatchNormOutput) -> Result<(), NormError> {
+        let features = self.mean.len();
+        check_param("running var", Some(&self.var), features)?;
+        check_param("batch mean", Some(&out.mean), features)?;
+        check_param("batch var", Some(&out.var), features)?;
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(NormError::InvalidParam {
+                name: "momentum",
+                value: self.momentum,
+                expected: "in [0, 1]",
+            });
+        }
+        if out.count < 2 {
+            return Err(NormError::TooFewRows { count: out.count });
+        }
+        let m = self.momentum as f64;
+        let unbias = out.count as f64 / (out.count - 1) as f64;
+        for c in 0..features {
+            let mean = (1.0 - m) * self.mean[c] as f64 + m * out.mean[c] as f64;
+            let var = (1.0 - m) * self.var[c] as f64 + m * out.var[c] as f64 * unbias;
+            self.mean[c] = mean as f32;
+            self.var[c] = var as f32;
+        }
+        Ok(())
+    }
+}
+
+/// The row mask of a padded batch: `lengths[i]` real positions, then padding, for each of the
+/// `lengths.len()` sequences of `seq_len` positions (batch-major, `lengths.len() · seq_len` entries).
+///
+/// ```
+/// assert_eq!(gpunorm::mask_from_lengths(&[2, 1], 3).unwrap(), [true, true, false, true, false, false]);
+/// ```
+pub fn mask_from_lengths(lengths: &[usize], seq_len: usize) -> Result<Vec<bool>, NormError> {
+    if let Some((index, &length)) = lengths.iter().enumerate().find(|&(_, &l)| l > seq_len) {
+        return Err(NormError::SequenceTooLong {
+            index,
+            length,
+            seq_len,
+        });
+    }
+    Ok(lengths
+        .iter()
+        .flat_map(|&l| (0..seq_len).map(move |s| s < l))
+        .collect())
+}
+
+/// A BatchNorm tensor seen as [batch, channels, spatial]; features-last is spatial = 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Shape {
+    pub channels: usize,
+    pub spatial: usize,
+    /// batch × spatial.
+    pub positions: usize,
+}
+
+impl Shape {
+    pub fn features_last(x: &[f32], features: usize) -> Result<Shape, NormError> {
+        let rows = crate::rows_of(x, features)?;
+        Ok(Shape {
+            channels: features,
+            spatial: 1,
+            positions: rows,
+        })
+    }
+
+    pub fn channels_first(x: &[f32], channels: usize, spatial: usize) -> Result<Shape, NormError> {
+        if spatial == 0 {
+            return Err(NormError::ZeroDimension { name: "spatial" });
+        }
+        let plane = channels
+            .checked_mul(spatial)
+            .ok_or(NormError::ZeroDimension {
+                name: "channels × spatial",
+            })?;
+        let batch = crate::rows_of(x, plane).map_err(|e| match e {
+            NormError::LengthNotMultiple { len, .. } => NormError::LengthNotMultiple {
+                len,
+                features: plane,
+            },
+            e => e,
+        })?;
+        Ok(Shape {
+            channels,
+            spatial,
+            positions: batch * spatial,
+        })
+    }
+}
+
+/// Checks a BatchNorm call (either mode); returns the number of counted positions and the first
+/// of them (the GPU shifts each column by its value there).
+pub(crate) fn validate(shape: &Shape, opts: &BatchNorm<'_>) -> Result<(usize, usize), NormError> {
+    check_eps(opts.eps)?;
+    check_param("gamma", opts.gamma, shape.channels)?;
+    check_param("beta", opts.beta, shape.channels)?;
+    if shape.positions == 0 {
+        return Err(NormError::EmptyBatch {
+            reason: "x is empty",
+        });
+    }
+    match opts.mask {
+        None => Ok((shape.positions, 0)),
+        Some(m) if m.len() != shape.positions => Err(NormError::MaskLength {
+            len: m.len(),
+            rows: shape.positions,
+        }),
+        Some(m) => {
+            let first = m.iter().position(|&k| k).ok_or(NormError::EmptyBatch {
+                reason: "every row is masked out",
+            })?;
+            Ok((m.iter().filter(|&&k| k).count(), first))
+        }
+    }
+}
+
+/// Checks running statistics against the shape: one mean and one non-negative variance per feature.
+pub(crate) fn validate_stats(shape: &Shape, stats: &RunningStats) -> Result<(), NormError> {
+    check_param("running mean", Some(&stats.mean), shape.channels)?;
+    check_param("running var", Some(&stats.var), shape.channels)?;
+    match stats.var.iter().find(|v| v.is_nan() || **v < 0.0) {
+        Some(&value) => Err(NormError::InvalidParam {
+            name: "running var",
+            value,
+            expected: "a variance >= 0",
+        }),
+        None => Ok(()),
+    }
+}
+
+// Keep in sync with `Params` in shaders/batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BatchNormParams {
+    positions: u32,
+    channels: u32,
+    spatial: u32,
+    first: u32,
+    tile_cols: u32,
+    tile_rows: u32,
+    rows_per_tile: u32,
+    row_tiles: u32,
+    col_tiles: u32,
+    eps: f32,
+    flags: u32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
+
+const FLAG_GAMMA: u32 = 1;
+const FLAG_BETA: u32 = 2;
+const FLAG_MASK: u32 = 4;
+const THREADS: usize = 256;
+/// About this many workgroups in the statistics pass keep a big GPU busy without making the
+/// in-order merge long.
+const TARGET_TILES: usize = 8192;
+
+impl BatchNormParams {
+    fn new(shape: &Shape, opts: &BatchNorm<'_>, first: usize) -> Self {
+        // Features-last: adjacent threads read adjacent columns. Channels-first: every thread of a
+        // workgroup works on one channel, reading contiguous spatial runs.
+        let tile_cols = if shape.spatial == 1 {
+            shape.channels.next_power_of_two().min(64)
+        } else {
+            1
+        };
+        let tile_rows = THREADS / tile_cols;
+        let col_tiles = shape.channels.div_ceil(tile_cols);
+        let row_tiles = TARGET_TILES
+            .div_ceil(col_tiles)
+            .min(shape.positions.div_ceil(tile_rows * 4))
+            .max(1);
+        let rows_per_tile = shape.positions.div_ceil(row_tiles);
+        let row_tiles = shape.positions.div_ceil(rows_per_tile);
+        let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
+            | if opts.beta.is_some() { FLAG_BETA } else { 0 }
+            | if opts.mask.is_some() { FLAG_MASK } else { 0 };
+        BatchNormParams {
+            positions: shape.positions as u32,
+            channels: shape.channels as u32,
+            spatial: shape.spatial as u32,
+            first: first as u32,
+            tile_cols: tile_cols as u32,
+            tile_rows: tile_rows as u32,
+            rows_per_tile: rows_per_tile as u32,
+            row_tiles: row_tiles as u32,
+            col_tiles: col_tiles as u32,
+            eps: opts.eps,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
+/// Where the statistics come from: computed from the batch, or given (eval mode).
+pub(crate) enum Stats<'a> {
+    Batch { first: usize },
+    Running(&'a RunningStats),
+}
+
+/// What a GPU BatchNorm run returns.
+pub(crate) struct GpuOutput {
+    pub y: Vec<f32>,
+    /// Per-column (mean, biased var) in training mode; None in eval mode.
+    pub stats: Option<(Vec<f32>, Vec<f32>)>,
+    pub kernel: Option<Duration>,
+}
+
+/// Runs BatchNorm on the GPU. Training returns the batch statistics; eval returns None for them.
+pub(crate) fn gpu(
+    ctx: &GpuContext,
+    x: &[f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: Stats<'_>,
+    timed: bool,
+) -> Result<GpuOutput, NormError> {
+    let limit = ctx.max_binding_bytes();
+    let bytes = (x.len() * 4) as u64;
+    if bytes > limit || x.len() > u32::MAX as usize {
+        return Err(NormError::TooLarge {
+            what: "a BatchNorm tensor",
+            needed: bytes,
+            limit,
+        });
+    }
+    let training = matches!(stats, Stats::Batch { .. });
+    let first = match stats {
+        Stats::Batch { first } => first,
+        Stats::Running(_) => 0,
+    };
+    let p = BatchNormParams::new(shape, opts, first);
+    let source = || shaders::assemble_plain(shaders::BATCH_NORM);
+    let apply = ctx.pipeline("batch_norm apply", source, "apply")?;
+    let stages = if training {
+        Some((
+            ctx.pipeline("batch_norm stats_partial", source, "stats_partial")?,
+            ctx.pipeline("batch_norm stats_merge", source, "stats_merge")?,
+        ))
+    } else {
+        None
+    };
+
+    ctx.scoped("batch_norm", || -> Result<_, NormError> {
+        use wgpu::BufferUsages as U;
+        let c = shape.channels;
+        let params = ctx.buffer("batch_norm params", 48, U::UNIFORM | U::COPY_DST);
+        ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+        let input = ctx.buffer("batch_norm x", bytes, U::STORAGE | U::COPY_DST);
+        ctx.queue.write_buffer(&input, 0, bytemuck::cast_slice(x));
+        let mask_words: Option<Vec<u32>> = opts.mask.map(|m| m.iter().map(|&k| k as u32).collect());
+        let mask = ctx.buffer(
+            "batch_norm mask",
+            mask_words.as_ref().map_or(16, |m| m.len() as u64 * 4),
+            U::STORAGE | U::COPY_DST,
+        );
+        if let Some(m) = &mask_words {
+            ctx.queue.write_buffer(&mask, 0, bytemuck::cast_slice(m));
+        }
+        let partials = ctx.buffer(
+            "batch_norm partials",
+            p.row_tiles as u64 * c as u64 * 16,
+            U::STORAGE,
+        );
+        let columns = ctx.buffer(
+            "batch_norm columns",
+            c as u64 * 16,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+        );
+        if let Stats::Running(rs) = stats {
+            let cols: Vec<[f32; 4]> = rs
+                .mean
+                .iter()
+                .zip(&rs.var)
+                .map(|(&m, &v)| [0.0, m, v, 0.0])
+                .collect();
+            ctx.queue
+                .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
+        }
+        let output = ctx.buffer(
+            "batch_norm y",
+            bytes,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+        );
+        #[cfg(debug_assertions)]
+        crate::layer_norm::poison(ctx, &output, x.len());
+        let gamma = ctx.param_buffer("batch_norm gamma", opts.gamma);
+        let beta = ctx.param_buffer("batch_norm beta", opts.beta);
+        let staging = ctx.buffer("batch_norm y readback", bytes, U::MAP_READ | U::COPY_DST);
+        let stats_staging = ctx.buffer(
+            "batch_norm stats readback",
+            c as u64 * 16,
+            U::MAP_READ | U::COPY_DST,
+        );
+
+        let all = [
+            entry(0, &params),
+            entry(1, &input),
+            entry(2, &mask),
+            entry(3, &partials),
+            entry(4, &columns),
+            entry(5, &output),
+            entry(6, &gamma),
+            entry(7, &beta),
+        ];
+        // Each pipeline's automatic layout holds only the bindings its entry point uses.
+        let bind = |pipeline: &wgpu::ComputePipeline, used: &[u32]| {
+            let entries: Vec<_> = all
+                .iter()
+                .filter(|e| used.contains(&e.binding))
+                .cloned()
+                .collect();
+            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("batch_norm"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
+        let mut timer = PassTimer::new(ctx, timed);
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batch_norm"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("batch_norm"),
+                timestamp_writes: timer.as_ref().map(|t| t.writes()),
+            });
+            if let Some((partial, merge)) = &stages {
+                pass.set_pipeline(partial);
+                pass.set_bind_group(0, &bind(partial, &[0, 1, 2, 3]), &[]);
+                let (gx, gy) = grid(p.col_tiles as usize * p.row_tiles as usize, max_groups);
+                pass.dispatch_workgroups(gx, gy, 1);
+                pass.set_pipeline(merge);
+                pass.set_bind_group(0, &bind(merge, &[0, 1, 3, 4]), &[]);
+                let (gx, gy) = grid(c.div_ceil(THREADS), max_groups);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            pass.set_pipeline(&apply);
+            pass.set_bind_group(0, &bind(&apply, &[0, 1, 2, 4, 5, 6, 7]), &[]);
+            let (gx, gy) = grid(x.len().div_ceil(THREADS), max_groups);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        if let Some(t) = &timer {
+            t.resolve(&mut encoder);
+        }
+        encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, bytes);
+        if training {
+            encoder.copy_buffer_to_buffer(&columns, 0, &stats_staging, 0, c as u64 * 16);
+        }
+        ctx.queue.submit([encoder.finish()]);
+
+        let mut y = vec![0f32; x.len()];
+        ctx.read_into(&staging, &mut y)?;
+        let column_stats = if training {
+            let mut cols = vec![0f32; 4 * c];
+            ctx.read_into(&stats_staging, &mut cols)?;
+            // mean = shift + mean_d, added in f64 so the sum is rounded once.
+            let mean = cols
+                .chunks(4)
+                .map(|q| (q[0] as f64 + q[1] as f64) as f32)
+                .collect();
+            let var = cols.chunks(4).map(|q| q[2]).collect();
+            Some((mean, var))
+        } else {
+            None
+        };
+        if let Some(t) = &mut timer {
+            t.collect(ctx)?;
+        }
+        Ok(GpuOutput {
+            y,
+            stats: column_stats,
+            kernel: PassTimer::total(&timer),
+        })
+    })?
+}
