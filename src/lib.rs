@@ -346,3 +346,8 @@ mod tests {
         assert_send_sync::<Normalizer>();
     }
 }
+
+/// The README's example, compiled and run as a doctest so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use gpunorm::{reference, LayerNorm, NormError, Normalizer};
+use gpunorm::{mask_from_lengths, reference, BatchNorm, LayerNorm, NormError, Normalizer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -13,9 +13,9 @@ use rand::{Rng, SeedableRng};
 #[command(
     name = "gpunorm",
     version,
-    about = "LayerNorm on any GPU wgpu reaches, checked against an f64 CPU reference",
-    long_about = "LayerNorm on any GPU wgpu reaches, checked against an f64 CPU reference.\n\n\
-                  With no subcommand: info, then demo, then check."
+    about = "LayerNorm and BatchNorm on any GPU wgpu reaches, checked against an f64 CPU reference",
+    long_about = "LayerNorm and BatchNorm on any GPU wgpu reaches, checked against an f64 CPU \
+                  reference.\n\nWith no subcommand: info, then demo, then check."
 )]
 struct Cli {
     /// Use the CPU fallback even where a GPU exists.
@@ -29,9 +29,11 @@ struct Cli {
 enum Command {
     /// Print the backend: adapter name, API, device type, driver and limits.
     Info,
-    /// Run the seed document's worked example (two sequences, d_model 3, one padded position).
+    /// Run the seed document's worked example (two sequences, d_model 3, one padded position)
+    /// through LayerNorm, BatchNorm, and BatchNorm with the pad masked out.
     Demo,
-    /// Validate a random batch against the f64 reference and time the CPU fallback and the GPU.
+    /// Validate LayerNorm and BatchNorm on a random batch against the f64 reference and time the
+    /// CPU fallback and the GPU.
     Check {
         /// Rows of the batch.
         #[arg(long, default_value_t = 16384)]
@@ -127,6 +129,53 @@ fn demo(norm: &Normalizer) -> Result<(), NormError> {
     println!("  the seed's values: \"I\" -> [-1.22, 0, 1.22] (it rounds std to 0.81 and writes -1.23); <pad> -> [0, 0, 0]");
     println!("  every position is normalized alone, so the padded one neither moves nor is moved.");
     println!();
+
+    let all = norm.batch_norm_train(&x, 3, &BatchNorm::default())?;
+    let mask = mask_from_lengths(&[4, 3], 4)?;
+    let masked = norm.batch_norm_train(
+        &x,
+        3,
+        &BatchNorm {
+            mask: Some(&mask),
+            ..Default::default()
+        },
+    )?;
+    println!("BatchNorm of the same batch: feature 1 normalized over all 8 positions");
+    println!(
+        "  {:<13} {:>8}   {:>14}   {:>14}",
+        "position", "x[1]", "pad counted", "pad masked"
+    );
+    for (i, (word, v)) in SEED_WORDS.iter().enumerate() {
+        println!(
+            "  {word:<13} {:>8.2}   {:>14.2}   {:>14.2}",
+            v[0],
+            all.y[3 * i],
+            masked.y[3 * i]
+        );
+    }
+    println!(
+        "  {:<13} {:>8}   {:>14.2}   {:>14.2}",
+        "mean", "", all.mean[0], masked.mean[0]
+    );
+    println!(
+        "  {:<13} {:>8}   {:>14.2}   {:>14.2}",
+        "std",
+        "",
+        all.var[0].sqrt(),
+        masked.var[0].sqrt()
+    );
+    println!("  the seed's values with the pad counted: mean 3.5, std 2.29, \"I\" -> -1.09, \"powerful\" -> 1.52 (3.5 / 2.29 = 1.528, truncated)");
+    println!(
+        "  the pad drags the mean from 4 to 3.5 and widens the std from 2 to 2.29: every real"
+    );
+    println!(
+        "  token's value shifts. With the mask (mask_from_lengths(&[4, 3], 4)) the pad is left out"
+    );
+    println!(
+        "  of the statistics ({} positions counted instead of {}) and its output is 0.",
+        masked.count, all.count
+    );
+    println!();
     Ok(())
 }
 
@@ -164,6 +213,7 @@ fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Result<(
     };
     let mb = (2 * n * 4) as f64 / 1e9;
     println!("check: LayerNorm of a random {rows} x {features} batch ({n} values, gamma and beta)");
+    println!("  (GB/s counts the input read once and the output written once)");
 
     let r = reference::layer_norm(&x, features, opts.eps, opts.gamma, opts.beta);
     let cpu = Normalizer::cpu();
@@ -197,6 +247,43 @@ fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Result<(
         );
     } else {
         println!("  no GPU: only the CPU fallback was checked");
+    }
+
+    println!(
+        "check: BatchNorm (training) of the same batch, statistics per feature over {rows} rows"
+    );
+    let bn = BatchNorm {
+        gamma: Some(&gamma),
+        beta: Some(&beta),
+        ..Default::default()
+    };
+    let (r, mean, var, _) = reference::batch_norm_train(&x, features, &bn);
+    let (out_cpu, t_cpu) = timed(|| cpu.batch_norm_train(&x, features, &bn))?;
+    let stat_err =
+        |m: &[f32], v: &[f32]| reference::max_error(m, &mean).max(reference::max_error(v, &var));
+    println!(
+        "  CPU fallback: max error {:.2e} (statistics {:.2e}), {:>9.2} ms end to end ({:.1} GB/s)",
+        reference::max_error(&out_cpu.y, &r),
+        stat_err(&out_cpu.mean, &out_cpu.var),
+        ms(t_cpu),
+        mb / t_cpu.as_secs_f64()
+    );
+    if norm.is_gpu() {
+        norm.batch_norm_train(&x[..features], features, &bn)?;
+        let ((out, timing), t_gpu) = timed(|| norm.batch_norm_train_timed(&x, features, &bn))?;
+        println!("  GPU:          max error {:.2e} (statistics {:.2e}), {:>9.2} ms end to end ({:.1} GB/s)",
+            reference::max_error(&out.y, &r), stat_err(&out.mean, &out.var), ms(t_gpu), mb / t_gpu.as_secs_f64());
+        if let Some(k) = timing.kernel {
+            println!(
+                "                kernel {:.3} ms ({:.1} GB/s)",
+                ms(k),
+                mb / k.as_secs_f64()
+            );
+        }
+        println!(
+            "  GPU vs CPU fallback, end to end: {:.2}x",
+            t_cpu.as_secs_f64() / t_gpu.as_secs_f64()
+        );
     }
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
     Ok(())
