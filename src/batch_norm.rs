@@ -60,6 +60,18 @@ pub struct BatchNormOutput {
     pub count: usize,
 }
 
+/// Batch statistics from [`Normalizer::batch_norm_train_into`](crate::Normalizer::batch_norm_train_into):
+/// [`BatchNormOutput`] without the output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Per-feature mean over the counted positions.
+    pub mean: Vec<f32>,
+    /// Per-feature biased variance over the counted positions.
+    pub var: Vec<f32>,
+    /// Positions counted.
+    pub count: usize,
+}
+
 /// Running statistics for eval mode, updated with PyTorch's rule after each training step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunningStats {
@@ -87,10 +99,19 @@ impl RunningStats {
     /// Errors, leaving the statistics unchanged, when the batch counted fewer than 2 positions,
     /// its feature count differs, or momentum is not in [0, 1].
     pub fn update(&mut self, out: &BatchNormOutput) -> Result<(), NormError> {
+        self.fold(&out.mean, &out.var, out.count)
+    }
+
+    /// [`RunningStats::update`] from the statistics of a `batch_norm_train_into` call.
+    pub fn update_with(&mut self, stats: &BatchStats) -> Result<(), NormError> {
+        self.fold(&stats.mean, &stats.var, stats.count)
+    }
+
+    fn fold(&mut self, mean: &[f32], var: &[f32], count: usize) -> Result<(), NormError> {
         let features = self.mean.len();
         check_param("running var", Some(&self.var), features)?;
-        check_param("batch mean", Some(&out.mean), features)?;
-        check_param("batch var", Some(&out.var), features)?;
+        check_param("batch mean", Some(mean), features)?;
+        check_param("batch var", Some(var), features)?;
         if !(0.0..=1.0).contains(&self.momentum) {
             return Err(NormError::InvalidParam {
                 name: "momentum",
@@ -98,16 +119,16 @@ impl RunningStats {
                 expected: "in [0, 1]",
             });
         }
-        if out.count < 2 {
-            return Err(NormError::TooFewRows { count: out.count });
+        if count < 2 {
+            return Err(NormError::TooFewRows { count });
         }
         let m = self.momentum as f64;
-        let unbias = out.count as f64 / (out.count - 1) as f64;
+        let unbias = count as f64 / (count - 1) as f64;
         for c in 0..features {
-            let mean = (1.0 - m) * self.mean[c] as f64 + m * out.mean[c] as f64;
-            let var = (1.0 - m) * self.var[c] as f64 + m * out.var[c] as f64 * unbias;
-            self.mean[c] = mean as f32;
-            self.var[c] = var as f32;
+            let new_mean = (1.0 - m) * self.mean[c] as f64 + m * mean[c] as f64;
+            let new_var = (1.0 - m) * self.var[c] as f64 + m * var[c] as f64 * unbias;
+            self.mean[c] = new_mean as f32;
+            self.var[c] = new_var as f32;
         }
         Ok(())
     }
@@ -286,22 +307,21 @@ pub(crate) enum Stats<'a> {
     Running(&'a RunningStats),
 }
 
-/// What a GPU BatchNorm run returns.
+/// What a GPU BatchNorm run returns besides the output.
 pub(crate) struct GpuOutput {
-    pub y: Vec<f32>,
     /// Per-column (mean, biased var) in training mode; None in eval mode.
     pub stats: Option<(Vec<f32>, Vec<f32>)>,
     pub kernel: Option<Duration>,
 }
 
-/// Runs BatchNorm on the GPU. Training returns the batch statistics; eval returns None for them.
+/// Runs BatchNorm on the GPU into `y`. Training returns the batch statistics; eval returns None.
 pub(crate) fn gpu(
     ctx: &GpuContext,
     x: &[f32],
+    y: &mut [f32],
     shape: &Shape,
     opts: &BatchNorm<'_>,
     stats: Stats<'_>,
-    timed: bool,
 ) -> Result<GpuOutput, NormError> {
     let limit = ctx.max_binding_bytes();
     let bytes = (x.len() * 4) as u64;
@@ -405,7 +425,7 @@ pub(crate) fn gpu(
             })
         };
         let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
-        let mut timer = PassTimer::new(ctx, timed);
+        let mut timer = PassTimer::new(ctx);
         let mut encoder = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -440,8 +460,7 @@ pub(crate) fn gpu(
         }
         ctx.queue.submit([encoder.finish()]);
 
-        let mut y = vec![0f32; x.len()];
-        ctx.read_into(&staging, &mut y)?;
+        ctx.read_into(&staging, y)?;
         let column_stats = if training {
             let mut cols = vec![0f32; 4 * c];
             ctx.read_into(&stats_staging, &mut cols)?;
@@ -459,7 +478,6 @@ pub(crate) fn gpu(
             t.collect(ctx)?;
         }
         Ok(GpuOutput {
-            y,
             stats: column_stats,
             kernel: PassTimer::total(&timer),
         })

@@ -208,7 +208,7 @@ pub(crate) fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 }
 
 /// Timestamp queries around compute passes: kernel time summed over every pass it wraps.
-/// Absent (`None`) where the adapter lacks `TIMESTAMP_QUERY` or the caller did not ask.
+/// Absent (`None`) where the adapter lacks `TIMESTAMP_QUERY`.
 pub(crate) struct PassTimer {
     queries: wgpu::QuerySet,
     resolve: wgpu::Buffer,
@@ -218,8 +218,8 @@ pub(crate) struct PassTimer {
 }
 
 impl PassTimer {
-    pub fn new(ctx: &GpuContext, wanted: bool) -> Option<Self> {
-        if !(wanted && ctx.timestamps) {
+    pub fn new(ctx: &GpuContext) -> Option<Self> {
+        if !ctx.timestamps {
             return None;
         }
         let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {

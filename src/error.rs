@@ -37,6 +37,10 @@ pub enum NormError {
         expected: &'static str,
     },
 
+    /// The output buffer given to an `*_into` method is not as long as the input.
+    #[error("output buffer has {len} values but the input has {expected}; pass y with y.len() == x.len()")]
+    OutputLength { len: usize, expected: usize },
+
     /// The row mask does not have one entry per row.
     #[error(
         "mask has {len} entries but x has {rows} rows; pass one bool per row (false = padding)"

@@ -64,18 +64,17 @@ const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
 const FLAG_GAMMA: u32 = 1;
 const FLAG_BETA: u32 = 2;
 
-/// Runs LayerNorm on the GPU; returns the output and, when asked and available, kernel time.
+/// Runs LayerNorm on the GPU into `y`; returns the kernel time where timestamps exist.
 pub(crate) fn gpu(
     ctx: &GpuContext,
     x: &[f32],
+    y: &mut [f32],
     features: usize,
     opts: &LayerNorm<'_>,
-    timed: bool,
-) -> Result<(Vec<f32>, Option<Duration>), NormError> {
+) -> Result<Option<Duration>, NormError> {
     let rows = x.len() / features;
-    let mut y = vec![0f32; x.len()];
     if rows == 0 {
-        return Ok((y, None));
+        return Ok(None);
     }
     let row_bytes = (features * 4) as u64;
     let max_bytes = ctx.max_binding_bytes();
@@ -131,7 +130,7 @@ pub(crate) fn gpu(
         });
         let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
             | if opts.beta.is_some() { FLAG_BETA } else { 0 };
-        let mut timer = PassTimer::new(ctx, timed);
+        let mut timer = PassTimer::new(ctx);
 
         for (x_chunk, y_chunk) in x
             .chunks(chunk_rows * features)
@@ -177,7 +176,6 @@ pub(crate) fn gpu(
         }
         Ok(PassTimer::total(&timer))
     })?
-    .map(|kernel| (y, kernel))
 }
 
 pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {

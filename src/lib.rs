@@ -1,6 +1,6 @@
 //! gpunorm normalizes large f32 batches — LayerNorm over each row — with WGSL compute shaders on
 //! any GPU that wgpu reaches (Vulkan, Metal, DX12, GL), and falls back to a parallel CPU path where
-//! no GPU exists. Every result of every backend is tested against the f64 [`reference`].
+//! no GPU exists. Every result of every backend is tested against the f64 [`reference`](mod@reference).
 //!
 //! ```
 //! use gpunorm::{LayerNorm, Normalizer};
@@ -40,7 +40,7 @@ mod shaders;
 
 use std::time::Duration;
 
-pub use batch_norm::{mask_from_lengths, BatchNorm, BatchNormOutput, RunningStats};
+pub use batch_norm::{mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, RunningStats};
 pub use error::NormError;
 pub use layer_norm::LayerNorm;
 
@@ -60,7 +60,7 @@ enum Backend {
     Gpu(Box<GpuContext>),
 }
 
-/// Where an op's time went, for callers that measure (see [`Normalizer::layer_norm_timed`]).
+/// Where an op's time went, for callers that measure (returned by the `*_into` methods).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timing {
     /// GPU kernel time from timestamp queries, summed over every dispatch of the op. `None` on
@@ -140,30 +140,32 @@ impl Normalizer {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<Vec<f32>, NormError> {
-        self.layer_norm_timed(x, features, opts).map(|(y, _)| y)
+        let mut y = vec![0f32; x.len()];
+        self.layer_norm_into(x, features, opts, &mut y)?;
+        Ok(y)
     }
 
-    /// [`Normalizer::layer_norm`], also returning the GPU kernel time where timestamps exist.
-    pub fn layer_norm_timed(
+    /// [`Normalizer::layer_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
+    /// x.len()`; returns where the time went.
+    pub fn layer_norm_into(
         &self,
         x: &[f32],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<(Vec<f32>, Timing), NormError> {
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
         layer_norm::validate(x, features, opts)?;
-        match &self.backend {
-            Backend::Gpu(ctx) => layer_norm::gpu(ctx, x, features, opts, true)
-                .map(|(y, kernel)| (y, Timing { kernel })),
+        check_output(x, y)?;
+        let kernel = match &self.backend {
+            Backend::Gpu(ctx) => layer_norm::gpu(ctx, x, y, features, opts)?,
             Backend::Cpu => {
-                let mut y = vec![0f32; x.len()];
-                cpu::layer_norm::layer_norm(x, &mut y, features, opts);
-                Ok((y, Timing::default()))
+                cpu::layer_norm::layer_norm(x, y, features, opts);
+                None
             }
-        }
+        };
+        Ok(Timing { kernel })
     }
-}
 
-impl Normalizer {
     /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's
     /// `[batch, seq, d_model]` flattened): per-feature mean and biased variance over the rows
     /// where `opts.mask` is true, then y = (x − mean) / sqrt(var + eps) · gamma + beta. Masked
@@ -178,18 +180,19 @@ impl Normalizer {
         features: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
-        self.batch_norm_train_timed(x, features, opts)
-            .map(|(out, _)| out)
+        self.train_alloc(x, &Shape::features_last(x, features)?, opts)
     }
 
-    /// [`Normalizer::batch_norm_train`], also returning the GPU kernel time where timestamps exist.
-    pub fn batch_norm_train_timed(
+    /// [`Normalizer::batch_norm_train`] into a buffer the caller owns, `y.len() == x.len()`;
+    /// returns the batch statistics and where the time went.
+    pub fn batch_norm_train_into(
         &self,
         x: &[f32],
         features: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<(BatchNormOutput, Timing), NormError> {
-        self.train(x, &Shape::features_last(x, features)?, opts)
+        y: &mut [f32],
+    ) -> Result<(BatchStats, Timing), NormError> {
+        self.train(x, &Shape::features_last(x, features)?, opts, y)
     }
 
     /// BatchNorm in eval mode on a features-last tensor: one elementwise pass with the running
@@ -203,7 +206,21 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
-        self.eval(x, &Shape::features_last(x, features)?, opts, stats)
+        let mut y = vec![0f32; x.len()];
+        self.batch_norm_eval_into(x, features, opts, stats, &mut y)?;
+        Ok(y)
+    }
+
+    /// [`Normalizer::batch_norm_eval`] into a buffer the caller owns, `y.len() == x.len()`.
+    pub fn batch_norm_eval_into(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        self.eval(x, &Shape::features_last(x, features)?, opts, stats, y)
     }
 
     /// BatchNorm in training mode on a channels-first `[batch, channels, spatial]` tensor (NCHW
@@ -217,8 +234,7 @@ impl Normalizer {
         spatial: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
-        self.train(x, &Shape::channels_first(x, channels, spatial)?, opts)
-            .map(|(out, _)| out)
+        self.train_alloc(x, &Shape::channels_first(x, channels, spatial)?, opts)
     }
 
     /// BatchNorm in eval mode on a channels-first `[batch, channels, spatial]` tensor.
@@ -230,12 +246,26 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
-        self.eval(
-            x,
-            &Shape::channels_first(x, channels, spatial)?,
-            opts,
-            stats,
-        )
+        let shape = Shape::channels_first(x, channels, spatial)?;
+        let mut y = vec![0f32; x.len()];
+        self.eval(x, &shape, opts, stats, &mut y)?;
+        Ok(y)
+    }
+
+    fn train_alloc(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        let mut y = vec![0f32; x.len()];
+        let (s, _) = self.train(x, shape, opts, &mut y)?;
+        Ok(BatchNormOutput {
+            y,
+            mean: s.mean,
+            var: s.var,
+            count: s.count,
+        })
     }
 
     fn train(
@@ -243,35 +273,18 @@ impl Normalizer {
         x: &[f32],
         shape: &Shape,
         opts: &BatchNorm<'_>,
-    ) -> Result<(BatchNormOutput, Timing), NormError> {
+        y: &mut [f32],
+    ) -> Result<(BatchStats, Timing), NormError> {
         let (count, first) = batch_norm::validate(shape, opts)?;
-        let (y, (mean, var), kernel) = match &self.backend {
+        check_output(x, y)?;
+        let ((mean, var), kernel) = match &self.backend {
             Backend::Gpu(ctx) => {
-                let out = batch_norm::gpu(ctx, x, shape, opts, Stats::Batch { first }, true)?;
-                let stats = out.stats.expect("training returns statistics");
-                (out.y, stats, out.kernel)
+                let out = batch_norm::gpu(ctx, x, y, shape, opts, Stats::Batch { first })?;
+                (out.stats.expect("training returns statistics"), out.kernel)
             }
-            Backend::Cpu => {
-                let (shift, mean_d, var) = cpu::batch_norm::stats(x, shape, opts.mask, first);
-                let mean = shift
-                    .iter()
-                    .zip(&mean_d)
-                    .map(|(&s, &m)| (s as f64 + m) as f32)
-                    .collect();
-                let center = mean_d.iter().map(|&m| m as f32).collect();
-                let cols = cpu::batch_norm::Columns::new(shift, center, &var, opts);
-                let mut y = vec![0f32; x.len()];
-                cpu::batch_norm::apply(x, &mut y, shape, opts.mask, &cols);
-                (y, (mean, var.iter().map(|&v| v as f32).collect()), None)
-            }
+            Backend::Cpu => (cpu::batch_norm::train(x, y, shape, opts, first), None),
         };
-        let out = BatchNormOutput {
-            y,
-            mean,
-            var,
-            count,
-        };
-        Ok((out, Timing { kernel }))
+        Ok((BatchStats { mean, var, count }, Timing { kernel }))
     }
 
     fn eval(
@@ -280,22 +293,32 @@ impl Normalizer {
         shape: &Shape,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
-        match &self.backend {
+        check_output(x, y)?;
+        let kernel = match &self.backend {
             Backend::Gpu(ctx) => {
-                batch_norm::gpu(ctx, x, shape, opts, Stats::Running(stats), false).map(|r| r.y)
+                batch_norm::gpu(ctx, x, y, shape, opts, Stats::Running(stats))?.kernel
             }
             Backend::Cpu => {
-                let var: Vec<f64> = stats.var.iter().map(|&v| v as f64).collect();
-                let shift = vec![0.0; shape.channels];
-                let cols = cpu::batch_norm::Columns::new(shift, stats.mean.clone(), &var, opts);
-                let mut y = vec![0f32; x.len()];
-                cpu::batch_norm::apply(x, &mut y, shape, opts.mask, &cols);
-                Ok(y)
+                cpu::batch_norm::eval(x, y, shape, opts, stats);
+                None
             }
-        }
+        };
+        Ok(Timing { kernel })
+    }
+}
+
+fn check_output(x: &[f32], y: &[f32]) -> Result<(), NormError> {
+    if y.len() == x.len() {
+        Ok(())
+    } else {
+        Err(NormError::OutputLength {
+            len: y.len(),
+            expected: x.len(),
+        })
     }
 }
 

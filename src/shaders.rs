@@ -1,6 +1,6 @@
 //! The WGSL sources, embedded at compile time, and how they are put together.
 //!
-//! An op's shader is written against an element type `V` (f32 or vec4<f32>) that it does not
+//! An op's shader is written against an element type `V` (`f32` or `vec4<f32>`) that it does not
 //! define: the host prepends `shared/scalar.wgsl` or `shared/vec4.wgsl`, then the shared helpers
 //! it needs. Every assembled module is parsed and validated by naga in this module's tests.
 

@@ -608,3 +608,47 @@ fn cpu_results_do_not_depend_on_the_thread_count() {
     let one = pool.install(|| cpu.batch_norm_train(&x, 5, &BatchNorm::default()).unwrap());
     assert_eq!(many, one);
 }
+
+#[test]
+fn into_a_caller_buffer_gives_the_same_result() {
+    for (name, norm) in backends() {
+        let (rows, features) = (300, 10);
+        let x = ordinary(rows * features, 4);
+        let mask = random_mask(rows, 2);
+        let opts = BatchNorm {
+            mask: Some(&mask),
+            ..Default::default()
+        };
+        let out = norm.batch_norm_train(&x, features, &opts).unwrap();
+        let mut y = vec![f32::NAN; x.len()];
+        let (stats, _) = norm
+            .batch_norm_train_into(&x, features, &opts, &mut y)
+            .unwrap();
+        assert_eq!(
+            (&y, &stats.mean, &stats.var, stats.count),
+            (&out.y, &out.mean, &out.var, out.count),
+            "{name}"
+        );
+
+        let mut a = RunningStats::new(features);
+        let mut b = RunningStats::new(features);
+        a.update(&out).unwrap();
+        b.update_with(&stats).unwrap();
+        assert_eq!(a, b, "{name}");
+
+        let expected = norm.batch_norm_eval(&x, features, &opts, &a).unwrap();
+        let mut y = vec![f32::NAN; x.len()];
+        norm.batch_norm_eval_into(&x, features, &opts, &a, &mut y)
+            .unwrap();
+        assert_eq!(y, expected, "{name}");
+        assert_eq!(
+            norm.batch_norm_eval_into(&x, features, &opts, &a, &mut y[1..])
+                .map(|_| ()),
+            Err(NormError::OutputLength {
+                len: x.len() - 1,
+                expected: x.len()
+            }),
+            "{name}"
+        );
+    }
+}

@@ -293,8 +293,9 @@ fn one_normalizer_serves_several_threads() {
 fn gpu_reports_kernel_time_where_timestamps_exist() {
     let Some(norm) = gpu() else { return };
     let x = ordinary(64 * 256, 4);
-    let (_, timing) = norm
-        .layer_norm_timed(&x, 256, &LayerNorm::default())
+    let mut y = vec![0.0; x.len()];
+    let timing = norm
+        .layer_norm_into(&x, 256, &LayerNorm::default(), &mut y)
         .unwrap();
     assert_eq!(timing.kernel.is_some(), norm.has_kernel_timing());
     if let Some(t) = timing.kernel {
@@ -318,5 +319,36 @@ fn tensors_larger_than_one_binding_are_chunked() {
         let r = reference::layer_norm(&x[range.clone()], features, 1e-5, None, None);
         let err = max_err(&y[range], &r);
         assert!(err < TOL, "row {row}: error {err:e}");
+    }
+}
+
+#[test]
+fn into_a_caller_buffer_gives_the_same_result() {
+    for (name, norm) in backends() {
+        let features = 96;
+        let x = ordinary(40 * features, 8);
+        let gamma = data(features, 1.0, 0.2, 1);
+        let opts = LayerNorm {
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let expected = norm.layer_norm(&x, features, &opts).unwrap();
+        // A reused buffer holding stale values is overwritten completely.
+        let mut y = vec![f32::NAN; x.len()];
+        norm.layer_norm_into(&x, features, &opts, &mut y).unwrap();
+        assert_eq!(y, expected, "{name}");
+        let mut short = vec![0.0; x.len() - 1];
+        assert_eq!(
+            norm.layer_norm_into(&x, features, &opts, &mut short),
+            Err(NormError::OutputLength {
+                len: x.len() - 1,
+                expected: x.len()
+            }),
+            "{name}"
+        );
+        // Bad input is reported before the output is touched.
+        let mut untouched = vec![5.0; x.len()];
+        assert!(norm.layer_norm_into(&x, 7, &opts, &mut untouched).is_err());
+        assert!(untouched.iter().all(|&v| v == 5.0), "{name}");
     }
 }

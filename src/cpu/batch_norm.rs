@@ -1,12 +1,56 @@
 //! CPU mirror of `shaders/batch_norm.wgsl`: per-column statistics of the shifted values over
 //! fixed blocks of positions (a two-pass inside each block, which is in cache), merged in block
-//! order with Chan's formula, then one elementwise pass. Blocks depend on the shape only, so
-//! the result does not depend on the number of threads.
+//! order with Chan's formula, then one elementwise pass. Blocks depend on the shape only, so the
+//! result does not depend on the number of threads.
 
 use rayon::prelude::*;
 
 use crate::batch_norm::Shape;
-use crate::BatchNorm;
+use crate::{BatchNorm, RunningStats};
+
+/// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
+/// enough that a block's second pass finds it in L2.
+const TASK_VALUES: usize = 65536;
+/// Rows whose column sums run in f32 before they move to f64.
+const SUB_ROWS: usize = 256;
+
+/// Training: batch statistics into the output, then normalization. Returns (mean, biased var).
+pub(crate) fn train(
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    first: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (shift, mean_d, var) = stats(x, shape, opts.mask, first);
+    let mean = shift
+        .iter()
+        .zip(&mean_d)
+        .map(|(&s, &m)| (s as f64 + m) as f32)
+        .collect();
+    let center = mean_d.iter().map(|&m| m as f32).collect();
+    apply(
+        x,
+        y,
+        shape,
+        opts.mask,
+        &Columns::new(shift, center, &var, opts),
+    );
+    (mean, var.iter().map(|&v| v as f32).collect())
+}
+
+/// Eval: one elementwise pass with the running statistics.
+pub(crate) fn eval(
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &RunningStats,
+) {
+    let var: Vec<f64> = stats.var.iter().map(|&v| v as f64).collect();
+    let cols = Columns::new(vec![0.0; shape.channels], stats.mean.clone(), &var, opts);
+    apply(x, y, shape, opts.mask, &cols);
+}
 
 /// Count, mean and sum of squared deviations of one column's shifted values over some positions.
 #[derive(Debug, Clone, Copy, Default)]
@@ -36,16 +80,16 @@ impl Moments {
 }
 
 /// Per-column normalization constants: y = ((x − shift) − center) · scale + offset.
-pub(crate) struct Columns {
-    pub shift: Vec<f32>,
-    pub center: Vec<f32>,
-    pub scale: Vec<f32>,
-    pub offset: Vec<f32>,
+struct Columns {
+    shift: Vec<f32>,
+    center: Vec<f32>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
 }
 
 impl Columns {
     /// From per-column (shift, center, variance) and the options' eps, gamma and beta.
-    pub fn new(shift: Vec<f32>, center: Vec<f32>, var: &[f64], opts: &BatchNorm<'_>) -> Columns {
+    fn new(shift: Vec<f32>, center: Vec<f32>, var: &[f64], opts: &BatchNorm<'_>) -> Columns {
         let scale = var
             .iter()
             .enumerate()
@@ -67,9 +111,9 @@ impl Columns {
     }
 }
 
-/// Batch statistics of a validated tensor: (shift, mean of x − shift, biased var) per column,
-/// with each column shifted by its value at position `first` (a counted one).
-pub(crate) fn stats(
+/// Batch statistics: (shift, mean of x − shift, biased var) per column, each column shifted by
+/// its value at position `first` (a counted one).
+fn stats(
     x: &[f32],
     shape: &Shape,
     mask: Option<&[bool]>,
@@ -81,11 +125,11 @@ pub(crate) fn stats(
         .map(|ch| x[((first / s) * c + ch) * s + first % s])
         .collect();
     let blocks: Vec<Vec<Moments>> = if s == 1 {
-        let rows = (16384 / c).max(1);
+        let rows = (TASK_VALUES / c).max(1);
         x.par_chunks(rows * c)
             .enumerate()
             .map(|(b, xb)| {
-                let m = mask.map(|m| &m[b * rows..(b * rows + xb.len() / c)]);
+                let m = mask.map(|m| &m[b * rows..b * rows + xb.len() / c]);
                 features_last_block(xb, c, m, &shift)
             })
             .collect()
@@ -109,40 +153,55 @@ pub(crate) fn stats(
     (shift, mean_d, var)
 }
 
-/// A block of whole rows: the sums run along rows so the inner loop over columns vectorises.
+/// A block of whole rows, two passes over it. Sums run along rows so the inner loop over columns
+/// vectorises; each column sums at most `SUB_ROWS` values in f32 before adding them in f64.
 fn features_last_block(xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32]) -> Vec<Moments> {
     let counted = |r: usize| mask.is_none_or(|m| m[r]);
-    let mut sum = vec![0f64; c];
-    let mut n = 0usize;
-    for (r, row) in xb.chunks_exact(c).enumerate() {
-        if counted(r) {
-            n += 1;
-            for ((a, &v), &sh) in sum.iter_mut().zip(row).zip(shift) {
-                *a += (v - sh) as f64;
-            }
-        }
-    }
+    let n = (0..xb.len() / c).filter(|&r| counted(r)).count();
     if n == 0 {
         return vec![Moments::default(); c];
     }
-    let mean: Vec<f64> = sum.iter().map(|s| s / n as f64).collect();
+    let mut sum = vec![0f64; c];
+    column_sums(xb, c, &counted, &mut sum, |v, ch| v - shift[ch]);
+    let mean: Vec<f32> = sum.iter().map(|s| (s / n as f64) as f32).collect();
     let mut m2 = vec![0f64; c];
-    for (r, row) in xb.chunks_exact(c).enumerate() {
-        if counted(r) {
-            for (((a, &v), &sh), &mu) in m2.iter_mut().zip(row).zip(shift).zip(&mean) {
-                let d = (v - sh) as f64 - mu;
-                *a += d * d;
-            }
-        }
-    }
+    column_sums(xb, c, &counted, &mut m2, |v, ch| {
+        let d = (v - shift[ch]) - mean[ch];
+        d * d
+    });
     mean.into_iter()
         .zip(m2)
         .map(|(mean, m2)| Moments {
             n: n as f64,
-            mean,
+            mean: mean as f64,
             m2,
         })
         .collect()
+}
+
+/// acc[ch] += Σ over counted rows of f(x[row, ch], ch), in f32 runs of `SUB_ROWS` rows.
+#[inline(always)]
+fn column_sums(
+    xb: &[f32],
+    c: usize,
+    counted: &impl Fn(usize) -> bool,
+    acc: &mut [f64],
+    f: impl Fn(f32, usize) -> f32,
+) {
+    let mut part = vec![0f32; c];
+    for (sub, rows) in xb.chunks(SUB_ROWS * c).enumerate() {
+        part.fill(0.0);
+        for (r, row) in rows.chunks_exact(c).enumerate() {
+            if counted(sub * SUB_ROWS + r) {
+                for (ch, (p, &v)) in part.iter_mut().zip(row).enumerate() {
+                    *p += f(v, ch);
+                }
+            }
+        }
+        for (a, &p) in acc.iter_mut().zip(&part) {
+            *a += p as f64;
+        }
+    }
 }
 
 /// One batch item of a channels-first tensor: each channel is a contiguous run of `s` values.
@@ -157,10 +216,10 @@ fn channels_first_plane(
         .zip(shift)
         .map(|(run, &sh)| match mask {
             None => {
-                let mean = super::sum_shifted(run, sh) / s as f64;
+                let mean = (super::sum_shifted(run, sh) / s as f64) as f32;
                 Moments {
                     n: s as f64,
-                    mean,
+                    mean: mean as f64,
                     m2: super::sum_sq_centered(run, sh, mean),
                 }
             }
@@ -179,40 +238,28 @@ fn channels_first_plane(
 }
 
 /// y = ((x − shift) − center) · scale + offset per column; masked positions are 0.
-pub(crate) fn apply(
-    x: &[f32],
-    y: &mut [f32],
-    shape: &Shape,
-    mask: Option<&[bool]>,
-    cols: &Columns,
-) {
+fn apply(x: &[f32], y: &mut [f32], shape: &Shape, mask: Option<&[bool]>, cols: &Columns) {
     let c = shape.channels;
     let s = shape.spatial;
-    let write = |xs: &[f32], ys: &mut [f32], ch: usize| {
-        let (sh, ce, sc, of) = (
-            cols.shift[ch],
-            cols.center[ch],
-            cols.scale[ch],
-            cols.offset[ch],
-        );
-        for (o, &v) in ys.iter_mut().zip(xs) {
-            *o = ((v - sh) - ce) * sc + of;
-        }
-    };
+    let masked_out = |p: usize| mask.is_some_and(|m| !m[p]);
     if s == 1 {
-        let rows = (16384 / c).max(1);
+        let rows = (TASK_VALUES / c).max(1);
         y.par_chunks_mut(rows * c)
             .zip(x.par_chunks(rows * c))
             .enumerate()
             .for_each(|(b, (yb, xb))| {
                 for (r, (yr, xr)) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
-                    if mask.is_some_and(|m| !m[b * rows + r]) {
+                    if masked_out(b * rows + r) {
                         yr.fill(0.0);
                         continue;
                     }
-                    for (ch, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                        *o = ((v - cols.shift[ch]) - cols.center[ch]) * cols.scale[ch]
-                            + cols.offset[ch];
+                    let params = cols
+                        .shift
+                        .iter()
+                        .zip(&cols.center)
+                        .zip(cols.scale.iter().zip(&cols.offset));
+                    for ((o, &v), ((&sh, &ce), (&sc, &of))) in yr.iter_mut().zip(xr).zip(params) {
+                        *o = ((v - sh) - ce) * sc + of;
                     }
                 }
             });
@@ -222,13 +269,18 @@ pub(crate) fn apply(
             .enumerate()
             .for_each(|(n, (yp, xp))| {
                 for (ch, (yr, xr)) in yp.chunks_exact_mut(s).zip(xp.chunks_exact(s)).enumerate() {
-                    write(xr, yr, ch);
-                    if let Some(m) = mask {
-                        for (o, &k) in yr.iter_mut().zip(&m[n * s..(n + 1) * s]) {
-                            if !k {
-                                *o = 0.0;
-                            }
-                        }
+                    let (sh, ce, sc, of) = (
+                        cols.shift[ch],
+                        cols.center[ch],
+                        cols.scale[ch],
+                        cols.offset[ch],
+                    );
+                    for (i, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                        *o = if masked_out(n * s + i) {
+                            0.0
+                        } else {
+                            ((v - sh) - ce) * sc + of
+                        };
                     }
                 }
             });

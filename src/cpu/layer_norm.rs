@@ -1,5 +1,6 @@
 //! CPU mirror of `shaders/layer_norm.wgsl`: per row, shift by the first value, mean of the
-//! shifted values, variance around it, then one output pass.
+//! shifted values, variance around it, then one output pass. A row is read from memory once;
+//! the second and third passes run over it in cache.
 
 use rayon::prelude::*;
 
@@ -21,21 +22,28 @@ pub(crate) fn layer_norm(x: &[f32], y: &mut [f32], features: usize, opts: &Layer
 fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>) {
     let n = x.len() as f64;
     let shift = x[0];
-    let mean_d = sum_shifted(x, shift) / n;
+    let mean_d = (sum_shifted(x, shift) / n) as f32;
     let var = sum_sq_centered(x, shift, mean_d) / n;
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
-    let mean_d = mean_d as f32;
     match (opts.gamma, opts.beta) {
         (None, None) => {
             for (o, &v) in y.iter_mut().zip(x) {
-                *o = (v - shift - mean_d) * rstd;
+                *o = ((v - shift) - mean_d) * rstd;
             }
         }
-        (g, b) => {
-            for (c, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-                let g = g.map_or(1.0, |g| g[c]);
-                let b = b.map_or(0.0, |b| b[c]);
-                *o = (v - shift - mean_d) * rstd * g + b;
+        (Some(g), None) => {
+            for ((o, &v), &g) in y.iter_mut().zip(x).zip(g) {
+                *o = ((v - shift) - mean_d) * rstd * g;
+            }
+        }
+        (None, Some(b)) => {
+            for ((o, &v), &b) in y.iter_mut().zip(x).zip(b) {
+                *o = ((v - shift) - mean_d) * rstd + b;
+            }
+        }
+        (Some(g), Some(b)) => {
+            for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+                *o = ((v - shift) - mean_d) * rstd * g + b;
             }
         }
     }

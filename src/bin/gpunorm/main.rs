@@ -1,0 +1,132 @@
+//! The `gpunorm` command: which backend is here (`info`), the seed document's worked example
+//! (`demo`), a validation of a large random batch against the f64 reference with CPU-vs-GPU
+//! timings (`check`), and a benchmark sweep (`bench`).
+
+mod bench;
+mod check;
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gpunorm::{NormError, Normalizer};
+
+#[derive(Parser)]
+#[command(
+    name = "gpunorm",
+    version,
+    about = "LayerNorm and BatchNorm on any GPU wgpu reaches, checked against an f64 CPU reference",
+    long_about = "LayerNorm and BatchNorm on any GPU wgpu reaches, checked against an f64 CPU \
+                  reference.\n\nWith no subcommand: info, then demo, then check."
+)]
+struct Cli {
+    /// Use the CPU fallback even where a GPU exists.
+    #[arg(long, global = true)]
+    cpu: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the backend: adapter name, API, device type, driver and limits.
+    Info,
+    /// Run the seed document's worked example (two sequences, d_model 3, one padded position)
+    /// through LayerNorm, BatchNorm, and BatchNorm with the pad masked out.
+    Demo,
+    /// Validate LayerNorm and BatchNorm on a random batch against the f64 reference and time the
+    /// CPU fallback and the GPU.
+    Check {
+        /// Rows of the batch.
+        #[arg(long, default_value_t = 16384)]
+        rows: usize,
+        /// Features per row.
+        #[arg(long, default_value_t = 1024)]
+        features: usize,
+        /// Seed of the random batch.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Sweep shapes and ops: CPU fallback and GPU (end to end and kernel time) beside the
+    /// single-thread copy bandwidth of the same run.
+    Bench {
+        /// Shapes as ROWSxFEATURES, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = bench::parse_shape,
+              default_value = "4096x768,65536x1024,16384x4096,2048x32768")]
+        shapes: Vec<(usize, usize)>,
+        /// Ops to run, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::OPS),
+              default_value = "layer_norm,batch_norm_train,batch_norm_eval")]
+        ops: Vec<String>,
+        /// Timed runs per case (after one warm-up); the median is reported.
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+        /// Threads of the CPU fallback (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpunorm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), NormError> {
+    if let Some(Command::Bench {
+        threads: Some(t), ..
+    }) = &cli.command
+    {
+        // The global pool is built once, before the first parallel call.
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(*t)
+            .build_global()
+        {
+            log::warn!("could not set {t} CPU threads: {e}");
+        }
+    }
+    let norm = if cli.cpu {
+        Normalizer::cpu()
+    } else {
+        Normalizer::new()?
+    };
+    match cli.command {
+        Some(Command::Info) => demo::info(&norm),
+        Some(Command::Demo) => demo::demo(&norm),
+        Some(Command::Check {
+            rows,
+            features,
+            seed,
+        }) => check::check(&norm, rows, features, seed),
+        Some(Command::Bench {
+            shapes,
+            ops,
+            reps,
+            json,
+            ..
+        }) => bench::run(
+            &norm,
+            &bench::Options {
+                shapes,
+                ops,
+                reps,
+                json,
+            },
+        ),
+        None => {
+            demo::info(&norm)?;
+            demo::demo(&norm)?;
+            check::check(&norm, 16384, 1024, 42)
+        }
+    }
+}
