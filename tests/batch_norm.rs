@@ -652,3 +652,30 @@ fn into_a_caller_buffer_gives_the_same_result() {
         );
     }
 }
+
+/// Outputs of 32 MiB and more leave the CPU fallback through non-temporal stores; odd feature
+/// counts and masks put row starts at every alignment.
+#[test]
+fn cpu_fallback_streams_large_outputs_exactly() {
+    let cpu = Normalizer::cpu();
+    for &(features, masked) in &[(1027, true), (3, false)] {
+        let rows = (9 << 20) / features + 1;
+        let x = ordinary(rows * features, 5);
+        let mask = random_mask(rows, 3);
+        let opts = BatchNorm {
+            mask: masked.then_some(&mask[..]),
+            ..Default::default()
+        };
+        let out = cpu.batch_norm_train(&x, features, &opts).unwrap();
+        let y_ref = reference::batch_norm_train(&x, features, &opts).0;
+        check_train(
+            &format!("cpu {rows}x{features}"),
+            &out,
+            &x,
+            features,
+            &opts,
+            &y_ref,
+            TOL,
+        );
+    }
+}

@@ -352,3 +352,29 @@ fn into_a_caller_buffer_gives_the_same_result() {
         assert!(untouched.iter().all(|&v| v == 5.0), "{name}");
     }
 }
+
+/// Outputs of 32 MiB and more leave the CPU fallback through non-temporal stores; row lengths
+/// that are not multiples of 4 put every row start at a different alignment.
+#[test]
+fn cpu_fallback_streams_large_outputs_exactly() {
+    let cpu = Normalizer::cpu();
+    for &features in &[1027, 4096] {
+        let rows = (9 << 20) / features + 1; // just over 36 MiB of output
+        let x = ordinary(rows * features, 3);
+        let gamma = data(features, 1.0, 0.2, 1);
+        let beta = data(features, 0.0, 1.0, 2);
+        let opts = LayerNorm {
+            gamma: Some(&gamma),
+            beta: Some(&beta),
+            ..Default::default()
+        };
+        let y = cpu.layer_norm(&x, features, &opts).unwrap();
+        for row in [0, 1, 2, 3, rows / 2, rows - 2, rows - 1] {
+            let range = row * features..(row + 1) * features;
+            let r =
+                reference::layer_norm(&x[range.clone()], features, opts.eps, opts.gamma, opts.beta);
+            let err = max_err(&y[range], &r);
+            assert!(err < TOL, "{features} features, row {row}: error {err:e}");
+        }
+    }
+}

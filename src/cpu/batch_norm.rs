@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::batch_norm::Shape;
 use crate::{BatchNorm, RunningStats};
 
@@ -52,30 +53,46 @@ pub(crate) fn eval(
     apply(x, y, shape, opts.mask, &cols);
 }
 
-/// Count, mean and sum of squared deviations of one column's shifted values over some positions.
-#[derive(Debug, Clone, Copy, Default)]
+/// Count, mean and sum of squared deviations of every column's shifted values over some
+/// positions. The mask applies to whole positions, so every column counts the same `n`.
+#[derive(Debug, Clone)]
 struct Moments {
     n: f64,
-    mean: f64,
-    m2: f64,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
 }
 
 impl Moments {
-    /// Chan et al.'s parallel merge.
-    fn merge(self, o: Moments) -> Moments {
+    fn empty(columns: usize) -> Moments {
+        Moments {
+            n: 0.0,
+            mean: vec![0.0; columns],
+            m2: vec![0.0; columns],
+        }
+    }
+
+    /// Chan et al.'s parallel merge of `o` into `self`; the weights are shared by every column.
+    fn merge(&mut self, o: &Moments) {
         if o.n == 0.0 {
-            return self;
+            return;
         }
         if self.n == 0.0 {
-            return o;
+            self.clone_from(o);
+            return;
         }
         let n = self.n + o.n;
-        let delta = o.mean - self.mean;
-        Moments {
-            n,
-            mean: self.mean + delta * (o.n / n),
-            m2: self.m2 + o.m2 + delta * delta * (self.n * o.n / n),
+        let (w, v) = (o.n / n, self.n * o.n / n);
+        for ((mean, m2), (&om, &om2)) in self
+            .mean
+            .iter_mut()
+            .zip(&mut self.m2)
+            .zip(o.mean.iter().zip(&o.m2))
+        {
+            let delta = om - *mean;
+            *mean += delta * w;
+            *m2 += om2 + delta * delta * v;
         }
+        self.n = n;
     }
 }
 
@@ -111,6 +128,11 @@ impl Columns {
     }
 }
 
+/// Blocks are merged in order inside each of at most this many groups, then the groups in order:
+/// a fixed partition, so the bits do not depend on the thread count, and memory for partial
+/// statistics stays at `GROUPS × columns`.
+const GROUPS: usize = 64;
+
 /// Batch statistics: (shift, mean of x − shift, biased var) per column, each column shifted by
 /// its value at position `first` (a counted one).
 fn stats(
@@ -124,165 +146,320 @@ fn stats(
     let shift: Vec<f32> = (0..c)
         .map(|ch| x[((first / s) * c + ch) * s + first % s])
         .collect();
-    let blocks: Vec<Vec<Moments>> = if s == 1 {
-        let rows = (TASK_VALUES / c).max(1);
-        x.par_chunks(rows * c)
-            .enumerate()
-            .map(|(b, xb)| {
-                let m = mask.map(|m| &m[b * rows..b * rows + xb.len() / c]);
-                features_last_block(xb, c, m, &shift)
-            })
-            .collect()
+    // A block: whole rows (features-last) or one batch item (channels-first).
+    let block = if s == 1 {
+        (TASK_VALUES / c).max(1) * c
     } else {
-        x.par_chunks(c * s)
-            .enumerate()
-            .map(|(n, plane)| {
-                let m = mask.map(|m| &m[n * s..(n + 1) * s]);
-                channels_first_plane(plane, s, m, &shift)
-            })
-            .collect()
+        c * s
     };
-    let mut total = vec![Moments::default(); c];
-    for block in blocks {
-        for (t, b) in total.iter_mut().zip(block) {
-            *t = t.merge(b);
-        }
+    let blocks = x.len().div_ceil(block);
+    let per_group = blocks.div_ceil(GROUPS).max(1) * block;
+    let groups: Vec<Moments> = x
+        .par_chunks(per_group)
+        .enumerate()
+        .map(|(g, xg)| {
+            let mut acc = Moments::empty(c);
+            for (b, xb) in xg.chunks(block).enumerate() {
+                let p0 = (g * per_group + b * block) / c / s * s;
+                let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
+                let ahead = &xg[((b + 1) * block).min(xg.len())..((b + 2) * block).min(xg.len())];
+                let part = if s == 1 {
+                    features_last_block(xb, c, m, &shift, ahead)
+                } else {
+                    channels_first_plane(xb, s, m, &shift)
+                };
+                acc.merge(&part);
+            }
+            acc
+        })
+        .collect();
+    let mut total = Moments::empty(c);
+    for g in &groups {
+        total.merge(g);
     }
-    let mean_d = total.iter().map(|m| m.mean).collect();
-    let var = total.iter().map(|m| m.m2 / m.n).collect();
-    (shift, mean_d, var)
+    let var = total.m2.iter().map(|m2| m2 / total.n).collect();
+    (shift, total.mean, var)
 }
 
-/// A block of whole rows, two passes over it. Sums run along rows so the inner loop over columns
-/// vectorises; each column sums at most `SUB_ROWS` values in f32 before adding them in f64.
-fn features_last_block(xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32]) -> Vec<Moments> {
+multiversion! {
+    /// A block of whole rows, two passes over it. Sums run along rows so the inner loop over
+    /// columns vectorises; each column sums at most `SUB_ROWS` values in f32 before adding them
+    /// in f64.
+    fn features_last_block(xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: &[f32]) -> Moments
+        => features_last_block_body
+}
+
+#[inline(always)]
+fn features_last_block_body(
+    xb: &[f32],
+    c: usize,
+    mask: Option<&[bool]>,
+    shift: &[f32],
+    ahead: &[f32],
+) -> Moments {
     let counted = |r: usize| mask.is_none_or(|m| m[r]);
     let n = (0..xb.len() / c).filter(|&r| counted(r)).count();
+    let mut out = Moments::empty(c);
     if n == 0 {
-        return vec![Moments::default(); c];
+        return out;
     }
-    let mut sum = vec![0f64; c];
-    column_sums(xb, c, &counted, &mut sum, |v, ch| v - shift[ch]);
-    let mean: Vec<f32> = sum.iter().map(|s| (s / n as f64) as f32).collect();
-    let mut m2 = vec![0f64; c];
-    column_sums(xb, c, &counted, &mut m2, |v, ch| {
-        let d = (v - shift[ch]) - mean[ch];
-        d * d
-    });
-    mean.into_iter()
-        .zip(m2)
-        .map(|(mean, m2)| Moments {
-            n: n as f64,
-            mean: mean as f64,
-            m2,
-        })
-        .collect()
+    out.n = n as f64;
+    column_pass::<false>(xb, c, &counted, shift, &[], &mut out.mean, &[]);
+    let mean: Vec<f32> = out.mean.iter().map(|s| (s / n as f64) as f32).collect();
+    // The second pass runs in cache: meanwhile, bring in the next block.
+    column_pass::<true>(xb, c, &counted, shift, &mean, &mut out.m2, ahead);
+    for (o, &m) in out.mean.iter_mut().zip(&mean) {
+        *o = m as f64;
+    }
+    out
 }
 
-/// acc[ch] += Σ over counted rows of f(x[row, ch], ch), in f32 runs of `SUB_ROWS` rows.
 #[inline(always)]
-fn column_sums(
+fn term<const SQUARE: bool>(v: f32, shift: f32, center: f32) -> f32 {
+    let d = v - shift;
+    if SQUARE {
+        (d - center) * (d - center)
+    } else {
+        d
+    }
+}
+
+/// Columns per strip: the strip's partial sums, shifts and centers stay in registers while the
+/// loop walks down the rows of the block.
+const STRIP: usize = 32;
+
+/// acc[ch] += Σ over counted rows of d (SQUARE = false) or (d − center[ch])² (SQUARE = true),
+/// d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then added in f64.
+/// `ahead` (may be empty) is prefetched a share per strip.
+#[inline(always)]
+fn column_pass<const SQUARE: bool>(
     xb: &[f32],
     c: usize,
     counted: &impl Fn(usize) -> bool,
+    shift: &[f32],
+    center: &[f32],
     acc: &mut [f64],
-    f: impl Fn(f32, usize) -> f32,
+    ahead: &[f32],
 ) {
-    let mut part = vec![0f32; c];
-    for (sub, rows) in xb.chunks(SUB_ROWS * c).enumerate() {
-        part.fill(0.0);
-        for (r, row) in rows.chunks_exact(c).enumerate() {
-            if counted(sub * SUB_ROWS + r) {
-                for (ch, (p, &v)) in part.iter_mut().zip(row).enumerate() {
-                    *p += f(v, ch);
+    let rows = xb.len() / c;
+    let share = ahead.len().div_ceil(c.div_ceil(STRIP)).max(1);
+    for col in (0..c).step_by(STRIP) {
+        let w = (c - col).min(STRIP);
+        let lo = (col / STRIP * share).min(ahead.len());
+        super::prefetch(&ahead[lo..(lo + share).min(ahead.len())]);
+        let mut sh = [0f32; STRIP];
+        let mut ce = [0f32; STRIP];
+        sh[..w].copy_from_slice(&shift[col..col + w]);
+        if SQUARE {
+            ce[..w].copy_from_slice(&center[col..col + w]);
+        }
+        for r0 in (0..rows).step_by(SUB_ROWS) {
+            let mut part = [0f32; STRIP];
+            for r in r0..(r0 + SUB_ROWS).min(rows) {
+                if !counted(r) {
+                    continue;
+                }
+                let row = &xb[r * c + col..r * c + col + w];
+                if let Ok(full) = <&[f32; STRIP]>::try_from(row) {
+                    for k in 0..STRIP {
+                        part[k] += term::<SQUARE>(full[k], sh[k], ce[k]);
+                    }
+                } else {
+                    for (k, &v) in row.iter().enumerate() {
+                        part[k] += term::<SQUARE>(v, sh[k], ce[k]);
+                    }
                 }
             }
-        }
-        for (a, &p) in acc.iter_mut().zip(&part) {
-            *a += p as f64;
+            for (a, &p) in acc[col..col + w].iter_mut().zip(&part) {
+                *a += p as f64;
+            }
         }
     }
 }
 
-/// One batch item of a channels-first tensor: each channel is a contiguous run of `s` values.
-fn channels_first_plane(
-    plane: &[f32],
-    s: usize,
-    mask: Option<&[bool]>,
-    shift: &[f32],
-) -> Vec<Moments> {
-    plane
+/// One batch item of a channels-first tensor: each channel is a contiguous run of `s` values,
+/// and the mask holds the item's `s` positions.
+fn channels_first_plane(plane: &[f32], s: usize, mask: Option<&[bool]>, shift: &[f32]) -> Moments {
+    let c = shift.len();
+    let mut out = Moments::empty(c);
+    out.n = mask.map_or(s, |m| m.iter().filter(|&&k| k).count()) as f64;
+    if out.n == 0.0 {
+        return out;
+    }
+    for ((run, &sh), (mean, m2)) in plane
         .chunks_exact(s)
         .zip(shift)
-        .map(|(run, &sh)| match mask {
+        .zip(out.mean.iter_mut().zip(&mut out.m2))
+    {
+        match mask {
             None => {
-                let mean = (super::sum_shifted(run, sh) / s as f64) as f32;
-                Moments {
-                    n: s as f64,
-                    mean: mean as f64,
-                    m2: super::sum_sq_centered(run, sh, mean),
-                }
+                let m = (super::sum_shifted(run, sh) / s as f64) as f32;
+                *mean = m as f64;
+                *m2 = super::sum_sq_centered(run, sh, m, &[]);
             }
-            Some(m) => {
-                let kept = || run.iter().zip(m).filter(|(_, &k)| k).map(|(&v, _)| v);
-                let n = m.iter().filter(|&&k| k).count() as f64;
-                if n == 0.0 {
-                    return Moments::default();
-                }
-                let mean = kept().map(|v| (v - sh) as f64).sum::<f64>() / n;
-                let m2 = kept().map(|v| ((v - sh) as f64 - mean).powi(2)).sum();
-                Moments { n, mean, m2 }
+            Some(mk) => {
+                let kept = || run.iter().zip(mk).filter(|(_, &k)| k).map(|(&v, _)| v);
+                *mean = kept().map(|v| (v - sh) as f64).sum::<f64>() / out.n;
+                *m2 = kept().map(|v| ((v - sh) as f64 - *mean).powi(2)).sum();
             }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
-/// y = ((x − shift) − center) · scale + offset per column; masked positions are 0.
+/// y = ((x − shift) − center) · scale + offset per column; masked positions are 0. Blocks run
+/// in reverse order: after the statistics pass the end of x is the part most likely in cache.
 fn apply(x: &[f32], y: &mut [f32], shape: &Shape, mask: Option<&[bool]>, cols: &Columns) {
     let c = shape.channels;
     let s = shape.spatial;
-    let masked_out = |p: usize| mask.is_some_and(|m| !m[p]);
-    if s == 1 {
-        let rows = (TASK_VALUES / c).max(1);
-        y.par_chunks_mut(rows * c)
-            .zip(x.par_chunks(rows * c))
-            .enumerate()
-            .for_each(|(b, (yb, xb))| {
-                for (r, (yr, xr)) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
-                    if masked_out(b * rows + r) {
-                        yr.fill(0.0);
-                        continue;
-                    }
-                    let params = cols
-                        .shift
-                        .iter()
-                        .zip(&cols.center)
-                        .zip(cols.scale.iter().zip(&cols.offset));
-                    for ((o, &v), ((&sh, &ce), (&sc, &of))) in yr.iter_mut().zip(xr).zip(params) {
-                        *o = ((v - sh) - ce) * sc + of;
-                    }
-                }
-            });
+    let stream = should_stream(y.len());
+    let block = if s == 1 {
+        (TASK_VALUES / c).max(1) * c
     } else {
-        y.par_chunks_mut(c * s)
-            .zip(x.par_chunks(c * s))
-            .enumerate()
-            .for_each(|(n, (yp, xp))| {
-                for (ch, (yr, xr)) in yp.chunks_exact_mut(s).zip(xp.chunks_exact(s)).enumerate() {
-                    let (sh, ce, sc, of) = (
-                        cols.shift[ch],
-                        cols.center[ch],
-                        cols.scale[ch],
-                        cols.offset[ch],
-                    );
-                    for (i, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                        *o = if masked_out(n * s + i) {
-                            0.0
-                        } else {
-                            ((v - sh) - ce) * sc + of
-                        };
-                    }
-                }
-            });
+        c * s
+    };
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .enumerate()
+        .rev()
+        .for_each(|(b, (yb, xb))| {
+            let first = b * block / c / s * s;
+            let m = mask.map(|m| &m[first..first + yb.len() / c]);
+            apply_block(xb, yb, c, s, m, cols, stream);
+            stream_fence();
+        });
+}
+
+multiversion! {
+    fn apply_block(x: &[f32], y: &mut [f32], c: usize, s: usize, mask: Option<&[bool]>, cols: &Columns, stream: bool)
+        => apply_block_body
+}
+
+/// One block of whole rows (features-last) or whole batch items (channels-first); `mask` holds
+/// the block's positions.
+#[inline(always)]
+fn apply_block_body(
+    x: &[f32],
+    y: &mut [f32],
+    c: usize,
+    s: usize,
+    mask: Option<&[bool]>,
+    cols: &Columns,
+    stream: bool,
+) {
+    if s == 1 {
+        write_out(
+            y,
+            stream,
+            #[inline(always)]
+            |out, off| fill_rows(out, &x[off..], off % c, mask.map(|m| (m, off / c)), cols),
+        );
+    } else {
+        for (ch, (yr, xr)) in y.chunks_exact_mut(s).zip(x.chunks_exact(s)).enumerate() {
+            let k = [
+                cols.shift[ch],
+                cols.center[ch],
+                cols.scale[ch],
+                cols.offset[ch],
+            ];
+            write_out(
+                yr,
+                stream,
+                #[inline(always)]
+                |out, off| fill_run(out, &xr[off..], k, mask.map(|m| &m[off..])),
+            );
+        }
+    }
+}
+
+/// Features-last output starting at column `ch0` of a row; `mask` is (the block's mask, the row
+/// `out` starts in). Walks `out` row by row so each inner loop is a plain zip over columns.
+#[inline(always)]
+fn fill_rows(
+    out: &mut [f32],
+    x: &[f32],
+    ch0: usize,
+    mask: Option<(&[bool], usize)>,
+    cols: &Columns,
+) {
+    let c = cols.shift.len();
+    let (mut done, mut ch, mut row) = (0, ch0, mask.map_or(0, |m| m.1));
+    while done < out.len() {
+        let len = (c - ch).min(out.len() - done);
+        let part = &mut out[done..done + len];
+        if mask.is_some_and(|(m, _)| !m[row]) {
+            part.fill(0.0);
+        } else {
+            let xs = &x[done..done + len];
+            let span = ch..ch + len;
+            let (sh, ce) = (&cols.shift[span.clone()], &cols.center[span.clone()]);
+            let (sc, of) = (&cols.scale[span.clone()], &cols.offset[span]);
+            for (((o, &v), (&sh, &ce)), (&sc, &of)) in part
+                .iter_mut()
+                .zip(xs)
+                .zip(sh.iter().zip(ce))
+                .zip(sc.iter().zip(of))
+            {
+                *o = ((v - sh) - ce) * sc + of;
+            }
+        }
+        done += len;
+        ch = 0;
+        row += 1;
+    }
+}
+
+/// Channels-first output for part of one channel's run: constants k = (shift, center, scale,
+/// offset); `mask` holds the positions of `out`.
+#[inline(always)]
+fn fill_run(out: &mut [f32], x: &[f32], k: [f32; 4], mask: Option<&[bool]>) {
+    let [sh, ce, sc, of] = k;
+    match mask {
+        None => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = ((v - sh) - ce) * sc + of;
+            }
+        }
+        Some(m) => {
+            for ((o, &v), &keep) in out.iter_mut().zip(x).zip(m) {
+                *o = if keep { ((v - sh) - ce) * sc + of } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The build for wider registers and the baseline build give the same bits.
+    #[test]
+    fn every_build_gives_the_same_bits() {
+        for &c in &[1usize, 3, 33, 100] {
+            let x: Vec<f32> = (0..c * 300)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 + 1e3)
+                .collect();
+            let mask: Vec<bool> = (0..300).map(|r| r % 5 != 2).collect();
+            let shift: Vec<f32> = x[..c].to_vec();
+            let a = features_last_block(&x, c, Some(&mask), &shift, &[]);
+            let b = features_last_block_body(&x, c, Some(&mask), &shift, &[]);
+            assert_eq!((a.n, &a.mean, &a.m2), (b.n, &b.mean, &b.m2), "{c} columns");
+
+            let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
+            let cols = Columns::new(shift.clone(), vec![0.5; c], &var, &BatchNorm::default());
+            for stream in [false, true] {
+                let mut wide = vec![0f32; x.len()];
+                let mut base = vec![1f32; x.len()];
+                apply_block(&x, &mut wide, c, 1, Some(&mask), &cols, stream);
+                apply_block_body(&x, &mut base, c, 1, Some(&mask), &cols, stream);
+                crate::cpu::stream_fence();
+                assert!(
+                    wide.iter()
+                        .zip(&base)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{c} columns, stream {stream}"
+                );
+            }
+        }
     }
 }

@@ -14,24 +14,85 @@ const LANES: usize = 16;
 /// Values summed in f32 before the partial sum moves to f64.
 const BLOCK: usize = 512;
 
-/// Σ (x − shift). `x − shift` is exact in f32 whenever x and shift are within a factor two of
-/// each other (Sterbenz), which is the case that matters: offset data with a small spread.
-pub(crate) fn sum_shifted(x: &[f32], shift: f32) -> f64 {
-    x.chunks(BLOCK)
-        .map(|b| lanes_sum(b, |v| v - shift) as f64)
-        .sum()
+/// Defines `$name`, which runs the `#[inline(always)]` function `$body` with the same arguments,
+/// compiled for AVX2 where the CPU has it (detected at run time, cached by std) and for the
+/// baseline target elsewhere. Everything `$body` calls on its hot path must be `#[inline(always)]`
+/// to be compiled for the wider registers. Rust never contracts `a * b + c` into an FMA, so both
+/// builds give the same bits.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Asks the memory system for `x` ahead of use (into L2), one request per 64-byte line. Rows are
+/// often a page or more, and hardware prefetchers stop at page boundaries, so without this each
+/// row would start with a stall while the previous row's arithmetic left memory idle.
+#[inline(always)]
+pub(crate) fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(16) {
+        // SAFETY: a prefetch is a hint; it never faults, and the address is inside `x`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr().cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
-/// Σ (x − shift − center)².
-pub(crate) fn sum_sq_centered(x: &[f32], shift: f32, center: f32) -> f64 {
-    x.chunks(BLOCK)
-        .map(|b| {
-            lanes_sum(b, |v| {
+/// Σ (x − shift). `x − shift` is exact in f32 whenever x and shift are within a factor two of
+/// each other (Sterbenz), which is the case that matters: offset data with a small spread.
+#[inline(always)]
+pub(crate) fn sum_shifted(x: &[f32], shift: f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(BLOCK) {
+        total += lanes_sum(
+            block,
+            #[inline(always)]
+            |v| v - shift,
+        ) as f64;
+    }
+    total
+}
+
+/// Σ (x − shift − center)². While it works on `x` (in cache) it prefetches `ahead` (the data
+/// to be read next; may be empty), one 64-byte line per 16 values, so memory keeps streaming.
+#[inline(always)]
+pub(crate) fn sum_sq_centered(x: &[f32], shift: f32, center: f32, ahead: &[f32]) -> f64 {
+    let mut total = 0f64;
+    for (b, block) in x.chunks(BLOCK).enumerate() {
+        let lo = (b * BLOCK).min(ahead.len());
+        let hi = (lo + BLOCK).min(ahead.len());
+        prefetch(&ahead[lo..hi]);
+        total += lanes_sum(
+            block,
+            #[inline(always)]
+            |v| {
                 let d = (v - shift) - center;
                 d * d
-            }) as f64
-        })
-        .sum()
+            },
+        ) as f64;
+    }
+    prefetch(&ahead[x.len().min(ahead.len())..]);
+    total
 }
 
 #[inline(always)]
@@ -61,4 +122,71 @@ fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// How many rows one rayon task takes: enough values (~64K) to amortise scheduling.
 pub(crate) fn rows_per_task(features: usize) -> usize {
     (65536 / features.max(1)).max(1)
+}
+
+/// Fills `y` through `fill(part, offset)`, which must write `part` as the elements of `y` starting
+/// at `offset` (a plain loop over slices, so it vectorises). With `stream`, the aligned middle of
+/// `y` is filled 64 values at a time into a buffer on the stack and sent out with non-temporal
+/// stores: they skip the read-for-ownership of each output line (a third of the memory traffic of
+/// a streaming op) and leave the caches to the input. Only worth it when the output is far larger
+/// than the caches; see [`should_stream`].
+#[inline(always)]
+pub(crate) fn write_out(y: &mut [f32], stream: bool, fill: impl Fn(&mut [f32], usize)) {
+    const STAGE: usize = 64;
+    #[repr(align(64))]
+    struct Stage([f32; STAGE]);
+    let mut stage = Stage([0.0; STAGE]);
+    // Streaming covers whole stages from the first 16-byte-aligned element on; everything else
+    // (all of y without streaming) is filled in place. One call site keeps `fill` inlined.
+    let head = if stream && cfg!(target_arch = "x86_64") {
+        y.as_ptr().align_offset(16).min(y.len())
+    } else {
+        y.len()
+    };
+    let body_end = head + (y.len() - head) / STAGE * STAGE;
+    let mut off = 0;
+    while off < y.len() {
+        let streamed = off >= head && off < body_end;
+        let end = if off < head {
+            head
+        } else if streamed {
+            off + STAGE
+        } else {
+            y.len()
+        };
+        let dst: &mut [f32] = if streamed {
+            &mut stage.0
+        } else {
+            &mut y[off..end]
+        };
+        fill(dst, off);
+        #[cfg(target_arch = "x86_64")]
+        if streamed {
+            use std::arch::x86_64::{_mm_load_ps, _mm_stream_ps};
+            let out = y[off..end].as_mut_ptr();
+            for k in (0..STAGE).step_by(4) {
+                // SAFETY: out[k..k + 4] is inside y and 16-byte aligned (off − head and k are
+                // multiples of 4 values); the stage is 64-byte aligned.
+                unsafe { _mm_stream_ps(out.add(k), _mm_load_ps(stage.0.as_ptr().add(k))) };
+            }
+        }
+        off = end;
+    }
+}
+
+/// Non-temporal stores pay off only for outputs far larger than the caches: below this many
+/// bytes the output stays in cache for whatever reads it next.
+pub(crate) fn should_stream(output_len: usize) -> bool {
+    output_len * 4 >= 32 << 20
+}
+
+/// Orders this thread's non-temporal stores before whatever it does next (they are weakly
+/// ordered); call once at the end of a task that used `write_map` with `stream`.
+#[inline(always)]
+pub(crate) fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence has no preconditions.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
