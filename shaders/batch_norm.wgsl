@@ -8,10 +8,12 @@
 //   stats_partial: one workgroup per (column tile, row tile); threads are laid out as
 //                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
 //                  all threads on one channel for channels-first). Each column is shifted by its
-//                  value at the first counted position (exact for offset data), then a two-pass
-//                  over the tile gives (count, mean_d, M2) per column.
+//                  value at the first counted position (the host puts it in columns[c].x; exact
+//                  for offset data), then a two-pass over the tile gives (count, mean_d, M2).
 //   stats_merge:   one thread per column merges the row tiles in order with Chan's formula and
 //                  writes (shift, mean_d, biased var) per column. No atomics, fixed order.
+// A tensor larger than one binding runs stats_partial once per chunk of whole rows (or batch
+// items), each writing its tiles at tile_offset; stats_merge then walks all of them.
 //   apply:         y = ((x - shift) - mean_d) * inverseSqrt(var + eps) * gamma + beta; masked
 //                  positions are written as 0. Eval mode runs only this pass, with
 //                  (0, running_mean, running_var) per column.
@@ -23,17 +25,18 @@ struct Params {
     positions: u32,
     channels: u32,
     spatial: u32,
-    // Position whose values shift each column (the first counted one).
-    first: u32,
+    // Index of this chunk's first row tile in `partials`.
+    tile_offset: u32,
     tile_cols: u32,
     tile_rows: u32,
     rows_per_tile: u32,
+    // Row tiles of this chunk (stats_partial) or of the whole tensor (stats_merge).
     row_tiles: u32,
     col_tiles: u32,
     eps: f32,
     // bit 0: multiply by gamma; bit 1: add beta; bit 2: read the mask.
     flags: u32,
-    _pad: u32,
+    total_tiles: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -41,7 +44,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // Per (row tile, column): (count, mean_d, M2, 0).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
-// Per column: (shift, mean_d, biased var, 0).
+// Per column: (shift, mean_d, biased var, 0); the host writes the shift (training) or
+// (0, running mean, running var) (eval).
 @group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
@@ -95,7 +99,7 @@ fn stats_partial(
 
     var shift = 0.0;
     if live {
-        shift = x[index_of(params.first, c)];
+        shift = columns[c].x;
     }
     var count = 0.0;
     var sum = 0.0;
@@ -121,7 +125,7 @@ fn stats_partial(
     }
     let m2 = column_sum(lid, sq);
     if live && tr == 0u {
-        partials[row_tile * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
+        partials[(params.tile_offset + row_tile) * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
     }
 }
 
@@ -138,7 +142,7 @@ fn stats_merge(
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    for (var t = 0u; t < params.row_tiles; t++) {
+    for (var t = 0u; t < params.total_tiles; t++) {
         let q = partials[t * params.channels + c];
         if q.x > 0.0 {
             // Chan et al.: merge (n, mean, m2) with (q.x, q.y, q.z).
@@ -149,7 +153,7 @@ fn stats_merge(
             n = total;
         }
     }
-    columns[c] = vec4<f32>(x[index_of(params.first, c)], mean, m2 / n, 0.0);
+    columns[c] = vec4<f32>(columns[c].x, mean, m2 / n, 0.0);
 }
 
 @compute @workgroup_size(256)

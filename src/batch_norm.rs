@@ -244,7 +244,7 @@ struct BatchNormParams {
     positions: u32,
     channels: u32,
     spatial: u32,
-    first: u32,
+    tile_offset: u32,
     tile_cols: u32,
     tile_rows: u32,
     rows_per_tile: u32,
@@ -252,7 +252,7 @@ struct BatchNormParams {
     col_tiles: u32,
     eps: f32,
     flags: u32,
-    _pad: u32,
+    total_tiles: u32,
 }
 const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
 
@@ -265,7 +265,8 @@ const THREADS: usize = 256;
 const TARGET_TILES: usize = 8192;
 
 impl BatchNormParams {
-    fn new(shape: &Shape, opts: &BatchNorm<'_>, first: usize) -> Self {
+    /// Parameters for one chunk of `positions` positions of a tensor shaped like `shape`.
+    fn new(shape: &Shape, positions: usize, opts: &BatchNorm<'_>) -> Self {
         // Features-last: adjacent threads read adjacent columns. Channels-first: every thread of a
         // workgroup works on one channel, reading contiguous spatial runs.
         let tile_cols = if shape.spatial == 1 {
@@ -277,18 +278,18 @@ impl BatchNormParams {
         let col_tiles = shape.channels.div_ceil(tile_cols);
         let row_tiles = TARGET_TILES
             .div_ceil(col_tiles)
-            .min(shape.positions.div_ceil(tile_rows * 4))
+            .min(positions.div_ceil(tile_rows * 4))
             .max(1);
-        let rows_per_tile = shape.positions.div_ceil(row_tiles);
-        let row_tiles = shape.positions.div_ceil(rows_per_tile);
+        let rows_per_tile = positions.div_ceil(row_tiles);
+        let row_tiles = positions.div_ceil(rows_per_tile);
         let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
             | if opts.beta.is_some() { FLAG_BETA } else { 0 }
             | if opts.mask.is_some() { FLAG_MASK } else { 0 };
         BatchNormParams {
-            positions: shape.positions as u32,
+            positions: positions as u32,
             channels: shape.channels as u32,
             spatial: shape.spatial as u32,
-            first: first as u32,
+            tile_offset: 0,
             tile_cols: tile_cols as u32,
             tile_rows: tile_rows as u32,
             rows_per_tile: rows_per_tile as u32,
@@ -296,14 +297,17 @@ impl BatchNormParams {
             col_tiles: col_tiles as u32,
             eps: opts.eps,
             flags,
-            _pad: 0,
+            total_tiles: 0,
         }
     }
 }
 
 /// Where the statistics come from: computed from the batch, or given (eval mode).
 pub(crate) enum Stats<'a> {
-    Batch { first: usize },
+    /// From the batch; `first` is the first counted position, whose values shift each column.
+    Batch {
+        first: usize,
+    },
     Running(&'a RunningStats),
 }
 
@@ -314,7 +318,21 @@ pub(crate) struct GpuOutput {
     pub kernel: Option<Duration>,
 }
 
+/// One piece of a tensor that fits one binding: whole rows, or whole batch items.
+struct Chunk<'a> {
+    x: &'a [f32],
+    input: wgpu::Buffer,
+    mask: wgpu::Buffer,
+    params: wgpu::Buffer,
+    /// Workgroups of its statistics pass.
+    tiles: usize,
+    /// Offset of the chunk in the output, in values.
+    start: usize,
+}
+
 /// Runs BatchNorm on the GPU into `y`. Training returns the batch statistics; eval returns None.
+/// Tensors larger than one binding are split into chunks of whole rows (batch items for
+/// channels-first), all resident: statistics over every chunk, then each chunk is normalized.
 pub(crate) fn gpu(
     ctx: &GpuContext,
     x: &[f32],
@@ -323,21 +341,21 @@ pub(crate) fn gpu(
     opts: &BatchNorm<'_>,
     stats: Stats<'_>,
 ) -> Result<GpuOutput, NormError> {
+    let c = shape.channels;
+    let s = shape.spatial;
     let limit = ctx.max_binding_bytes();
-    let bytes = (x.len() * 4) as u64;
-    if bytes > limit || x.len() > u32::MAX as usize {
+    // A chunk holds whole batch items (one item = channels × spatial values = spatial positions).
+    let item_bytes = (c * s * 4) as u64;
+    if item_bytes > limit || c * s > u32::MAX as usize {
         return Err(NormError::TooLarge {
-            what: "a BatchNorm tensor",
-            needed: bytes,
+            what: "one row (or batch item) of a BatchNorm tensor",
+            needed: item_bytes,
             limit,
         });
     }
+    let items_per_chunk = ((limit / item_bytes) as usize).min(u32::MAX as usize / (c * s));
+    let chunk_values = items_per_chunk * c * s;
     let training = matches!(stats, Stats::Batch { .. });
-    let first = match stats {
-        Stats::Batch { first } => first,
-        Stats::Running(_) => 0,
-    };
-    let p = BatchNormParams::new(shape, opts, first);
     let source = || shaders::assemble_plain(shaders::BATCH_NORM);
     let apply = ctx.pipeline("batch_norm apply", source, "apply")?;
     let stages = if training {
@@ -351,72 +369,113 @@ pub(crate) fn gpu(
 
     ctx.scoped("batch_norm", || -> Result<_, NormError> {
         use wgpu::BufferUsages as U;
-        let c = shape.channels;
-        let params = ctx.buffer("batch_norm params", 48, U::UNIFORM | U::COPY_DST);
-        ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
-        let input = ctx.buffer("batch_norm x", bytes, U::STORAGE | U::COPY_DST);
-        ctx.queue.write_buffer(&input, 0, bytemuck::cast_slice(x));
-        let mask_words: Option<Vec<u32>> = opts.mask.map(|m| m.iter().map(|&k| k as u32).collect());
-        let mask = ctx.buffer(
-            "batch_norm mask",
-            mask_words.as_ref().map_or(16, |m| m.len() as u64 * 4),
-            U::STORAGE | U::COPY_DST,
-        );
-        if let Some(m) = &mask_words {
-            ctx.queue.write_buffer(&mask, 0, bytemuck::cast_slice(m));
+        // Upload every chunk, with its mask and its parameters.
+        let mut chunks = Vec::new();
+        let mut total_tiles = 0u32;
+        for (i, xc) in x.chunks(chunk_values).enumerate() {
+            let start = i * chunk_values;
+            let positions = xc.len() / c;
+            let mut p = BatchNormParams::new(shape, positions, opts);
+            p.tile_offset = total_tiles;
+            total_tiles += p.row_tiles;
+            let input = ctx.buffer(
+                "batch_norm x",
+                (xc.len() * 4) as u64,
+                U::STORAGE | U::COPY_DST,
+            );
+            ctx.queue.write_buffer(&input, 0, bytemuck::cast_slice(xc));
+            let words: Option<Vec<u32>> = opts.mask.map(|m| {
+                m[start / c..start / c + positions]
+                    .iter()
+                    .map(|&k| k as u32)
+                    .collect()
+            });
+            let mask = ctx.buffer(
+                "batch_norm mask",
+                words.as_ref().map_or(16, |w| w.len() as u64 * 4),
+                U::STORAGE | U::COPY_DST,
+            );
+            if let Some(w) = &words {
+                ctx.queue.write_buffer(&mask, 0, bytemuck::cast_slice(w));
+            }
+            let params = ctx.buffer("batch_norm params", 48, U::UNIFORM | U::COPY_DST);
+            let tiles = p.col_tiles as usize * p.row_tiles as usize;
+            chunks.push((
+                Chunk {
+                    x: xc,
+                    input,
+                    mask,
+                    params,
+                    tiles,
+                    start,
+                },
+                p,
+            ));
         }
-        let partials = ctx.buffer(
-            "batch_norm partials",
-            p.row_tiles as u64 * c as u64 * 16,
-            U::STORAGE,
-        );
+        for (chunk, p) in &mut chunks {
+            p.total_tiles = total_tiles;
+            ctx.queue
+                .write_buffer(&chunk.params, 0, bytemuck::bytes_of(p));
+        }
+        let chunks: Vec<Chunk> = chunks.into_iter().map(|(chunk, _)| chunk).collect();
+
         let columns = ctx.buffer(
             "batch_norm columns",
             c as u64 * 16,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
         );
-        if let Stats::Running(rs) = stats {
-            let cols: Vec<[f32; 4]> = rs
+        let cols: Vec<[f32; 4]> = match stats {
+            Stats::Batch { first } => (0..c)
+                .map(|ch| [x[((first / s) * c + ch) * s + first % s], 0.0, 0.0, 0.0])
+                .collect(),
+            Stats::Running(rs) => rs
                 .mean
                 .iter()
                 .zip(&rs.var)
                 .map(|(&m, &v)| [0.0, m, v, 0.0])
-                .collect();
-            ctx.queue
-                .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
-        }
+                .collect(),
+        };
+        ctx.queue
+            .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
+        let partials = ctx.buffer(
+            "batch_norm partials",
+            total_tiles as u64 * c as u64 * 16,
+            U::STORAGE,
+        );
+        let out_bytes = (chunk_values.min(x.len()) * 4) as u64;
         let output = ctx.buffer(
             "batch_norm y",
-            bytes,
+            out_bytes,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
         );
-        #[cfg(debug_assertions)]
-        crate::layer_norm::poison(ctx, &output, x.len());
-        let gamma = ctx.param_buffer("batch_norm gamma", opts.gamma);
-        let beta = ctx.param_buffer("batch_norm beta", opts.beta);
-        let staging = ctx.buffer("batch_norm y readback", bytes, U::MAP_READ | U::COPY_DST);
+        let staging = ctx.buffer(
+            "batch_norm y readback",
+            out_bytes,
+            U::MAP_READ | U::COPY_DST,
+        );
         let stats_staging = ctx.buffer(
             "batch_norm stats readback",
             c as u64 * 16,
             U::MAP_READ | U::COPY_DST,
         );
+        let gamma = ctx.param_buffer("batch_norm gamma", opts.gamma);
+        let beta = ctx.param_buffer("batch_norm beta", opts.beta);
 
-        let all = [
-            entry(0, &params),
-            entry(1, &input),
-            entry(2, &mask),
-            entry(3, &partials),
-            entry(4, &columns),
-            entry(5, &output),
-            entry(6, &gamma),
-            entry(7, &beta),
-        ];
         // Each pipeline's automatic layout holds only the bindings its entry point uses.
-        let bind = |pipeline: &wgpu::ComputePipeline, used: &[u32]| {
+        let bind = |pipeline: &wgpu::ComputePipeline, chunk: &Chunk, used: &[u32]| {
+            let all = [
+                entry(0, &chunk.params),
+                entry(1, &chunk.input),
+                entry(2, &chunk.mask),
+                entry(3, &partials),
+                entry(4, &columns),
+                entry(5, &output),
+                entry(6, &gamma),
+                entry(7, &beta),
+            ];
             let entries: Vec<_> = all
-                .iter()
+                .into_iter()
                 .filter(|e| used.contains(&e.binding))
-                .cloned()
                 .collect();
             ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("batch_norm"),
@@ -426,56 +485,65 @@ pub(crate) fn gpu(
         };
         let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let mut timer = PassTimer::new(ctx);
-        let mut encoder = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batch_norm"),
-            });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("batch_norm"),
-                timestamp_writes: timer.as_ref().map(|t| t.writes()),
-            });
-            if let Some((partial, merge)) = &stages {
-                pass.set_pipeline(partial);
-                pass.set_bind_group(0, &bind(partial, &[0, 1, 2, 3]), &[]);
-                let (gx, gy) = grid(p.col_tiles as usize * p.row_tiles as usize, max_groups);
-                pass.dispatch_workgroups(gx, gy, 1);
-                pass.set_pipeline(merge);
-                pass.set_bind_group(0, &bind(merge, &[0, 1, 3, 4]), &[]);
-                let (gx, gy) = grid(c.div_ceil(THREADS), max_groups);
+        let new_encoder = || {
+            ctx.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("batch_norm"),
+                })
+        };
+        let mut column_stats = None;
+
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut encoder = new_encoder();
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("batch_norm"),
+                    timestamp_writes: timer.as_ref().map(|t| t.writes()),
+                });
+                // The statistics of every chunk go first, in the same pass as chunk 0's output.
+                if let (0, Some((partial, merge))) = (i, &stages) {
+                    pass.set_pipeline(partial);
+                    for ch in &chunks {
+                        pass.set_bind_group(0, &bind(partial, ch, &[0, 1, 2, 3, 4]), &[]);
+                        let (gx, gy) = grid(ch.tiles, max_groups);
+                        pass.dispatch_workgroups(gx, gy, 1);
+                    }
+                    pass.set_pipeline(merge);
+                    pass.set_bind_group(0, &bind(merge, chunk, &[0, 3, 4]), &[]);
+                    let (gx, gy) = grid(c.div_ceil(THREADS), max_groups);
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
+                pass.set_pipeline(&apply);
+                pass.set_bind_group(0, &bind(&apply, chunk, &[0, 1, 2, 4, 5, 6, 7]), &[]);
+                let (gx, gy) = grid(chunk.x.len().div_ceil(THREADS), max_groups);
                 pass.dispatch_workgroups(gx, gy, 1);
             }
-            pass.set_pipeline(&apply);
-            pass.set_bind_group(0, &bind(&apply, &[0, 1, 2, 4, 5, 6, 7]), &[]);
-            let (gx, gy) = grid(x.len().div_ceil(THREADS), max_groups);
-            pass.dispatch_workgroups(gx, gy, 1);
-        }
-        if let Some(t) = &timer {
-            t.resolve(&mut encoder);
-        }
-        encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, bytes);
-        if training {
-            encoder.copy_buffer_to_buffer(&columns, 0, &stats_staging, 0, c as u64 * 16);
-        }
-        ctx.queue.submit([encoder.finish()]);
-
-        ctx.read_into(&staging, y)?;
-        let column_stats = if training {
-            let mut cols = vec![0f32; 4 * c];
-            ctx.read_into(&stats_staging, &mut cols)?;
-            // mean = shift + mean_d, added in f64 so the sum is rounded once.
-            let mean = cols
-                .chunks(4)
-                .map(|q| (q[0] as f64 + q[1] as f64) as f32)
-                .collect();
-            let var = cols.chunks(4).map(|q| q[2]).collect();
-            Some((mean, var))
-        } else {
-            None
-        };
-        if let Some(t) = &mut timer {
-            t.collect(ctx)?;
+            if let Some(t) = &timer {
+                t.resolve(&mut encoder);
+            }
+            #[cfg(debug_assertions)]
+            crate::layer_norm::poison(ctx, &output, chunk.x.len());
+            let bytes = (chunk.x.len() * 4) as u64;
+            encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, bytes);
+            if i == 0 && training {
+                encoder.copy_buffer_to_buffer(&columns, 0, &stats_staging, 0, c as u64 * 16);
+            }
+            ctx.queue.submit([encoder.finish()]);
+            ctx.read_into(&staging, &mut y[chunk.start..chunk.start + chunk.x.len()])?;
+            if i == 0 && training {
+                let mut cols = vec![0f32; 4 * c];
+                ctx.read_into(&stats_staging, &mut cols)?;
+                // mean = shift + mean_d, added in f64 so the sum is rounded once.
+                let mean = cols
+                    .chunks(4)
+                    .map(|q| (q[0] as f64 + q[1] as f64) as f32)
+                    .collect();
+                let var = cols.chunks(4).map(|q| q[2]).collect();
+                column_stats = Some((mean, var));
+            }
+            if let Some(t) = &mut timer {
+                t.collect(ctx)?;
+            }
         }
         Ok(GpuOutput {
             stats: column_stats,

@@ -13,15 +13,23 @@ pub enum NormError {
 
     /// The input length does not split into whole rows.
     #[error("input length {len} is not a multiple of features ({features}); pass x with rows × {features} values")]
-    LengthNotMultiple { len: usize, features: usize },
+    LengthNotMultiple {
+        /// Values in x.
+        len: usize,
+        /// Values per row (channels × spatial for channels-first).
+        features: usize,
+    },
 
     /// A per-feature parameter (gamma, beta, running mean or variance) has the wrong length.
     #[error(
         "{name} has {len} values but there are {features} features; pass one value per feature"
     )]
     ParamLength {
+        /// Which parameter.
         name: &'static str,
+        /// Its length.
         len: usize,
+        /// The number of features it must match.
         features: usize,
     },
 
@@ -32,46 +40,74 @@ pub enum NormError {
     /// A value that must be a finite number in a range was not.
     #[error("{name} must be {expected}, got {value}")]
     InvalidParam {
+        /// Which value.
         name: &'static str,
+        /// What it was.
         value: f32,
+        /// What it must be.
         expected: &'static str,
     },
 
     /// The output buffer given to an `*_into` method is not as long as the input.
     #[error("output buffer has {len} values but the input has {expected}; pass y with y.len() == x.len()")]
-    OutputLength { len: usize, expected: usize },
+    OutputLength {
+        /// Values in y.
+        len: usize,
+        /// Values in x.
+        expected: usize,
+    },
 
     /// The row mask does not have one entry per row.
     #[error(
         "mask has {len} entries but x has {rows} rows; pass one bool per row (false = padding)"
     )]
-    MaskLength { len: usize, rows: usize },
+    MaskLength {
+        /// Entries in the mask.
+        len: usize,
+        /// Rows (positions) in x.
+        rows: usize,
+    },
 
     /// No row was left to compute statistics from.
     #[error("no rows to compute statistics from ({reason}); pass at least one unmasked row")]
-    EmptyBatch { reason: &'static str },
+    EmptyBatch {
+        /// Why: an empty x, or a mask that is false everywhere.
+        reason: &'static str,
+    },
 
     /// The running-statistics update needs at least two counted rows (unbiased variance).
     #[error("updating running statistics needs at least 2 counted rows for the unbiased variance, got {count}")]
-    TooFewRows { count: usize },
+    TooFewRows {
+        /// Rows the batch counted.
+        count: usize,
+    },
 
     /// A sequence length was longer than the padded sequence length.
     #[error("sequence {index} has length {length}, longer than seq_len {seq_len}")]
     SequenceTooLong {
+        /// Which sequence.
         index: usize,
+        /// Its length.
         length: usize,
+        /// The padded length.
         seq_len: usize,
     },
 
     /// A shape argument that must not be zero was zero.
     #[error("{name} must be at least 1, got 0")]
-    ZeroDimension { name: &'static str },
+    ZeroDimension {
+        /// Which argument.
+        name: &'static str,
+    },
 
     /// The tensor is larger than the GPU can address in one binding.
     #[error("{what} needs {needed} bytes in one GPU binding but this adapter allows {limit}; use smaller rows or Normalizer::cpu()")]
     TooLarge {
+        /// What did not fit.
         what: &'static str,
+        /// Bytes it needs.
         needed: u64,
+        /// Bytes the adapter allows.
         limit: u64,
     },
 
@@ -85,5 +121,10 @@ pub enum NormError {
 
     /// wgpu reported a validation, out-of-memory or device-lost error during an operation.
     #[error("GPU error during {op}: {message}")]
-    Gpu { op: &'static str, message: String },
+    Gpu {
+        /// What gpunorm was doing.
+        op: &'static str,
+        /// wgpu's description.
+        message: String,
+    },
 }

@@ -30,6 +30,8 @@
 //! max |y − ref| / max(1, |ref|) < 1e-4 on ordinary data and < 1e-3 on rows with mean 1e4 and
 //! spread 1e-2. GPU results are bitwise reproducible from run to run.
 
+#![warn(missing_docs)]
+
 mod batch_norm;
 mod context;
 mod cpu;

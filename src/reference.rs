@@ -4,18 +4,13 @@
 //! f64 output so a test can measure the error of an f32 result without rounding the reference.
 //! They assume valid input (callers validate); shapes that do not fit panic.
 
-use crate::BatchNorm;
+use crate::{BatchNorm, LayerNorm};
 
-/// LayerNorm of each row of `x` (row-major, `features` values per row), biased variance.
-///
-/// y = (x − mean) / sqrt(var + eps) · gamma + beta, in f64.
-pub fn layer_norm(
-    x: &[f32],
-    features: usize,
-    eps: f32,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-) -> Vec<f64> {
+/// LayerNorm of each row of `x` (row-major, `features` values per row), biased variance:
+/// y = (x − mean) / sqrt(var + eps) · gamma + beta, in f64. Same arguments as
+/// [`Normalizer::layer_norm`](crate::Normalizer::layer_norm).
+pub fn layer_norm(x: &[f32], features: usize, opts: &LayerNorm<'_>) -> Vec<f64> {
+    let (eps, gamma, beta) = (opts.eps, opts.gamma, opts.beta);
     let mut y = Vec::with_capacity(x.len());
     for row in x.chunks_exact(features) {
         let n = features as f64;

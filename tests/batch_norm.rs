@@ -679,3 +679,58 @@ fn cpu_fallback_streams_large_outputs_exactly() {
         );
     }
 }
+
+/// A tensor larger than llvmpipe's 128 MiB binding limit is split into chunks of whole rows:
+/// statistics over all of them, then each chunk normalized.
+#[test]
+fn gpu_tensors_larger_than_one_binding_are_chunked() {
+    let Some(norm) = gpu() else { return };
+    let (rows, features) = (36 * 1024, 1024); // 144 MiB of f32
+    let x = data(rows * features, 3.0, 1.5, 31);
+    let mask = random_mask(rows, 8);
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let out = norm.batch_norm_train(&x, features, &opts).unwrap();
+    let (mean, var, count) = reference::column_stats(&x, features, Some(&mask));
+    assert_eq!(out.count, count);
+    assert!(
+        max_err(&out.mean, &mean) < TOL && stat_err(&out.var, &var) < TOL,
+        "statistics"
+    );
+    // Spot-check rows at the start, around the chunk boundary and at the end.
+    for row in [0, 1, rows / 2, 32767, 32768, rows - 1] {
+        let range = row * features..(row + 1) * features;
+        let y_ref = reference::batch_norm_apply(
+            &x[range.clone()],
+            features,
+            &mean,
+            &var,
+            &BatchNorm {
+                mask: Some(&mask[row..row + 1]),
+                ..opts
+            },
+        );
+        let err = max_err(&out.y[range], &y_ref);
+        assert!(err < TOL, "row {row}: error {err:e}");
+    }
+    let stats = RunningStats {
+        mean: out.mean.clone(),
+        var: out.var.clone(),
+        momentum: 0.1,
+    };
+    let y = norm.batch_norm_eval(&x, features, &opts, &stats).unwrap();
+    let last = (rows - 1) * features..rows * features;
+    let y_ref = reference::batch_norm_apply(
+        &x[last.clone()],
+        features,
+        &to_f64(&stats.mean),
+        &to_f64(&stats.var),
+        &BatchNorm {
+            mask: Some(&mask[rows - 1..]),
+            ..opts
+        },
+    );
+    assert!(max_err(&y[last], &y_ref) < TOL, "eval, last row");
+}

@@ -13,7 +13,7 @@ const TOL_OFFSET: f64 = 1e-3;
 
 fn check(norm: &Normalizer, x: &[f32], features: usize, opts: &LayerNorm<'_>) -> f64 {
     let y = norm.layer_norm(x, features, opts).expect("valid input");
-    let r = reference::layer_norm(x, features, opts.eps, opts.gamma, opts.beta);
+    let r = reference::layer_norm(x, features, opts);
     max_err(&y, &r)
 }
 
@@ -125,7 +125,7 @@ fn a_nan_poisons_only_its_own_row() {
             let y = norm
                 .layer_norm(&x, features, &LayerNorm::default())
                 .unwrap();
-            let r = reference::layer_norm(&x, features, 1e-5, None, None);
+            let r = reference::layer_norm(&x, features, &LayerNorm::default());
             for row in [1, 3] {
                 let out = &y[row * features..(row + 1) * features];
                 assert!(
@@ -245,7 +245,7 @@ fn the_seed_example() {
         assert!((y[2] - 1.22).abs() < 0.01, "{name}");
         assert_eq!(&y[21..], &[0.0, 0.0, 0.0], "{name}: the padded position");
         assert!(
-            max_err(&y, &reference::layer_norm(&x, 3, 1e-5, None, None)) < TOL,
+            max_err(&y, &reference::layer_norm(&x, 3, &LayerNorm::default())) < TOL,
             "{name}"
         );
     }
@@ -316,7 +316,7 @@ fn tensors_larger_than_one_binding_are_chunked() {
     // Spot-check rows at the start, across any chunk boundary and at the end.
     for row in [0, 1, rows / 2 - 1, rows / 2, 32767, 32768, rows - 1] {
         let range = row * features..(row + 1) * features;
-        let r = reference::layer_norm(&x[range.clone()], features, 1e-5, None, None);
+        let r = reference::layer_norm(&x[range.clone()], features, &LayerNorm::default());
         let err = max_err(&y[range], &r);
         assert!(err < TOL, "row {row}: error {err:e}");
     }
@@ -371,8 +371,7 @@ fn cpu_fallback_streams_large_outputs_exactly() {
         let y = cpu.layer_norm(&x, features, &opts).unwrap();
         for row in [0, 1, 2, 3, rows / 2, rows - 2, rows - 1] {
             let range = row * features..(row + 1) * features;
-            let r =
-                reference::layer_norm(&x[range.clone()], features, opts.eps, opts.gamma, opts.beta);
+            let r = reference::layer_norm(&x[range.clone()], features, &opts);
             let err = max_err(&y[range], &r);
             assert!(err < TOL, "{features} features, row {row}: error {err:e}");
         }

@@ -31,7 +31,7 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Resu
     println!("check: LayerNorm of a random {rows} x {features} batch ({n} values, gamma and beta)");
     println!("  (GB/s counts the input read once and the output written once)");
 
-    let r = reference::layer_norm(&x, features, opts.eps, opts.gamma, opts.beta);
+    let r = reference::layer_norm(&x, features, &opts);
     let cpu = Normalizer::cpu();
     let mut y_cpu = vec![0f32; n];
     let (_, t_cpu) = timed(|| cpu.layer_norm_into(&x, features, &opts, &mut y_cpu))?;
