@@ -159,16 +159,19 @@ fn stats(
         .enumerate()
         .map(|(g, xg)| {
             let mut acc = Moments::empty(c);
+            // Scratch reused by every block of the group: a block is small, columns may be many.
+            let mut block_moments = Moments::empty(c);
+            let mut scratch = vec![0f32; 2 * c];
             for (b, xb) in xg.chunks(block).enumerate() {
                 let p0 = (g * per_group + b * block) / c / s * s;
                 let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
                 let ahead = &xg[((b + 1) * block).min(xg.len())..((b + 2) * block).min(xg.len())];
-                let part = if s == 1 {
-                    features_last_block(xb, c, m, &shift, ahead)
+                if s == 1 {
+                    features_last_block(xb, c, m, &shift, ahead, &mut block_moments, &mut scratch);
                 } else {
-                    channels_first_plane(xb, s, m, &shift)
-                };
-                acc.merge(&part);
+                    channels_first_plane(xb, s, m, &shift, &mut block_moments);
+                }
+                acc.merge(&block_moments);
             }
             acc
         })
@@ -182,11 +185,13 @@ fn stats(
 }
 
 multiversion! {
-    /// A block of whole rows, two passes over it. Sums run along rows so the inner loop over
-    /// columns vectorises; each column sums at most `SUB_ROWS` values in f32 before adding them
-    /// in f64.
-    fn features_last_block(xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: &[f32]) -> Moments
-        => features_last_block_body
+    /// A block of whole rows, two passes over it, into `out`. Sums run along rows so the inner
+    /// loop over columns vectorises; each column sums at most `SUB_ROWS` values in f32 before
+    /// adding them in f64. `scratch` holds 2 × columns values.
+    fn features_last_block(
+        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: &[f32],
+        out: &mut Moments, scratch: &mut [f32],
+    ) => features_last_block_body
 }
 
 #[inline(always)]
@@ -196,95 +201,90 @@ fn features_last_block_body(
     mask: Option<&[bool]>,
     shift: &[f32],
     ahead: &[f32],
-) -> Moments {
+    out: &mut Moments,
+    scratch: &mut [f32],
+) {
     let counted = |r: usize| mask.is_none_or(|m| m[r]);
     let n = (0..xb.len() / c).filter(|&r| counted(r)).count();
-    let mut out = Moments::empty(c);
-    if n == 0 {
-        return out;
-    }
     out.n = n as f64;
-    column_pass::<false>(xb, c, &counted, shift, &[], &mut out.mean, &[]);
-    let mean: Vec<f32> = out.mean.iter().map(|s| (s / n as f64) as f32).collect();
+    out.mean.fill(0.0);
+    out.m2.fill(0.0);
+    if n == 0 {
+        return;
+    }
+    let (part, mean) = scratch.split_at_mut(c);
+    column_pass::<false>(xb, c, &counted, shift, &[], part, &mut out.mean, &[]);
+    for (m, &s) in mean.iter_mut().zip(&out.mean) {
+        *m = (s / n as f64) as f32;
+    }
     // The second pass runs in cache: meanwhile, bring in the next block.
-    column_pass::<true>(xb, c, &counted, shift, &mean, &mut out.m2, ahead);
-    for (o, &m) in out.mean.iter_mut().zip(&mean) {
+    column_pass::<true>(xb, c, &counted, shift, mean, part, &mut out.m2, ahead);
+    for (o, &m) in out.mean.iter_mut().zip(mean.iter()) {
         *o = m as f64;
     }
-    out
 }
-
-#[inline(always)]
-fn term<const SQUARE: bool>(v: f32, shift: f32, center: f32) -> f32 {
-    let d = v - shift;
-    if SQUARE {
-        (d - center) * (d - center)
-    } else {
-        d
-    }
-}
-
-/// Columns per strip: the strip's partial sums, shifts and centers stay in registers while the
-/// loop walks down the rows of the block.
-const STRIP: usize = 32;
 
 /// acc[ch] += Σ over counted rows of d (SQUARE = false) or (d − center[ch])² (SQUARE = true),
-/// d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then added in f64.
-/// `ahead` (may be empty) is prefetched a share per strip.
+/// d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then added in f64. Rows
+/// are read in order (one stream for the prefetchers), in segments of `SEGMENT` values, and
+/// `ahead` (data read later, may be empty; at most as long as `xb`) is prefetched in step, one
+/// 64-byte line per 16 values, so requests go out evenly instead of in bursts.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn column_pass<const SQUARE: bool>(
     xb: &[f32],
     c: usize,
     counted: &impl Fn(usize) -> bool,
     shift: &[f32],
     center: &[f32],
+    part: &mut [f32],
     acc: &mut [f64],
     ahead: &[f32],
 ) {
+    const SEGMENT: usize = 512;
     let rows = xb.len() / c;
-    let share = ahead.len().div_ceil(c.div_ceil(STRIP)).max(1);
-    for col in (0..c).step_by(STRIP) {
-        let w = (c - col).min(STRIP);
-        let lo = (col / STRIP * share).min(ahead.len());
-        super::prefetch(&ahead[lo..(lo + share).min(ahead.len())]);
-        let mut sh = [0f32; STRIP];
-        let mut ce = [0f32; STRIP];
-        sh[..w].copy_from_slice(&shift[col..col + w]);
-        if SQUARE {
-            ce[..w].copy_from_slice(&center[col..col + w]);
-        }
-        for r0 in (0..rows).step_by(SUB_ROWS) {
-            let mut part = [0f32; STRIP];
-            for r in r0..(r0 + SUB_ROWS).min(rows) {
+    for r0 in (0..rows).step_by(SUB_ROWS) {
+        part.fill(0.0);
+        for r in r0..(r0 + SUB_ROWS).min(rows) {
+            let row = &xb[r * c..(r + 1) * c];
+            for k in (0..c).step_by(SEGMENT) {
+                let lo = (r * c + k).min(ahead.len());
+                super::prefetch(&ahead[lo..(lo + SEGMENT.min(c - k)).min(ahead.len())]);
                 if !counted(r) {
                     continue;
                 }
-                let row = &xb[r * c + col..r * c + col + w];
-                if let Ok(full) = <&[f32; STRIP]>::try_from(row) {
-                    for k in 0..STRIP {
-                        part[k] += term::<SQUARE>(full[k], sh[k], ce[k]);
+                let end = (k + SEGMENT).min(c);
+                let (p, v, sh) = (&mut part[k..end], &row[k..end], &shift[k..end]);
+                if SQUARE {
+                    for (((p, &v), &sh), &ce) in p.iter_mut().zip(v).zip(sh).zip(&center[k..end]) {
+                        let e = (v - sh) - ce;
+                        *p += e * e;
                     }
                 } else {
-                    for (k, &v) in row.iter().enumerate() {
-                        part[k] += term::<SQUARE>(v, sh[k], ce[k]);
+                    for ((p, &v), &sh) in p.iter_mut().zip(v).zip(sh) {
+                        *p += v - sh;
                     }
                 }
             }
-            for (a, &p) in acc[col..col + w].iter_mut().zip(&part) {
-                *a += p as f64;
-            }
+        }
+        for (a, &p) in acc.iter_mut().zip(part.iter()) {
+            *a += p as f64;
         }
     }
 }
 
-/// One batch item of a channels-first tensor: each channel is a contiguous run of `s` values,
-/// and the mask holds the item's `s` positions.
-fn channels_first_plane(plane: &[f32], s: usize, mask: Option<&[bool]>, shift: &[f32]) -> Moments {
-    let c = shift.len();
-    let mut out = Moments::empty(c);
+/// One batch item of a channels-first tensor, into `out`: each channel is a contiguous run of
+/// `s` values, and the mask holds the item's `s` positions.
+fn channels_first_plane(
+    plane: &[f32],
+    s: usize,
+    mask: Option<&[bool]>,
+    shift: &[f32],
+    out: &mut Moments,
+) {
     out.n = mask.map_or(s, |m| m.iter().filter(|&&k| k).count()) as f64;
     if out.n == 0.0 {
-        return out;
+        return;
     }
     for ((run, &sh), (mean, m2)) in plane
         .chunks_exact(s)
@@ -304,7 +304,6 @@ fn channels_first_plane(plane: &[f32], s: usize, mask: Option<&[bool]>, shift: &
             }
         }
     }
-    out
 }
 
 /// y = ((x − shift) − center) · scale + offset per column; masked positions are 0. Blocks run
@@ -441,8 +440,10 @@ mod tests {
                 .collect();
             let mask: Vec<bool> = (0..300).map(|r| r % 5 != 2).collect();
             let shift: Vec<f32> = x[..c].to_vec();
-            let a = features_last_block(&x, c, Some(&mask), &shift, &[]);
-            let b = features_last_block_body(&x, c, Some(&mask), &shift, &[]);
+            let (mut a, mut b) = (Moments::empty(c), Moments::empty(c));
+            let mut scratch = vec![0f32; 2 * c];
+            features_last_block(&x, c, Some(&mask), &shift, &[], &mut a, &mut scratch);
+            features_last_block_body(&x, c, Some(&mask), &shift, &[], &mut b, &mut scratch);
             assert_eq!((a.n, &a.mean, &a.m2), (b.n, &b.mean, &b.m2), "{c} columns");
 
             let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
