@@ -12,6 +12,9 @@ use crate::{BatchNorm, RunningStats};
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.
 const TASK_VALUES: usize = 65536;
+/// Fewest rows per statistics block: each block pays a flush and a merge per column, which many
+/// columns and few rows would make a large share of the work.
+const MIN_STATS_ROWS: usize = 64;
 /// Rows whose column sums run in f32 before they move to f64.
 const SUB_ROWS: usize = 256;
 
@@ -148,7 +151,7 @@ fn stats(
         .collect();
     // A block: whole rows (features-last) or one batch item (channels-first).
     let block = if s == 1 {
-        (TASK_VALUES / c).max(1) * c
+        (TASK_VALUES / c).max(MIN_STATS_ROWS) * c
     } else {
         c * s
     };
