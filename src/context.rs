@@ -13,9 +13,6 @@ use crate::NormError;
 /// A GPU with everything gpunorm needs to run on it. `Send + Sync`: wgpu's device and queue are,
 /// and the pipeline cache sits behind a mutex.
 pub(crate) struct GpuContext {
-    // Kept so the adapter and device outlive nothing they depend on.
-    _instance: wgpu::Instance,
-    pub adapter: wgpu::Adapter,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub limits: wgpu::Limits,
@@ -36,10 +33,10 @@ impl GpuContext {
         };
         let adapter = pollster::block_on(instance.request_adapter(&options))
             .map_err(|e| NormError::NoAdapter(e.to_string()))?;
-        Self::from_adapter(instance, adapter)
+        Self::from_adapter(&adapter)
     }
 
-    fn from_adapter(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self, NormError> {
+    fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
         // Ask for everything the adapter can address: normalization tensors are big, and the
         // defaults (128 MiB bindings) would refuse tensors the hardware handles fine.
         let limits = adapter.limits();
@@ -57,15 +54,19 @@ impl GpuContext {
         }))
         .map_err(|e| NormError::RequestDevice(e.to_string()))?;
         log::info!("gpunorm: {}", describe_adapter(&adapter.get_info()));
-        Ok(Self {
-            _instance: instance,
-            adapter,
+        Ok(Self::from_device(device, queue))
+    }
+
+    /// A context on a device someone else opened: its limits and features are what they are
+    /// (kernel times need `TIMESTAMP_QUERY` enabled on it).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self {
+            limits: device.limits(),
+            timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
             device,
             queue,
-            limits,
-            timestamps,
             pipelines: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The largest buffer one binding may cover, in bytes.

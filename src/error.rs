@@ -111,6 +111,19 @@ pub enum NormError {
         limit: u64,
     },
 
+    /// A wgpu buffer handed to gpunorm cannot be used as asked.
+    #[error("buffer {name} cannot be used: {problem}")]
+    InvalidBuffer {
+        /// Which buffer.
+        name: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// The operation needs a GPU, and this Normalizer is the CPU fallback.
+    #[error("{0} needs a GPU but this Normalizer is the CPU fallback; build it with Normalizer::gpu() or Normalizer::from_wgpu()")]
+    NotGpu(&'static str),
+
     /// No GPU adapter could be found (only from [`Normalizer::gpu`](crate::Normalizer::gpu)).
     #[error("no GPU adapter found ({0}); install a Vulkan, Metal, DX12 or GL driver (on Linux: apt-get install mesa-vulkan-drivers) or use Normalizer::cpu()")]
     NoAdapter(String),

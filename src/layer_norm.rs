@@ -43,7 +43,16 @@ pub(crate) fn validate(
     features: usize,
     opts: &LayerNorm<'_>,
 ) -> Result<usize, NormError> {
-    let rows = crate::rows_of(x, features)?;
+    validate_len(x.len(), features, opts)
+}
+
+/// [`validate`] for a tensor of `len` values that is not a host slice.
+pub(crate) fn validate_len(
+    len: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<usize, NormError> {
+    let rows = crate::rows_of_len(len, features)?;
     check_eps(opts.eps)?;
     check_param("gamma", opts.gamma, features)?;
     check_param("beta", opts.beta, features)?;
@@ -64,7 +73,96 @@ const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
 const FLAG_GAMMA: u32 = 1;
 const FLAG_BETA: u32 = 2;
 
-/// Runs LayerNorm on the GPU into `y`; returns the kernel time where timestamps exist.
+/// Rows one dispatch may cover: bounded by the binding size, the 2-D grid and u32 indexing.
+/// Errors when a single row does not fit one binding.
+fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormError> {
+    let row_bytes = (features * 4) as u64;
+    let max_bytes = ctx.max_binding_bytes();
+    if row_bytes > max_bytes {
+        return Err(NormError::TooLarge {
+            what: "one row",
+            needed: row_bytes,
+            limit: max_bytes,
+        });
+    }
+    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    Ok(((max_bytes / row_bytes) as usize)
+        .min(max_groups * max_groups)
+        .min(u32::MAX as usize / features))
+}
+
+/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, both from offset 0.
+pub(crate) struct Rows<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+    pub rows: usize,
+}
+
+/// Records LayerNorm of `io` as one compute pass of `encoder`, timed by `timer` where given.
+/// The rows must fit one dispatch ([`max_rows`]); the caller has validated everything else.
+pub(crate) fn encode(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    io: Rows<'_>,
+    features: usize,
+    opts: &LayerNorm<'_>,
+    timer: Option<&PassTimer>,
+) -> Result<(), NormError> {
+    let Rows {
+        x: input,
+        y: output,
+        rows,
+    } = io;
+    let width = Width::for_features(features);
+    let label = format!("layer_norm {}", width.name());
+    let pipeline = ctx.pipeline(
+        &label,
+        || shaders::assemble(width, shaders::LAYER_NORM),
+        "layer_norm",
+    )?;
+    let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
+        | if opts.beta.is_some() { FLAG_BETA } else { 0 };
+    let p = LayerNormParams {
+        rows: rows as u32,
+        features: features as u32,
+        eps: opts.eps,
+        flags,
+    };
+    let params = ctx.buffer(
+        "layer_norm params",
+        16,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    );
+    ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+    let gamma = ctx.param_buffer("layer_norm gamma", opts.gamma);
+    let beta = ctx.param_buffer("layer_norm beta", opts.beta);
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(&label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            entry(0, &params),
+            entry(1, input),
+            entry(2, output),
+            entry(3, &gamma),
+            entry(4, &beta),
+        ],
+    });
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(&label),
+        timestamp_writes: timer.map(|t| t.writes()),
+    });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    let (gx, gy) = grid(
+        rows,
+        ctx.limits.max_compute_workgroups_per_dimension as usize,
+    );
+    pass.dispatch_workgroups(gx, gy, 1);
+    Ok(())
+}
+
+/// Runs LayerNorm on the GPU into `y`; returns the kernel time where timestamps exist. Tensors
+/// larger than one binding go through in chunks of whole rows.
 pub(crate) fn gpu(
     ctx: &GpuContext,
     x: &[f32],
@@ -76,31 +174,8 @@ pub(crate) fn gpu(
     if rows == 0 {
         return Ok(None);
     }
-    let row_bytes = (features * 4) as u64;
-    let max_bytes = ctx.max_binding_bytes();
-    if row_bytes > max_bytes {
-        return Err(NormError::TooLarge {
-            what: "one row",
-            needed: row_bytes,
-            limit: max_bytes,
-        });
-    }
-    let width = Width::for_features(features);
-    let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
-    // Rows per chunk: bounded by the binding size, by the 2-D grid, and by u32 indexing.
-    let chunk_rows = ((max_bytes / row_bytes) as usize)
-        .min(max_groups * max_groups)
-        .min(u32::MAX as usize / features)
-        .min(rows);
-    let chunk_bytes = chunk_rows as u64 * row_bytes;
-
-    let label = format!("layer_norm {}", width.name());
-    let pipeline = ctx.pipeline(
-        &label,
-        || shaders::assemble(width, shaders::LAYER_NORM),
-        "layer_norm",
-    )?;
-
+    let chunk_rows = max_rows(ctx, features)?.min(rows);
+    let chunk_bytes = (chunk_rows * features * 4) as u64;
     ctx.scoped("layer_norm", || -> Result<_, NormError> {
         use wgpu::BufferUsages as U;
         let input = ctx.buffer("layer_norm x", chunk_bytes, U::STORAGE | U::COPY_DST);
@@ -114,56 +189,32 @@ pub(crate) fn gpu(
             chunk_bytes,
             U::MAP_READ | U::COPY_DST,
         );
-        let params = ctx.buffer("layer_norm params", 16, U::UNIFORM | U::COPY_DST);
-        let gamma = ctx.param_buffer("layer_norm gamma", opts.gamma);
-        let beta = ctx.param_buffer("layer_norm beta", opts.beta);
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&label),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                entry(0, &params),
-                entry(1, &input),
-                entry(2, &output),
-                entry(3, &gamma),
-                entry(4, &beta),
-            ],
-        });
-        let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
-            | if opts.beta.is_some() { FLAG_BETA } else { 0 };
         let mut timer = PassTimer::new(ctx);
-
         for (x_chunk, y_chunk) in x
             .chunks(chunk_rows * features)
             .zip(y.chunks_mut(chunk_rows * features))
         {
-            let n_rows = x_chunk.len() / features;
             ctx.queue
                 .write_buffer(&input, 0, bytemuck::cast_slice(x_chunk));
             #[cfg(debug_assertions)]
             poison(ctx, &output, x_chunk.len());
-            let p = LayerNormParams {
-                rows: n_rows as u32,
-                features: features as u32,
-                eps: opts.eps,
-                flags,
-            };
-            ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
-
             let mut encoder = ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some(&label),
+                    label: Some("layer_norm"),
                 });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(&label),
-                    timestamp_writes: timer.as_ref().map(|t| t.writes()),
-                });
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                let (gx, gy) = grid(n_rows, max_groups);
-                pass.dispatch_workgroups(gx, gy, 1);
-            }
+            encode(
+                ctx,
+                &mut encoder,
+                Rows {
+                    x: &input,
+                    y: &output,
+                    rows: x_chunk.len() / features,
+                },
+                features,
+                opts,
+                timer.as_ref(),
+            )?;
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
@@ -176,6 +227,40 @@ pub(crate) fn gpu(
         }
         Ok(PassTimer::total(&timer))
     })?
+}
+
+/// Checks that a caller's buffers can carry `len` values of a `features`-wide tensor in one
+/// dispatch: storage usage, sizes, and the binding limit.
+pub(crate) fn check_buffers(
+    ctx: &GpuContext,
+    len: usize,
+    features: usize,
+    buffers: &[(&'static str, &wgpu::Buffer)],
+) -> Result<(), NormError> {
+    let bytes = (len * 4) as u64;
+    for &(name, b) in buffers {
+        if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: "it lacks BufferUsages::STORAGE",
+            });
+        }
+        if b.size() < bytes {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: "it is smaller than len f32 values",
+            });
+        }
+    }
+    let rows = len / features.max(1);
+    if rows > max_rows(ctx, features)? {
+        return Err(NormError::TooLarge {
+            what: "a GPU-resident tensor",
+            needed: bytes,
+            limit: ctx.max_binding_bytes(),
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {

@@ -39,12 +39,14 @@ mod error;
 mod layer_norm;
 pub mod reference;
 mod shaders;
+mod tensor;
 
 use std::time::Duration;
 
 pub use batch_norm::{mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, RunningStats};
 pub use error::NormError;
 pub use layer_norm::LayerNorm;
+pub use tensor::GpuTensor;
 
 use batch_norm::{Shape, Stats};
 use context::GpuContext;
@@ -112,7 +114,7 @@ impl Normalizer {
     /// The GPU adapter's name, API, device type and driver; `None` on the CPU fallback.
     pub fn adapter_info(&self) -> Option<wgpu::AdapterInfo> {
         match &self.backend {
-            Backend::Gpu(ctx) => Some(ctx.adapter.get_info()),
+            Backend::Gpu(ctx) => Some(ctx.device.adapter_info()),
             Backend::Cpu => None,
         }
     }
@@ -121,7 +123,7 @@ impl Normalizer {
     /// "CPU fallback (N threads)".
     pub fn describe(&self) -> String {
         match &self.backend {
-            Backend::Gpu(ctx) => context::describe_adapter(&ctx.adapter.get_info()),
+            Backend::Gpu(ctx) => context::describe_adapter(&ctx.device.adapter_info()),
             Backend::Cpu => format!("CPU fallback ({} threads)", rayon::current_num_threads()),
         }
     }
@@ -326,16 +328,18 @@ fn check_output(x: &[f32], y: &[f32]) -> Result<(), NormError> {
 
 /// The number of rows of a row-major tensor, or the error that says why it has none.
 pub(crate) fn rows_of(x: &[f32], features: usize) -> Result<usize, NormError> {
+    rows_of_len(x.len(), features)
+}
+
+/// [`rows_of`] for a tensor of `len` values.
+pub(crate) fn rows_of_len(len: usize, features: usize) -> Result<usize, NormError> {
     if features == 0 {
         return Err(NormError::ZeroFeatures);
     }
-    if !x.len().is_multiple_of(features) {
-        return Err(NormError::LengthNotMultiple {
-            len: x.len(),
-            features,
-        });
+    if !len.is_multiple_of(features) {
+        return Err(NormError::LengthNotMultiple { len, features });
     }
-    Ok(x.len() / features)
+    Ok(len / features)
 }
 
 pub(crate) fn check_eps(eps: f32) -> Result<(), NormError> {

@@ -1,0 +1,170 @@
+//! Tensors that live on the GPU, and the doors for callers who already use wgpu: a
+//! `Normalizer` on their device, and ops recorded into their command encoder on their buffers.
+//!
+//! Upload once, run many ops, read back once: `layer_norm_gpu` takes and returns a [`GpuTensor`],
+//! so ops chain without a round trip through the host.
+
+use crate::context::GpuContext;
+use crate::layer_norm::{self, check_buffers, LayerNorm, Rows};
+use crate::{Backend, NormError, Normalizer};
+
+/// f32 values in a GPU storage buffer, made by [`Normalizer::upload`] or returned by a `*_gpu`
+/// op; [`Normalizer::download`] reads them back. Belongs to the device of the `Normalizer` that
+/// made it.
+#[derive(Debug, Clone)]
+pub struct GpuTensor {
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+impl GpuTensor {
+    /// Number of f32 values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The storage buffer (usage STORAGE | COPY_SRC | COPY_DST), for callers who bind it in their
+    /// own passes. The values are its first `len() * 4` bytes.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Normalizer {
+    /// A `Normalizer` on a device and queue the caller already has. Pipelines are built on that
+    /// device; its limits bound the tensors it takes, and kernel times need it to have been
+    /// created with `Features::TIMESTAMP_QUERY`.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Normalizer {
+        Normalizer {
+            backend: Backend::Gpu(Box::new(GpuContext::from_device(device, queue))),
+        }
+    }
+
+    fn context(&self, what: &'static str) -> Result<&GpuContext, NormError> {
+        match &self.backend {
+            Backend::Gpu(ctx) => Ok(ctx),
+            Backend::Cpu => Err(NormError::NotGpu(what)),
+        }
+    }
+
+    /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
+    /// when the data exceeds one binding of this device.
+    pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("upload")?;
+        let bytes = (data.len() * 4) as u64;
+        if bytes > ctx.max_binding_bytes() {
+            return Err(NormError::TooLarge {
+                what: "a GPU-resident tensor",
+                needed: bytes,
+                limit: ctx.max_binding_bytes(),
+            });
+        }
+        ctx.scoped("upload", || {
+            let buffer = new_tensor_buffer(ctx, "gpunorm tensor", bytes);
+            ctx.queue
+                .write_buffer(&buffer, 0, bytemuck::cast_slice(data));
+            GpuTensor {
+                buffer,
+                len: data.len(),
+            }
+        })
+    }
+
+    /// Reads a GPU tensor back (waits for the work that writes it).
+    pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+        let ctx = self.context("download")?;
+        let mut out = vec![0f32; tensor.len];
+        ctx.scoped("download", || -> Result<(), NormError> {
+            let bytes = (tensor.len * 4) as u64;
+            let staging = ctx.buffer(
+                "gpunorm download",
+                bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("gpunorm download"),
+                });
+            if bytes > 0 {
+                encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, bytes);
+            }
+            ctx.queue.submit([encoder.finish()]);
+            ctx.read_into(&staging, &mut out)
+        })??;
+        Ok(out)
+    }
+
+    /// [`Normalizer::layer_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
+    /// host and nothing waits, so ops chain. Same errors as `layer_norm`, plus
+    /// [`NormError::NotGpu`] on the CPU fallback.
+    pub fn layer_norm_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("layer_norm_gpu")?;
+        let rows = layer_norm::validate_len(x.len, features, opts)?;
+        ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
+            let output = new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64);
+            if rows > 0 {
+                let mut encoder =
+                    ctx.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("layer_norm_gpu"),
+                        });
+                layer_norm::encode(
+                    ctx,
+                    &mut encoder,
+                    Rows {
+                        x: &x.buffer,
+                        y: &output,
+                        rows,
+                    },
+                    features,
+                    opts,
+                    None,
+                )?;
+                ctx.queue.submit([encoder.finish()]);
+            }
+            Ok(GpuTensor {
+                buffer: output,
+                len: x.len,
+            })
+        })?
+    }
+
+    /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
+    /// compute pass of the caller's `encoder`; the caller submits it. Both buffers need
+    /// `BufferUsages::STORAGE` and room for `len` values, and the tensor must fit one binding.
+    pub fn encode_layer_norm(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<(), NormError> {
+        let ctx = self.context("encode_layer_norm")?;
+        let rows = layer_norm::validate_len(len, features, opts)?;
+        check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
+        if rows == 0 {
+            return Ok(());
+        }
+        ctx.scoped("encode_layer_norm", || {
+            layer_norm::encode(ctx, encoder, Rows { x, y, rows }, features, opts, None)
+        })?
+    }
+}
+
+fn new_tensor_buffer(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    use wgpu::BufferUsages as U;
+    ctx.buffer(label, bytes, U::STORAGE | U::COPY_SRC | U::COPY_DST)
+}

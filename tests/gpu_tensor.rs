@@ -1,0 +1,146 @@
+//! GPU-resident tensors and wgpu interop: ops chained on the device, a Normalizer on the
+//! caller's device, and LayerNorm recorded into the caller's encoder on the caller's buffers.
+
+mod common;
+
+use common::{gpu, max_err, ordinary};
+use gpunorm::{reference, LayerNorm, NormError, Normalizer};
+
+/// Same kernel, same input: the device path and the host path agree bit for bit.
+#[test]
+fn chained_device_ops_match_the_host_path() {
+    let Some(norm) = gpu() else { return };
+    let features = 300;
+    let x = ordinary(50 * features, 1);
+    let gamma: Vec<f32> = (0..features)
+        .map(|i| 0.5 + i as f32 / features as f32)
+        .collect();
+    let opts = LayerNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    let t = norm.upload(&x).unwrap();
+    assert_eq!(t.len(), x.len());
+    let once = norm.layer_norm_gpu(&t, features, &opts).unwrap();
+    let twice = norm
+        .layer_norm_gpu(&once, features, &LayerNorm::default())
+        .unwrap();
+    let host_once = norm.layer_norm(&x, features, &opts).unwrap();
+    let host_twice = norm
+        .layer_norm(&host_once, features, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(norm.download(&once).unwrap(), host_once);
+    assert_eq!(norm.download(&twice).unwrap(), host_twice);
+    // And against the reference, as everywhere (tolerance as in tests/layer_norm.rs).
+    let r = reference::layer_norm(&x, features, &opts);
+    assert!(max_err(&host_once, &r) < 1e-4);
+    // The input tensor is untouched.
+    assert_eq!(norm.download(&t).unwrap(), x);
+}
+
+#[test]
+fn device_ops_check_their_input() {
+    let Some(norm) = gpu() else { return };
+    let t = norm.upload(&[1.0; 12]).unwrap();
+    assert_eq!(
+        norm.layer_norm_gpu(&t, 5, &LayerNorm::default())
+            .map(|_| ()),
+        Err(NormError::LengthNotMultiple {
+            len: 12,
+            features: 5
+        })
+    );
+    let empty = norm.upload(&[]).unwrap();
+    assert!(empty.is_empty());
+    let out = norm
+        .layer_norm_gpu(&empty, 3, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(norm.download(&out).unwrap(), Vec::<f32>::new());
+}
+
+#[test]
+fn the_cpu_fallback_has_no_device_tensors() {
+    let cpu = Normalizer::cpu();
+    assert!(matches!(cpu.upload(&[1.0, 2.0]), Err(NormError::NotGpu(_))));
+}
+
+/// A caller with its own wgpu device hands it to gpunorm and records LayerNorm into its own
+/// command encoder, on its own buffers, next to its own work.
+#[test]
+fn a_normalizer_on_the_callers_device_records_into_the_callers_encoder() {
+    if gpu().is_none() {
+        return;
+    }
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let (device, queue) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+    let norm = Normalizer::from_wgpu(device.clone(), queue.clone());
+    assert!(norm.is_gpu());
+
+    let features = 64;
+    let x = ordinary(20 * features, 7);
+    let expected = norm
+        .layer_norm(&x, features, &LayerNorm::default())
+        .unwrap();
+    let r = reference::layer_norm(&x, features, &LayerNorm::default());
+    assert!(max_err(&expected, &r) < 1e-4);
+
+    use wgpu::BufferUsages as U;
+    let bytes = (x.len() * 4) as u64;
+    let make = |usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (bx, by, staging) = (
+        make(U::STORAGE | U::COPY_DST),
+        make(U::STORAGE | U::COPY_SRC),
+        make(U::MAP_READ | U::COPY_DST),
+    );
+    queue.write_buffer(&bx, 0, bytemuck::cast_slice(&x));
+    let mut encoder = device.create_command_encoder(&Default::default());
+    norm.encode_layer_norm(
+        &mut encoder,
+        &bx,
+        &by,
+        x.len(),
+        features,
+        &LayerNorm::default(),
+    )
+    .unwrap();
+    encoder.copy_buffer_to_buffer(&by, 0, &staging, 0, bytes);
+    queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    rx.recv().unwrap().unwrap();
+    let y: Vec<f32> = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
+    assert_eq!(y, expected);
+
+    // Buffers it cannot use are refused before anything is recorded.
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let small = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16,
+        usage: U::STORAGE,
+        mapped_at_creation: false,
+    });
+    let opts = LayerNorm::default();
+    assert!(matches!(
+        norm.encode_layer_norm(&mut encoder, &staging, &by, x.len(), features, &opts),
+        Err(NormError::InvalidBuffer { name: "x", .. })
+    ));
+    assert!(matches!(
+        norm.encode_layer_norm(&mut encoder, &bx, &small, x.len(), features, &opts),
+        Err(NormError::InvalidBuffer { name: "y", .. })
+    ));
+    assert!(matches!(
+        norm.encode_layer_norm(&mut encoder, &bx, &by, x.len(), 0, &opts),
+        Err(NormError::ZeroFeatures)
+    ));
+}
