@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::context::{GpuContext, PassTimer};
+use crate::context::{GpuContext, PassTimer, Pooled};
 use crate::layer_norm::{entry, grid};
 use crate::shaders;
 use crate::{check_eps, check_param, NormError};
@@ -321,8 +321,8 @@ pub(crate) struct GpuOutput {
 /// One piece of a tensor that fits one binding: whole rows, or whole batch items.
 struct Chunk<'a> {
     x: &'a [f32],
-    input: wgpu::Buffer,
-    mask: wgpu::Buffer,
+    input: Pooled<'a>,
+    mask: Pooled<'a>,
     params: wgpu::Buffer,
     /// Workgroups of its statistics pass.
     tiles: usize,
@@ -378,7 +378,7 @@ pub(crate) fn gpu(
             let mut p = BatchNormParams::new(shape, positions, opts);
             p.tile_offset = total_tiles;
             total_tiles += p.row_tiles;
-            let input = ctx.buffer(
+            let input = ctx.take(
                 "batch_norm x",
                 (xc.len() * 4) as u64,
                 U::STORAGE | U::COPY_DST,
@@ -390,7 +390,7 @@ pub(crate) fn gpu(
                     .map(|&k| k as u32)
                     .collect()
             });
-            let mask = ctx.buffer(
+            let mask = ctx.take(
                 "batch_norm mask",
                 words.as_ref().map_or(16, |w| w.len() as u64 * 4),
                 U::STORAGE | U::COPY_DST,
@@ -419,7 +419,7 @@ pub(crate) fn gpu(
         }
         let chunks: Vec<Chunk> = chunks.into_iter().map(|(chunk, _)| chunk).collect();
 
-        let columns = ctx.buffer(
+        let columns = ctx.take(
             "batch_norm columns",
             c as u64 * 16,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
@@ -437,23 +437,23 @@ pub(crate) fn gpu(
         };
         ctx.queue
             .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
-        let partials = ctx.buffer(
+        let partials = ctx.take(
             "batch_norm partials",
             total_tiles as u64 * c as u64 * 16,
             U::STORAGE,
         );
         let out_bytes = (chunk_values.min(x.len()) * 4) as u64;
-        let output = ctx.buffer(
+        let output = ctx.take(
             "batch_norm y",
             out_bytes,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
         );
-        let staging = ctx.buffer(
+        let staging = ctx.take(
             "batch_norm y readback",
             out_bytes,
             U::MAP_READ | U::COPY_DST,
         );
-        let stats_staging = ctx.buffer(
+        let stats_staging = ctx.take(
             "batch_norm stats readback",
             c as u64 * 16,
             U::MAP_READ | U::COPY_DST,

@@ -5,6 +5,7 @@
 //! pipelines and buffers so nothing on the hot path compiles a shader twice.
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,32 @@ pub(crate) struct GpuContext {
     pub limits: wgpu::Limits,
     pub timestamps: bool,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    /// Buffers no call is using, oldest first, for the next call of the same shape.
+    free: Mutex<Vec<wgpu::Buffer>>,
+}
+
+/// Free buffers the pool keeps at most, in bytes; past it the oldest are dropped.
+const POOL_BYTES: u64 = 2 << 30;
+
+/// A buffer taken from the pool; it goes back when dropped.
+pub(crate) struct Pooled<'a> {
+    ctx: &'a GpuContext,
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl Deref for Pooled<'_> {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            self.ctx.give_back(b);
+        }
+    }
 }
 
 impl GpuContext {
@@ -66,7 +93,41 @@ impl GpuContext {
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),
+            free: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A buffer of `bytes` bytes (at least 16) with exactly `usage`: a free one of that size and
+    /// usage when the pool has it, else a new one labelled `label`. Its contents are whatever the
+    /// last user left. It returns to the pool when the guard drops, so take buffers only for work
+    /// the caller waits for before the guard goes.
+    pub fn take(&self, label: &str, bytes: u64, usage: wgpu::BufferUsages) -> Pooled<'_> {
+        let size = bytes.max(16);
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter()
+                .position(|b| b.size() == size && b.usage() == usage)
+                .map(|i| free.remove(i))
+        };
+        let buffer = reused.unwrap_or_else(|| self.buffer(label, size, usage));
+        Pooled {
+            ctx: self,
+            buffer: Some(buffer),
+        }
+    }
+
+    fn give_back(&self, buffer: wgpu::Buffer) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(buffer);
+        let mut total: u64 = free.iter().map(|b| b.size()).sum();
+        while total > POOL_BYTES {
+            total -= free.remove(0).size();
+        }
+    }
+
+    /// Drops every free buffer of the pool.
+    pub fn release_buffers(&self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// The largest buffer one binding may cover, in bytes.
@@ -139,7 +200,8 @@ impl GpuContext {
     }
 
     /// A read-only storage buffer holding `data`, or a 16-byte placeholder when `data` is None
-    /// (the shader is told by a flag not to read it).
+    /// (the shader is told by a flag not to read it). Not pooled: small, and bound in commands
+    /// that may still be in flight when the call that made them returns.
     pub fn param_buffer(&self, label: &str, data: Option<&[f32]>) -> wgpu::Buffer {
         let bytes = data.map_or(16, |d| (d.len() * 4) as u64);
         let buffer = self.buffer(

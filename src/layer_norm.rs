@@ -178,13 +178,13 @@ pub(crate) fn gpu(
     let chunk_bytes = (chunk_rows * features * 4) as u64;
     ctx.scoped("layer_norm", || -> Result<_, NormError> {
         use wgpu::BufferUsages as U;
-        let input = ctx.buffer("layer_norm x", chunk_bytes, U::STORAGE | U::COPY_DST);
-        let output = ctx.buffer(
+        let input = ctx.take("layer_norm x", chunk_bytes, U::STORAGE | U::COPY_DST);
+        let output = ctx.take(
             "layer_norm y",
             chunk_bytes,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
         );
-        let staging = ctx.buffer(
+        let staging = ctx.take(
             "layer_norm readback",
             chunk_bytes,
             U::MAP_READ | U::COPY_DST,

@@ -128,6 +128,15 @@ impl Normalizer {
         }
     }
 
+    /// Frees the GPU buffers kept for reuse. Calls keep their large buffers (input, output,
+    /// staging) in a pool of up to 2 GiB so the next call of the same shape allocates nothing;
+    /// call this after a one-off huge batch to give that memory back. No-op on the CPU fallback.
+    pub fn release_buffers(&self) {
+        if let Backend::Gpu(ctx) = &self.backend {
+            ctx.release_buffers();
+        }
+    }
+
     /// Whether GPU kernel times can be read ([`Timing::kernel`]).
     pub fn has_kernel_timing(&self) -> bool {
         matches!(&self.backend, Backend::Gpu(ctx) if ctx.timestamps)

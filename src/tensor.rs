@@ -81,7 +81,7 @@ impl Normalizer {
         let mut out = vec![0f32; tensor.len];
         ctx.scoped("download", || -> Result<(), NormError> {
             let bytes = (tensor.len * 4) as u64;
-            let staging = ctx.buffer(
+            let staging = ctx.take(
                 "gpunorm download",
                 bytes,
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
