@@ -53,7 +53,14 @@ pub(crate) fn assemble_plain(source: &str) -> String {
 /// Every module the host may build, by name; the naga test walks it.
 #[cfg(test)]
 fn all_modules() -> Vec<(String, String)> {
-    let mut all = vec![("batch_norm".to_owned(), assemble_plain(BATCH_NORM))];
+    let mut all = vec![
+        ("batch_norm".to_owned(), assemble_plain(BATCH_NORM)),
+        // Used by `gpunorm bench` for the copy ceiling; validated here with the rest.
+        (
+            "bench_copy".to_owned(),
+            include_str!("../shaders/bench_copy.wgsl").to_owned(),
+        ),
+    ];
     for width in [Width::Scalar, Width::Vec4] {
         all.push((
             format!("layer_norm {}", width.name()),

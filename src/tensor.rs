@@ -45,6 +45,16 @@ impl Normalizer {
         }
     }
 
+    /// The device and queue this `Normalizer` runs on, to make buffers for
+    /// [`Normalizer::encode_layer_norm`] or to run work of one's own beside it; `None` on the CPU
+    /// fallback.
+    pub fn wgpu(&self) -> Option<(&wgpu::Device, &wgpu::Queue)> {
+        match &self.backend {
+            Backend::Gpu(ctx) => Some((&ctx.device, &ctx.queue)),
+            Backend::Cpu => None,
+        }
+    }
+
     fn context(&self, what: &'static str) -> Result<&GpuContext, NormError> {
         match &self.backend {
             Backend::Gpu(ctx) => Ok(ctx),

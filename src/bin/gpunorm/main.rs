@@ -47,8 +47,8 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Sweep shapes and ops: CPU fallback and GPU (end to end and kernel time) beside the
-    /// single-thread copy bandwidth of the same run.
+    /// Sweep shapes and ops: CPU fallback and GPU (end to end and kernel time) beside the copy
+    /// ceilings of the same run, upload and download speeds, and the per-op cost of a small batch.
     Bench {
         /// Shapes as ROWSxFEATURES, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = bench::parse_shape,
@@ -67,6 +67,9 @@ enum Command {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Also draw GB/s against shape for each op, CPU and GPU, with the copy ceilings, as SVG.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
 }
 
@@ -113,6 +116,7 @@ fn run(cli: Cli) -> Result<(), NormError> {
             ops,
             reps,
             json,
+            plot,
             ..
         }) => bench::run(
             &norm,
@@ -121,6 +125,7 @@ fn run(cli: Cli) -> Result<(), NormError> {
                 ops,
                 reps,
                 json,
+                plot,
             },
         ),
         None => {
