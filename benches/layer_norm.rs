@@ -1,5 +1,6 @@
-//! LayerNorm end to end (upload, kernel, readback for the GPU), CPU fallback against GPU, with byte
-//! throughput (input read once + output written once). Names: `{backend}/layer_norm/{rows}x{features}`.
+//! LayerNorm end to end (upload, kernel, readback for the GPU), CPU fallback against GPU, and on a
+//! tensor already on the GPU, with byte throughput (input read once + output written once).
+//! Names: `{cpu,gpu,gpu_resident}/layer_norm/{rows}x{features}`.
 //! The GPU part runs where an adapter exists; on llvmpipe it measures regressions, not speed.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -33,6 +34,35 @@ fn layer_norm(c: &mut Criterion) {
         }
         group.finish();
     }
+    if let Some(gpu) = backends[1].as_ref() {
+        device_resident(c, gpu);
+    }
+}
+
+/// The tensor already on the GPU: one op and the device sync are timed, no transfers.
+fn device_resident(c: &mut Criterion, norm: &Normalizer) {
+    let (device, _) = norm.wgpu().expect("a GPU normalizer");
+    let mut group = c.benchmark_group("gpu_resident/layer_norm");
+    group.sample_size(10);
+    for &(rows, features) in SHAPES {
+        let x: Vec<f32> = (0..rows * features)
+            .map(|i| (i % 251) as f32 * 0.01)
+            .collect();
+        let tensor = norm.upload(&x).unwrap();
+        let opts = LayerNorm::default();
+        group.throughput(Throughput::Bytes((2 * x.len() * 4) as u64));
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{rows}x{features}")),
+            |b| {
+                b.iter(|| {
+                    let y = norm.layer_norm_gpu(&tensor, features, &opts).unwrap();
+                    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+                    y
+                })
+            },
+        );
+    }
+    group.finish();
 }
 
 criterion_group!(benches, layer_norm);
