@@ -144,10 +144,12 @@ pub fn run(norm: &Normalizer, opts: &Options) -> Result<(), NormError> {
             let backends = [Some(("cpu", &cpu)), gpu.map(|g| ("gpu", g))];
             for (backend, nz) in backends.into_iter().flatten() {
                 step += 1;
-                eprint!(
-                    "\r  [{step}/{steps}] {op} {} {backend}        ",
-                    label(shape)
-                );
+                if progress {
+                    eprint!(
+                        "\r  [{step}/{steps}] {op} {} {backend}        ",
+                        label(shape)
+                    );
+                }
                 let (seconds, kernel) = median(opts.reps, || run_op(nz, op, &x, &mut y, features))?;
                 let rate = gbps(bytes, seconds);
                 let ceiling = if backend == "cpu" {
