@@ -5,6 +5,8 @@
 // [rows, features] is the case spatial = 1 (positions are rows, channels are features).
 //
 // Algorithm, deterministic and accurate on offset columns:
+//   stats_seed:    one thread per column writes its shift, the value at the first counted
+//                  position (`first`, in the chunk that holds it), into columns[c].x.
 //   stats_partial: one workgroup per (column tile, row tile); threads are laid out as
 //                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
 //                  all threads on one channel for channels-first). Each column is shifted by its
@@ -37,6 +39,11 @@ struct Params {
     // bit 0: multiply by gamma; bit 1: add beta; bit 2: read the mask.
     flags: u32,
     total_tiles: u32,
+    // The first counted position, local to this chunk (stats_seed; only in the chunk holding it).
+    first: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -76,6 +83,18 @@ fn column_sum(lid: u32, value: f32) -> f32 {
     let total = partial[tc];
     workgroupBarrier();
     return total;
+}
+
+@compute @workgroup_size(256)
+fn stats_seed(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c < params.channels {
+        columns[c] = vec4<f32>(x[index_of(params.first, c)], 0.0, 0.0, 0.0);
+    }
 }
 
 @compute @workgroup_size(256)

@@ -165,7 +165,12 @@ pub(crate) struct Shape {
 
 impl Shape {
     pub fn features_last(x: &[f32], features: usize) -> Result<Shape, NormError> {
-        let rows = crate::rows_of(x, features)?;
+        Self::features_last_len(x.len(), features)
+    }
+
+    /// [`Shape::features_last`] for a tensor of `len` values that is not a host slice.
+    pub fn features_last_len(len: usize, features: usize) -> Result<Shape, NormError> {
+        let rows = crate::rows_of_len(len, features)?;
         Ok(Shape {
             channels: features,
             spatial: 1,
@@ -253,8 +258,10 @@ struct BatchNormParams {
     eps: f32,
     flags: u32,
     total_tiles: u32,
+    first: u32,
+    _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
+const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 64);
 
 const FLAG_GAMMA: u32 = 1;
 const FLAG_BETA: u32 = 2;
@@ -298,6 +305,8 @@ impl BatchNormParams {
             eps: opts.eps,
             flags,
             total_tiles: 0,
+            first: 0,
+            _pad: [0; 3],
         }
     }
 }
@@ -318,31 +327,70 @@ pub(crate) struct GpuOutput {
     pub kernel: Option<Duration>,
 }
 
+/// Where the values come from and where the output goes.
+pub(crate) enum Io<'a> {
+    /// Host slices: uploaded (in chunks that fit one binding) and read back.
+    Host { x: &'a [f32], y: &'a mut [f32] },
+    /// Storage buffers on the device, `len` values each, fitting one binding; nothing crosses
+    /// to the host but the statistics.
+    Device {
+        x: &'a wgpu::Buffer,
+        y: &'a wgpu::Buffer,
+        len: usize,
+    },
+}
+
+impl Io<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Io::Host { x, .. } => x.len(),
+            Io::Device { len, .. } => *len,
+        }
+    }
+}
+
+/// A buffer the call made (pooled or not) or one it was given.
+enum Buf<'a> {
+    Made(Pooled<'a>),
+    Given(&'a wgpu::Buffer),
+}
+
+impl std::ops::Deref for Buf<'_> {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        match self {
+            Buf::Made(p) => p,
+            Buf::Given(b) => b,
+        }
+    }
+}
+
 /// One piece of a tensor that fits one binding: whole rows, or whole batch items.
 struct Chunk<'a> {
-    x: &'a [f32],
-    input: Pooled<'a>,
+    input: Buf<'a>,
     mask: Pooled<'a>,
     params: wgpu::Buffer,
     /// Workgroups of its statistics pass.
     tiles: usize,
-    /// Offset of the chunk in the output, in values.
+    /// Offset of the chunk in the tensor, and its length, in values.
     start: usize,
+    len: usize,
 }
 
-/// Runs BatchNorm on the GPU into `y`. Training returns the batch statistics; eval returns None.
-/// Tensors larger than one binding are split into chunks of whole rows (batch items for
+/// Runs BatchNorm on the GPU. Training returns the batch statistics; eval returns None. Host
+/// tensors larger than one binding are split into chunks of whole rows (batch items for
 /// channels-first), all resident: statistics over every chunk, then each chunk is normalized.
+/// Device tensors are one chunk; eval on them returns without waiting for the GPU.
 pub(crate) fn gpu(
     ctx: &GpuContext,
-    x: &[f32],
-    y: &mut [f32],
+    mut io: Io<'_>,
     shape: &Shape,
     opts: &BatchNorm<'_>,
     stats: Stats<'_>,
 ) -> Result<GpuOutput, NormError> {
     let c = shape.channels;
     let s = shape.spatial;
+    let len = io.len();
     let limit = ctx.max_binding_bytes();
     // A chunk holds whole batch items (one item = channels × spatial values = spatial positions).
     let item_bytes = (c * s * 4) as u64;
@@ -354,12 +402,18 @@ pub(crate) fn gpu(
         });
     }
     let items_per_chunk = ((limit / item_bytes) as usize).min(u32::MAX as usize / (c * s));
-    let chunk_values = items_per_chunk * c * s;
+    let chunk_values = match io {
+        Io::Host { .. } => items_per_chunk * c * s,
+        Io::Device { .. } => len,
+    };
     let training = matches!(stats, Stats::Batch { .. });
+    // Training reads its statistics back, so it waits; eval on a device tensor does not.
+    let waits = training || matches!(io, Io::Host { .. });
     let source = || shaders::assemble_plain(shaders::BATCH_NORM);
     let apply = ctx.pipeline("batch_norm apply", source, "apply")?;
     let stages = if training {
         Some((
+            ctx.pipeline("batch_norm stats_seed", source, "stats_seed")?,
             ctx.pipeline("batch_norm stats_partial", source, "stats_partial")?,
             ctx.pipeline("batch_norm stats_merge", source, "stats_merge")?,
         ))
@@ -369,45 +423,64 @@ pub(crate) fn gpu(
 
     ctx.scoped("batch_norm", || -> Result<_, NormError> {
         use wgpu::BufferUsages as U;
-        // Upload every chunk, with its mask and its parameters.
+        // Every chunk on the device, with its mask and its parameters.
+        let first = match stats {
+            Stats::Batch { first } => first,
+            Stats::Running(_) => 0,
+        };
         let mut chunks = Vec::new();
         let mut total_tiles = 0u32;
-        for (i, xc) in x.chunks(chunk_values).enumerate() {
-            let start = i * chunk_values;
-            let positions = xc.len() / c;
+        for start in (0..len).step_by(chunk_values.max(1)) {
+            let chunk_len = chunk_values.min(len - start);
+            let positions = chunk_len / c;
+            let (p0, p1) = (start / c, start / c + positions);
             let mut p = BatchNormParams::new(shape, positions, opts);
             p.tile_offset = total_tiles;
+            p.first = if (p0..p1).contains(&first) {
+                (first - p0) as u32
+            } else {
+                0
+            };
             total_tiles += p.row_tiles;
-            let input = ctx.take(
-                "batch_norm x",
-                (xc.len() * 4) as u64,
-                U::STORAGE | U::COPY_DST,
-            );
-            ctx.queue.write_buffer(&input, 0, bytemuck::cast_slice(xc));
-            let words: Option<Vec<u32>> = opts.mask.map(|m| {
-                m[start / c..start / c + positions]
-                    .iter()
-                    .map(|&k| k as u32)
-                    .collect()
-            });
-            let mask = ctx.take(
+            let input = match &io {
+                Io::Host { x, .. } => {
+                    let b = ctx.take(
+                        "batch_norm x",
+                        (chunk_len * 4) as u64,
+                        U::STORAGE | U::COPY_DST,
+                    );
+                    ctx.queue.write_buffer(
+                        &b,
+                        0,
+                        bytemuck::cast_slice(&x[start..start + chunk_len]),
+                    );
+                    Buf::Made(b)
+                }
+                Io::Device { x, .. } => Buf::Given(x),
+            };
+            let words: Option<Vec<u32>> = opts
+                .mask
+                .map(|m| m[p0..p1].iter().map(|&k| k as u32).collect());
+            let mask_bytes = words.as_ref().map_or(16, |w| w.len() as u64 * 4);
+            let mask = ctx.take_or_new(
+                waits,
                 "batch_norm mask",
-                words.as_ref().map_or(16, |w| w.len() as u64 * 4),
+                mask_bytes,
                 U::STORAGE | U::COPY_DST,
             );
             if let Some(w) = &words {
                 ctx.queue.write_buffer(&mask, 0, bytemuck::cast_slice(w));
             }
-            let params = ctx.buffer("batch_norm params", 48, U::UNIFORM | U::COPY_DST);
+            let params = ctx.buffer("batch_norm params", 64, U::UNIFORM | U::COPY_DST);
             let tiles = p.col_tiles as usize * p.row_tiles as usize;
             chunks.push((
                 Chunk {
-                    x: xc,
                     input,
                     mask,
                     params,
                     tiles,
                     start,
+                    len: chunk_len,
                 },
                 p,
             ));
@@ -418,42 +491,50 @@ pub(crate) fn gpu(
                 .write_buffer(&chunk.params, 0, bytemuck::bytes_of(p));
         }
         let chunks: Vec<Chunk> = chunks.into_iter().map(|(chunk, _)| chunk).collect();
+        let seed_chunk = chunks
+            .iter()
+            .position(|ch| (ch.start / c..(ch.start + ch.len) / c).contains(&first))
+            .unwrap_or(0);
 
-        let columns = ctx.take(
+        let columns = ctx.take_or_new(
+            waits,
             "batch_norm columns",
             c as u64 * 16,
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
         );
-        let cols: Vec<[f32; 4]> = match stats {
-            Stats::Batch { first } => (0..c)
-                .map(|ch| [x[((first / s) * c + ch) * s + first % s], 0.0, 0.0, 0.0])
-                .collect(),
-            Stats::Running(rs) => rs
+        if let Stats::Running(rs) = stats {
+            let cols: Vec<[f32; 4]> = rs
                 .mean
                 .iter()
                 .zip(&rs.var)
                 .map(|(&m, &v)| [0.0, m, v, 0.0])
-                .collect(),
-        };
-        ctx.queue
-            .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
-        let partials = ctx.take(
+                .collect();
+            ctx.queue
+                .write_buffer(&columns, 0, bytemuck::cast_slice(&cols));
+        }
+        let partials = ctx.take_or_new(
+            waits,
             "batch_norm partials",
             total_tiles as u64 * c as u64 * 16,
             U::STORAGE,
         );
-        let out_bytes = (chunk_values.min(x.len()) * 4) as u64;
-        let output = ctx.take(
-            "batch_norm y",
-            out_bytes,
-            U::STORAGE | U::COPY_SRC | U::COPY_DST,
-        );
-        let staging = ctx.take(
-            "batch_norm y readback",
-            out_bytes,
-            U::MAP_READ | U::COPY_DST,
-        );
-        let stats_staging = ctx.take(
+        let (output, staging) = match &io {
+            Io::Host { .. } => {
+                let bytes = (chunk_values.min(len) * 4) as u64;
+                let out = ctx.take(
+                    "batch_norm y",
+                    bytes,
+                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                );
+                (
+                    Buf::Made(out),
+                    Some(ctx.take("batch_norm y readback", bytes, U::MAP_READ | U::COPY_DST)),
+                )
+            }
+            Io::Device { y, .. } => (Buf::Given(y), None),
+        };
+        let stats_staging = ctx.take_or_new(
+            waits,
             "batch_norm stats readback",
             c as u64 * 16,
             U::MAP_READ | U::COPY_DST,
@@ -484,24 +565,26 @@ pub(crate) fn gpu(
             })
         };
         let max_groups = ctx.limits.max_compute_workgroups_per_dimension as usize;
-        let mut timer = PassTimer::new(ctx);
-        let new_encoder = || {
-            ctx.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("batch_norm"),
-                })
-        };
+        let column_groups = grid(c.div_ceil(THREADS), max_groups);
+        let mut timer = if waits { PassTimer::new(ctx) } else { None };
         let mut column_stats = None;
 
         for (i, chunk) in chunks.iter().enumerate() {
-            let mut encoder = new_encoder();
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("batch_norm"),
+                });
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("batch_norm"),
                     timestamp_writes: timer.as_ref().map(|t| t.writes()),
                 });
                 // The statistics of every chunk go first, in the same pass as chunk 0's output.
-                if let (0, Some((partial, merge))) = (i, &stages) {
+                if let (0, Some((seed, partial, merge))) = (i, &stages) {
+                    pass.set_pipeline(seed);
+                    pass.set_bind_group(0, &bind(seed, &chunks[seed_chunk], &[0, 1, 4]), &[]);
+                    pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
                     pass.set_pipeline(partial);
                     for ch in &chunks {
                         pass.set_bind_group(0, &bind(partial, ch, &[0, 1, 2, 3, 4]), &[]);
@@ -510,26 +593,28 @@ pub(crate) fn gpu(
                     }
                     pass.set_pipeline(merge);
                     pass.set_bind_group(0, &bind(merge, chunk, &[0, 3, 4]), &[]);
-                    let (gx, gy) = grid(c.div_ceil(THREADS), max_groups);
-                    pass.dispatch_workgroups(gx, gy, 1);
+                    pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
                 }
                 pass.set_pipeline(&apply);
                 pass.set_bind_group(0, &bind(&apply, chunk, &[0, 1, 2, 4, 5, 6, 7]), &[]);
-                let (gx, gy) = grid(chunk.x.len().div_ceil(THREADS), max_groups);
+                let (gx, gy) = grid(chunk.len.div_ceil(THREADS), max_groups);
                 pass.dispatch_workgroups(gx, gy, 1);
             }
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
-            #[cfg(debug_assertions)]
-            crate::layer_norm::poison(ctx, &output, chunk.x.len());
-            let bytes = (chunk.x.len() * 4) as u64;
-            encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, bytes);
+            if let Some(staging) = &staging {
+                #[cfg(debug_assertions)]
+                crate::layer_norm::poison(ctx, &output, chunk.len);
+                encoder.copy_buffer_to_buffer(&output, 0, staging, 0, (chunk.len * 4) as u64);
+            }
             if i == 0 && training {
                 encoder.copy_buffer_to_buffer(&columns, 0, &stats_staging, 0, c as u64 * 16);
             }
             ctx.queue.submit([encoder.finish()]);
-            ctx.read_into(&staging, &mut y[chunk.start..chunk.start + chunk.x.len()])?;
+            if let (Some(staging), Io::Host { y, .. }) = (&staging, &mut io) {
+                ctx.read_into(staging, &mut y[chunk.start..chunk.start + chunk.len])?;
+            }
             if i == 0 && training {
                 let mut cols = vec![0f32; 4 * c];
                 ctx.read_into(&stats_staging, &mut cols)?;

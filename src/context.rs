@@ -26,10 +26,12 @@ pub(crate) struct GpuContext {
 /// Free buffers the pool keeps at most, in bytes; past it the oldest are dropped.
 const POOL_BYTES: u64 = 2 << 30;
 
-/// A buffer taken from the pool; it goes back when dropped.
+/// A buffer taken from the pool; it goes back when dropped (unless made with
+/// [`GpuContext::take_or_new`] for work nobody waits for).
 pub(crate) struct Pooled<'a> {
     ctx: &'a GpuContext,
     buffer: Option<wgpu::Buffer>,
+    pooled: bool,
 }
 
 impl Deref for Pooled<'_> {
@@ -41,7 +43,7 @@ impl Deref for Pooled<'_> {
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.buffer.take() {
+        if let Some(b) = self.buffer.take().filter(|_| self.pooled) {
             self.ctx.give_back(b);
         }
     }
@@ -113,6 +115,27 @@ impl GpuContext {
         Pooled {
             ctx: self,
             buffer: Some(buffer),
+            pooled: true,
+        }
+    }
+
+    /// [`GpuContext::take`] when the caller waits for the work that uses the buffer; otherwise a
+    /// new buffer that never enters the pool (the GPU may still be using it after the call).
+    pub fn take_or_new(
+        &self,
+        waits: bool,
+        label: &str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Pooled<'_> {
+        if waits {
+            self.take(label, bytes, usage)
+        } else {
+            Pooled {
+                ctx: self,
+                buffer: Some(self.buffer(label, bytes, usage)),
+                pooled: false,
+            }
         }
     }
 

@@ -292,7 +292,8 @@ impl Normalizer {
         check_output(x, y)?;
         let ((mean, var), kernel) = match &self.backend {
             Backend::Gpu(ctx) => {
-                let out = batch_norm::gpu(ctx, x, y, shape, opts, Stats::Batch { first })?;
+                let io = batch_norm::Io::Host { x, y };
+                let out = batch_norm::gpu(ctx, io, shape, opts, Stats::Batch { first })?;
                 (out.stats.expect("training returns statistics"), out.kernel)
             }
             Backend::Cpu => (cpu::batch_norm::train(x, y, shape, opts, first), None),
@@ -313,7 +314,14 @@ impl Normalizer {
         check_output(x, y)?;
         let kernel = match &self.backend {
             Backend::Gpu(ctx) => {
-                batch_norm::gpu(ctx, x, y, shape, opts, Stats::Running(stats))?.kernel
+                batch_norm::gpu(
+                    ctx,
+                    batch_norm::Io::Host { x, y },
+                    shape,
+                    opts,
+                    Stats::Running(stats),
+                )?
+                .kernel
             }
             Backend::Cpu => {
                 cpu::batch_norm::eval(x, y, shape, opts, stats);

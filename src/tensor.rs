@@ -1,12 +1,14 @@
 //! Tensors that live on the GPU, and the doors for callers who already use wgpu: a
 //! `Normalizer` on their device, and ops recorded into their command encoder on their buffers.
 //!
-//! Upload once, run many ops, read back once: `layer_norm_gpu` takes and returns a [`GpuTensor`],
-//! so ops chain without a round trip through the host.
+//! Upload once, run many ops, read back once: `layer_norm_gpu`, `batch_norm_train_gpu` and
+//! `batch_norm_eval_gpu` take and return a [`GpuTensor`], so ops chain without a round trip
+//! through the host.
 
+use crate::batch_norm::{self, Io, Shape, Stats};
 use crate::context::GpuContext;
 use crate::layer_norm::{self, check_buffers, LayerNorm, Rows};
-use crate::{Backend, NormError, Normalizer};
+use crate::{Backend, BatchNorm, BatchStats, NormError, Normalizer, RunningStats};
 
 /// f32 values in a GPU storage buffer, made by [`Normalizer::upload`] or returned by a `*_gpu`
 /// op; [`Normalizer::download`] reads them back. Belongs to the device of the `Normalizer` that
@@ -148,6 +150,65 @@ impl Normalizer {
                 len: x.len,
             })
         })?
+    }
+
+    /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the
+    /// device; the statistics come back (for [`RunningStats::update_with`]), so this call waits
+    /// for the GPU. Same errors as `batch_norm_train`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_train_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(GpuTensor, BatchStats), NormError> {
+        let ctx = self.context("batch_norm_train_gpu")?;
+        let shape = Shape::features_last_len(x.len, features)?;
+        let (count, first) = batch_norm::validate(&shape, opts)?;
+        let output = ctx.scoped("batch_norm_train_gpu", || {
+            new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64)
+        })?;
+        let io = Io::Device {
+            x: &x.buffer,
+            y: &output,
+            len: x.len,
+        };
+        let out = batch_norm::gpu(ctx, io, &shape, opts, Stats::Batch { first })?;
+        let (mean, var) = out.stats.expect("training returns statistics");
+        Ok((
+            GpuTensor {
+                buffer: output,
+                len: x.len,
+            },
+            BatchStats { mean, var, count },
+        ))
+    }
+
+    /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
+    /// without waiting for the GPU. Same errors as `batch_norm_eval`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_eval_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("batch_norm_eval_gpu")?;
+        let shape = Shape::features_last_len(x.len, features)?;
+        batch_norm::validate(&shape, opts)?;
+        batch_norm::validate_stats(&shape, stats)?;
+        let output = ctx.scoped("batch_norm_eval_gpu", || {
+            new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64)
+        })?;
+        let io = Io::Device {
+            x: &x.buffer,
+            y: &output,
+            len: x.len,
+        };
+        batch_norm::gpu(ctx, io, &shape, opts, Stats::Running(stats))?;
+        Ok(GpuTensor {
+            buffer: output,
+            len: x.len,
+        })
     }
 
     /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one

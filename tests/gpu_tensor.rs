@@ -144,3 +144,68 @@ fn a_normalizer_on_the_callers_device_records_into_the_callers_encoder() {
         Err(NormError::ZeroFeatures)
     ));
 }
+
+/// BatchNorm on device tensors: the same kernels as the host path, so the same bits, and ops
+/// that chain with LayerNorm on the device.
+#[test]
+fn batch_norm_on_device_tensors_matches_the_host_path() {
+    let Some(norm) = gpu() else { return };
+    let (rows, features) = (500, 24);
+    let x = ordinary(rows * features, 3);
+    let mask: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+    let opts = gpunorm::BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let t = norm.upload(&x).unwrap();
+    let (y, stats) = norm.batch_norm_train_gpu(&t, features, &opts).unwrap();
+    let host = norm.batch_norm_train(&x, features, &opts).unwrap();
+    assert_eq!(norm.download(&y).unwrap(), host.y);
+    assert_eq!(
+        (stats.mean.clone(), stats.var.clone(), stats.count),
+        (host.mean, host.var, host.count)
+    );
+
+    let mut running = gpunorm::RunningStats::new(features);
+    running.update_with(&stats).unwrap();
+    let e = norm
+        .batch_norm_eval_gpu(&t, features, &opts, &running)
+        .unwrap();
+    assert_eq!(
+        norm.download(&e).unwrap(),
+        norm.batch_norm_eval(&x, features, &opts, &running).unwrap()
+    );
+
+    // LayerNorm then BatchNorm, all on the device.
+    let h = norm
+        .layer_norm_gpu(&t, features, &LayerNorm::default())
+        .unwrap();
+    let (z, _) = norm
+        .batch_norm_train_gpu(&h, features, &gpunorm::BatchNorm::default())
+        .unwrap();
+    let h_host = norm
+        .layer_norm(&x, features, &LayerNorm::default())
+        .unwrap();
+    let z_host = norm
+        .batch_norm_train(&h_host, features, &gpunorm::BatchNorm::default())
+        .unwrap();
+    assert_eq!(norm.download(&z).unwrap(), z_host.y);
+
+    // Bad input is refused as on the host.
+    assert!(matches!(
+        norm.batch_norm_train_gpu(&t, 7, &opts),
+        Err(NormError::LengthNotMultiple { .. })
+    ));
+    let short = gpunorm::BatchNorm {
+        mask: Some(&mask[1..]),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.batch_norm_train_gpu(&t, features, &short),
+        Err(NormError::MaskLength { .. })
+    ));
+    assert!(matches!(
+        Normalizer::cpu().batch_norm_eval_gpu(&t, features, &opts, &running),
+        Err(NormError::NotGpu(_))
+    ));
+}
