@@ -3,9 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer};
+use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, Timing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// One backend's run of one op: its error against the reference, and its times.
+struct Case {
+    error: f64,
+    stats_error: Option<f64>,
+    wall: Duration,
+    timing: Timing,
+}
 
 pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Result<(), NormError> {
     let n = rows
@@ -22,50 +30,32 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Resu
     let beta: Vec<f32> = (0..features)
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
-    let opts = LayerNorm {
+    let gb = (2 * n * 4) as f64 / 1e9;
+    let cpu = Normalizer::cpu();
+    let gpu = norm.is_gpu().then_some(norm);
+    let mut y = vec![0f32; n];
+
+    println!("check: LayerNorm of a random {rows} x {features} batch ({n} values, gamma and beta)");
+    println!("  (GB/s counts the input read once and the output written once)");
+    let ln = LayerNorm {
         gamma: Some(&gamma),
         beta: Some(&beta),
         ..Default::default()
     };
-    let mb = (2 * n * 4) as f64 / 1e9;
-    println!("check: LayerNorm of a random {rows} x {features} batch ({n} values, gamma and beta)");
-    println!("  (GB/s counts the input read once and the output written once)");
-
-    let r = reference::layer_norm(&x, features, &opts);
-    let cpu = Normalizer::cpu();
-    let mut y_cpu = vec![0f32; n];
-    let (_, t_cpu) = timed(|| cpu.layer_norm_into(&x, features, &opts, &mut y_cpu))?;
-    println!(
-        "  CPU fallback: max error {:.2e}, {:>9.2} ms end to end ({:.1} GB/s)",
-        reference::max_error(&y_cpu, &r),
-        ms(t_cpu),
-        mb / t_cpu.as_secs_f64()
-    );
-    if norm.is_gpu() {
-        // The first call builds the pipeline; time the second.
-        norm.layer_norm(&x[..features], features, &opts)?;
-        let mut y_gpu = vec![0f32; n];
-        let (timing, t_gpu) = timed(|| norm.layer_norm_into(&x, features, &opts, &mut y_gpu))?;
-        println!(
-            "  GPU:          max error {:.2e}, {:>9.2} ms end to end ({:.1} GB/s)",
-            reference::max_error(&y_gpu, &r),
-            ms(t_gpu),
-            mb / t_gpu.as_secs_f64()
-        );
-        if let Some(k) = timing.kernel {
-            println!(
-                "                kernel {:.3} ms ({:.1} GB/s)",
-                ms(k),
-                mb / k.as_secs_f64()
-            );
-        }
-        println!(
-            "  GPU vs CPU fallback, end to end: {:.2}x",
-            t_cpu.as_secs_f64() / t_gpu.as_secs_f64()
-        );
-    } else {
-        println!("  no GPU: only the CPU fallback was checked");
-    }
+    let r = reference::layer_norm(&x, features, &ln);
+    let mut run_ln = |nz: &Normalizer| -> Result<Case, NormError> {
+        nz.layer_norm(&x[..features], features, &ln)?; // builds the pipeline outside the timing
+        let start = Instant::now();
+        let timing = nz.layer_norm_into(&x, features, &ln, &mut y)?;
+        let wall = start.elapsed();
+        Ok(Case {
+            error: reference::max_error(&y, &r),
+            stats_error: None,
+            wall,
+            timing,
+        })
+    };
+    report(run_ln(&cpu)?, gpu.map(&mut run_ln).transpose()?, gb);
 
     println!(
         "check: BatchNorm (training) of the same batch, statistics per feature over {rows} rows"
@@ -76,46 +66,56 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> Resu
         ..Default::default()
     };
     let (r, mean, var, _) = reference::batch_norm_train(&x, features, &bn);
-    let ((stats_cpu, _), t_cpu) =
-        timed(|| cpu.batch_norm_train_into(&x, features, &bn, &mut y_cpu))?;
-    let stat_err =
-        |m: &[f32], v: &[f32]| reference::max_error(m, &mean).max(reference::max_error(v, &var));
-    println!(
-        "  CPU fallback: max error {:.2e} (statistics {:.2e}), {:>9.2} ms end to end ({:.1} GB/s)",
-        reference::max_error(&y_cpu, &r),
-        stat_err(&stats_cpu.mean, &stats_cpu.var),
-        ms(t_cpu),
-        mb / t_cpu.as_secs_f64()
-    );
-    if norm.is_gpu() {
-        norm.batch_norm_train(&x[..features], features, &bn)?;
-        let mut y_gpu = vec![0f32; n];
-        let ((stats, timing), t_gpu) =
-            timed(|| norm.batch_norm_train_into(&x, features, &bn, &mut y_gpu))?;
-        println!("  GPU:          max error {:.2e} (statistics {:.2e}), {:>9.2} ms end to end ({:.1} GB/s)",
-            reference::max_error(&y_gpu, &r), stat_err(&stats.mean, &stats.var), ms(t_gpu), mb / t_gpu.as_secs_f64());
-        if let Some(k) = timing.kernel {
-            println!(
-                "                kernel {:.3} ms ({:.1} GB/s)",
-                ms(k),
-                mb / k.as_secs_f64()
-            );
-        }
-        println!(
-            "  GPU vs CPU fallback, end to end: {:.2}x",
-            t_cpu.as_secs_f64() / t_gpu.as_secs_f64()
-        );
-    }
+    let mut run_bn = |nz: &Normalizer| -> Result<Case, NormError> {
+        nz.batch_norm_train(&x[..2 * features], features, &bn)?;
+        let start = Instant::now();
+        let (stats, timing) = nz.batch_norm_train_into(&x, features, &bn, &mut y)?;
+        let wall = start.elapsed();
+        let stats_error =
+            reference::max_error(&stats.mean, &mean).max(reference::max_error(&stats.var, &var));
+        Ok(Case {
+            error: reference::max_error(&y, &r),
+            stats_error: Some(stats_error),
+            wall,
+            timing,
+        })
+    };
+    report(run_bn(&cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
     Ok(())
 }
 
-fn timed<T>(f: impl FnOnce() -> Result<T, NormError>) -> Result<(T, Duration), NormError> {
-    let start = Instant::now();
-    let v = f()?;
-    Ok((v, start.elapsed()))
+fn report(cpu: Case, gpu: Option<Case>, gb: f64) {
+    line("CPU fallback", &cpu, gb);
+    match &gpu {
+        Some(g) => {
+            line("GPU", g, gb);
+            if let Some(k) = g.timing.kernel {
+                println!(
+                    "  {:<13} kernel {:.3} ms ({:.1} GB/s)",
+                    "",
+                    k.as_secs_f64() * 1e3,
+                    gb / k.as_secs_f64()
+                );
+            }
+            println!(
+                "  GPU vs CPU fallback, end to end: {:.2}x",
+                cpu.wall.as_secs_f64() / g.wall.as_secs_f64()
+            );
+        }
+        None => println!("  no GPU: only the CPU fallback was checked"),
+    }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+fn line(backend: &str, c: &Case, gb: f64) {
+    let stats = c
+        .stats_error
+        .map_or(String::new(), |e| format!(" (statistics {e:.2e})"));
+    println!(
+        "  {:<13} max error {:.2e}{stats}, {:>9.2} ms end to end ({:.1} GB/s)",
+        format!("{backend}:"),
+        c.error,
+        c.wall.as_secs_f64() * 1e3,
+        gb / c.wall.as_secs_f64()
+    );
 }
