@@ -2,7 +2,8 @@
 //! that drives `shaders/batch_norm.wgsl`.
 //!
 //! Path of a tensor in training mode: `Normalizer::batch_norm_train` validates → `gpu` uploads x
-//! (and the mask) → one submission runs `stats_partial`, `stats_merge` and `apply` → y and the
+//! (and the mask) → one submission runs `stats_seed`, `stats_partial`, `stats_merge` and `apply`
+//! → y and the
 //! per-column statistics are read back. Eval mode runs `apply` alone on the running statistics.
 
 use std::time::Duration;

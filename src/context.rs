@@ -1,5 +1,5 @@
-//! The one GPU context: instance, adapter, device, queue, limits and the pipeline cache, plus the
-//! few buffer chores every op shares (upload, readback, timestamps, error scopes).
+//! The one GPU context: device, queue, limits, the pipeline cache and the buffer pool, plus the
+//! few chores every op shares (readback, timestamps, error scopes).
 //!
 //! Op modules (`layer_norm`, `batch_norm`) own their shaders and dispatch logic; they come here for
 //! pipelines and buffers so nothing on the hot path compiles a shader twice.
@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::NormError;
 
 /// A GPU with everything gpunorm needs to run on it. `Send + Sync`: wgpu's device and queue are,
-/// and the pipeline cache sits behind a mutex.
+/// and the pipeline cache and buffer pool sit behind mutexes.
 pub(crate) struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -21,6 +21,8 @@ pub(crate) struct GpuContext {
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
     /// Buffers no call is using, oldest first, for the next call of the same shape.
     free: Mutex<Vec<wgpu::Buffer>>,
+    /// Held for a whole call on the GL backend (see [`GpuContext::exclusive`]).
+    serial: Option<Mutex<()>>,
 }
 
 /// Free buffers the pool keeps at most, in bytes; past it the oldest are dropped.
@@ -51,18 +53,30 @@ impl Drop for Pooled<'_> {
 
 impl GpuContext {
     /// Opens the best adapter wgpu finds (high performance unless `WGPU_POWER_PREF` says
-    /// otherwise; `WGPU_BACKEND` narrows the APIs tried).
+    /// otherwise). Vulkan, Metal and DX12 are tried first and GL only where they find nothing, so
+    /// a machine with Vulkan never probes EGL (which complains on headless Linux);
+    /// `WGPU_BACKEND` picks the APIs instead.
     pub fn new() -> Result<Self, NormError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
         let options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),
             ..Default::default()
         };
-        let adapter = pollster::block_on(instance.request_adapter(&options))
-            .map_err(|e| NormError::NoAdapter(e.to_string()))?;
-        Self::from_adapter(&adapter)
+        let tiers = match wgpu::Backends::from_env() {
+            Some(chosen) => vec![chosen],
+            None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::SECONDARY],
+        };
+        let mut why = Vec::new();
+        for backends in tiers {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            match pollster::block_on(instance.request_adapter(&options)) {
+                Ok(adapter) => return Self::from_adapter(&adapter),
+                Err(e) => why.push(format!("{backends:?}: {e}")),
+            }
+        }
+        Err(NormError::NoAdapter(why.join("; ")))
     }
 
     fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
@@ -89,7 +103,9 @@ impl GpuContext {
     /// A context on a device someone else opened: its limits and features are what they are
     /// (kernel times need `TIMESTAMP_QUERY` enabled on it).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let gl = device.adapter_info().backend == wgpu::Backend::Gl;
         Self {
+            serial: gl.then(|| Mutex::new(())),
             limits: device.limits(),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
             device,
@@ -97,6 +113,16 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             free: Mutex::new(Vec::new()),
         }
+    }
+
+    /// On the GL backend, a guard that keeps other threads' gpunorm calls out until it drops:
+    /// wgpu's GL device waits at most a second for its context, which a thread waiting for a long
+    /// kernel holds, and then panics. Elsewhere None, and calls run side by side. Every public
+    /// operation takes it first.
+    pub fn exclusive(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A buffer of `bytes` bytes (at least 16) with exactly `usage`: a free one of that size and

@@ -1,9 +1,10 @@
-//! gpunorm normalizes large f32 batches — LayerNorm over each row — with WGSL compute shaders on
-//! any GPU that wgpu reaches (Vulkan, Metal, DX12, GL), and falls back to a parallel CPU path where
-//! no GPU exists. Every result of every backend is tested against the f64 [`reference`](mod@reference).
+//! gpunorm normalizes large f32 batches — LayerNorm over each row, BatchNorm over each feature
+//! (training with masks and running statistics, and eval) — with WGSL compute shaders on any GPU
+//! that wgpu reaches (Vulkan, Metal, DX12, GL), and falls back to a parallel CPU path where no GPU
+//! exists. Every result of every backend is tested against the f64 [`reference`](mod@reference).
 //!
 //! ```
-//! use gpunorm::{LayerNorm, Normalizer};
+//! use gpunorm::{BatchNorm, LayerNorm, Normalizer};
 //!
 //! # fn main() -> Result<(), gpunorm::NormError> {
 //! // The best GPU adapter, or the CPU fallback where there is none.
@@ -15,6 +16,11 @@
 //! let y = norm.layer_norm(&x, 3, &LayerNorm::default())?;
 //! assert!((y[0] + 1.2247).abs() < 1e-3 && y[1].abs() < 1e-6 && (y[2] - 1.2247).abs() < 1e-3);
 //! assert_eq!(&y[3..], &[0.0, 0.0, 0.0]);
+//!
+//! // BatchNorm over the two positions, the padded one left out of the statistics.
+//! let mask = [true, false];
+//! let out = norm.batch_norm_train(&x, 3, &BatchNorm { mask: Some(&mask), ..Default::default() })?;
+//! assert_eq!((out.count, out.mean[0]), (1, 1.0));
 //!
 //! // Bad input is an error, never a panic.
 //! assert!(norm.layer_norm(&x, 4, &LayerNorm::default()).is_err());
@@ -62,6 +68,14 @@ pub struct Normalizer {
 enum Backend {
     Cpu,
     Gpu(Box<GpuContext>),
+}
+
+impl std::fmt::Debug for Normalizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Normalizer")
+            .field("backend", &self.describe())
+            .finish()
+    }
 }
 
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
@@ -170,7 +184,10 @@ impl Normalizer {
         layer_norm::validate(x, features, opts)?;
         check_output(x, y)?;
         let kernel = match &self.backend {
-            Backend::Gpu(ctx) => layer_norm::gpu(ctx, x, y, features, opts)?,
+            Backend::Gpu(ctx) => {
+                let _serial = ctx.exclusive();
+                layer_norm::gpu(ctx, x, y, features, opts)?
+            }
             Backend::Cpu => {
                 cpu::layer_norm::layer_norm(x, y, features, opts);
                 None
@@ -292,6 +309,7 @@ impl Normalizer {
         check_output(x, y)?;
         let ((mean, var), kernel) = match &self.backend {
             Backend::Gpu(ctx) => {
+                let _serial = ctx.exclusive();
                 let io = batch_norm::Io::Host { x, y };
                 let out = batch_norm::gpu(ctx, io, shape, opts, Stats::Batch { first })?;
                 (out.stats.expect("training returns statistics"), out.kernel)
@@ -314,6 +332,7 @@ impl Normalizer {
         check_output(x, y)?;
         let kernel = match &self.backend {
             Backend::Gpu(ctx) => {
+                let _serial = ctx.exclusive();
                 batch_norm::gpu(
                     ctx,
                     batch_norm::Io::Host { x, y },

@@ -68,6 +68,7 @@ impl Normalizer {
     /// when the data exceeds one binding of this device.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
         let ctx = self.context("upload")?;
+        let _serial = ctx.exclusive();
         let bytes = (data.len() * 4) as u64;
         if bytes > ctx.max_binding_bytes() {
             return Err(NormError::TooLarge {
@@ -90,6 +91,7 @@ impl Normalizer {
     /// Reads a GPU tensor back (waits for the work that writes it).
     pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
         let ctx = self.context("download")?;
+        let _serial = ctx.exclusive();
         let mut out = vec![0f32; tensor.len];
         ctx.scoped("download", || -> Result<(), NormError> {
             let bytes = (tensor.len * 4) as u64;
@@ -122,6 +124,7 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("layer_norm_gpu")?;
+        let _serial = ctx.exclusive();
         let rows = layer_norm::validate_len(x.len, features, opts)?;
         ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
             let output = new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64);
@@ -162,6 +165,7 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
     ) -> Result<(GpuTensor, BatchStats), NormError> {
         let ctx = self.context("batch_norm_train_gpu")?;
+        let _serial = ctx.exclusive();
         let shape = Shape::features_last_len(x.len, features)?;
         let (count, first) = batch_norm::validate(&shape, opts)?;
         let output = ctx.scoped("batch_norm_train_gpu", || {
@@ -193,6 +197,7 @@ impl Normalizer {
         stats: &RunningStats,
     ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("batch_norm_eval_gpu")?;
+        let _serial = ctx.exclusive();
         let shape = Shape::features_last_len(x.len, features)?;
         batch_norm::validate(&shape, opts)?;
         batch_norm::validate_stats(&shape, stats)?;
@@ -224,6 +229,7 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<(), NormError> {
         let ctx = self.context("encode_layer_norm")?;
+        let _serial = ctx.exclusive();
         let rows = layer_norm::validate_len(len, features, opts)?;
         check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
         if rows == 0 {
