@@ -9,6 +9,9 @@ use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::batch_norm::Shape;
 use crate::{BatchNorm, RunningStats};
 
+/// Values (16 KiB) between the data being summed and the data being prefetched in the first
+/// statistics pass, as in LayerNorm.
+const PREFETCH_DISTANCE: usize = 4096;
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.
 const TASK_VALUES: usize = 65536;
@@ -168,7 +171,10 @@ fn stats(
             for (b, xb) in xg.chunks(block).enumerate() {
                 let p0 = (g * per_group + b * block) / c / s * s;
                 let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
-                let ahead = &xg[((b + 1) * block).min(xg.len())..((b + 2) * block).min(xg.len())];
+                // Pass one reads memory: prefetch PREFETCH_DISTANCE ahead of it. Pass two runs in
+                // cache: bring in the next block meanwhile.
+                let near = |from: usize| &xg[from.min(xg.len())..(from + xb.len()).min(xg.len())];
+                let ahead = [near(b * block + PREFETCH_DISTANCE), near((b + 1) * block)];
                 if s == 1 {
                     features_last_block(xb, c, m, &shift, ahead, &mut block_moments, &mut scratch);
                 } else {
@@ -192,7 +198,7 @@ multiversion! {
     /// loop over columns vectorises; each column sums at most `SUB_ROWS` values in f32 before
     /// adding them in f64. `scratch` holds 2 × columns values.
     fn features_last_block(
-        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: &[f32],
+        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: [&[f32]; 2],
         out: &mut Moments, scratch: &mut [f32],
     ) => features_last_block_body
 }
@@ -203,7 +209,7 @@ fn features_last_block_body(
     c: usize,
     mask: Option<&[bool]>,
     shift: &[f32],
-    ahead: &[f32],
+    ahead: [&[f32]; 2],
     out: &mut Moments,
     scratch: &mut [f32],
 ) {
@@ -216,12 +222,11 @@ fn features_last_block_body(
         return;
     }
     let (part, mean) = scratch.split_at_mut(c);
-    column_pass::<false>(xb, c, &counted, shift, &[], part, &mut out.mean, &[]);
+    column_pass::<false>(xb, c, &counted, shift, &[], part, &mut out.mean, ahead[0]);
     for (m, &s) in mean.iter_mut().zip(&out.mean) {
         *m = (s / n as f64) as f32;
     }
-    // The second pass runs in cache: meanwhile, bring in the next block.
-    column_pass::<true>(xb, c, &counted, shift, mean, part, &mut out.m2, ahead);
+    column_pass::<true>(xb, c, &counted, shift, mean, part, &mut out.m2, ahead[1]);
     for (o, &m) in out.mean.iter_mut().zip(mean.iter()) {
         *o = m as f64;
     }
@@ -445,8 +450,8 @@ mod tests {
             let shift: Vec<f32> = x[..c].to_vec();
             let (mut a, mut b) = (Moments::empty(c), Moments::empty(c));
             let mut scratch = vec![0f32; 2 * c];
-            features_last_block(&x, c, Some(&mask), &shift, &[], &mut a, &mut scratch);
-            features_last_block_body(&x, c, Some(&mask), &shift, &[], &mut b, &mut scratch);
+            features_last_block(&x, c, Some(&mask), &shift, [&[], &[]], &mut a, &mut scratch);
+            features_last_block_body(&x, c, Some(&mask), &shift, [&[], &[]], &mut b, &mut scratch);
             assert_eq!((a.n, &a.mean, &a.m2), (b.n, &b.mean, &b.m2), "{c} columns");
 
             let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
