@@ -142,6 +142,13 @@ impl RunningStats {
 /// assert_eq!(gpunorm::mask_from_lengths(&[2, 1], 3).unwrap(), [true, true, false, true, false, false]);
 /// ```
 pub fn mask_from_lengths(lengths: &[usize], seq_len: usize) -> Result<Vec<bool>, NormError> {
+    if lengths.len().checked_mul(seq_len).is_none() {
+        return Err(NormError::TooLarge {
+            what: "a mask of lengths.len() × seq_len entries",
+            needed: u64::MAX,
+            limit: usize::MAX as u64,
+        });
+    }
     if let Some((index, &length)) = lengths.iter().enumerate().find(|&(_, &l)| l > seq_len) {
         return Err(NormError::SequenceTooLong {
             index,

@@ -569,6 +569,11 @@ fn bad_input_is_an_error() {
             seq_len: 4
         })
     );
+    // A mask too large to address is an error, not an abort in the allocator.
+    assert!(matches!(
+        mask_from_lengths(&[1, 1], usize::MAX),
+        Err(NormError::TooLarge { .. })
+    ));
     assert_eq!(
         mask_from_lengths(&[2, 0, 3], 3).unwrap(),
         [true, true, false, false, false, false, true, true, true]

@@ -5,13 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::{multiversion, should_stream, stream_fence, write_out};
+use super::{multiversion, should_stream, stream_fence, write_out, PREFETCH_DISTANCE};
 use crate::batch_norm::Shape;
 use crate::{BatchNorm, RunningStats};
 
-/// Values (16 KiB) between the data being summed and the data being prefetched in the first
-/// statistics pass, as in LayerNorm.
-const PREFETCH_DISTANCE: usize = 4096;
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.
 const TASK_VALUES: usize = 65536;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{
     multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
-    write_out,
+    write_out, PREFETCH_DISTANCE,
 };
 use crate::LayerNorm;
 
@@ -21,9 +21,6 @@ pub(crate) fn layer_norm(x: &[f32], y: &mut [f32], features: usize, opts: &Layer
             stream_fence();
         });
 }
-
-/// Values (16 KiB) between the data being normalized and the data being prefetched.
-const PREFETCH_DISTANCE: usize = 4096;
 
 multiversion! {
     fn rows(x: &[f32], y: &mut [f32], features: usize, opts: &LayerNorm<'_>, stream: bool) => rows_body

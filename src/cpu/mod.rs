@@ -11,6 +11,8 @@ pub(crate) mod batch_norm;
 pub(crate) mod layer_norm;
 
 const LANES: usize = 16;
+/// Values (16 KiB) between the data a pass reads from memory and the data it prefetches.
+pub(crate) const PREFETCH_DISTANCE: usize = 4096;
 /// Values summed in f32 before the partial sum moves to f64.
 const BLOCK: usize = 512;
 
