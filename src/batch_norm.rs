@@ -190,11 +190,11 @@ impl Shape {
         if spatial == 0 {
             return Err(NormError::ZeroDimension { name: "spatial" });
         }
-        let plane = channels
-            .checked_mul(spatial)
-            .ok_or(NormError::ZeroDimension {
-                name: "channels × spatial",
-            })?;
+        let plane = channels.checked_mul(spatial).ok_or(NormError::TooLarge {
+            what: "channels × spatial (it overflows usize)",
+            needed: u64::MAX,
+            limit: usize::MAX as u64,
+        })?;
         let batch = crate::rows_of(x, plane).map_err(|e| match e {
             NormError::LengthNotMultiple { len, .. } => NormError::LengthNotMultiple {
                 len,
