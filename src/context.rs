@@ -54,8 +54,8 @@ impl Drop for Pooled<'_> {
 impl GpuContext {
     /// Opens the best adapter wgpu finds (high performance unless `WGPU_POWER_PREF` says
     /// otherwise). Vulkan, Metal and DX12 are tried first and GL only where they find nothing, so
-    /// a machine with Vulkan never probes EGL (which complains on headless Linux);
-    /// `WGPU_BACKEND` picks the APIs instead.
+    /// a machine with a primary API never opens a GL context it will not use; `WGPU_BACKEND`
+    /// picks the APIs instead.
     pub fn new() -> Result<Self, NormError> {
         let options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
