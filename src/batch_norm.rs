@@ -438,6 +438,13 @@ pub(crate) fn gpu(
         };
         let mut chunks = Vec::new();
         let mut total_tiles = 0u32;
+        // Uploads go through pooled staging buffers, recorded here and submitted before the work.
+        let mut uploads = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batch_norm upload"),
+            });
+        let mut staged = Vec::new();
         for start in (0..len).step_by(chunk_values.max(1)) {
             let chunk_len = chunk_values.min(len - start);
             let positions = chunk_len / c;
@@ -457,11 +464,7 @@ pub(crate) fn gpu(
                         (chunk_len * 4) as u64,
                         U::STORAGE | U::COPY_DST,
                     );
-                    ctx.queue.write_buffer(
-                        &b,
-                        0,
-                        bytemuck::cast_slice(&x[start..start + chunk_len]),
-                    );
+                    staged.push(ctx.upload(&mut uploads, &b, &x[start..start + chunk_len])?);
                     Buf::Made(b)
                 }
                 Io::Device { x, .. } => Buf::Given(x),
@@ -477,7 +480,7 @@ pub(crate) fn gpu(
                 U::STORAGE | U::COPY_DST,
             );
             if let Some(w) = &words {
-                ctx.queue.write_buffer(&mask, 0, bytemuck::cast_slice(w));
+                staged.push(ctx.upload(&mut uploads, &mask, w)?);
             }
             let params = ctx.buffer("batch_norm params", 64, U::UNIFORM | U::COPY_DST);
             let tiles = p.col_tiles as usize * p.row_tiles as usize;
@@ -493,6 +496,7 @@ pub(crate) fn gpu(
                 p,
             ));
         }
+        ctx.queue.submit([uploads.finish()]);
         for (chunk, p) in &mut chunks {
             p.total_tiles = total_tiles;
             ctx.queue

@@ -174,6 +174,63 @@ impl GpuContext {
         }
     }
 
+    /// Records a copy of `data` into `dst` (from offset 0) into `encoder`, through a pooled
+    /// staging buffer that is already mapped or mapped now: no fresh host allocation per call.
+    /// The returned guard must live until the encoder's work has been waited for.
+    pub fn upload<T: bytemuck::Pod>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        dst: &wgpu::Buffer,
+        data: &[T],
+    ) -> Result<Pooled<'_>, NormError> {
+        use wgpu::BufferUsages as U;
+        let bytes = std::mem::size_of_val(data) as u64;
+        let size = bytes.max(16);
+        let usage = U::MAP_WRITE | U::COPY_SRC;
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter()
+                .position(|b| b.size() == size && b.usage() == usage)
+                .map(|i| free.remove(i))
+        };
+        let staging = match reused {
+            Some(buffer) => {
+                // Waits, if need be, for the GPU to finish reading the buffer's last upload.
+                let (tx, rx) = mpsc::channel();
+                buffer.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+                    let _ = tx.send(r);
+                });
+                self.wait()?;
+                rx.recv()
+                    .map_err(|e| gpu_err("mapping an upload buffer", e))?
+                    .map_err(|e| gpu_err("mapping an upload buffer", e))?;
+                buffer
+            }
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("gpunorm upload"),
+                size,
+                usage,
+                mapped_at_creation: true,
+            }),
+        };
+        if bytes > 0 {
+            let mut view = staging
+                .slice(..bytes)
+                .get_mapped_range_mut()
+                .map_err(|e| gpu_err("writing an upload buffer", e))?;
+            view.copy_from_slice(bytemuck::cast_slice(data));
+        }
+        staging.unmap();
+        if bytes > 0 {
+            encoder.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
+        }
+        Ok(Pooled {
+            ctx: self,
+            buffer: Some(staging),
+            pooled: true,
+        })
+    }
+
     /// Drops every free buffer of the pool.
     pub fn release_buffers(&self) {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -194,8 +194,6 @@ pub(crate) fn gpu(
             .chunks(chunk_rows * features)
             .zip(y.chunks_mut(chunk_rows * features))
         {
-            ctx.queue
-                .write_buffer(&input, 0, bytemuck::cast_slice(x_chunk));
             #[cfg(debug_assertions)]
             poison(ctx, &output, x_chunk.len());
             let mut encoder = ctx
@@ -203,6 +201,7 @@ pub(crate) fn gpu(
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("layer_norm"),
                 });
+            let _upload = ctx.upload(&mut encoder, &input, x_chunk)?;
             encode(
                 ctx,
                 &mut encoder,

@@ -77,15 +77,22 @@ impl Normalizer {
                 limit: ctx.max_binding_bytes(),
             });
         }
-        ctx.scoped("upload", || {
+        ctx.scoped("upload", || -> Result<GpuTensor, NormError> {
             let buffer = new_tensor_buffer(ctx, "gpunorm tensor", bytes);
-            ctx.queue
-                .write_buffer(&buffer, 0, bytemuck::cast_slice(data));
-            GpuTensor {
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("gpunorm upload"),
+                });
+            // The staging buffer may go back to the pool before the copy runs: whoever takes it
+            // next maps it first, and wgpu maps a buffer only once the GPU is done with it.
+            let _staging = ctx.upload(&mut encoder, &buffer, data)?;
+            ctx.queue.submit([encoder.finish()]);
+            Ok(GpuTensor {
                 buffer,
                 len: data.len(),
-            }
-        })
+            })
+        })?
     }
 
     /// Reads a GPU tensor back (waits for the work that writes it).

@@ -113,9 +113,11 @@ pub fn run(norm: &Normalizer, opts: &Options) -> Result<(), NormError> {
         );
         if let Some(g) = gpu {
             f.gpu_copy = gpu_copy(g, n, opts.reps)?.map(|s| gbps(bytes, s));
-            let (up, down) = transfers(g, &x, opts.reps)?;
-            f.upload = Some(up);
-            f.download = Some(down);
+            // A tensor past one binding cannot live on the device whole: no transfer figures.
+            if let Some((up, down)) = transfers(g, &x, opts.reps)? {
+                f.upload = Some(up);
+                f.download = Some(down);
+            }
         }
         println!(
             "  {:<17} {:>12} {:>8} {:>10} {:>9.2} {:>9}",
@@ -296,9 +298,18 @@ fn input(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Upload and download speeds of `x` through GPU tensors, in GB/s (bytes of x each way).
-fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<(f64, f64), NormError> {
+/// Upload and download speeds of `x` through GPU tensors, in GB/s (bytes of x each way); None
+/// when `x` does not fit one binding of the device.
+fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<Option<(f64, f64)>, NormError> {
     let (device, queue) = norm.wgpu().expect("a GPU normalizer");
+    let limits = device.limits();
+    if (x.len() * 4) as u64
+        > limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+    {
+        return Ok(None);
+    }
     let bytes = (x.len() * 4) as f64;
     let mut tensor = None;
     let up = median(reps, || {
@@ -321,7 +332,7 @@ fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<(f64, f64), No
         Ok((t.elapsed(), Timing::default()))
     })?
     .0;
-    Ok((gbps(bytes, up), gbps(bytes, down)))
+    Ok(Some((gbps(bytes, up), gbps(bytes, down))))
 }
 
 /// Per-op cost of LayerNorm on a small batch: end to end (upload, kernel, readback, one
