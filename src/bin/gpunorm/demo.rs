@@ -9,6 +9,15 @@ pub fn info(norm: &Normalizer) -> Result<(), NormError> {
             "  api {:?}, device type {:?}, vendor {:#06x}, device {:#06x}",
             a.backend, a.device_type, a.vendor, a.device
         );
+        if let Some((device, _)) = norm.wgpu() {
+            let l = device.limits();
+            println!(
+                "  largest binding {} MiB, largest buffer {} MiB, {} workgroups per dimension",
+                l.max_storage_buffer_binding_size >> 20,
+                l.max_buffer_size >> 20,
+                l.max_compute_workgroups_per_dimension
+            );
+        }
         println!(
             "  kernel timestamps: {}",
             if norm.has_kernel_timing() {
