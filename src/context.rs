@@ -23,6 +23,8 @@ pub(crate) struct GpuContext {
     free: Mutex<Vec<wgpu::Buffer>>,
     /// Held for a whole call on the GL backend (see [`GpuContext::exclusive`]).
     serial: Option<Mutex<()>>,
+    /// Timestamp query sets no call is using (see [`PassTimer`]).
+    query_sets: Mutex<Vec<wgpu::QuerySet>>,
 }
 
 /// Free buffers the pool keeps at most, in bytes; past it the oldest are dropped.
@@ -112,6 +114,7 @@ impl GpuContext {
             queue,
             pipelines: Mutex::new(HashMap::new()),
             free: Mutex::new(Vec::new()),
+            query_sets: Mutex::new(Vec::new()),
         }
     }
 
@@ -377,48 +380,70 @@ pub(crate) fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 }
 
 /// Timestamp queries around compute passes: kernel time summed over every pass it wraps.
-/// Absent (`None`) where the adapter lacks `TIMESTAMP_QUERY`.
-pub(crate) struct PassTimer {
-    queries: wgpu::QuerySet,
-    resolve: wgpu::Buffer,
-    staging: wgpu::Buffer,
+/// Absent (`None`) where the adapter lacks `TIMESTAMP_QUERY`. Its query set and buffers come from
+/// the context's pools and go back when it drops, so only calls that wait for their work may
+/// use one.
+pub(crate) struct PassTimer<'a> {
+    ctx: &'a GpuContext,
+    queries: Option<wgpu::QuerySet>,
+    resolve: Pooled<'a>,
+    staging: Pooled<'a>,
     period_ns: f64,
     total: Duration,
 }
 
-impl PassTimer {
-    pub fn new(ctx: &GpuContext) -> Option<Self> {
+impl Drop for PassTimer<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.queries.take() {
+            self.ctx
+                .query_sets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(q);
+        }
+    }
+}
+
+impl<'a> PassTimer<'a> {
+    pub fn new(ctx: &'a GpuContext) -> Option<Self> {
         if !ctx.timestamps {
             return None;
         }
-        let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("gpunorm pass timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
+        let pooled = ctx
+            .query_sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let queries = pooled.unwrap_or_else(|| {
+            ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("gpunorm pass timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            })
         });
-        let resolve = ctx.buffer(
-            "gpunorm timestamp resolve",
-            16,
-            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        );
-        let staging = ctx.buffer(
-            "gpunorm timestamp readback",
-            16,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
+        use wgpu::BufferUsages as U;
         Some(Self {
-            queries,
-            resolve,
-            staging,
+            ctx,
+            queries: Some(queries),
+            resolve: ctx.take(
+                "gpunorm timestamp resolve",
+                16,
+                U::QUERY_RESOLVE | U::COPY_SRC,
+            ),
+            staging: ctx.take("gpunorm timestamp readback", 16, U::MAP_READ | U::COPY_DST),
             period_ns: ctx.queue.get_timestamp_period() as f64,
             total: Duration::ZERO,
         })
     }
 
+    fn query_set(&self) -> &wgpu::QuerySet {
+        self.queries.as_ref().expect("present until drop")
+    }
+
     /// The timestamp writes to attach to the next compute pass.
     pub fn writes(&self) -> wgpu::ComputePassTimestampWrites<'_> {
         wgpu::ComputePassTimestampWrites {
-            query_set: &self.queries,
+            query_set: self.query_set(),
             beginning_of_pass_write_index: Some(0),
             end_of_pass_write_index: Some(1),
         }
@@ -426,7 +451,7 @@ impl PassTimer {
 
     /// Records the copy of this pass's timestamps; call after the pass, before submitting.
     pub fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.resolve_query_set(&self.queries, 0..2, &self.resolve, 0);
+        encoder.resolve_query_set(self.query_set(), 0..2, &self.resolve, 0);
         encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.staging, 0, 16);
     }
 
@@ -440,7 +465,7 @@ impl PassTimer {
         Ok(())
     }
 
-    pub fn total(timer: &Option<Self>) -> Option<Duration> {
+    pub fn total(timer: &Option<PassTimer<'_>>) -> Option<Duration> {
         timer.as_ref().map(|t| t.total)
     }
 }
