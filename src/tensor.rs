@@ -171,27 +171,10 @@ impl Normalizer {
         features: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<(GpuTensor, BatchStats), NormError> {
-        let ctx = self.context("batch_norm_train_gpu")?;
-        let _serial = ctx.exclusive();
-        let shape = Shape::features_last_len(x.len, features)?;
-        let (count, first) = batch_norm::validate(&shape, opts)?;
-        let output = ctx.scoped("batch_norm_train_gpu", || {
-            new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64)
-        })?;
-        let io = Io::Device {
-            x: &x.buffer,
-            y: &output,
-            len: x.len,
-        };
-        let out = batch_norm::gpu(ctx, io, &shape, opts, Stats::Batch { first })?;
-        let (mean, var) = out.stats.expect("training returns statistics");
-        Ok((
-            GpuTensor {
-                buffer: output,
-                len: x.len,
-            },
-            BatchStats { mean, var, count },
-        ))
+        let (y, stats, count) =
+            self.batch_norm_on_device("batch_norm_train_gpu", x, features, opts, None)?;
+        let (mean, var) = stats.expect("training returns statistics");
+        Ok((y, BatchStats { mean, var, count }))
     }
 
     /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
@@ -203,12 +186,33 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<GpuTensor, NormError> {
-        let ctx = self.context("batch_norm_eval_gpu")?;
+        self.batch_norm_on_device("batch_norm_eval_gpu", x, features, opts, Some(stats))
+            .map(|(y, _, _)| y)
+    }
+
+    /// BatchNorm of a GPU tensor into a new one: training without `running` (returns the batch
+    /// statistics and the count), eval with it.
+    #[allow(clippy::type_complexity)]
+    fn batch_norm_on_device(
+        &self,
+        op: &'static str,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        running: Option<&RunningStats>,
+    ) -> Result<(GpuTensor, Option<(Vec<f32>, Vec<f32>)>, usize), NormError> {
+        let ctx = self.context(op)?;
         let _serial = ctx.exclusive();
         let shape = Shape::features_last_len(x.len, features)?;
-        batch_norm::validate(&shape, opts)?;
-        batch_norm::validate_stats(&shape, stats)?;
-        let output = ctx.scoped("batch_norm_eval_gpu", || {
+        let (count, first) = batch_norm::validate(&shape, opts)?;
+        let stats = match running {
+            Some(r) => {
+                batch_norm::validate_stats(&shape, r)?;
+                Stats::Running(r)
+            }
+            None => Stats::Batch { first },
+        };
+        let output = ctx.scoped(op, || {
             new_tensor_buffer(ctx, "gpunorm tensor", (x.len * 4) as u64)
         })?;
         let io = Io::Device {
@@ -216,11 +220,15 @@ impl Normalizer {
             y: &output,
             len: x.len,
         };
-        batch_norm::gpu(ctx, io, &shape, opts, Stats::Running(stats))?;
-        Ok(GpuTensor {
-            buffer: output,
-            len: x.len,
-        })
+        let out = batch_norm::gpu(ctx, io, &shape, opts, stats)?;
+        Ok((
+            GpuTensor {
+                buffer: output,
+                len: x.len,
+            },
+            out.stats,
+            count,
+        ))
     }
 
     /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
