@@ -161,7 +161,7 @@ fn random_batches_with_and_without_masks() {
 #[test]
 fn offset_columns_stay_accurate() {
     for (name, norm) in backends() {
-        for &(rows, features) in &[(1000, 3), (257, 64)] {
+        for &(rows, features) in &[(1000, 3), (257, 64), (130, 2050)] {
             let x = data(rows * features, 1e4, 1e-2, 8);
             let mask = random_mask(rows, 4);
             for opts in [
@@ -603,15 +603,23 @@ fn repeated_gpu_runs_are_bitwise_identical() {
 /// The CPU fallback merges fixed blocks in a fixed order: one thread or many, the same bits.
 #[test]
 fn cpu_results_do_not_depend_on_the_thread_count() {
-    let x = ordinary(40_000 * 5, 3);
     let cpu = Normalizer::cpu();
-    let many = cpu.batch_norm_train(&x, 5, &BatchNorm::default()).unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .unwrap();
-    let one = pool.install(|| cpu.batch_norm_train(&x, 5, &BatchNorm::default()).unwrap());
-    assert_eq!(many, one);
+    // Narrow rows, and rows wider than one statistics tile with a mask.
+    for &(rows, features) in &[(40_000, 5), (700, 2500)] {
+        let x = ordinary(rows * features, 3);
+        let mask = random_mask(rows, 6);
+        let opts = BatchNorm {
+            mask: (features > 5).then_some(&mask[..]),
+            ..Default::default()
+        };
+        let many = cpu.batch_norm_train(&x, features, &opts).unwrap();
+        let one = pool.install(|| cpu.batch_norm_train(&x, features, &opts).unwrap());
+        assert_eq!(many, one, "{rows}x{features}");
+    }
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! CPU mirror of `shaders/batch_norm.wgsl`: per-column statistics of the shifted values over
-//! fixed blocks of positions (a two-pass inside each block, which is in cache), merged in block
+//! fixed blocks of positions (a two-pass inside each tile of a block, which is in cache), merged in block
 //! order with Chan's formula, then one elementwise pass. Blocks depend on the shape only, so the
 //! result does not depend on the number of threads.
 
 use rayon::prelude::*;
 
-use super::{multiversion, should_stream, stream_fence, write_out, PREFETCH_DISTANCE};
+use std::ops::Range;
+
+use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::batch_norm::Shape;
 use crate::{BatchNorm, RunningStats};
 
@@ -168,12 +170,12 @@ fn stats(
             for (b, xb) in xg.chunks(block).enumerate() {
                 let p0 = (g * per_group + b * block) / c / s * s;
                 let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
-                // Pass one reads memory: prefetch PREFETCH_DISTANCE ahead of it. Pass two runs in
-                // cache: bring in the next block meanwhile.
-                let near = |from: usize| &xg[from.min(xg.len())..(from + xb.len()).min(xg.len())];
-                let ahead = [near(b * block + PREFETCH_DISTANCE), near((b + 1) * block)];
                 if s == 1 {
-                    features_last_block(xb, c, m, &shift, ahead, &mut block_moments, &mut scratch);
+                    // The block after this one, in this group: its first tile is prefetched
+                    // while the last tile of this one is read.
+                    let next =
+                        &xg[((b + 1) * block).min(xg.len())..((b + 2) * block).min(xg.len())];
+                    features_last_block(xb, c, m, &shift, next, &mut block_moments, &mut scratch);
                 } else {
                     channels_first_plane(xb, s, m, &shift, &mut block_moments);
                 }
@@ -190,12 +192,39 @@ fn stats(
     (shift, total.mean, var)
 }
 
+/// Columns per statistics tile. A block's rows are read one tile (the block's rows × `STRIP`
+/// columns) at a time, twice: from memory, then from L2. A tile stays small even when rows are
+/// long, and its f32 partial sums, shifts and centres (3 × 4 KiB) stay in L1.
+const STRIP: usize = 1024;
+
+/// A rectangle of a features-last tensor: the rows of `data` (row length `stride`), columns
+/// `cols` of each.
+struct Tile<'a> {
+    data: &'a [f32],
+    stride: usize,
+    cols: Range<usize>,
+}
+
+impl Tile<'_> {
+    #[inline(always)]
+    fn rows(&self) -> usize {
+        self.data.len() / self.stride
+    }
+
+    #[inline(always)]
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.stride..][self.cols.clone()]
+    }
+}
+
 multiversion! {
-    /// A block of whole rows, two passes over it, into `out`. Sums run along rows so the inner
-    /// loop over columns vectorises; each column sums at most `SUB_ROWS` values in f32 before
-    /// adding them in f64. `scratch` holds 2 × columns values.
+    /// A block of whole rows, into `out`, one tile of `STRIP` columns after another; `next` is
+    /// the block read after this one (may be empty), whose first tile is prefetched during the
+    /// last tile of this one. Sums run along rows so the inner loop over columns vectorises;
+    /// each column sums at most `SUB_ROWS` values in f32 before adding them in f64. `scratch`
+    /// holds 2 × columns values.
     fn features_last_block(
-        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], ahead: [&[f32]; 2],
+        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], next: &[f32],
         out: &mut Moments, scratch: &mut [f32],
     ) => features_last_block_body
 }
@@ -206,7 +235,7 @@ fn features_last_block_body(
     c: usize,
     mask: Option<&[bool]>,
     shift: &[f32],
-    ahead: [&[f32]; 2],
+    next: &[f32],
     out: &mut Moments,
     scratch: &mut [f32],
 ) {
@@ -219,46 +248,91 @@ fn features_last_block_body(
         return;
     }
     let (part, mean) = scratch.split_at_mut(c);
-    column_pass::<false>(xb, c, &counted, shift, &[], part, &mut out.mean, ahead[0]);
-    for (m, &s) in mean.iter_mut().zip(&out.mean) {
-        *m = (s / n as f64) as f32;
-    }
-    column_pass::<true>(xb, c, &counted, shift, mean, part, &mut out.m2, ahead[1]);
-    for (o, &m) in out.mean.iter_mut().zip(mean.iter()) {
-        *o = m as f64;
+    let strip = |k: usize| k..(k + STRIP).min(c);
+    for k in (0..c).step_by(STRIP) {
+        let cols = strip(k);
+        let tile = Tile {
+            data: xb,
+            stride: c,
+            cols: cols.clone(),
+        };
+        // Pass one reads the tile from memory while the next tile comes in; pass two finds the
+        // tile in cache.
+        let ahead = if cols.end < c {
+            Tile {
+                data: xb,
+                stride: c,
+                cols: strip(cols.end),
+            }
+        } else {
+            Tile {
+                data: next,
+                stride: c,
+                cols: strip(0),
+            }
+        };
+        let (sh, ce) = (&shift[cols.clone()], &mut mean[cols.clone()]);
+        column_pass::<false>(
+            &tile,
+            &counted,
+            sh,
+            &[],
+            part,
+            &mut out.mean[cols.clone()],
+            &ahead,
+        );
+        for (m, &s) in ce.iter_mut().zip(&out.mean[cols.clone()]) {
+            *m = (s / n as f64) as f32;
+        }
+        let none = Tile {
+            data: &[],
+            stride: c,
+            cols: 0..0,
+        };
+        column_pass::<true>(
+            &tile,
+            &counted,
+            sh,
+            ce,
+            part,
+            &mut out.m2[cols.clone()],
+            &none,
+        );
+        for (o, &m) in out.mean[cols].iter_mut().zip(ce.iter()) {
+            *o = m as f64;
+        }
     }
 }
 
-/// acc[ch] += Σ over counted rows of d (SQUARE = false) or (d − center[ch])² (SQUARE = true),
-/// d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then added in f64. Rows
-/// are read in order (one stream for the prefetchers), in segments of `SEGMENT` values, and
-/// `ahead` (data read later, may be empty; at most as long as `xb`) is prefetched in step, one
-/// 64-byte line per 16 values, so requests go out evenly instead of in bursts.
+/// acc[ch] += Σ over the tile's counted rows of d (SQUARE = false) or (d − center[ch])²
+/// (SQUARE = true), d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then
+/// added in f64. `ahead` (a tile read later, may have no rows) is prefetched in step, row by row
+/// and segment by segment, one 64-byte line per 16 values, so requests go out evenly instead of
+/// in bursts.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn column_pass<const SQUARE: bool>(
-    xb: &[f32],
-    c: usize,
+    tile: &Tile<'_>,
     counted: &impl Fn(usize) -> bool,
     shift: &[f32],
     center: &[f32],
     part: &mut [f32],
     acc: &mut [f64],
-    ahead: &[f32],
+    ahead: &Tile<'_>,
 ) {
-    const SEGMENT: usize = 512;
-    let rows = xb.len() / c;
+    const SEGMENT: usize = 256;
+    let (rows, width) = (tile.rows(), tile.cols.len());
+    let part = &mut part[..width];
     for r0 in (0..rows).step_by(SUB_ROWS) {
         part.fill(0.0);
         for r in r0..(r0 + SUB_ROWS).min(rows) {
-            let row = &xb[r * c..(r + 1) * c];
-            for k in (0..c).step_by(SEGMENT) {
-                let lo = (r * c + k).min(ahead.len());
-                super::prefetch(&ahead[lo..(lo + SEGMENT.min(c - k)).min(ahead.len())]);
+            let row = tile.row(r);
+            let next = if r < ahead.rows() { ahead.row(r) } else { &[] };
+            for k in (0..width).step_by(SEGMENT) {
+                super::prefetch(&next[k.min(next.len())..(k + SEGMENT).min(next.len())]);
                 if !counted(r) {
                     continue;
                 }
-                let end = (k + SEGMENT).min(c);
+                let end = (k + SEGMENT).min(width);
                 let (p, v, sh) = (&mut part[k..end], &row[k..end], &shift[k..end]);
                 if SQUARE {
                     for (((p, &v), &sh), &ce) in p.iter_mut().zip(v).zip(sh).zip(&center[k..end]) {
@@ -275,6 +349,10 @@ fn column_pass<const SQUARE: bool>(
         for (a, &p) in acc.iter_mut().zip(part.iter()) {
             *a += p as f64;
         }
+    }
+    // A next tile with more rows than this one (a short last block) is fetched in one go.
+    for r in rows..ahead.rows() {
+        super::prefetch(ahead.row(r));
     }
 }
 
@@ -439,7 +517,7 @@ mod tests {
     /// The build for wider registers and the baseline build give the same bits.
     #[test]
     fn every_build_gives_the_same_bits() {
-        for &c in &[1usize, 3, 33, 100] {
+        for &c in &[1usize, 3, 33, 100, 1500] {
             let x: Vec<f32> = (0..c * 300)
                 .map(|i| ((i * 7919) % 1013) as f32 * 0.37 + 1e3)
                 .collect();
@@ -447,8 +525,8 @@ mod tests {
             let shift: Vec<f32> = x[..c].to_vec();
             let (mut a, mut b) = (Moments::empty(c), Moments::empty(c));
             let mut scratch = vec![0f32; 2 * c];
-            features_last_block(&x, c, Some(&mask), &shift, [&[], &[]], &mut a, &mut scratch);
-            features_last_block_body(&x, c, Some(&mask), &shift, [&[], &[]], &mut b, &mut scratch);
+            features_last_block(&x, c, Some(&mask), &shift, &[], &mut a, &mut scratch);
+            features_last_block_body(&x, c, Some(&mask), &shift, &[], &mut b, &mut scratch);
             assert_eq!((a.n, &a.mean, &a.m2), (b.n, &b.mean, &b.m2), "{c} columns");
 
             let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
