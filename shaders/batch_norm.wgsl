@@ -20,7 +20,7 @@
 //                  positions are written as 0. Eval mode runs only this pass, with
 //                  (0, running_mean, running_var) per column.
 //
-// Needs shared/reduce.wgsl prepended (WG, partial).
+// Needs `const WG: u32` (256) and shared/reduce.wgsl (partial) prepended by the host.
 
 // Keep in sync with `BatchNormParams` in src/batch_norm.rs.
 struct Params {

@@ -1,14 +1,23 @@
 // LayerNorm forward: y = (x - mean) / sqrt(var + eps) * gamma + beta over each row.
 //
-// Algorithm: one 256-thread workgroup per row; shifted two-pass statistics. Every value is first
-// shifted by the row's first element, d = x - x[0], which is exact for offset data (Sterbenz), so
-// the mean of d, the variance around it and the output (d - mean_d) * rstd never cancel large
-// numbers in f32. A plain two-pass in f32 loses 1e-2..1e-1 on rows with mean 1e4 and spread 1e-2.
-// Reductions are fixed-order trees: repeated runs give identical bits.
+// Algorithm: one workgroup of WG threads per row; shifted two-pass statistics. Every value is
+// first shifted by the row's first element, d = x - x[0], which is exact for offset data
+// (Sterbenz), so the mean of d, the variance around it and the output (d - mean_d) * rstd never
+// cancel large numbers in f32. A plain two-pass in f32 loses 1e-2..1e-1 on rows with mean 1e4 and
+// spread 1e-2. Each thread adds its values in a fixed order and the workgroup sum has a fixed
+// order: repeated runs give identical bits.
 //
-// Needs shared/{vec4,scalar}.wgsl (V, W, hsum, first) and shared/reduce.wgsl prepended.
-// Limits: rows of up to 2^24 features keep f32(features) exact; a chunk's elements must fit u32
-// (the host splits larger tensors). Rows beyond 65535 use the y dimension of the grid.
+// Two entry points, the same arithmetic in the same order (so the same bits):
+// - `layer_norm_held`: each thread keeps its K elements of the row in registers, so the input is
+//   read from memory once. For rows of at most WG * K elements.
+// - `layer_norm`: rows of any length; the statistics passes and the output pass each read the
+//   row again (from cache while the row fits there).
+//
+// Needs, prepended by the host: `const WG: u32` and `const K: u32`, shared/{vec4,scalar}.wgsl
+// (V, W, hsum, first) and shared/reduce.wgsl or shared/reduce_subgroup.wgsl (Invocation,
+// workgroup_sum). Limits: rows of up to 2^24 features keep f32(features) exact; a chunk's
+// elements must fit u32 (the host splits larger tensors). Rows beyond 65535 use the y dimension
+// of the grid.
 
 // Keep in sync with `LayerNormParams` in src/layer_norm.rs.
 struct Params {
@@ -25,11 +34,72 @@ struct Params {
 @group(0) @binding(3) var<storage, read> gamma: array<V>;
 @group(0) @binding(4) var<storage, read> beta: array<V>;
 
-@compute @workgroup_size(256)
+// Element i of the row starting at `base`, normalized from its centred value c = x - shift - mean.
+fn store(base: u32, i: u32, c: V, rstd: f32) {
+    var v = c * rstd;
+    if (params.flags & 1u) != 0u {
+        v = v * gamma[i];
+    }
+    if (params.flags & 2u) != 0u {
+        v = v + beta[i];
+    }
+    y[base + i] = v;
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    inv: Invocation,
+) {
+    let row = wid.y * groups.x + wid.x;
+    if row >= params.rows {
+        return;
+    }
+    let n = params.features / W;
+    let base = row * n;
+    let shift = first(x[base]);
+    let count = f32(params.features);
+
+    // All K loads are issued before any arithmetic waits on them.
+    var held: array<V, K>;
+    for (var j = 0u; j < K; j++) {
+        let i = inv.lid + j * WG;
+        if i < n {
+            held[j] = x[base + i];
+        }
+    }
+    var sum = 0.0;
+    for (var j = 0u; j < K; j++) {
+        if inv.lid + j * WG < n {
+            held[j] = held[j] - shift;
+            sum += hsum(held[j]);
+        }
+    }
+    let mean_d = workgroup_sum(inv, sum) / count;
+
+    var sq = 0.0;
+    for (var j = 0u; j < K; j++) {
+        if inv.lid + j * WG < n {
+            held[j] = held[j] - mean_d;
+            sq += hsum(held[j] * held[j]);
+        }
+    }
+    let rstd = inverseSqrt(workgroup_sum(inv, sq) / count + params.eps);
+
+    for (var j = 0u; j < K; j++) {
+        let i = inv.lid + j * WG;
+        if i < n {
+            store(base, i, held[j], rstd);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
 fn layer_norm(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
+    inv: Invocation,
 ) {
     let row = wid.y * groups.x + wid.x;
     if row >= params.rows {
@@ -41,26 +111,19 @@ fn layer_norm(
     let count = f32(params.features);
 
     var sum = 0.0;
-    for (var i = lid; i < n; i += WG) {
+    for (var i = inv.lid; i < n; i += WG) {
         sum += hsum(x[base + i] - shift);
     }
-    let mean_d = workgroup_sum(lid, sum) / count;
+    let mean_d = workgroup_sum(inv, sum) / count;
 
     var sq = 0.0;
-    for (var i = lid; i < n; i += WG) {
+    for (var i = inv.lid; i < n; i += WG) {
         let c = x[base + i] - shift - mean_d;
         sq += hsum(c * c);
     }
-    let rstd = inverseSqrt(workgroup_sum(lid, sq) / count + params.eps);
+    let rstd = inverseSqrt(workgroup_sum(inv, sq) / count + params.eps);
 
-    for (var i = lid; i < n; i += WG) {
-        var v = (x[base + i] - shift - mean_d) * rstd;
-        if (params.flags & 1u) != 0u {
-            v = v * gamma[i];
-        }
-        if (params.flags & 2u) != 0u {
-            v = v + beta[i];
-        }
-        y[base + i] = v;
+    for (var i = inv.lid; i < n; i += WG) {
+        store(base, i, x[base + i] - shift - mean_d, rstd);
     }
 }

@@ -417,7 +417,7 @@ pub(crate) fn gpu(
     let training = matches!(stats, Stats::Batch { .. });
     // Training reads its statistics back, so it waits; eval on a device tensor does not.
     let waits = training || matches!(io, Io::Host { .. });
-    let source = || shaders::assemble_plain(shaders::BATCH_NORM);
+    let source = shaders::batch_norm;
     let apply = ctx.pipeline("batch_norm apply", source, "apply")?;
     let stages = if training {
         Some((

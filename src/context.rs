@@ -18,6 +18,8 @@ pub(crate) struct GpuContext {
     pub queue: wgpu::Queue,
     pub limits: wgpu::Limits,
     pub timestamps: bool,
+    /// `Features::SUBGROUP` is enabled: workgroup sums use subgroup operations.
+    pub subgroups: bool,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
     /// Buffers no call is using, oldest first, for the next call of the same shape.
     free: Mutex<Vec<wgpu::Buffer>>,
@@ -85,12 +87,10 @@ impl GpuContext {
         // Ask for everything the adapter can address: normalization tensors are big, and the
         // defaults (128 MiB bindings) would refuse tensors the hardware handles fine.
         let limits = adapter.limits();
-        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
-        let required_features = if timestamps {
-            wgpu::Features::TIMESTAMP_QUERY
-        } else {
-            wgpu::Features::empty()
-        };
+        // Kernel times where the adapter can take timestamps; faster reductions where it has
+        // subgroup operations.
+        let required_features =
+            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("gpunorm device"),
             required_features,
@@ -103,13 +103,14 @@ impl GpuContext {
     }
 
     /// A context on a device someone else opened: its limits and features are what they are
-    /// (kernel times need `TIMESTAMP_QUERY` enabled on it).
+    /// (kernel times need `TIMESTAMP_QUERY` enabled on it, subgroup reductions `SUBGROUP`).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let gl = device.adapter_info().backend == wgpu::Backend::Gl;
         Self {
             serial: gl.then(|| Mutex::new(())),
             limits: device.limits(),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),

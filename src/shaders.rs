@@ -1,14 +1,17 @@
 //! The WGSL sources, embedded at compile time, and how they are put together.
 //!
-//! An op's shader is written against an element type `V` (`f32` or `vec4<f32>`) that it does not
-//! define: the host prepends `shared/scalar.wgsl` or `shared/vec4.wgsl`, then the shared helpers
-//! it needs. Every assembled module is parsed and validated by naga in this module's tests.
+//! An op's shader is written against constants (the workgroup size `WG`, elements per thread `K`),
+//! an element type `V` (`f32` or `vec4<f32>`) and a workgroup sum that it does not define: the host
+//! prepends the constants, `shared/scalar.wgsl` or `shared/vec4.wgsl`, and `shared/reduce.wgsl` or
+//! `shared/reduce_subgroup.wgsl`. Each combination is its own pipeline, cached under a key that
+//! names it. Every assembled module is parsed and validated by naga in this module's tests.
 
-pub(crate) const LAYER_NORM: &str = include_str!("../shaders/layer_norm.wgsl");
-pub(crate) const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
+const LAYER_NORM: &str = include_str!("../shaders/layer_norm.wgsl");
+const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
 const SCALAR: &str = include_str!("../shaders/shared/scalar.wgsl");
 const VEC4: &str = include_str!("../shaders/shared/vec4.wgsl");
 const REDUCE: &str = include_str!("../shaders/shared/reduce.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../shaders/shared/reduce_subgroup.wgsl");
 
 /// How many f32 each load and store of a kernel moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +30,14 @@ impl Width {
         }
     }
 
+    /// f32 values per element.
+    pub fn lanes(self) -> usize {
+        match self {
+            Width::Scalar => 1,
+            Width::Vec4 => 4,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Width::Scalar => "f32",
@@ -35,26 +46,49 @@ impl Width {
     }
 }
 
-/// The full WGSL module for an op's `source` at the given width.
-pub(crate) fn assemble(width: Width, source: &str) -> String {
+/// How a workgroup adds up one value per thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Reduce {
+    /// A shared-memory tree: works everywhere.
+    Tree,
+    /// Subgroup sums, then one shared-memory step: needs `Features::SUBGROUP`.
+    Subgroup,
+}
+
+impl Reduce {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduce::Tree => "tree",
+            Reduce::Subgroup => "subgroup",
+        }
+    }
+}
+
+/// The LayerNorm module: `wg` threads per workgroup, `held` elements per thread in
+/// `layer_norm_held` (at least 1; the looped `layer_norm` ignores it).
+pub(crate) fn layer_norm(width: Width, reduce: Reduce, wg: u32, held: u32) -> String {
     let element = match width {
         Width::Scalar => SCALAR,
         Width::Vec4 => VEC4,
     };
-    [element, REDUCE, source].join("\n")
+    let reduce = match reduce {
+        Reduce::Tree => REDUCE,
+        Reduce::Subgroup => REDUCE_SUBGROUP,
+    };
+    let consts = format!("const WG: u32 = {wg}u;\nconst K: u32 = {held}u;\n");
+    [&consts, element, reduce, LAYER_NORM].join("\n")
 }
 
-/// The full WGSL module for an op that works element by element (no `V`): the shared
-/// reduction helpers, then `source`.
-pub(crate) fn assemble_plain(source: &str) -> String {
-    [REDUCE, source].join("\n")
+/// The BatchNorm module: 256-thread workgroups, shared-memory column sums.
+pub(crate) fn batch_norm() -> String {
+    ["const WG: u32 = 256u;\n", REDUCE, BATCH_NORM].join("\n")
 }
 
 /// Every module the host may build, by name; the naga test walks it.
 #[cfg(test)]
 fn all_modules() -> Vec<(String, String)> {
     let mut all = vec![
-        ("batch_norm".to_owned(), assemble_plain(BATCH_NORM)),
+        ("batch_norm".to_owned(), batch_norm()),
         // Used by `gpunorm bench` for the copy ceiling; validated here with the rest.
         (
             "bench_copy".to_owned(),
@@ -62,10 +96,14 @@ fn all_modules() -> Vec<(String, String)> {
         ),
     ];
     for width in [Width::Scalar, Width::Vec4] {
-        all.push((
-            format!("layer_norm {}", width.name()),
-            assemble(width, LAYER_NORM),
-        ));
+        for reduce in [Reduce::Tree, Reduce::Subgroup] {
+            for held in [1, 8] {
+                all.push((
+                    format!("layer_norm {} {} k{held}", width.name(), reduce.name()),
+                    layer_norm(width, reduce, 256, held),
+                ));
+            }
+        }
     }
     all
 }

@@ -32,6 +32,39 @@ fn every_row_length_matches_the_reference() {
     }
 }
 
+/// Row lengths at the edges of the GPU kernels' size classes (1, 2, 4 or 8 elements held per
+/// thread, the looped kernel), in vec4 and f32 elements, ordinary and offset. On the GPU's own
+/// device (subgroup sums where it has them), and on a device opened with wgpu's default features
+/// (shared-memory sums): gpunorm picks its kernels from what the device it runs on allows.
+#[test]
+fn every_kernel_size_class_matches_the_reference() {
+    let Some(own) = gpu() else { return };
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let (device, queue) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+    let plain = Normalizer::from_wgpu(device, queue);
+    let lengths = [
+        1024, 1028, 2048, 2052, 4096, 4100, 8192, 8196, 32768, 32772, 255, 257, 2047, 2049, 8191,
+        8193,
+    ];
+    for (name, norm) in [("gpu", own), ("default-limits device", &plain)] {
+        for &features in &lengths {
+            let x = ordinary(3 * features, features as u64);
+            let err = check(norm, &x, features, &LayerNorm::default());
+            assert!(
+                err < TOL,
+                "{name}: {features} features: error {err:e} >= {TOL:e}"
+            );
+            let x = data(3 * features, 1e4, 1e-2, features as u64);
+            let err = check(norm, &x, features, &LayerNorm::default());
+            assert!(
+                err < TOL_OFFSET,
+                "{name}: {features} features, mean 1e4 spread 1e-2: error {err:e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn gamma_and_beta_are_applied_per_feature() {
     for (name, norm) in backends() {

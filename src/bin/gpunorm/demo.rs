@@ -17,6 +17,15 @@ pub fn info(norm: &Normalizer) -> Result<(), NormError> {
                 l.max_buffer_size >> 20,
                 l.max_compute_workgroups_per_dimension
             );
+            let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+            println!(
+                "  workgroup sums: {}",
+                if subgroups {
+                    "subgroup operations"
+                } else {
+                    "shared memory"
+                }
+            );
         }
         println!(
             "  kernel timestamps: {}",
