@@ -1,23 +1,23 @@
 // LayerNorm forward: y = (x - mean) / sqrt(var + eps) * gamma + beta over each row.
 //
-// Algorithm: one workgroup of WG threads per row; shifted two-pass statistics. Every value is
-// first shifted by the row's first element, d = x - x[0], which is exact for offset data
-// (Sterbenz), so the mean of d, the variance around it and the output (d - mean_d) * rstd never
-// cancel large numbers in f32. A plain two-pass in f32 loses 1e-2..1e-1 on rows with mean 1e4 and
-// spread 1e-2. Each thread adds its values in a fixed order and the workgroup sum has a fixed
-// order: repeated runs give identical bits.
+// Algorithm: shifted two-pass statistics. Every value is first shifted by the row's first element,
+// d = x - x[0], which is exact for offset data (Sterbenz), so the mean of d, the variance around
+// it and the output (d - mean_d) * rstd never cancel large numbers in f32. A plain two-pass in f32
+// loses 1e-2..1e-1 on rows with mean 1e4 and spread 1e-2. Each thread adds its values in a fixed
+// order and the sums over threads have a fixed order: repeated runs give identical bits.
 //
-// Two entry points, the same arithmetic in the same order (so the same bits):
-// - `layer_norm_held`: each thread keeps its K elements of the row in registers, so the input is
-//   read from memory once. For rows of at most WG * K elements.
-// - `layer_norm`: rows of any length; the statistics passes and the output pass each read the
-//   row again (from cache while the row fits there).
+// Two entry points, the same arithmetic in the same order (so the same bits for a given T):
+// - `layer_norm_held`: T threads per row, WG / T rows per workgroup (several rows for short rows,
+//   so few threads idle); each thread keeps its K elements of the row in registers, so the input
+//   is read from memory once. For rows of at most T * K elements.
+// - `layer_norm`: one workgroup per row of any length; the statistics passes and the output pass
+//   each read the row again (from cache while the row fits there).
 //
-// Needs, prepended by the host: `const WG: u32` and `const K: u32`, shared/{vec4,scalar}.wgsl
-// (V, W, hsum, first) and shared/reduce.wgsl or shared/reduce_subgroup.wgsl (Invocation,
-// workgroup_sum). Limits: rows of up to 2^24 features keep f32(features) exact; a chunk's
-// elements must fit u32 (the host splits larger tensors). Rows beyond 65535 use the y dimension
-// of the grid.
+// Needs, prepended by the host: `const WG: u32`, `const T: u32` (a power of two, at most WG) and
+// `const K: u32`, shared/{vec4,scalar}.wgsl (V, W, hsum, first) and shared/reduce.wgsl or
+// shared/reduce_subgroup.wgsl (Invocation, workgroup_sum). Limits: rows of up to 2^24 features
+// keep f32(features) exact; a chunk's elements must fit u32 (the host splits larger tensors).
+// Workgroups beyond 65535 use the y dimension of the grid.
 
 // Keep in sync with `LayerNormParams` in src/layer_norm.rs.
 struct Params {
@@ -46,50 +46,81 @@ fn store(base: u32, i: u32, c: V, rstd: f32) {
     y[base + i] = v;
 }
 
+var<workgroup> segment: array<f32, WG>;
+
+// Sum over the T threads of one row. With T == WG that is the workgroup sum; otherwise a
+// shared-memory tree inside each T-thread segment, in a fixed order. Every thread of the workgroup
+// must call it (it has barriers).
+fn row_sum(inv: Invocation, value: f32) -> f32 {
+    if T == WG {
+        return workgroup_sum(inv, value);
+    }
+    let lane = inv.lid % T;
+    segment[inv.lid] = value;
+    workgroupBarrier();
+    for (var stride = T / 2u; stride > 0u; stride = stride / 2u) {
+        if lane < stride {
+            segment[inv.lid] = segment[inv.lid] + segment[inv.lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = segment[inv.lid - lane];
+    // Nobody may overwrite a segment's sum for the next reduction before all have read it.
+    workgroupBarrier();
+    return total;
+}
+
 @compute @workgroup_size(WG)
 fn layer_norm_held(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
     inv: Invocation,
 ) {
-    let row = wid.y * groups.x + wid.x;
-    if row >= params.rows {
+    let first_row = (wid.y * groups.x + wid.x) * (WG / T);
+    if first_row >= params.rows {
         return;
     }
+    // Threads whose row is past the end still take part in the sums (they have barriers).
+    let row = first_row + inv.lid / T;
+    let lane = inv.lid % T;
+    let live = row < params.rows;
     let n = params.features / W;
     let base = row * n;
-    let shift = first(x[base]);
+    var shift = 0.0;
+    if live {
+        shift = first(x[base]);
+    }
     let count = f32(params.features);
 
     // All K loads are issued before any arithmetic waits on them.
     var held: array<V, K>;
     for (var j = 0u; j < K; j++) {
-        let i = inv.lid + j * WG;
-        if i < n {
+        let i = lane + j * T;
+        if live && i < n {
             held[j] = x[base + i];
         }
     }
     var sum = 0.0;
     for (var j = 0u; j < K; j++) {
-        if inv.lid + j * WG < n {
+        if live && lane + j * T < n {
             held[j] = held[j] - shift;
             sum += hsum(held[j]);
         }
     }
-    let mean_d = workgroup_sum(inv, sum) / count;
+    let mean_d = row_sum(inv, sum) / count;
 
     var sq = 0.0;
     for (var j = 0u; j < K; j++) {
-        if inv.lid + j * WG < n {
+        if live && lane + j * T < n {
             held[j] = held[j] - mean_d;
             sq += hsum(held[j] * held[j]);
         }
     }
-    let rstd = inverseSqrt(workgroup_sum(inv, sq) / count + params.eps);
+    let rstd = inverseSqrt(row_sum(inv, sq) / count + params.eps);
 
     for (var j = 0u; j < K; j++) {
-        let i = inv.lid + j * WG;
-        if i < n {
+        let i = lane + j * T;
+        if live && i < n {
             store(base, i, held[j], rstd);
         }
     }

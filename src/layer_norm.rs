@@ -59,26 +59,29 @@ pub(crate) fn validate_len(
     Ok(rows)
 }
 
-/// Threads per LayerNorm workgroup (one workgroup per row).
+/// Threads per LayerNorm workgroup.
 const WG: u32 = 256;
 
 /// The LayerNorm pipeline for a row length on a device: pipelines are specialised by size class
-/// (elements held per thread), by features % 4 (vec4 or f32 elements) and by
-/// the device's reductions, and cached under [`Kernel::label`].
+/// (threads per row, elements held per thread), by features % 4 (vec4 or f32 elements) and by the
+/// device's reductions, and cached under [`Kernel::label`].
 #[derive(Debug, Clone, Copy)]
 struct Kernel {
     width: Width,
     reduce: Reduce,
+    /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
+    per_row: u32,
     /// Elements each thread keeps in registers (`layer_norm_held`, one read of the input), or 0
     /// for the looped kernel that reads the row again for each pass.
     held: u32,
 }
 
 impl Kernel {
-    /// Rows of up to 2048 elements (8192 features with vec4) are held in registers by 256
-    /// threads, 1, 2, 4 or 8 elements each; longer rows use the looped kernel. (Holding rows of
-    /// up to 8192 elements in 1024-thread workgroups ran 2.3–3× slower than the looped kernel on
-    /// llvmpipe at 256×32768, so it is not offered.)
+    /// Rows of up to 128 elements share a workgroup, one thread per element rounded up to a
+    /// power of two; rows of up to 2048 elements (8192 features with vec4) are held in
+    /// registers by 256 threads, 1, 2, 4 or 8 elements each; longer rows use the looped kernel,
+    /// one workgroup per row. (Holding rows of up to 8192 elements in 1024-thread workgroups ran
+    /// 2.3–3× slower than the looped kernel on llvmpipe at 256×32768, so it is not offered.)
     fn for_features(ctx: &GpuContext, features: usize) -> Kernel {
         let width = Width::for_features(features);
         let n = features / width.lanes();
@@ -87,13 +90,15 @@ impl Kernel {
         } else {
             Reduce::Tree
         };
-        let held = match n.div_ceil(WG as usize) {
-            k @ 0..=8 => k.next_power_of_two().max(1) as u32,
-            _ => 0,
+        let (per_row, held) = match n.div_ceil(WG as usize) {
+            _ if n <= WG as usize / 2 => (n.next_power_of_two() as u32, 1),
+            k @ 1..=8 => (WG, k.next_power_of_two() as u32),
+            _ => (WG, 0),
         };
         Kernel {
             width,
             reduce,
+            per_row,
             held,
         }
     }
@@ -106,14 +111,29 @@ impl Kernel {
         }
     }
 
+    /// Rows one workgroup normalizes.
+    fn rows_per_group(&self) -> usize {
+        if self.held > 0 {
+            (WG / self.per_row) as usize
+        } else {
+            1
+        }
+    }
+
     /// The pipeline cache key, also the label a GPU debugger shows.
     fn label(&self) -> String {
         format!(
-            "layer_norm {} {} k{}",
+            "layer_norm {} {} t{} k{}",
             self.width.name(),
             self.reduce.name(),
+            self.per_row,
             self.held
         )
+    }
+
+    /// The WGSL module.
+    fn source(&self) -> String {
+        shaders::layer_norm(self.width, self.reduce, WG, self.per_row, self.held.max(1))
     }
 }
 
@@ -173,11 +193,7 @@ pub(crate) fn encode(
     } = io;
     let kernel = Kernel::for_features(ctx, features);
     let label = kernel.label();
-    let pipeline = ctx.pipeline(
-        &label,
-        || shaders::layer_norm(kernel.width, kernel.reduce, WG, kernel.held.max(1)),
-        kernel.entry(),
-    )?;
+    let pipeline = ctx.pipeline(&label, || kernel.source(), kernel.entry())?;
     let flags = if opts.gamma.is_some() { FLAG_GAMMA } else { 0 }
         | if opts.beta.is_some() { FLAG_BETA } else { 0 };
     let p = LayerNormParams {
@@ -212,7 +228,7 @@ pub(crate) fn encode(
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
     let (gx, gy) = grid(
-        rows,
+        rows.div_ceil(kernel.rows_per_group()),
         ctx.limits.max_compute_workgroups_per_dimension as usize,
     );
     pass.dispatch_workgroups(gx, gy, 1);

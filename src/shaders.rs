@@ -1,6 +1,7 @@
 //! The WGSL sources, embedded at compile time, and how they are put together.
 //!
-//! An op's shader is written against constants (the workgroup size `WG`, elements per thread `K`),
+//! An op's shader is written against constants (the workgroup size `WG`, threads per row `T`,
+//! elements per thread `K`),
 //! an element type `V` (`f32` or `vec4<f32>`) and a workgroup sum that it does not define: the host
 //! prepends the constants, `shared/scalar.wgsl` or `shared/vec4.wgsl`, and `shared/reduce.wgsl` or
 //! `shared/reduce_subgroup.wgsl`. Each combination is its own pipeline, cached under a key that
@@ -64,9 +65,10 @@ impl Reduce {
     }
 }
 
-/// The LayerNorm module: `wg` threads per workgroup, `held` elements per thread in
-/// `layer_norm_held` (at least 1; the looped `layer_norm` ignores it).
-pub(crate) fn layer_norm(width: Width, reduce: Reduce, wg: u32, held: u32) -> String {
+/// The LayerNorm module: `wg` threads per workgroup; in `layer_norm_held`, `per_row` threads per
+/// row (a power of two, at most `wg`) holding `held` elements each (at least 1). The looped
+/// `layer_norm` ignores both.
+pub(crate) fn layer_norm(width: Width, reduce: Reduce, wg: u32, per_row: u32, held: u32) -> String {
     let element = match width {
         Width::Scalar => SCALAR,
         Width::Vec4 => VEC4,
@@ -75,7 +77,8 @@ pub(crate) fn layer_norm(width: Width, reduce: Reduce, wg: u32, held: u32) -> St
         Reduce::Tree => REDUCE,
         Reduce::Subgroup => REDUCE_SUBGROUP,
     };
-    let consts = format!("const WG: u32 = {wg}u;\nconst K: u32 = {held}u;\n");
+    let consts =
+        format!("const WG: u32 = {wg}u;\nconst T: u32 = {per_row}u;\nconst K: u32 = {held}u;\n");
     [&consts, element, reduce, LAYER_NORM].join("\n")
 }
 
@@ -97,10 +100,14 @@ fn all_modules() -> Vec<(String, String)> {
     ];
     for width in [Width::Scalar, Width::Vec4] {
         for reduce in [Reduce::Tree, Reduce::Subgroup] {
-            for held in [1, 8] {
+            for (per_row, held) in [(1, 1), (16, 1), (256, 1), (256, 8)] {
                 all.push((
-                    format!("layer_norm {} {} k{held}", width.name(), reduce.name()),
-                    layer_norm(width, reduce, 256, held),
+                    format!(
+                        "layer_norm {} {} t{per_row} k{held}",
+                        width.name(),
+                        reduce.name()
+                    ),
+                    layer_norm(width, reduce, 256, per_row, held),
                 ));
             }
         }

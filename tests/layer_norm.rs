@@ -32,9 +32,10 @@ fn every_row_length_matches_the_reference() {
     }
 }
 
-/// Row lengths at the edges of the GPU kernels' size classes (1, 2, 4 or 8 elements held per
-/// thread, the looped kernel), in vec4 and f32 elements, ordinary and offset. On the GPU's own
-/// device (subgroup sums where it has them), and on a device opened with wgpu's default features
+/// Row lengths at the edges of the GPU kernels' size classes (several rows per workgroup; 1, 2, 4
+/// or 8 elements held per thread; the looped kernel), in vec4 and f32 elements, ordinary and
+/// offset, with row counts that leave the last workgroup part empty. On the GPU's own device
+/// (subgroup sums where it has them), and on a device opened with wgpu's default features
 /// (shared-memory sums): gpunorm picks its kernels from what the device it runs on allows.
 #[test]
 fn every_kernel_size_class_matches_the_reference() {
@@ -44,18 +45,19 @@ fn every_kernel_size_class_matches_the_reference() {
     let (device, queue) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
     let plain = Normalizer::from_wgpu(device, queue);
     let lengths = [
-        1024, 1028, 2048, 2052, 4096, 4100, 8192, 8196, 32768, 32772, 255, 257, 2047, 2049, 8191,
-        8193,
+        1, 2, 3, 4, 8, 12, 17, 64, 127, 128, 129, 512, 513, 516, 1024, 1028, 2048, 2052, 4096, 4100,
+        8192, 8196, 32768, 32772, 255, 257, 2047, 2049, 8191, 8193,
     ];
-    for (name, norm) in [("gpu", own), ("default-limits device", &plain)] {
+    for (name, norm) in [("gpu", own), ("default-features device", &plain)] {
         for &features in &lengths {
-            let x = ordinary(3 * features, features as u64);
+            let rows = if features <= 516 { 1001 } else { 3 };
+            let x = ordinary(rows * features, features as u64);
             let err = check(norm, &x, features, &LayerNorm::default());
             assert!(
                 err < TOL,
                 "{name}: {features} features: error {err:e} >= {TOL:e}"
             );
-            let x = data(3 * features, 1e4, 1e-2, features as u64);
+            let x = data(rows * features, 1e4, 1e-2, features as u64);
             let err = check(norm, &x, features, &LayerNorm::default());
             assert!(
                 err < TOL_OFFSET,
