@@ -9,6 +9,8 @@ use std::ops::Deref;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
+use rayon::prelude::*;
+
 use crate::NormError;
 
 /// A GPU with everything gpunorm needs to run on it. `Send + Sync`: wgpu's device and queue are,
@@ -217,13 +219,7 @@ impl GpuContext {
                 mapped_at_creation: true,
             }),
         };
-        if bytes > 0 {
-            let mut view = staging
-                .slice(..bytes)
-                .get_mapped_range_mut()
-                .map_err(|e| gpu_err("writing an upload buffer", e))?;
-            view.copy_from_slice(bytemuck::cast_slice(data));
-        }
+        write_mapped(&staging, bytemuck::cast_slice(data))?;
         staging.unmap();
         if bytes > 0 {
             encoder.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
@@ -345,7 +341,7 @@ impl GpuContext {
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| gpu_err("reading back", e))?;
-            out.copy_from_slice(bytemuck::cast_slice(&view));
+            read_mapped(bytemuck::cast_slice_mut(out), &view);
         }
         staging.unmap();
         Ok(())
@@ -358,6 +354,43 @@ impl GpuContext {
             .map(|_| ())
             .map_err(|e| gpu_err("waiting for the GPU", e))
     }
+}
+
+/// Copies of at least this many bytes into and out of mapped staging buffers are spread over the
+/// rayon threads in pieces of `COPY_PIECE`: one thread cannot fill a host's memory bandwidth, and
+/// uploads and readbacks of big tensors are such copies.
+const PARALLEL_COPY: usize = 4 << 20;
+const COPY_PIECE: usize = 1 << 20;
+
+/// Copies `src` to the start of the mapped buffer `dst`, in pieces of `COPY_PIECE` on the rayon
+/// threads when large (each piece through its own write-only view of the mapping).
+fn write_mapped(dst: &wgpu::Buffer, src: &[u8]) -> Result<(), NormError> {
+    let piece = if src.len() < PARALLEL_COPY {
+        src.len().max(1)
+    } else {
+        COPY_PIECE
+    };
+    src.par_chunks(piece)
+        .enumerate()
+        .try_for_each(|(i, s)| -> Result<(), NormError> {
+            let at = (i * piece) as u64;
+            dst.slice(at..at + s.len() as u64)
+                .get_mapped_range_mut()
+                .map_err(|e| gpu_err("writing an upload buffer", e))?
+                .copy_from_slice(s);
+            Ok(())
+        })
+}
+
+/// `dst.copy_from_slice(src)` out of mapped memory.
+fn read_mapped(dst: &mut [u8], src: &[u8]) {
+    if src.len() < PARALLEL_COPY {
+        dst.copy_from_slice(src);
+        return;
+    }
+    dst.par_chunks_mut(COPY_PIECE)
+        .zip(src.par_chunks(COPY_PIECE))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 fn gpu_err(op: &'static str, e: impl std::fmt::Display) -> NormError {

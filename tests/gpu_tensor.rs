@@ -38,6 +38,18 @@ fn chained_device_ops_match_the_host_path() {
     assert_eq!(norm.download(&t).unwrap(), x);
 }
 
+/// Large uploads and downloads are copied in pieces on several threads: every value comes back
+/// in its place, a last piece of odd length included.
+#[test]
+fn large_tensors_round_trip_exactly() {
+    let Some(norm) = gpu() else { return };
+    for len in [(5 << 20) / 4 + 3, (4 << 20) / 4 - 1, 17] {
+        let x = ordinary(len, len as u64);
+        let t = norm.upload(&x).unwrap();
+        assert_eq!(norm.download(&t).unwrap(), x, "{len} values");
+    }
+}
+
 #[test]
 fn device_ops_check_their_input() {
     let Some(norm) = gpu() else { return };
