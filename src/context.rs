@@ -22,6 +22,8 @@ pub(crate) struct GpuContext {
     pub timestamps: bool,
     /// `Features::SUBGROUP` is enabled: workgroup sums use subgroup operations.
     pub subgroups: bool,
+    /// Unique in the process: tells this context's GPU tensors from other contexts'.
+    pub id: u64,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
     /// Buffers no call is using, oldest first, for the next call of the same shape.
     free: Mutex<Vec<wgpu::Buffer>>,
@@ -113,6 +115,10 @@ impl GpuContext {
             limits: device.limits(),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),

@@ -11,12 +11,15 @@ use crate::layer_norm::{self, check_buffers, LayerNorm, Rows};
 use crate::{Backend, BatchNorm, BatchStats, NormError, Normalizer, RunningStats};
 
 /// f32 values in a GPU storage buffer, made by [`Normalizer::upload`] or returned by a `*_gpu`
-/// op; [`Normalizer::download`] reads them back. Belongs to the device of the `Normalizer` that
-/// made it.
+/// op; [`Normalizer::download`] reads them back. Belongs to the `Normalizer` that made it: another
+/// one refuses it with [`NormError::InvalidBuffer`] (its buffer lives on that `Normalizer`'s
+/// device).
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
     buffer: wgpu::Buffer,
     len: usize,
+    /// [`GpuContext::id`] of the context that made it.
+    owner: u64,
 }
 
 impl GpuTensor {
@@ -64,6 +67,24 @@ impl Normalizer {
         }
     }
 
+    /// The context, when `tensor` (the argument called `name`) is one of its own.
+    fn context_of(
+        &self,
+        what: &'static str,
+        name: &'static str,
+        tensor: &GpuTensor,
+    ) -> Result<&GpuContext, NormError> {
+        let ctx = self.context(what)?;
+        if tensor.owner != ctx.id {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem:
+                    "it is a GpuTensor of another Normalizer; download it there and upload it here",
+            });
+        }
+        Ok(ctx)
+    }
+
     /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
     /// when the data exceeds one binding of this device.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
@@ -91,13 +112,14 @@ impl Normalizer {
             Ok(GpuTensor {
                 buffer,
                 len: data.len(),
+                owner: ctx.id,
             })
         })?
     }
 
     /// Reads a GPU tensor back (waits for the work that writes it).
     pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
-        let ctx = self.context("download")?;
+        let ctx = self.context_of("download", "tensor", tensor)?;
         let _serial = ctx.exclusive();
         let mut out = vec![0f32; tensor.len];
         ctx.scoped("download", || -> Result<(), NormError> {
@@ -130,7 +152,7 @@ impl Normalizer {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<GpuTensor, NormError> {
-        let ctx = self.context("layer_norm_gpu")?;
+        let ctx = self.context_of("layer_norm_gpu", "x", x)?;
         let _serial = ctx.exclusive();
         let rows = layer_norm::validate_len(x.len, features, opts)?;
         ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
@@ -158,6 +180,7 @@ impl Normalizer {
             Ok(GpuTensor {
                 buffer: output,
                 len: x.len,
+                owner: ctx.id,
             })
         })?
     }
@@ -201,7 +224,7 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         running: Option<&RunningStats>,
     ) -> Result<(GpuTensor, Option<(Vec<f32>, Vec<f32>)>, usize), NormError> {
-        let ctx = self.context(op)?;
+        let ctx = self.context_of(op, "x", x)?;
         let _serial = ctx.exclusive();
         let shape = Shape::features_last_len(x.len, features)?;
         let (count, first) = batch_norm::validate(&shape, opts)?;
@@ -225,6 +248,7 @@ impl Normalizer {
             GpuTensor {
                 buffer: output,
                 len: x.len,
+                owner: ctx.id,
             },
             out.stats,
             count,
@@ -233,7 +257,8 @@ impl Normalizer {
 
     /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
     /// compute pass of the caller's `encoder`; the caller submits it. Both buffers need
-    /// `BufferUsages::STORAGE` and room for `len` values, and the tensor must fit one binding.
+    /// `BufferUsages::STORAGE` and room for `len` values, `y` must be another buffer than `x`,
+    /// and the tensor must fit one binding. A call that fails records nothing.
     pub fn encode_layer_norm(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -247,6 +272,14 @@ impl Normalizer {
         let _serial = ctx.exclusive();
         let rows = layer_norm::validate_len(len, features, opts)?;
         check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
+        if x == y {
+            // wgpu refuses one buffer bound read-only and read-write in one dispatch, and would
+            // say so only when the caller finishes the encoder.
+            return Err(NormError::InvalidBuffer {
+                name: "y",
+                problem: "it is the same buffer as x; the output needs a buffer of its own",
+            });
+        }
         if rows == 0 {
             return Ok(());
         }

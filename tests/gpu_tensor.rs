@@ -4,7 +4,7 @@
 mod common;
 
 use common::{gpu, max_err, ordinary};
-use gpunorm::{reference, LayerNorm, NormError, Normalizer};
+use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer};
 
 /// Same kernel, same input: the device path and the host path agree bit for bit.
 #[test]
@@ -68,6 +68,38 @@ fn device_ops_check_their_input() {
         .layer_norm_gpu(&empty, 3, &LayerNorm::default())
         .unwrap();
     assert_eq!(norm.download(&out).unwrap(), Vec::<f32>::new());
+}
+
+/// A tensor belongs to the Normalizer that made it: another one (its own device) refuses it
+/// with an error instead of handing wgpu a buffer of a foreign device.
+#[test]
+fn another_normalizers_tensor_is_refused() {
+    let Some(norm) = gpu() else { return };
+    let other = Normalizer::gpu().unwrap();
+    let t = norm.upload(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let refused = |r: Result<(), NormError>, name| {
+        assert!(
+            matches!(r, Err(NormError::InvalidBuffer { name: n, .. }) if n == name),
+            "{r:?}"
+        )
+    };
+    refused(
+        other
+            .layer_norm_gpu(&t, 2, &LayerNorm::default())
+            .map(|_| ()),
+        "x",
+    );
+    refused(
+        other
+            .batch_norm_train_gpu(&t, 2, &BatchNorm::default())
+            .map(|_| ()),
+        "x",
+    );
+    refused(other.download(&t).map(|_| ()), "tensor");
+    // Both still work with their own tensors.
+    assert_eq!(norm.download(&t).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+    let mine = other.upload(&[5.0, 6.0]).unwrap();
+    assert_eq!(other.download(&mine).unwrap(), [5.0, 6.0]);
 }
 
 #[test]
@@ -155,6 +187,14 @@ fn a_normalizer_on_the_callers_device_records_into_the_callers_encoder() {
         norm.encode_layer_norm(&mut encoder, &bx, &by, x.len(), 0, &opts),
         Err(NormError::ZeroFeatures)
     ));
+    assert!(matches!(
+        norm.encode_layer_norm(&mut encoder, &by, &by, x.len(), features, &opts),
+        Err(NormError::InvalidBuffer { name: "y", .. })
+    ));
+    // Nothing was recorded by the refused calls: the encoder still finishes cleanly.
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    queue.submit([encoder.finish()]);
+    assert!(pollster::block_on(scope.pop()).is_none());
 }
 
 /// BatchNorm on device tensors: the same kernels as the host path, so the same bits, and ops
