@@ -18,33 +18,13 @@
 // items), each writing its tiles at tile_offset; stats_merge then walks all of them.
 //   apply:         y = ((x - shift) - mean_d) * inverseSqrt(var + eps) * gamma + beta; masked
 //                  positions are written as 0. Eval mode runs only this pass, with
-//                  (0, running_mean, running_var) per column.
+//                  (0, running_mean, running_var) per column. Where four neighbouring values
+//                  share a position (features-last, channels % 4 == 0) or a channel
+//                  (channels-first, spatial % 4 == 0), batch_norm_apply4.wgsl does the same four
+//                  at a time, with the same bits.
 //
-// Needs `const WG: u32` (256) and shared/reduce.wgsl (partial) prepended by the host.
-
-// Keep in sync with `BatchNormParams` in src/batch_norm.rs.
-struct Params {
-    positions: u32,
-    channels: u32,
-    spatial: u32,
-    // Index of this chunk's first row tile in `partials`.
-    tile_offset: u32,
-    tile_cols: u32,
-    tile_rows: u32,
-    rows_per_tile: u32,
-    // Row tiles of this chunk (stats_partial) or of the whole tensor (stats_merge).
-    row_tiles: u32,
-    col_tiles: u32,
-    eps: f32,
-    // bit 0: multiply by gamma; bit 1: add beta; bit 2: read the mask.
-    flags: u32,
-    total_tiles: u32,
-    // The first counted position, local to this chunk (stats_seed; only in the chunk holding it).
-    first: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// Needs `const WG: u32` (256), shared/batch_norm_params.wgsl (Params) and shared/reduce.wgsl
+// (partial) prepended by the host.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

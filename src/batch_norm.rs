@@ -418,7 +418,14 @@ pub(crate) fn gpu(
     // Training reads its statistics back, so it waits; eval on a device tensor does not.
     let waits = training || matches!(io, Io::Host { .. });
     let source = shaders::batch_norm;
-    let apply = ctx.pipeline("batch_norm apply", source, "apply")?;
+    // Four values at a time where four neighbours share a position or a channel.
+    let by4 = if s == 1 { c % 4 == 0 } else { s % 4 == 0 };
+    let apply = if by4 {
+        ctx.pipeline("batch_norm apply4", shaders::batch_norm_apply4, "apply4")?
+    } else {
+        ctx.pipeline("batch_norm apply", source, "apply")?
+    };
+    let per_thread = if by4 { 4 } else { 1 };
     let stages = if training {
         Some((
             ctx.pipeline("batch_norm stats_seed", source, "stats_seed")?,
@@ -609,7 +616,7 @@ pub(crate) fn gpu(
                 }
                 pass.set_pipeline(&apply);
                 pass.set_bind_group(0, &bind(&apply, chunk, &[0, 1, 2, 4, 5, 6, 7]), &[]);
-                let (gx, gy) = grid(chunk.len.div_ceil(THREADS), max_groups);
+                let (gx, gy) = grid(chunk.len.div_ceil(THREADS * per_thread), max_groups);
                 pass.dispatch_workgroups(gx, gy, 1);
             }
             if let Some(t) = &timer {

@@ -9,6 +9,8 @@
 
 const LAYER_NORM: &str = include_str!("../shaders/layer_norm.wgsl");
 const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
+const BATCH_NORM_APPLY4: &str = include_str!("../shaders/batch_norm_apply4.wgsl");
+const BATCH_NORM_PARAMS: &str = include_str!("../shaders/shared/batch_norm_params.wgsl");
 const SCALAR: &str = include_str!("../shaders/shared/scalar.wgsl");
 const VEC4: &str = include_str!("../shaders/shared/vec4.wgsl");
 const REDUCE: &str = include_str!("../shaders/shared/reduce.wgsl");
@@ -84,7 +86,23 @@ pub(crate) fn layer_norm(width: Width, reduce: Reduce, wg: u32, per_row: u32, he
 
 /// The BatchNorm module: 256-thread workgroups, shared-memory column sums.
 pub(crate) fn batch_norm() -> String {
-    ["const WG: u32 = 256u;\n", REDUCE, BATCH_NORM].join("\n")
+    [
+        "const WG: u32 = 256u;\n",
+        BATCH_NORM_PARAMS,
+        REDUCE,
+        BATCH_NORM,
+    ]
+    .join("\n")
+}
+
+/// BatchNorm's elementwise pass four values at a time (`apply4`).
+pub(crate) fn batch_norm_apply4() -> String {
+    [
+        "const WG: u32 = 256u;\n",
+        BATCH_NORM_PARAMS,
+        BATCH_NORM_APPLY4,
+    ]
+    .join("\n")
 }
 
 /// Every module the host may build, by name; the naga test walks it.
@@ -92,6 +110,7 @@ pub(crate) fn batch_norm() -> String {
 fn all_modules() -> Vec<(String, String)> {
     let mut all = vec![
         ("batch_norm".to_owned(), batch_norm()),
+        ("batch_norm apply4".to_owned(), batch_norm_apply4()),
         // Used by `gpunorm bench` for the copy ceiling; validated here with the rest.
         (
             "bench_copy".to_owned(),

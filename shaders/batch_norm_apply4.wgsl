@@ -1,0 +1,92 @@
+// BatchNorm's elementwise pass four values at a time: the `apply` of batch_norm.wgsl for tensors
+// whose four neighbouring values share a position (features-last, channels % 4 == 0: four
+// columns) or a channel (channels-first, spatial % 4 == 0: four positions). Each lane does the
+// scalar kernel's arithmetic in the same order, so the bits are the same; one 16-byte load and
+// store and one index computation serve four values.
+//
+// Needs `const WG: u32` (256) and shared/batch_norm_params.wgsl (Params) prepended by the host.
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> mask: array<u32>;
+// Per column: (shift, mean_d, biased var, 0), as in batch_norm.wgsl.
+@group(0) @binding(4) var<storage, read> columns: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> gamma: array<f32>;
+@group(0) @binding(7) var<storage, read> beta: array<f32>;
+
+fn counted(p: u32) -> bool {
+    return (params.flags & 4u) == 0u || mask[p] != 0u;
+}
+
+// Lane k normalized with column statistics st and column parameters g, b.
+fn normalize(v: vec4<f32>, shift: vec4<f32>, mean_d: vec4<f32>, var_: vec4<f32>, g: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    var o = ((v - shift) - mean_d) * inverseSqrt(var_ + params.eps);
+    if (params.flags & 1u) != 0u {
+        o = o * g;
+    }
+    if (params.flags & 2u) != 0u {
+        o = o + b;
+    }
+    return o;
+}
+
+@compute @workgroup_size(WG)
+fn apply4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = (wid.y * groups.x + wid.x) * WG + lid;
+    if e >= params.positions * params.channels / 4u {
+        return;
+    }
+    let i = e * 4u;
+    let v = x[e];
+    if params.spatial == 1u {
+        // Features-last: columns c .. c + 3 of position p.
+        let c = i % params.channels;
+        let p = i / params.channels;
+        if !counted(p) {
+            y[e] = vec4<f32>(0.0);
+            return;
+        }
+        let s0 = columns[c];
+        let s1 = columns[c + 1u];
+        let s2 = columns[c + 2u];
+        let s3 = columns[c + 3u];
+        var g = vec4<f32>(1.0);
+        if (params.flags & 1u) != 0u {
+            g = vec4<f32>(gamma[c], gamma[c + 1u], gamma[c + 2u], gamma[c + 3u]);
+        }
+        var b = vec4<f32>(0.0);
+        if (params.flags & 2u) != 0u {
+            b = vec4<f32>(beta[c], beta[c + 1u], beta[c + 2u], beta[c + 3u]);
+        }
+        y[e] = normalize(
+            v,
+            vec4<f32>(s0.x, s1.x, s2.x, s3.x),
+            vec4<f32>(s0.y, s1.y, s2.y, s3.y),
+            vec4<f32>(s0.z, s1.z, s2.z, s3.z),
+            g,
+            b,
+        );
+    } else {
+        // Channels-first: positions p .. p + 3 of channel c.
+        let plane = params.spatial * params.channels;
+        let c = (i % plane) / params.spatial;
+        let p = (i / plane) * params.spatial + i % params.spatial;
+        let st = columns[c];
+        var g = 1.0;
+        if (params.flags & 1u) != 0u {
+            g = gamma[c];
+        }
+        var b = 0.0;
+        if (params.flags & 2u) != 0u {
+            b = beta[c];
+        }
+        let o = normalize(v, vec4<f32>(st.x), vec4<f32>(st.y), vec4<f32>(st.z), vec4<f32>(g), vec4<f32>(b));
+        let keep = vec4<bool>(counted(p), counted(p + 1u), counted(p + 2u), counted(p + 3u));
+        y[e] = select(vec4<f32>(0.0), o, keep);
+    }
+}
