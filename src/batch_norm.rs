@@ -419,7 +419,7 @@ pub(crate) fn gpu(
     let waits = training || matches!(io, Io::Host { .. });
     let source = shaders::batch_norm;
     // Four values at a time where four neighbours share a position or a channel.
-    let by4 = if s == 1 { c % 4 == 0 } else { s % 4 == 0 };
+    let by4 = if s == 1 { c } else { s }.is_multiple_of(4);
     let apply = if by4 {
         ctx.pipeline("batch_norm apply4", shaders::batch_norm_apply4, "apply4")?
     } else {
