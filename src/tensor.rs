@@ -42,8 +42,9 @@ impl GpuTensor {
 
 impl Normalizer {
     /// A `Normalizer` on a device and queue the caller already has. Pipelines are built on that
-    /// device; its limits bound the tensors it takes, and kernel times need it to have been
-    /// created with `Features::TIMESTAMP_QUERY`.
+    /// device and picked for what it allows: its limits bound the tensors it takes, workgroup sums
+    /// use subgroup operations where it was created with `Features::SUBGROUP` (shared memory
+    /// otherwise), and kernel times need `Features::TIMESTAMP_QUERY`.
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Normalizer {
         Normalizer {
             backend: Backend::Gpu(Box::new(GpuContext::from_device(device, queue))),
