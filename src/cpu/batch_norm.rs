@@ -1,11 +1,11 @@
 //! CPU mirror of `shaders/batch_norm.wgsl`: per-column statistics of the shifted values over
-//! fixed blocks of positions (a two-pass inside each tile of a block, which is in cache), merged in block
-//! order with Chan's formula, then one elementwise pass. Blocks depend on the shape only, so the
+//! fixed blocks of positions (a two-pass over each tile of a block, the second in cache), merged
+//! in block order with Chan's formula, then one elementwise pass. Blocks depend on the shape only, so the
 //! result does not depend on the number of threads.
 
-use rayon::prelude::*;
-
 use std::ops::Range;
+
+use rayon::prelude::*;
 
 use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::batch_norm::Shape;
@@ -272,32 +272,13 @@ fn features_last_block_body(
             }
         };
         let (sh, ce) = (&shift[cols.clone()], &mut mean[cols.clone()]);
-        column_pass::<false>(
-            &tile,
-            &counted,
-            sh,
-            &[],
-            part,
-            &mut out.mean[cols.clone()],
-            &ahead,
-        );
-        for (m, &s) in ce.iter_mut().zip(&out.mean[cols.clone()]) {
+        let sums = &mut out.mean[cols.clone()];
+        column_pass::<false>(&tile, &counted, sh, &[], part, sums, Some(&ahead));
+        for (m, &s) in ce.iter_mut().zip(sums.iter()) {
             *m = (s / n as f64) as f32;
         }
-        let none = Tile {
-            data: &[],
-            stride: c,
-            cols: 0..0,
-        };
-        column_pass::<true>(
-            &tile,
-            &counted,
-            sh,
-            ce,
-            part,
-            &mut out.m2[cols.clone()],
-            &none,
-        );
+        let m2 = &mut out.m2[cols.clone()];
+        column_pass::<true>(&tile, &counted, sh, ce, part, m2, None);
         for (o, &m) in out.mean[cols].iter_mut().zip(ce.iter()) {
             *o = m as f64;
         }
@@ -306,9 +287,9 @@ fn features_last_block_body(
 
 /// acc[ch] += Σ over the tile's counted rows of d (SQUARE = false) or (d − center[ch])²
 /// (SQUARE = true), d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then
-/// added in f64. `ahead` (a tile read later, may have no rows) is prefetched in step, row by row
-/// and segment by segment, one 64-byte line per 16 values, so requests go out evenly instead of
-/// in bursts.
+/// added in f64. `ahead` (a tile read later, with at most as many rows) is prefetched in step,
+/// row by row and segment by segment, one 64-byte line per 16 values, so requests go out evenly
+/// instead of in bursts.
 #[inline(always)]
 fn column_pass<const SQUARE: bool>(
     tile: &Tile<'_>,
@@ -317,7 +298,7 @@ fn column_pass<const SQUARE: bool>(
     center: &[f32],
     part: &mut [f32],
     acc: &mut [f64],
-    ahead: &Tile<'_>,
+    ahead: Option<&Tile<'_>>,
 ) {
     const SEGMENT: usize = 256;
     let (rows, width) = (tile.rows(), tile.cols.len());
@@ -326,7 +307,10 @@ fn column_pass<const SQUARE: bool>(
         part.fill(0.0);
         for r in r0..(r0 + SUB_ROWS).min(rows) {
             let row = tile.row(r);
-            let next = if r < ahead.rows() { ahead.row(r) } else { &[] };
+            let next = match ahead {
+                Some(a) if r < a.rows() => a.row(r),
+                _ => &[],
+            };
             for k in (0..width).step_by(SEGMENT) {
                 super::prefetch(&next[k.min(next.len())..(k + SEGMENT).min(next.len())]);
                 if !counted(r) {
@@ -349,10 +333,6 @@ fn column_pass<const SQUARE: bool>(
         for (a, &p) in acc.iter_mut().zip(part.iter()) {
             *a += p as f64;
         }
-    }
-    // A next tile with more rows than this one (a short last block) is fetched in one go.
-    for r in rows..ahead.rows() {
-        super::prefetch(ahead.row(r));
     }
 }
 
