@@ -1,11 +1,12 @@
 //! The WGSL sources, embedded at compile time, and how they are put together.
 //!
 //! An op's shader is written against constants (the workgroup size `WG`, threads per row `T`,
-//! elements per thread `K`),
-//! an element type `V` (`f32` or `vec4<f32>`) and a workgroup sum that it does not define: the host
-//! prepends the constants, `shared/scalar.wgsl` or `shared/vec4.wgsl`, and `shared/reduce.wgsl` or
-//! `shared/reduce_subgroup.wgsl`. Each combination is its own pipeline, cached under a key that
-//! names it. Every assembled module is parsed and validated by naga in this module's tests.
+//! elements per thread `K`), an element type `V` (`f32` or `vec4<f32>`) and a workgroup sum that
+//! it does not define: the host prepends the constants, `shared/scalar.wgsl` or
+//! `shared/vec4.wgsl`, and `shared/reduce.wgsl` or `shared/reduce_subgroup.wgsl` (BatchNorm: its
+//! `Params` from `shared/batch_norm_params.wgsl`). Each combination is its own pipeline, cached
+//! under a key that names it. Every assembled module is parsed and validated by naga in this
+//! module's tests.
 
 const LAYER_NORM: &str = include_str!("../shaders/layer_norm.wgsl");
 const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
