@@ -1,7 +1,8 @@
 //! LayerNorm: its options, input validation, and the GPU host that drives `shaders/layer_norm.wgsl`.
 //!
 //! Path of a tensor: `Normalizer::layer_norm` validates → `gpu` splits the rows into chunks that
-//! fit one binding → each chunk is uploaded, dispatched (one workgroup per row) and read back.
+//! fit one binding → each chunk is uploaded, dispatched (a size-class kernel, see [`Kernel`]) and
+//! read back.
 
 use std::time::Duration;
 
