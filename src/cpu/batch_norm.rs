@@ -303,36 +303,64 @@ fn column_pass<const SQUARE: bool>(
     const SEGMENT: usize = 256;
     let (rows, width) = (tile.rows(), tile.cols.len());
     let part = &mut part[..width];
+    let next = |r: usize| match ahead {
+        Some(a) if r < a.rows() => a.row(r),
+        _ => &[],
+    };
     for r0 in (0..rows).step_by(SUB_ROWS) {
         part.fill(0.0);
-        for r in r0..(r0 + SUB_ROWS).min(rows) {
-            let row = tile.row(r);
-            let next = match ahead {
-                Some(a) if r < a.rows() => a.row(r),
-                _ => &[],
-            };
+        let end_r = (r0 + SUB_ROWS).min(rows);
+        // Two rows at a time: one load and store of the partial sums serve both.
+        for r in (r0..end_r).step_by(2) {
+            let pair = r + 1 < end_r;
+            let (a, b) = (tile.row(r), if pair { tile.row(r + 1) } else { &[] });
+            let (na, nb) = (next(r), if pair { next(r + 1) } else { &[] });
+            let live = (counted(r), pair && counted(r + 1));
             for k in (0..width).step_by(SEGMENT) {
-                super::prefetch(&next[k.min(next.len())..(k + SEGMENT).min(next.len())]);
-                if !counted(r) {
-                    continue;
+                for n in [na, nb] {
+                    super::prefetch(&n[k.min(n.len())..(k + SEGMENT).min(n.len())]);
                 }
-                let end = (k + SEGMENT).min(width);
-                let (p, v, sh) = (&mut part[k..end], &row[k..end], &shift[k..end]);
-                if SQUARE {
-                    for (((p, &v), &sh), &ce) in p.iter_mut().zip(v).zip(sh).zip(&center[k..end]) {
-                        let e = (v - sh) - ce;
-                        *p += e * e;
-                    }
-                } else {
-                    for ((p, &v), &sh) in p.iter_mut().zip(v).zip(sh) {
-                        *p += v - sh;
-                    }
+                let end = k + SEGMENT.min(width - k);
+                let (p, sh) = (&mut part[k..end], &shift[k..end]);
+                let ce = if SQUARE { &center[k..end] } else { sh };
+                match live {
+                    (true, true) => add_rows::<SQUARE>(p, &a[k..end], &b[k..end], sh, ce),
+                    (true, false) => add_row::<SQUARE>(p, &a[k..end], sh, ce),
+                    (false, true) => add_row::<SQUARE>(p, &b[k..end], sh, ce),
+                    (false, false) => {}
                 }
             }
         }
         for (a, &p) in acc.iter_mut().zip(part.iter()) {
             *a += p as f64;
         }
+    }
+}
+
+/// The term row `v` adds to column sum `p`: v − shift, or (v − shift − center)² with SQUARE.
+#[inline(always)]
+fn term<const SQUARE: bool>(v: f32, sh: f32, ce: f32) -> f32 {
+    if SQUARE {
+        let e = (v - sh) - ce;
+        e * e
+    } else {
+        v - sh
+    }
+}
+
+/// p += the terms of one row.
+#[inline(always)]
+fn add_row<const SQUARE: bool>(p: &mut [f32], v: &[f32], sh: &[f32], ce: &[f32]) {
+    for (((p, &v), &sh), &ce) in p.iter_mut().zip(v).zip(sh).zip(ce) {
+        *p += term::<SQUARE>(v, sh, ce);
+    }
+}
+
+/// p += the terms of two rows, added to each other first.
+#[inline(always)]
+fn add_rows<const SQUARE: bool>(p: &mut [f32], a: &[f32], b: &[f32], sh: &[f32], ce: &[f32]) {
+    for ((((p, &a), &b), &sh), &ce) in p.iter_mut().zip(a).zip(b).zip(sh).zip(ce) {
+        *p += term::<SQUARE>(a, sh, ce) + term::<SQUARE>(b, sh, ce);
     }
 }
 
