@@ -19,8 +19,15 @@ fn counted(p: u32) -> bool {
     return (params.flags & 4u) == 0u || mask[p] != 0u;
 }
 
-// Lane k normalized with column statistics st and column parameters g, b.
-fn normalize(v: vec4<f32>, shift: vec4<f32>, mean_d: vec4<f32>, var_: vec4<f32>, g: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+// Each lane of v normalized with its column's shift, mean_d and variance, then gamma g and beta b.
+fn normalize(
+    v: vec4<f32>,
+    shift: vec4<f32>,
+    mean_d: vec4<f32>,
+    var_: vec4<f32>,
+    g: vec4<f32>,
+    b: vec4<f32>,
+) -> vec4<f32> {
     var o = ((v - shift) - mean_d) * inverseSqrt(var_ + params.eps);
     if (params.flags & 1u) != 0u {
         o = o * g;
@@ -85,7 +92,14 @@ fn apply4(
         if (params.flags & 2u) != 0u {
             b = beta[c];
         }
-        let o = normalize(v, vec4<f32>(st.x), vec4<f32>(st.y), vec4<f32>(st.z), vec4<f32>(g), vec4<f32>(b));
+        let o = normalize(
+            v,
+            vec4<f32>(st.x),
+            vec4<f32>(st.y),
+            vec4<f32>(st.z),
+            vec4<f32>(g),
+            vec4<f32>(b),
+        );
         let keep = vec4<bool>(counted(p), counted(p + 1u), counted(p + 2u), counted(p + 3u));
         y[e] = select(vec4<f32>(0.0), o, keep);
     }
