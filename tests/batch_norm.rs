@@ -39,6 +39,20 @@ fn stat_err(v: &[f32], r: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Trains on features-last `x` with `norm` and checks the result against the reference.
+fn train_and_check(
+    name: &str,
+    norm: &Normalizer,
+    x: &[f32],
+    features: usize,
+    opts: &BatchNorm<'_>,
+    tol: f64,
+) {
+    let out = norm.batch_norm_train(x, features, opts).unwrap();
+    let y_ref = reference::batch_norm_train(x, features, opts).0;
+    check_train(name, &out, x, features, opts, &y_ref, tol);
+}
+
 /// Checks a training result against the reference: y to `tol`, mean to `tol` (absolute/relative
 /// as for y), var relative to itself to `tol`, and the count exactly.
 fn check_train(
@@ -142,15 +156,12 @@ fn random_batches_with_and_without_masks() {
                     ..Default::default()
                 },
             ] {
-                let out = norm.batch_norm_train(&x, features, &opts).unwrap();
-                let y_ref = reference::batch_norm_train(&x, features, &opts).0;
-                check_train(
+                train_and_check(
                     &format!("{name} {rows}x{features} {opts:?}"),
-                    &out,
+                    norm,
                     &x,
                     features,
                     &opts,
-                    &y_ref,
                     TOL,
                 );
             }
@@ -171,15 +182,12 @@ fn offset_columns_stay_accurate() {
                     ..Default::default()
                 },
             ] {
-                let out = norm.batch_norm_train(&x, features, &opts).unwrap();
-                let y_ref = reference::batch_norm_train(&x, features, &opts).0;
-                check_train(
+                train_and_check(
                     &format!("{name} offset {rows}x{features}"),
-                    &out,
+                    norm,
                     &x,
                     features,
                     &opts,
-                    &y_ref,
                     TOL_OFFSET,
                 );
             }
@@ -194,15 +202,12 @@ fn hard_shapes() {
         for &(rows, features) in &[(200_000, 3), (37, 4097)] {
             let x = ordinary(rows * features, 17);
             let opts = BatchNorm::default();
-            let out = norm.batch_norm_train(&x, features, &opts).unwrap();
-            let y_ref = reference::batch_norm_train(&x, features, &opts).0;
-            check_train(
+            train_and_check(
                 &format!("{name} {rows}x{features}"),
-                &out,
+                norm,
                 &x,
                 features,
                 &opts,
-                &y_ref,
                 TOL,
             );
         }
@@ -679,15 +684,12 @@ fn cpu_fallback_streams_large_outputs_exactly() {
             mask: masked.then_some(&mask[..]),
             ..Default::default()
         };
-        let out = cpu.batch_norm_train(&x, features, &opts).unwrap();
-        let y_ref = reference::batch_norm_train(&x, features, &opts).0;
-        check_train(
+        train_and_check(
             &format!("cpu {rows}x{features}"),
-            &out,
+            &cpu,
             &x,
             features,
             &opts,
-            &y_ref,
             TOL,
         );
     }
