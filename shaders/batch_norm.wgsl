@@ -5,34 +5,40 @@
 // [rows, features] is the case spatial = 1 (positions are rows, channels are features).
 //
 // Algorithm, deterministic and accurate on offset columns:
-//   stats_seed:    one thread per column writes its shift, the value at the first counted
-//                  position (`first`, in the chunk that holds it), into columns[c].x.
+//   stats_seed:    one thread per column starts its statistics, columns[c] = (shift, 0, 0, 0),
+//                  with the shift its value at the first counted position (`first`, in the chunk
+//                  that holds it; exact for offset data).
 //   stats_partial: one workgroup per (column tile, row tile); threads are laid out as
 //                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
-//                  all threads on one channel for channels-first). Each column is shifted by its
-//                  value at the first counted position (the host puts it in columns[c].x; exact
-//                  for offset data), then a two-pass over the tile gives (count, mean_d, M2).
-//   stats_merge:   one thread per column merges the row tiles in order with Chan's formula and
-//                  writes (shift, mean_d, biased var) per column. No atomics, fixed order.
-// A tensor larger than one binding runs stats_partial once per chunk of whole rows (or batch
-// items), each writing its tiles at tile_offset; stats_merge then walks all of them.
-//   apply:         y = ((x - shift) - mean_d) * inverseSqrt(var + eps) * gamma + beta; masked
-//                  positions are written as 0. Eval mode runs only this pass, with
-//                  (0, running_mean, running_var) per column. Where four neighbouring values
+//                  all threads on one channel for channels-first). A two-pass over the tile's
+//                  shifted values gives (count, mean_d, M2).
+//   stats_merge:   one thread per column merges the chunk's row tiles, in order, into its
+//                  running (shift, mean_d, M2, count) with Chan's formula. No atomics, fixed order.
+// A tensor larger than one binding streams through in chunks of whole rows (or batch items):
+// stats_partial and stats_merge run once per chunk, so only one chunk's tiles exist at a time.
+//   apply:         y = ((x - shift) - mean_d) * inverseSqrt(M2 / count + eps) * gamma + beta;
+//                  masked positions are written as 0. Eval mode runs only this pass, with
+//                  (0, running_mean, running_var, 1) per column. Where four neighbouring values
 //                  share a position (features-last, channels % 4 == 0) or a channel
 //                  (channels-first, spatial % 4 == 0), batch_norm_apply4.wgsl does the same four
 //                  at a time, with the same bits.
 //
-// Needs `const WG: u32` (256), shared/batch_norm_params.wgsl (Params) and shared/reduce.wgsl
-// (partial) prepended by the host.
+// Every entry point runs WG threads per workgroup. Workgroups beyond the grid's first side use its
+// y dimension.
+
+#import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_MASK}
+#import gpunorm::batch_norm_params::Params
+
+// One value per thread, for the column sums.
+var<workgroup> partial: array<f32, WG>;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
-// Per (row tile, column): (count, mean_d, M2, 0).
+// Per (row tile of this chunk, column): (count, mean_d, M2, 0).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
-// Per column: (shift, mean_d, biased var, 0); the host writes the shift (training) or
-// (0, running mean, running var) (eval).
+// Per column: (shift, mean_d, M2, count): the running statistics (training), or
+// (0, running mean, running var, 1) written by the host (eval).
 @group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
@@ -44,7 +50,7 @@ fn index_of(p: u32, c: u32) -> u32 {
 }
 
 fn counted(p: u32) -> bool {
-    return (params.flags & 4u) == 0u || mask[p] != 0u;
+    return (params.flags & FLAG_MASK) == 0u || mask[p] != 0u;
 }
 
 // Sum of `value` over the tile_rows threads that share this thread's column, in a fixed tree
@@ -65,7 +71,7 @@ fn column_sum(lid: u32, value: f32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_seed(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -77,7 +83,7 @@ fn stats_seed(
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_partial(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -124,11 +130,11 @@ fn stats_partial(
     }
     let m2 = column_sum(lid, sq);
     if live && tr == 0u {
-        partials[(params.tile_offset + row_tile) * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
+        partials[row_tile * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_merge(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -138,10 +144,11 @@ fn stats_merge(
     if c >= params.channels {
         return;
     }
-    var n = 0.0;
-    var mean = 0.0;
-    var m2 = 0.0;
-    for (var t = 0u; t < params.total_tiles; t++) {
+    let start = columns[c];
+    var mean = start.y;
+    var m2 = start.z;
+    var n = start.w;
+    for (var t = 0u; t < params.row_tiles; t++) {
         let q = partials[t * params.channels + c];
         if q.x > 0.0 {
             // Chan et al.: merge (n, mean, m2) with (q.x, q.y, q.z).
@@ -152,10 +159,10 @@ fn stats_merge(
             n = total;
         }
     }
-    columns[c] = vec4<f32>(columns[c].x, mean, m2 / n, 0.0);
+    columns[c] = vec4<f32>(start.x, mean, m2, n);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn apply(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -173,11 +180,11 @@ fn apply(
         return;
     }
     let st = columns[c];
-    var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z + params.eps);
-    if (params.flags & 1u) != 0u {
+    var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
+    if (params.flags & FLAG_GAMMA) != 0u {
         v = v * gamma[c];
     }
-    if (params.flags & 2u) != 0u {
+    if (params.flags & FLAG_BETA) != 0u {
         v = v + beta[c];
     }
     y[e] = v;

@@ -4,35 +4,39 @@
 // scalar kernel's arithmetic in the same order, so the bits are the same; one 16-byte load and
 // store and one index computation serve four values.
 //
-// Needs `const WG: u32` (256) and shared/batch_norm_params.wgsl (Params) prepended by the host.
+
+#import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_MASK}
+#import gpunorm::batch_norm_params::Params
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
-// Per column: (shift, mean_d, biased var, 0), as in batch_norm.wgsl.
+// Per column: (shift, mean_d, M2, count), as in batch_norm.wgsl.
 @group(0) @binding(4) var<storage, read> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
 @group(0) @binding(7) var<storage, read> beta: array<f32>;
 
 fn counted(p: u32) -> bool {
-    return (params.flags & 4u) == 0u || mask[p] != 0u;
+    return (params.flags & FLAG_MASK) == 0u || mask[p] != 0u;
 }
 
-// Each lane of v normalized with its column's shift, mean_d and variance, then gamma g and beta b.
+// Each lane of v normalized with its column's shift, mean_d, M2 and count, then gamma g and
+// beta b.
 fn normalize(
     v: vec4<f32>,
     shift: vec4<f32>,
     mean_d: vec4<f32>,
-    var_: vec4<f32>,
+    m2: vec4<f32>,
+    count: vec4<f32>,
     g: vec4<f32>,
     b: vec4<f32>,
 ) -> vec4<f32> {
-    var o = ((v - shift) - mean_d) * inverseSqrt(var_ + params.eps);
-    if (params.flags & 1u) != 0u {
+    var o = ((v - shift) - mean_d) * inverseSqrt(m2 / count + params.eps);
+    if (params.flags & FLAG_GAMMA) != 0u {
         o = o * g;
     }
-    if (params.flags & 2u) != 0u {
+    if (params.flags & FLAG_BETA) != 0u {
         o = o + b;
     }
     return o;
@@ -63,11 +67,11 @@ fn apply4(
         let s2 = columns[c + 2u];
         let s3 = columns[c + 3u];
         var g = vec4<f32>(1.0);
-        if (params.flags & 1u) != 0u {
+        if (params.flags & FLAG_GAMMA) != 0u {
             g = vec4<f32>(gamma[c], gamma[c + 1u], gamma[c + 2u], gamma[c + 3u]);
         }
         var b = vec4<f32>(0.0);
-        if (params.flags & 2u) != 0u {
+        if (params.flags & FLAG_BETA) != 0u {
             b = vec4<f32>(beta[c], beta[c + 1u], beta[c + 2u], beta[c + 3u]);
         }
         y[e] = normalize(
@@ -75,6 +79,7 @@ fn apply4(
             vec4<f32>(s0.x, s1.x, s2.x, s3.x),
             vec4<f32>(s0.y, s1.y, s2.y, s3.y),
             vec4<f32>(s0.z, s1.z, s2.z, s3.z),
+            vec4<f32>(s0.w, s1.w, s2.w, s3.w),
             g,
             b,
         );
@@ -85,11 +90,11 @@ fn apply4(
         let p = (i / plane) * params.spatial + i % params.spatial;
         let st = columns[c];
         var g = 1.0;
-        if (params.flags & 1u) != 0u {
+        if (params.flags & FLAG_GAMMA) != 0u {
             g = gamma[c];
         }
         var b = 0.0;
-        if (params.flags & 2u) != 0u {
+        if (params.flags & FLAG_BETA) != 0u {
             b = beta[c];
         }
         let o = normalize(
@@ -97,6 +102,7 @@ fn apply4(
             vec4<f32>(st.x),
             vec4<f32>(st.y),
             vec4<f32>(st.z),
+            vec4<f32>(st.w),
             vec4<f32>(g),
             vec4<f32>(b),
         );

@@ -2,7 +2,7 @@
 // grid-stride loop. Normalization reads its input once and writes its output once, so no
 // kernel of the same size can beat this on the same device.
 
-// Keep in sync with `CopyParams` in src/bin/gpunorm/bench.rs.
+// Keep in sync with `CopyParams` in cli/src/bench.rs.
 struct Params {
     vec4s: u32,
     _pad0: u32,
@@ -14,12 +14,14 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
 
-@compute @workgroup_size(256)
+const WG: u32 = 256u;
+
+@compute @workgroup_size(WG)
 fn copy(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
 ) {
-    let stride = groups.x * 256u;
+    let stride = groups.x * WG;
     for (var i = gid.x; i < params.vec4s; i += stride) {
         dst[i] = src[i];
     }

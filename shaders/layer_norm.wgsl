@@ -13,18 +13,50 @@
 // - `layer_norm`: one workgroup per row of any length; the statistics passes and the output pass
 //   each read the row again (from cache while the row fits there).
 //
-// Needs, prepended by the host: `const WG: u32`, `const T: u32` (a power of two, at most WG) and
-// `const K: u32`, shared/{vec4,scalar}.wgsl (V, W, hsum, first) and shared/reduce.wgsl or
-// shared/reduce_subgroup.wgsl (Invocation, workgroup_sum). Limits: rows of up to 2^24 features
-// keep f32(features) exact; a chunk's elements must fit u32 (the host splits larger tensors).
-// Workgroups beyond 65535 use the y dimension of the grid.
+// Limits: rows of up to 2^24 features keep f32(features) exact; a chunk's elements must fit u32
+// (the host splits larger tensors). Workgroups beyond the grid's first side use its y dimension.
+//
+// Shader defs (src/gpu/layer_norm.rs picks them): T, threads per row (a power of two, at most
+// WG); K, elements each thread holds in `layer_norm_held`; VEC4 for rows whose length is a
+// multiple of 4 (every load and store moves a vec4), f32 elements otherwise; SUBGROUP for the
+// subgroup workgroup sum (see gpunorm::reduce).
 
-// Keep in sync with `LayerNormParams` in src/layer_norm.rs.
+#import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA}
+#import gpunorm::reduce::{Invocation, workgroup_sum}
+
+const T: u32 = #{T}u;
+const K: u32 = #{K}u;
+
+#ifdef VEC4
+alias V = vec4<f32>;
+const W: u32 = 4u;
+
+fn hsum(v: V) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+fn first(v: V) -> f32 {
+    return v.x;
+}
+#else
+alias V = f32;
+const W: u32 = 1u;
+
+fn hsum(v: V) -> f32 {
+    return v;
+}
+
+fn first(v: V) -> f32 {
+    return v;
+}
+#endif
+
+// Keep in sync with `LayerNormParams` in src/gpu/layer_norm.rs (a test compares the two).
 struct Params {
     rows: u32,
     features: u32,
     eps: f32,
-    // bit 0: multiply by gamma; bit 1: add beta.
+    // FLAG_GAMMA | FLAG_BETA.
     flags: u32,
 }
 
@@ -37,10 +69,10 @@ struct Params {
 // Element i of the row starting at `base`, normalized from its centred value c = x - shift - mean.
 fn store(base: u32, i: u32, c: V, rstd: f32) {
     var v = c * rstd;
-    if (params.flags & 1u) != 0u {
+    if (params.flags & FLAG_GAMMA) != 0u {
         v = v * gamma[i];
     }
-    if (params.flags & 2u) != 0u {
+    if (params.flags & FLAG_BETA) != 0u {
         v = v + beta[i];
     }
     y[base + i] = v;

@@ -5,7 +5,9 @@ use thiserror::Error;
 /// What went wrong in a gpunorm call, worded so the caller can fix it.
 ///
 /// Input errors are detected before any work is done, so a failed call has no effect.
+/// New variants may come in later releases, so a `match` on it needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
 pub enum NormError {
     /// `features` (or `channels`) was zero.
     #[error("features must be at least 1, got 0")]
@@ -109,6 +111,20 @@ pub enum NormError {
         needed: u64,
         /// Bytes the adapter allows.
         limit: u64,
+    },
+
+    /// The device's limits cannot carry the call (for example a device opened with lowered
+    /// limits).
+    #[error("{op} needs {limit} of at least {needed} but this device has {has}; open the device with the adapter's limits or use Normalizer::cpu()")]
+    DeviceLimit {
+        /// What gpunorm was doing.
+        op: &'static str,
+        /// The wgpu limit, by its field name in `wgpu::Limits`.
+        limit: &'static str,
+        /// What the call needs.
+        needed: u64,
+        /// What the device allows.
+        has: u64,
     },
 
     /// A wgpu buffer handed to gpunorm cannot be used as asked.

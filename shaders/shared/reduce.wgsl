@@ -1,11 +1,42 @@
-// Workgroup-wide sum through shared memory, in a fixed tree order, so the result is bitwise
-// reproducible. WG (the workgroup size, a power of two) is defined by the host before this file.
-// Every thread of the workgroup must call `workgroup_sum` (it has barriers).
-// Keep `Invocation` and `workgroup_sum` in step with shared/reduce_subgroup.wgsl.
+// Workgroup-wide sum of one value per thread, in a fixed order, so repeated runs give identical
+// bits. Every thread of the workgroup must call `workgroup_sum` (it has barriers).
+//
+// With the shader def SUBGROUP (devices with `Features::SUBGROUP`): each subgroup adds its values
+// in registers, then every thread adds the subgroups' sums in subgroup order; two barriers. The
+// subgroup sum's order is the hardware's, fixed on one device. Without it: a shared-memory tree,
+// log2(WG) + 2 barriers, on every device.
+#define_import_path gpunorm::reduce
 
+#import gpunorm::common::WG
+
+// One value per thread (tree), or one sum per subgroup (room for subgroups of one thread).
 var<workgroup> partial: array<f32, WG>;
 
-// What an entry point receives about its thread; the reduction needs only its index.
+#ifdef SUBGROUP
+// What an entry point receives about its thread; entry points take it as a parameter.
+struct Invocation {
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) subgroup: u32,
+    @builtin(num_subgroups) subgroups: u32,
+}
+
+fn workgroup_sum(inv: Invocation, value: f32) -> f32 {
+    let sum = subgroupAdd(value);
+    if inv.lane == 0u {
+        partial[inv.subgroup] = sum;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var s = 0u; s < inv.subgroups; s++) {
+        total += partial[s];
+    }
+    // Nobody may overwrite a partial for the next reduction before everyone has read them all.
+    workgroupBarrier();
+    return total;
+}
+#else
+// What an entry point receives about its thread; entry points take it as a parameter.
 struct Invocation {
     @builtin(local_invocation_index) lid: u32,
 }
@@ -25,3 +56,4 @@ fn workgroup_sum(inv: Invocation, value: f32) -> f32 {
     workgroupBarrier();
     return total;
 }
+#endif

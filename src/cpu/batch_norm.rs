@@ -8,8 +8,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{multiversion, should_stream, stream_fence, write_out};
-use crate::batch_norm::Shape;
-use crate::{BatchNorm, RunningStats};
+use crate::ops::batch_norm::{BatchNorm, RunningStats, Shape};
 
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.

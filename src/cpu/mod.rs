@@ -7,8 +7,57 @@
 //! at most `BLOCK` values, and the block sums are added in f64: the rounding error of a block is at
 //! most ~32 ulps of its magnitude, and blocks do not compound.
 
-pub(crate) mod batch_norm;
-pub(crate) mod layer_norm;
+mod batch_norm;
+mod layer_norm;
+
+use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::Backend;
+use crate::{LayerNorm, NormError, Timing};
+
+/// The CPU fallback as a backend: stateless, on rayon's global pool.
+pub(crate) struct Cpu;
+
+impl Backend for Cpu {
+    fn layer_norm(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<Timing, NormError> {
+        layer_norm::layer_norm(x, y, features, opts);
+        Ok(Timing::default())
+    }
+
+    fn batch_norm_train(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: Counted,
+    ) -> Result<(BatchStats, Timing), NormError> {
+        let (mean, var) = batch_norm::train(x, y, shape, opts, counted.first);
+        let stats = BatchStats {
+            mean,
+            var,
+            count: counted.count,
+        };
+        Ok((stats, Timing::default()))
+    }
+
+    fn batch_norm_eval(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Timing, NormError> {
+        batch_norm::eval(x, y, shape, opts, stats);
+        Ok(Timing::default())
+    }
+}
 
 const LANES: usize = 16;
 /// Values (16 KiB) between the data a pass reads from memory and the data it prefetches.

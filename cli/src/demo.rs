@@ -1,6 +1,6 @@
 //! `gpunorm info` and `gpunorm demo`: the backend, and the seed document's worked example.
 
-use gpunorm::{mask_from_lengths, BatchNorm, LayerNorm, NormError, Normalizer};
+use gpunorm::{mask_from_lengths, wgpu, BatchNorm, LayerNorm, NormError, Normalizer};
 
 pub fn info(norm: &Normalizer) -> Result<(), NormError> {
     println!("backend: {}", norm.describe());

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use gpunorm::{BatchNorm, LayerNorm, NormError, Normalizer, RunningStats, Timing};
+use gpunorm::{wgpu, BatchNorm, LayerNorm, NormError, Normalizer, RunningStats, Timing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -409,7 +409,7 @@ fn gpu_copy(norm: &Normalizer, n: usize, reps: usize) -> Result<Option<f64>, Nor
     use wgpu::BufferUsages as U;
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("bench copy"),
-        source: wgpu::ShaderSource::Wgsl(include_str!("../../../shaders/bench_copy.wgsl").into()),
+        source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/bench_copy.wgsl").into()),
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some("bench copy"),

@@ -1,0 +1,678 @@
+//! BatchNorm on the GPU: the host side of `shaders/batch_norm.wgsl` and
+//! `shaders/batch_norm_apply4.wgsl`.
+//!
+//! Plan ([`Plan`]): chunks of whole batch items that fit one binding and one dispatch. Record and
+//! read back ([`Run`]): training streams the chunks twice, once for the statistics (seed,
+//! partial, merge per chunk, the chunk holding the first counted position first) and once to
+//! apply them; eval streams them once. A tensor of one chunk is uploaded once. Only one chunk is
+//! on the device at a time, so device memory stays bounded whatever the tensor's size.
+
+use std::ops::Range;
+
+use super::context::GpuContext;
+use super::pool::{Lifetime, Pooled};
+use super::shaders::{flags, KernelDef, Pipeline, Slot, Source, WG};
+use super::timer::{self, PassTimer};
+use super::{grid, transfer};
+use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::{NormError, Timing};
+
+const SEED: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "stats_seed",
+    slots: &[Slot::Uniform(0), Slot::Read(1), Slot::ReadWrite(4)],
+};
+const PARTIAL: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "stats_partial",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(3),
+        Slot::ReadWrite(4),
+    ],
+};
+const MERGE: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "stats_merge",
+    slots: &[Slot::Uniform(0), Slot::ReadWrite(3), Slot::ReadWrite(4)],
+};
+/// params, x, mask, columns, y, gamma, beta.
+const APPLY: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "apply",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(4),
+        Slot::ReadWrite(5),
+        Slot::Read(6),
+        Slot::Read(7),
+    ],
+};
+const APPLY4: KernelDef = KernelDef {
+    source: Source::BatchNormApply4,
+    entry: "apply4",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::Read(4),
+        Slot::ReadWrite(5),
+        Slot::Read(6),
+        Slot::Read(7),
+    ],
+};
+#[cfg(test)]
+pub(crate) const KERNELS: [&KernelDef; 5] = [&SEED, &PARTIAL, &MERGE, &APPLY, &APPLY4];
+
+// Keep in sync with `Params` in shaders/shared/batch_norm_params.wgsl (a test compares the two).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BatchNormParams {
+    positions: u32,
+    channels: u32,
+    spatial: u32,
+    tile_cols: u32,
+    tile_rows: u32,
+    rows_per_tile: u32,
+    row_tiles: u32,
+    col_tiles: u32,
+    eps: f32,
+    flags: u32,
+    first: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
+
+/// About this many workgroups in the statistics pass keep a big GPU busy without making the
+/// in-order merge long.
+const TARGET_TILES: usize = 8192;
+/// Bytes of one column's statistics, (shift, mean_d, M2, count).
+const COLUMN_BYTES: u64 = 16;
+
+/// Where a BatchNorm input comes from.
+pub(crate) enum Input<'a> {
+    /// A host slice, uploaded chunk by chunk.
+    Host(&'a [f32]),
+    /// A storage buffer on the device holding `len` values that fit one binding.
+    Device(&'a wgpu::Buffer, usize),
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::Host(x) => x.len(),
+            Input::Device(_, len) => *len,
+        }
+    }
+}
+
+/// Where a BatchNorm output goes: a host slice (read back chunk by chunk) or a device buffer.
+pub(crate) enum Output<'a> {
+    Host(&'a mut [f32]),
+    Device(&'a wgpu::Buffer),
+}
+
+/// Runs BatchNorm training; returns the batch statistics.
+pub(crate) fn train(
+    ctx: &GpuContext,
+    x: Input<'_>,
+    mut y: Output<'_>,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+) -> Result<(BatchStats, Timing), NormError> {
+    let plan = Plan::new(ctx, shape, &x, opts, counted.first)?;
+    ctx.scoped("batch_norm_train", || {
+        let mut run = Run::new(ctx, &plan, opts, Lifetime::Call)?;
+        let statistics = run.statistics(&x)?;
+        run.apply(&x, &mut y)?;
+        let (mean, var) = statistics.read(ctx)?;
+        let stats = BatchStats {
+            mean,
+            var,
+            count: counted.count,
+        };
+        Ok((stats, run.timing()))
+    })?
+}
+
+/// Runs BatchNorm eval with the running statistics. On device buffers it returns without
+/// waiting for the GPU.
+pub(crate) fn eval(
+    ctx: &GpuContext,
+    x: Input<'_>,
+    mut y: Output<'_>,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &RunningStats,
+) -> Result<Timing, NormError> {
+    let plan = Plan::new(ctx, shape, &x, opts, 0)?;
+    let lifetime = Lifetime::waited(matches!(y, Output::Host(_)));
+    ctx.scoped("batch_norm_eval", || {
+        let mut run = Run::new(ctx, &plan, opts, lifetime)?;
+        run.load_running(stats);
+        run.apply(&x, &mut y)?;
+        Ok(run.timing())
+    })?
+}
+
+/// How a tensor is cut into chunks and tiled.
+struct Plan {
+    shape: Shape,
+    /// Values of each chunk: whole batch items (one item = channels × spatial values).
+    chunks: Vec<Range<usize>>,
+    /// Each chunk's kernel parameters.
+    params: Vec<BatchNormParams>,
+    /// The chunk holding the first counted position (its statistics pass goes first).
+    seed_chunk: usize,
+    /// Four values at a time (`apply4`): four neighbours share a position or a channel.
+    by4: bool,
+}
+
+impl Plan {
+    fn new(
+        ctx: &GpuContext,
+        shape: &Shape,
+        x: &Input<'_>,
+        opts: &BatchNorm<'_>,
+        first: usize,
+    ) -> Result<Plan, NormError> {
+        let (c, s) = (shape.channels, shape.spatial);
+        let limit = ctx.max_binding_bytes();
+        let columns_bytes = c as u64 * COLUMN_BYTES;
+        if columns_bytes > limit {
+            return Err(NormError::TooLarge {
+                what: "the per-feature statistics of a BatchNorm tensor (16 bytes per feature)",
+                needed: columns_bytes,
+                limit,
+            });
+        }
+        let item = c * s;
+        let items = chunk_items(ctx, item)?;
+        let len = x.len();
+        if matches!(x, Input::Device(..)) && len > items * item {
+            return Err(NormError::TooLarge {
+                what: "a GPU-resident BatchNorm tensor (one binding and one dispatch)",
+                needed: (len * 4) as u64,
+                limit: (items * item * 4) as u64,
+            });
+        }
+        let chunks: Vec<Range<usize>> = (0..len)
+            .step_by(items * item)
+            .map(|start| start..(start + items * item).min(len))
+            .collect();
+        // Tiles of one chunk share one partials buffer, which must fit one binding.
+        let max_row_tiles = (limit / columns_bytes) as usize;
+        let mut params = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            let positions = chunk.len() / c;
+            let p0 = chunk.start / c;
+            let mut p = BatchNormParams::new(ctx, shape, positions, opts, max_row_tiles)?;
+            p.first = first
+                .checked_sub(p0)
+                .filter(|&f| f < positions)
+                .unwrap_or(0) as u32;
+            params.push(p);
+        }
+        let seed_chunk = chunks
+            .iter()
+            .position(|ch| (ch.start / c..ch.end / c).contains(&first))
+            .unwrap_or(0);
+        Ok(Plan {
+            shape: *shape,
+            chunks,
+            params,
+            seed_chunk,
+            by4: if s == 1 { c } else { s }.is_multiple_of(4),
+        })
+    }
+
+    /// The largest number of row tiles of any chunk.
+    fn max_row_tiles(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| p.row_tiles as usize)
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Chunk indices with the seed chunk first, then the rest in order.
+    fn statistics_order(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(self.seed_chunk)
+            .chain((0..self.chunks.len()).filter(|&i| i != self.seed_chunk))
+    }
+}
+
+/// Batch items per chunk: as many as one binding, one dispatch of the elementwise pass and u32
+/// indexing allow. Errors when not even one item fits.
+fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
+    let limit = ctx.max_binding_bytes();
+    let item_bytes = (item * 4) as u64;
+    if item_bytes > limit || item > u32::MAX as usize {
+        return Err(NormError::TooLarge {
+            what: "one row (or batch item) of a BatchNorm tensor",
+            needed: item_bytes,
+            limit,
+        });
+    }
+    let grid_values = ctx.max_groups().pow(2) * WG as usize;
+    if item > grid_values {
+        return Err(NormError::DeviceLimit {
+            op: "batch_norm",
+            limit: "max_compute_workgroups_per_dimension",
+            needed: item.div_ceil(WG as usize).isqrt() as u64 + 1,
+            has: ctx.max_groups() as u64,
+        });
+    }
+    Ok(((limit / item_bytes) as usize)
+        .min(u32::MAX as usize / item)
+        .min(grid_values / item))
+}
+
+impl BatchNormParams {
+    /// Parameters for one chunk of `positions` positions of a tensor shaped like `shape`, with
+    /// at most `max_row_tiles` row tiles.
+    fn new(
+        ctx: &GpuContext,
+        shape: &Shape,
+        positions: usize,
+        opts: &BatchNorm<'_>,
+        max_row_tiles: usize,
+    ) -> Result<Self, NormError> {
+        // Features-last: adjacent threads read adjacent columns. Channels-first: every thread of
+        // a workgroup works on one channel, reading contiguous spatial runs.
+        let tile_cols = if shape.spatial == 1 {
+            shape.channels.next_power_of_two().min(64)
+        } else {
+            1
+        };
+        let tile_rows = WG as usize / tile_cols;
+        let col_tiles = shape.channels.div_ceil(tile_cols);
+        let max_tiles = ctx.max_groups().pow(2);
+        if col_tiles > max_tiles {
+            return Err(NormError::DeviceLimit {
+                op: "batch_norm statistics",
+                limit: "max_compute_workgroups_per_dimension",
+                needed: col_tiles.isqrt() as u64 + 1,
+                has: ctx.max_groups() as u64,
+            });
+        }
+        let row_tiles = TARGET_TILES
+            .div_ceil(col_tiles)
+            .min(positions.div_ceil(tile_rows * 4))
+            .min(max_row_tiles)
+            .min(max_tiles / col_tiles)
+            .max(1);
+        let rows_per_tile = positions.div_ceil(row_tiles).max(1);
+        let row_tiles = positions.div_ceil(rows_per_tile).max(1);
+        Ok(BatchNormParams {
+            positions: positions as u32,
+            channels: shape.channels as u32,
+            spatial: shape.spatial as u32,
+            tile_cols: tile_cols as u32,
+            tile_rows: tile_rows as u32,
+            rows_per_tile: rows_per_tile as u32,
+            row_tiles: row_tiles as u32,
+            col_tiles: col_tiles as u32,
+            eps: opts.eps,
+            flags: flags::of(
+                opts.gamma.is_some(),
+                opts.beta.is_some(),
+                opts.mask.is_some(),
+            ),
+            first: 0,
+            pad: 0,
+        })
+    }
+}
+
+/// The per-column statistics, (shift, mean_d, M2, count), on their way to the host.
+struct StatsReadback<'a> {
+    staging: Pooled<'a>,
+    channels: usize,
+}
+
+impl StatsReadback<'_> {
+    /// Waits for the statistics and returns (mean, biased var) per column.
+    fn read(self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>), NormError> {
+        let mut cols = vec![[0f32; 4]; self.channels];
+        transfer::read_into(ctx, &self.staging, &mut cols)?;
+        // mean = shift + mean_d, added in f64 so the sum is rounded once; var = M2 / count as
+        // the kernels compute it.
+        let mean = cols
+            .iter()
+            .map(|q| (q[0] as f64 + q[1] as f64) as f32)
+            .collect();
+        let var = cols.iter().map(|q| q[2] / q[3]).collect();
+        Ok((mean, var))
+    }
+}
+
+/// One BatchNorm call in flight: its plan, pipelines and the buffers every chunk shares.
+struct Run<'a> {
+    ctx: &'a GpuContext,
+    plan: &'a Plan,
+    params: Vec<wgpu::Buffer>,
+    gamma: wgpu::Buffer,
+    beta: wgpu::Buffer,
+    mask: Option<&'a [bool]>,
+    columns: Pooled<'a>,
+    /// The input buffer of host tensors, and which chunk it holds.
+    input: Option<Pooled<'a>>,
+    resident: Option<usize>,
+    /// The chunk's mask as u32 words (a 16-byte placeholder without a mask).
+    mask_buffer: Pooled<'a>,
+    timer: Option<PassTimer<'a>>,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        ctx: &'a GpuContext,
+        plan: &'a Plan,
+        opts: &BatchNorm<'a>,
+        lifetime: Lifetime,
+    ) -> Result<Run<'a>, NormError> {
+        use wgpu::BufferUsages as U;
+        ctx.check_storage_buffers(Slot::storage_count(APPLY.slots), "batch_norm")?;
+        let largest = plan.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let c = plan.shape.channels;
+        let params = plan
+            .params
+            .iter()
+            .map(|p| ctx.buffer_with("batch_norm params", bytemuck::bytes_of(p), U::UNIFORM))
+            .collect();
+        let mask_bytes = if opts.mask.is_some() {
+            (largest / c * 4) as u64
+        } else {
+            16
+        };
+        Ok(Run {
+            ctx,
+            plan,
+            params,
+            gamma: ctx.buffer_with(
+                "batch_norm gamma",
+                bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
+                U::STORAGE,
+            ),
+            beta: ctx.buffer_with(
+                "batch_norm beta",
+                bytemuck::cast_slice(opts.beta.unwrap_or(&[])),
+                U::STORAGE,
+            ),
+            mask: opts.mask,
+            columns: ctx.buffer(
+                "batch_norm columns",
+                c as u64 * COLUMN_BYTES,
+                U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                lifetime,
+            ),
+            input: None,
+            resident: None,
+            mask_buffer: ctx.buffer(
+                "batch_norm mask",
+                mask_bytes,
+                U::STORAGE | U::COPY_DST,
+                lifetime,
+            ),
+            timer: if lifetime == Lifetime::Call {
+                PassTimer::new(ctx)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            kernel: timer::total(&self.timer),
+        }
+    }
+
+    /// Eval: the running statistics as (0, mean, var, 1) per column.
+    fn load_running(&mut self, stats: &RunningStats) {
+        let cols: Vec<[f32; 4]> = stats
+            .mean
+            .iter()
+            .zip(&stats.var)
+            .map(|(&m, &v)| [0.0, m, v, 1.0])
+            .collect();
+        self.ctx
+            .queue()
+            .write_buffer(&self.columns, 0, bytemuck::cast_slice(&cols));
+    }
+
+    /// Makes chunk `i` of `x` (and its mask) the one the kernels read, recording its upload
+    /// into `encoder` where it is not there yet; returns the input buffer and the staging guards
+    /// that must live until `encoder` is submitted.
+    fn stage(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &Input<'a>,
+        i: usize,
+    ) -> Result<Vec<Pooled<'a>>, NormError> {
+        let mut guards = Vec::new();
+        if self.resident == Some(i) {
+            return Ok(guards);
+        }
+        let ctx = self.ctx;
+        let chunk = self.plan.chunks[i].clone();
+        let c = self.plan.shape.channels;
+        if let Input::Host(x) = x {
+            use wgpu::BufferUsages as U;
+            let bytes = (self.plan.chunks[0].len() * 4) as u64;
+            let input = self.input.get_or_insert_with(|| {
+                ctx.buffer(
+                    "batch_norm x",
+                    bytes,
+                    U::STORAGE | U::COPY_DST,
+                    Lifetime::Call,
+                )
+            });
+            guards.push(transfer::upload(ctx, encoder, input, &x[chunk.clone()])?);
+        }
+        if let Some(mask) = self.mask {
+            let words: Vec<u32> = mask[chunk.start / c..chunk.end / c]
+                .iter()
+                .map(|&k| k as u32)
+                .collect();
+            guards.push(transfer::upload(ctx, encoder, &self.mask_buffer, &words)?);
+        }
+        self.resident = Some(i);
+        Ok(guards)
+    }
+
+    /// The buffer the kernels read x from.
+    fn x_buffer<'b>(&'b self, x: &'b Input<'_>) -> &'b wgpu::Buffer {
+        match x {
+            Input::Host(_) => self.input.as_ref().expect("staged before use"),
+            Input::Device(buffer, _) => buffer,
+        }
+    }
+
+    /// Submits `encoder`, with the pass's timestamps where timed.
+    fn submit(&mut self, mut encoder: wgpu::CommandEncoder) -> Result<(), NormError> {
+        if let Some(t) = &self.timer {
+            t.resolve(&mut encoder);
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        if let Some(t) = &mut self.timer {
+            t.collect()?;
+        }
+        Ok(())
+    }
+
+    fn pipeline(&self, kernel: &KernelDef) -> Result<std::sync::Arc<Pipeline>, NormError> {
+        self.ctx
+            .pipeline(&format!("batch_norm {}", kernel.entry), kernel, &[])
+    }
+
+    /// The statistics pass, chunk by chunk: seed (first chunk only), partial tiles, merge.
+    /// Returns the statistics, their copy to the host submitted.
+    fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
+        use wgpu::BufferUsages as U;
+        let ctx = self.ctx;
+        let (seed, partial, merge) = (
+            self.pipeline(&SEED)?,
+            self.pipeline(&PARTIAL)?,
+            self.pipeline(&MERGE)?,
+        );
+        let c = self.plan.shape.channels;
+        let partials = ctx.buffer(
+            "batch_norm partials",
+            (self.plan.max_row_tiles() * c) as u64 * COLUMN_BYTES,
+            U::STORAGE,
+            Lifetime::Call,
+        );
+        let column_groups = grid(c.div_ceil(WG as usize), ctx.max_groups());
+        let order: Vec<usize> = self.plan.statistics_order().collect();
+        for (k, &i) in order.iter().enumerate() {
+            let mut encoder = ctx.encoder("batch_norm statistics");
+            let _staged = self.stage(&mut encoder, x, i)?;
+            let xb = self.x_buffer(x);
+            let p = &self.params[i];
+            let tiles = (self.plan.params[i].col_tiles * self.plan.params[i].row_tiles) as usize;
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("batch_norm statistics"),
+                    timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
+                });
+                if k == 0 {
+                    pass.set_pipeline(&seed.pipeline);
+                    pass.set_bind_group(0, &seed.bind(ctx.device(), &[p, xb, &self.columns]), &[]);
+                    pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
+                }
+                pass.set_pipeline(&partial.pipeline);
+                let group = partial.bind(
+                    ctx.device(),
+                    &[p, xb, &self.mask_buffer, &partials, &self.columns],
+                );
+                pass.set_bind_group(0, &group, &[]);
+                let (gx, gy) = grid(tiles, ctx.max_groups());
+                pass.dispatch_workgroups(gx, gy, 1);
+                pass.set_pipeline(&merge.pipeline);
+                pass.set_bind_group(
+                    0,
+                    &merge.bind(ctx.device(), &[p, &partials, &self.columns]),
+                    &[],
+                );
+                pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
+            }
+            self.submit(encoder)?;
+        }
+        let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
+        let mut encoder = ctx.encoder("batch_norm statistics readback");
+        encoder.copy_buffer_to_buffer(&self.columns, 0, &staging, 0, c as u64 * COLUMN_BYTES);
+        ctx.queue().submit([encoder.finish()]);
+        Ok(StatsReadback {
+            staging,
+            channels: c,
+        })
+    }
+
+    /// The elementwise pass, chunk by chunk, starting with the chunk already on the device.
+    fn apply(&mut self, x: &Input<'a>, y: &mut Output<'_>) -> Result<(), NormError> {
+        use wgpu::BufferUsages as U;
+        let ctx = self.ctx;
+        let kernel = if self.plan.by4 { &APPLY4 } else { &APPLY };
+        let apply = self.pipeline(kernel)?;
+        let per_thread = if self.plan.by4 { 4 } else { 1 };
+        let bytes = (self.plan.chunks[0].len() * 4) as u64;
+        let (output, staging) = match y {
+            Output::Host(_) => (
+                Some(ctx.buffer(
+                    "batch_norm y",
+                    bytes,
+                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                    Lifetime::Call,
+                )),
+                Some(transfer::readback_buffer(ctx, bytes)),
+            ),
+            Output::Device(_) => (None, None),
+        };
+        let first = self.resident.unwrap_or(0);
+        let order: Vec<usize> = std::iter::once(first)
+            .chain((0..self.plan.chunks.len()).filter(|&i| i != first))
+            .collect();
+        for i in order {
+            let chunk = self.plan.chunks[i].clone();
+            let mut encoder = ctx.encoder("batch_norm apply");
+            let _staged = self.stage(&mut encoder, x, i)?;
+            let yb: &wgpu::Buffer = match (&output, &*y) {
+                (Some(out), _) => out,
+                (None, Output::Device(b)) => b,
+                (None, Output::Host(_)) => unreachable!("host outputs have a device buffer"),
+            };
+            #[cfg(debug_assertions)]
+            super::poison(ctx, yb, chunk.len());
+            {
+                let xb = self.x_buffer(x);
+                let group = apply.bind(
+                    ctx.device(),
+                    &[
+                        &self.params[i],
+                        xb,
+                        &self.mask_buffer,
+                        &self.columns,
+                        yb,
+                        &self.gamma,
+                        &self.beta,
+                    ],
+                );
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("batch_norm apply"),
+                    timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
+                });
+                pass.set_pipeline(&apply.pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                let (gx, gy) = grid(
+                    chunk.len().div_ceil(WG as usize * per_thread),
+                    ctx.max_groups(),
+                );
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            if let Some(staging) = &staging {
+                encoder.copy_buffer_to_buffer(yb, 0, staging, 0, (chunk.len() * 4) as u64);
+            }
+            self.submit(encoder)?;
+            if let (Some(staging), Output::Host(y)) = (&staging, &mut *y) {
+                transfer::read_into(ctx, staging, &mut y[chunk])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::{fields, shader_params};
+
+    /// `BatchNormParams` and the shaders' `Params` have the same fields at the same offsets.
+    #[test]
+    fn params_match_the_shader() {
+        let expected = fields!(BatchNormParams {
+            positions,
+            channels,
+            spatial,
+            tile_cols,
+            tile_rows,
+            rows_per_tile,
+            row_tiles,
+            col_tiles,
+            eps,
+            flags,
+            first,
+            pad
+        });
+        for source in [Source::BatchNorm, Source::BatchNormApply4] {
+            let (members, size) = shader_params(source, &[]);
+            assert_eq!(members, expected, "{source:?}");
+            assert_eq!(size as usize, std::mem::size_of::<BatchNormParams>());
+        }
+    }
+}

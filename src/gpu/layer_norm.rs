@@ -1,0 +1,272 @@
+//! LayerNorm on the GPU: the host side of `shaders/layer_norm.wgsl`.
+//!
+//! A host tensor goes plan → record → read back: [`run`] splits the rows into chunks that fit one
+//! binding, and for each chunk uploads it, records the size-class kernel ([`record`]) and reads
+//! the output back. GPU tensors and callers' encoders use [`record`] alone.
+
+use std::sync::Arc;
+
+use super::context::GpuContext;
+use super::pool::Lifetime;
+use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
+use super::timer::{self, PassTimer};
+use super::{grid, transfer};
+use crate::{LayerNorm, NormError, Timing};
+
+/// The two entry points, with the bindings both use: params, x, y, gamma, beta.
+const SLOTS: &[Slot] = &[
+    Slot::Uniform(0),
+    Slot::Read(1),
+    Slot::ReadWrite(2),
+    Slot::Read(3),
+    Slot::Read(4),
+];
+const HELD: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm_held",
+    slots: SLOTS,
+};
+const LOOPED: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm",
+    slots: SLOTS,
+};
+#[cfg(test)]
+pub(crate) const KERNELS: [&KernelDef; 2] = [&HELD, &LOOPED];
+
+// Keep in sync with `Params` in shaders/layer_norm.wgsl (a test compares the two).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LayerNormParams {
+    rows: u32,
+    features: u32,
+    eps: f32,
+    flags: u32,
+}
+const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
+
+/// The LayerNorm kernel for a row length on a device: specialised by size class (threads per
+/// row, elements held per thread), by features % 4 (vec4 or f32 elements) and by the device's
+/// reductions.
+#[derive(Debug, Clone, Copy)]
+struct Kernel {
+    vec4: bool,
+    subgroup: bool,
+    /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
+    per_row: u32,
+    /// Elements each thread keeps in registers (`layer_norm_held`, one read of the input), or 0
+    /// for the looped kernel that reads the row again for each pass.
+    held: u32,
+}
+
+impl Kernel {
+    /// Rows of up to 128 elements share a workgroup, one thread per element rounded up to a
+    /// power of two; rows of up to 2048 elements (8192 features with vec4) are held in
+    /// registers by 256 threads, 1, 2, 4 or 8 elements each; longer rows use the looped kernel,
+    /// one workgroup per row. (Holding rows of up to 8192 elements in 1024-thread workgroups ran
+    /// 2.3–3× slower than the looped kernel on llvmpipe at 256×32768, so it is not offered.)
+    fn for_features(ctx: &GpuContext, features: usize) -> Kernel {
+        let vec4 = features.is_multiple_of(4);
+        let n = if vec4 { features / 4 } else { features };
+        let wg = WG as usize;
+        let (per_row, held) = match n.div_ceil(wg) {
+            _ if n <= wg / 2 => (n.next_power_of_two() as u32, 1),
+            k @ 1..=8 => (WG, k.next_power_of_two() as u32),
+            _ => (WG, 0),
+        };
+        Kernel {
+            vec4,
+            subgroup: ctx.subgroups,
+            per_row,
+            held,
+        }
+    }
+
+    fn def(&self) -> &'static KernelDef {
+        if self.held > 0 {
+            &HELD
+        } else {
+            &LOOPED
+        }
+    }
+
+    /// Rows one workgroup normalizes.
+    fn rows_per_group(&self) -> usize {
+        if self.held > 0 {
+            (WG / self.per_row) as usize
+        } else {
+            1
+        }
+    }
+
+    /// The pipeline cache key, also the label a GPU debugger shows.
+    fn label(&self) -> String {
+        format!(
+            "layer_norm {} {} t{} k{}",
+            if self.vec4 { "vec4" } else { "f32" },
+            if self.subgroup { "subgroup" } else { "tree" },
+            self.per_row,
+            self.held
+        )
+    }
+
+    fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
+        let defs = [
+            ("VEC4", Def::Flag(self.vec4)),
+            ("SUBGROUP", Def::Flag(self.subgroup)),
+            ("T", Def::U32(self.per_row)),
+            ("K", Def::U32(self.held.max(1))),
+        ];
+        ctx.pipeline(&self.label(), self.def(), &defs)
+    }
+}
+
+/// Rows one dispatch may cover: bounded by the binding size, the 2-D grid and u32 indexing.
+/// Errors when a single row does not fit one binding.
+pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormError> {
+    let row_bytes = (features * 4) as u64;
+    let max_bytes = ctx.max_binding_bytes();
+    if row_bytes > max_bytes {
+        return Err(NormError::TooLarge {
+            what: "one row",
+            needed: row_bytes,
+            limit: max_bytes,
+        });
+    }
+    let kernel = Kernel::for_features(ctx, features);
+    let max_groups = ctx.max_groups();
+    Ok(((max_bytes / row_bytes) as usize)
+        .min(max_groups * max_groups * kernel.rows_per_group())
+        .min(u32::MAX as usize / features))
+}
+
+/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, both from offset 0.
+pub(crate) struct Rows<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+    pub rows: usize,
+}
+
+/// Records LayerNorm of `io` as one compute pass of `encoder`, timed by `timer` where given.
+/// The rows must fit one dispatch ([`max_rows`]); the caller has validated everything else.
+pub(crate) fn record(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    io: Rows<'_>,
+    features: usize,
+    opts: &LayerNorm<'_>,
+    timer: Option<&PassTimer>,
+) -> Result<(), NormError> {
+    use wgpu::BufferUsages as U;
+    ctx.check_storage_buffers(Slot::storage_count(SLOTS), "layer_norm")?;
+    let kernel = Kernel::for_features(ctx, features);
+    let pipeline = kernel.pipeline(ctx)?;
+    let params = LayerNormParams {
+        rows: io.rows as u32,
+        features: features as u32,
+        eps: opts.eps,
+        flags: flags::of(opts.gamma.is_some(), opts.beta.is_some(), false),
+    };
+    let params = ctx.buffer_with("layer_norm params", bytemuck::bytes_of(&params), U::UNIFORM);
+    let gamma = ctx.buffer_with(
+        "layer_norm gamma",
+        bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
+        U::STORAGE,
+    );
+    let beta = ctx.buffer_with(
+        "layer_norm beta",
+        bytemuck::cast_slice(opts.beta.unwrap_or(&[])),
+        U::STORAGE,
+    );
+    let bind_group = pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta]);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("layer_norm"),
+        timestamp_writes: timer.map(|t| t.writes()),
+    });
+    pass.set_pipeline(&pipeline.pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    let (gx, gy) = grid(io.rows.div_ceil(kernel.rows_per_group()), ctx.max_groups());
+    pass.dispatch_workgroups(gx, gy, 1);
+    Ok(())
+}
+
+/// Runs LayerNorm of host rows on the GPU into `y`. Tensors larger than one binding go through
+/// in chunks of whole rows, each uploaded, normalized and read back in turn.
+pub(crate) fn run(
+    ctx: &GpuContext,
+    x: &[f32],
+    y: &mut [f32],
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<Timing, NormError> {
+    let rows = x.len() / features;
+    if rows == 0 {
+        return Ok(Timing::default());
+    }
+    let chunk = max_rows(ctx, features)?.min(rows) * features;
+    ctx.scoped("layer_norm", || -> Result<_, NormError> {
+        use wgpu::BufferUsages as U;
+        let bytes = (chunk * 4) as u64;
+        let input = ctx.buffer(
+            "layer_norm x",
+            bytes,
+            U::STORAGE | U::COPY_DST,
+            Lifetime::Call,
+        );
+        let output = ctx.buffer(
+            "layer_norm y",
+            bytes,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            Lifetime::Call,
+        );
+        let staging = transfer::readback_buffer(ctx, bytes);
+        let mut timer = PassTimer::new(ctx);
+        for (x, y) in x.chunks(chunk).zip(y.chunks_mut(chunk)) {
+            #[cfg(debug_assertions)]
+            super::poison(ctx, &output, x.len());
+            let mut encoder = ctx.encoder("layer_norm");
+            let _upload = transfer::upload(ctx, &mut encoder, &input, x)?;
+            let io = Rows {
+                x: &input,
+                y: &output,
+                rows: x.len() / features,
+            };
+            record(ctx, &mut encoder, io, features, opts, timer.as_ref())?;
+            if let Some(t) = &timer {
+                t.resolve(&mut encoder);
+            }
+            encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, (x.len() * 4) as u64);
+            ctx.queue().submit([encoder.finish()]);
+            transfer::read_into(ctx, &staging, y)?;
+            if let Some(t) = &mut timer {
+                t.collect()?;
+            }
+        }
+        Ok(Timing {
+            kernel: timer::total(&timer),
+        })
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::{fields, shader_params};
+
+    /// `LayerNormParams` and the shader's `Params` have the same fields at the same offsets.
+    #[test]
+    fn params_match_the_shader() {
+        let defs = [("T", Def::U32(256)), ("K", Def::U32(1))];
+        let (members, size) = shader_params(Source::LayerNorm, &defs);
+        assert_eq!(
+            members,
+            fields!(LayerNormParams {
+                rows,
+                features,
+                eps,
+                flags
+            })
+        );
+        assert_eq!(size as usize, std::mem::size_of::<LayerNormParams>());
+    }
+}

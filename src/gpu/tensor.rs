@@ -1,0 +1,238 @@
+//! Tensors that live on the GPU, and ops recorded on buffers callers own: the device side of
+//! `Normalizer::upload`, `download`, the `*_gpu` ops and `encode_layer_norm`. Inputs arrive
+//! validated; these functions check what only the device can tell (ownership, usage, sizes).
+
+use super::batch_norm::{self, Input, Output};
+use super::context::GpuContext;
+use super::layer_norm::{self, Rows};
+use super::pool::Lifetime;
+use super::transfer;
+use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::{LayerNorm, NormError};
+
+/// f32 values in a GPU storage buffer, made by [`Normalizer::upload`](crate::Normalizer::upload)
+/// or returned by a `*_gpu` op; [`Normalizer::download`](crate::Normalizer::download) reads them
+/// back. Belongs to the `Normalizer` that made it: another one refuses it with
+/// [`NormError::InvalidBuffer`] (its buffer lives on that `Normalizer`'s device).
+#[derive(Debug, Clone)]
+pub struct GpuTensor {
+    buffer: wgpu::Buffer,
+    len: usize,
+    /// [`GpuContext::id`] of the context that made it.
+    owner: u64,
+}
+
+impl GpuTensor {
+    /// Number of f32 values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The storage buffer (usage STORAGE | COPY_SRC | COPY_DST), for callers who bind it in their
+    /// own passes. The values are its first `len() * 4` bytes.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Refuses a tensor of another context (argument `name`).
+    pub(crate) fn check_owner(
+        &self,
+        ctx: &GpuContext,
+        name: &'static str,
+    ) -> Result<(), NormError> {
+        if self.owner == ctx.id {
+            Ok(())
+        } else {
+            Err(NormError::InvalidBuffer {
+                name,
+                problem:
+                    "it is a GpuTensor of another Normalizer; download it there and upload it here",
+            })
+        }
+    }
+
+    /// A new, unwritten tensor of `len` values on `ctx`.
+    fn new(ctx: &GpuContext, len: usize) -> GpuTensor {
+        use wgpu::BufferUsages as U;
+        let buffer = ctx.buffer(
+            "gpunorm tensor",
+            (len * 4) as u64,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            Lifetime::Detached,
+        );
+        GpuTensor {
+            buffer: (*buffer).clone(),
+            len,
+            owner: ctx.id,
+        }
+    }
+}
+
+/// Copies `data` into a new GPU tensor, without waiting for the copy.
+pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormError> {
+    let _serial = ctx.exclusive();
+    let bytes = (data.len() * 4) as u64;
+    if bytes > ctx.max_binding_bytes() {
+        return Err(NormError::TooLarge {
+            what: "a GPU-resident tensor",
+            needed: bytes,
+            limit: ctx.max_binding_bytes(),
+        });
+    }
+    ctx.scoped("upload", || -> Result<GpuTensor, NormError> {
+        let tensor = GpuTensor::new(ctx, data.len());
+        let mut encoder = ctx.encoder("gpunorm upload");
+        let _staging = transfer::upload(ctx, &mut encoder, &tensor.buffer, data)?;
+        ctx.queue().submit([encoder.finish()]);
+        Ok(tensor)
+    })?
+}
+
+/// Reads a GPU tensor back (waits for the work that writes it).
+pub(crate) fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+    tensor.check_owner(ctx, "tensor")?;
+    let _serial = ctx.exclusive();
+    let mut out = vec![0f32; tensor.len];
+    ctx.scoped("download", || -> Result<(), NormError> {
+        let bytes = (tensor.len * 4) as u64;
+        let staging = transfer::readback_buffer(ctx, bytes);
+        let mut encoder = ctx.encoder("gpunorm download");
+        if bytes > 0 {
+            encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, bytes);
+        }
+        ctx.queue().submit([encoder.finish()]);
+        transfer::read_into(ctx, &staging, &mut out)
+    })??;
+    Ok(out)
+}
+
+/// LayerNorm of a tensor of `rows` rows into a new tensor, without waiting.
+pub(crate) fn layer_norm(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    rows: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<GpuTensor, NormError> {
+    x.check_owner(ctx, "x")?;
+    let _serial = ctx.exclusive();
+    if rows > layer_norm::max_rows(ctx, features.max(1))? {
+        return Err(too_large(ctx, x.len));
+    }
+    ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
+        let y = GpuTensor::new(ctx, x.len);
+        if rows > 0 {
+            let mut encoder = ctx.encoder("layer_norm_gpu");
+            let io = Rows {
+                x: &x.buffer,
+                y: &y.buffer,
+                rows,
+            };
+            layer_norm::record(ctx, &mut encoder, io, features, opts, None)?;
+            ctx.queue().submit([encoder.finish()]);
+        }
+        Ok(y)
+    })?
+}
+
+/// BatchNorm training of a tensor into a new one; waits, for the statistics.
+pub(crate) fn batch_norm_train(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+) -> Result<(GpuTensor, BatchStats), NormError> {
+    x.check_owner(ctx, "x")?;
+    let _serial = ctx.exclusive();
+    let y = ctx.scoped("batch_norm_train_gpu", || GpuTensor::new(ctx, x.len))?;
+    let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
+    let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted)?;
+    Ok((y, stats))
+}
+
+/// BatchNorm eval of a tensor into a new one, without waiting.
+pub(crate) fn batch_norm_eval(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &RunningStats,
+) -> Result<GpuTensor, NormError> {
+    x.check_owner(ctx, "x")?;
+    let _serial = ctx.exclusive();
+    let y = ctx.scoped("batch_norm_eval_gpu", || GpuTensor::new(ctx, x.len))?;
+    let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
+    batch_norm::eval(ctx, io.0, io.1, shape, opts, stats)?;
+    Ok(y)
+}
+
+/// Records LayerNorm of the first `len` values of the caller's `x` into the caller's `y`.
+pub(crate) fn encode_layer_norm(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    (x, y): (&wgpu::Buffer, &wgpu::Buffer),
+    len: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<(), NormError> {
+    let _serial = ctx.exclusive();
+    let rows = len / features;
+    check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
+    if x == y {
+        // wgpu refuses one buffer bound read-only and read-write in one dispatch, and would say
+        // so only when the caller finishes the encoder.
+        return Err(NormError::InvalidBuffer {
+            name: "y",
+            problem: "it is the same buffer as x; the output needs a buffer of its own",
+        });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    ctx.scoped("encode_layer_norm", || {
+        layer_norm::record(ctx, encoder, Rows { x, y, rows }, features, opts, None)
+    })?
+}
+
+/// Checks that a caller's buffers can carry `len` values of a `features`-wide tensor in one
+/// dispatch: storage usage, sizes, and the binding limit.
+fn check_buffers(
+    ctx: &GpuContext,
+    len: usize,
+    features: usize,
+    buffers: &[(&'static str, &wgpu::Buffer)],
+) -> Result<(), NormError> {
+    let bytes = (len * 4) as u64;
+    for &(name, b) in buffers {
+        if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: "it lacks BufferUsages::STORAGE",
+            });
+        }
+        if b.size() < bytes {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: "it is smaller than len f32 values",
+            });
+        }
+    }
+    if len / features.max(1) > layer_norm::max_rows(ctx, features.max(1))? {
+        return Err(too_large(ctx, len));
+    }
+    Ok(())
+}
+
+fn too_large(ctx: &GpuContext, len: usize) -> NormError {
+    NormError::TooLarge {
+        what: "a GPU-resident tensor",
+        needed: (len * 4) as u64,
+        limit: ctx.max_binding_bytes(),
+    }
+}

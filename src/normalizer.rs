@@ -1,0 +1,394 @@
+//! [`Normalizer`], the one public entry point: it validates every call (`ops`), then hands it to
+//! its backend, the CPU fallback or a GPU context, through the same [`Backend`] contract.
+
+use crate::cpu::Cpu;
+use crate::gpu::tensor::{self, GpuTensor};
+use crate::gpu::{describe_adapter, GpuContext};
+use crate::ops::batch_norm::{self, Shape};
+use crate::ops::{check_output, layer_norm, Backend};
+use crate::{BatchNorm, BatchNormOutput, BatchStats, LayerNorm, NormError, RunningStats, Timing};
+
+/// The entry point: a GPU (or the CPU fallback) ready to normalize batches.
+///
+/// Build it once and share it: it is `Send + Sync`, and its compiled pipelines are cached for
+/// every later call. Calls from several threads are safe.
+pub struct Normalizer {
+    engine: Engine,
+}
+
+/// What a `Normalizer` runs on.
+enum Engine {
+    Cpu(Cpu),
+    Gpu(Box<GpuContext>),
+}
+
+impl Engine {
+    fn backend(&self) -> &dyn Backend {
+        match self {
+            Engine::Cpu(cpu) => cpu,
+            Engine::Gpu(ctx) => ctx.as_ref(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Normalizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Normalizer")
+            .field("backend", &self.describe())
+            .finish()
+    }
+}
+
+impl Normalizer {
+    /// The best GPU adapter wgpu finds (high performance), or the CPU fallback when there is
+    /// none (logged at `warn` level with the reason). Errors only when an adapter exists but
+    /// cannot be opened.
+    pub fn new() -> Result<Normalizer, NormError> {
+        match Self::gpu() {
+            Err(NormError::NoAdapter(why)) => {
+                log::warn!("gpunorm: no GPU adapter ({why}); using the CPU fallback");
+                Ok(Self::cpu())
+            }
+            other => other,
+        }
+    }
+
+    /// A GPU, or [`NormError::NoAdapter`] when wgpu finds none.
+    pub fn gpu() -> Result<Normalizer, NormError> {
+        GpuContext::new().map(|ctx| Normalizer {
+            engine: Engine::Gpu(Box::new(ctx)),
+        })
+    }
+
+    /// The CPU fallback: multithreaded (rayon), same algorithm and tolerances as the GPU.
+    pub fn cpu() -> Normalizer {
+        Normalizer {
+            engine: Engine::Cpu(Cpu),
+        }
+    }
+
+    /// A `Normalizer` on a device and queue the caller already has. Pipelines are built on that
+    /// device and picked for what it allows: its limits bound the tensors it takes, workgroup sums
+    /// use subgroup operations where it was created with `Features::SUBGROUP` (shared memory
+    /// otherwise), and kernel times need `Features::TIMESTAMP_QUERY`.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Normalizer {
+        Normalizer {
+            engine: Engine::Gpu(Box::new(GpuContext::from_device(device, queue))),
+        }
+    }
+
+    /// True when ops run on a GPU adapter (which may be a software one such as llvmpipe; see
+    /// [`Normalizer::adapter_info`]).
+    pub fn is_gpu(&self) -> bool {
+        matches!(self.engine, Engine::Gpu(_))
+    }
+
+    /// The GPU context, or [`NormError::NotGpu`] naming the operation `what`.
+    fn context(&self, what: &'static str) -> Result<&GpuContext, NormError> {
+        match &self.engine {
+            Engine::Gpu(ctx) => Ok(ctx),
+            Engine::Cpu(_) => Err(NormError::NotGpu(what)),
+        }
+    }
+
+    /// The GPU adapter's name, API, device type and driver; `None` on the CPU fallback.
+    pub fn adapter_info(&self) -> Option<wgpu::AdapterInfo> {
+        self.wgpu().map(|(device, _)| device.adapter_info())
+    }
+
+    /// The device and queue this `Normalizer` runs on, to make buffers for
+    /// [`Normalizer::encode_layer_norm`] or to run work of one's own beside it; `None` on the CPU
+    /// fallback.
+    pub fn wgpu(&self) -> Option<(&wgpu::Device, &wgpu::Queue)> {
+        let ctx = self.context("wgpu").ok()?;
+        Some((ctx.device(), ctx.queue()))
+    }
+
+    /// One line for people: "NVIDIA H100 80GB HBM3 (Vulkan, DiscreteGpu, driver …)" or
+    /// "CPU fallback (N threads)".
+    pub fn describe(&self) -> String {
+        match self.adapter_info() {
+            Some(info) => describe_adapter(&info),
+            None => format!("CPU fallback ({} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// Frees the GPU buffers kept for reuse. Calls keep their large buffers (input, output,
+    /// staging) in a pool of up to 2 GiB so the next call of the same shape allocates nothing;
+    /// call this after a one-off huge batch to give that memory back. No-op on the CPU fallback.
+    pub fn release_buffers(&self) {
+        if let Ok(ctx) = self.context("release_buffers") {
+            ctx.release_buffers();
+        }
+    }
+
+    /// Whether GPU kernel times can be read ([`Timing::kernel`]).
+    pub fn has_kernel_timing(&self) -> bool {
+        self.context("timing").is_ok_and(|ctx| ctx.timestamps)
+    }
+
+    /// LayerNorm of every `features`-long row of `x` (row-major).
+    ///
+    /// Errors, with nothing computed, when `features` is 0, `x.len()` is not a multiple of it,
+    /// gamma or beta does not have `features` values, or eps is NaN, infinite or negative.
+    /// An empty `x` gives an empty output. A NaN or infinity in a row makes that row NaN only.
+    ///
+    /// It returns a new `Vec`; in a loop, [`Normalizer::layer_norm_into`] into a buffer you
+    /// reuse saves the operating system zeroing fresh pages for every call.
+    pub fn layer_norm(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<Vec<f32>, NormError> {
+        layer_norm::validate(x.len(), features, opts)?;
+        let mut y = vec![0f32; x.len()];
+        self.engine
+            .backend()
+            .layer_norm(x, &mut y, features, opts)?;
+        Ok(y)
+    }
+
+    /// [`Normalizer::layer_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
+    /// x.len()`; returns where the time went.
+    pub fn layer_norm_into(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        layer_norm::validate(x.len(), features, opts)?;
+        check_output(x, y)?;
+        self.engine.backend().layer_norm(x, y, features, opts)
+    }
+
+    /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's
+    /// `[batch, seq, d_model]` flattened): per-feature mean and biased variance over the rows
+    /// where `opts.mask` is true, then y = (x − mean) / sqrt(var + eps) · gamma + beta. Masked
+    /// rows are left out of the statistics and written as 0.
+    ///
+    /// Errors, with nothing computed, on zero features, a length that is not a multiple of
+    /// `features`, an empty batch, a mask without one entry per row or with every row masked
+    /// out, gamma or beta without one value per feature, and eps NaN, infinite or negative.
+    pub fn batch_norm_train(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        self.train_alloc(x, &Shape::features_last(x.len(), features)?, opts)
+    }
+
+    /// [`Normalizer::batch_norm_train`] into a buffer the caller owns, `y.len() == x.len()`;
+    /// returns the batch statistics and where the time went.
+    pub fn batch_norm_train_into(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<(BatchStats, Timing), NormError> {
+        self.train(x, &Shape::features_last(x.len(), features)?, opts, y)
+    }
+
+    /// BatchNorm in eval mode on a features-last tensor: one elementwise pass with the running
+    /// statistics, y = (x − running_mean) / sqrt(running_var + eps) · gamma + beta; masked rows
+    /// are written as 0. Errors as [`Normalizer::batch_norm_train`] does, and when the running
+    /// statistics do not have one mean and one variance (>= 0) per feature.
+    pub fn batch_norm_eval(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        self.eval_alloc(x, &Shape::features_last(x.len(), features)?, opts, stats)
+    }
+
+    /// [`Normalizer::batch_norm_eval`] into a buffer the caller owns, `y.len() == x.len()`.
+    pub fn batch_norm_eval_into(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        self.eval(x, &Shape::features_last(x.len(), features)?, opts, stats, y)
+    }
+
+    /// BatchNorm in training mode on a channels-first `[batch, channels, spatial]` tensor (NCHW
+    /// with spatial = H·W, or NCL), what CNN users hand to BatchNorm2d: statistics per channel
+    /// over batch × spatial. `opts.mask`, if given, has one entry per (batch, spatial) position,
+    /// batch-major. Errors as [`Normalizer::batch_norm_train`] does, and on `spatial` 0.
+    pub fn batch_norm_train_channels_first(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        self.train_alloc(x, &Shape::channels_first(x.len(), channels, spatial)?, opts)
+    }
+
+    /// BatchNorm in eval mode on a channels-first `[batch, channels, spatial]` tensor.
+    pub fn batch_norm_eval_channels_first(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        let shape = Shape::channels_first(x.len(), channels, spatial)?;
+        self.eval_alloc(x, &shape, opts, stats)
+    }
+
+    fn train_alloc(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        let counted = batch_norm::validate(shape, opts)?;
+        let mut y = vec![0f32; x.len()];
+        let (stats, _) = self
+            .engine
+            .backend()
+            .batch_norm_train(x, &mut y, shape, opts, counted)?;
+        Ok(BatchNormOutput {
+            y,
+            mean: stats.mean,
+            var: stats.var,
+            count: stats.count,
+        })
+    }
+
+    fn train(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<(BatchStats, Timing), NormError> {
+        let counted = batch_norm::validate(shape, opts)?;
+        check_output(x, y)?;
+        self.engine
+            .backend()
+            .batch_norm_train(x, y, shape, opts, counted)
+    }
+
+    fn eval_alloc(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        let mut y = vec![0f32; x.len()];
+        self.eval(x, shape, opts, stats, &mut y)?;
+        Ok(y)
+    }
+
+    fn eval(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        batch_norm::validate(shape, opts)?;
+        batch_norm::validate_stats(shape, stats)?;
+        check_output(x, y)?;
+        self.engine
+            .backend()
+            .batch_norm_eval(x, y, shape, opts, stats)
+    }
+
+    /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
+    /// when the data exceeds one binding of this device.
+    pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
+        tensor::upload(self.context("upload")?, data)
+    }
+
+    /// Reads a GPU tensor back (waits for the work that writes it).
+    pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+        tensor::download(self.context("download")?, tensor)
+    }
+
+    /// [`Normalizer::layer_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
+    /// host and nothing waits, so ops chain. Same errors as `layer_norm`, plus
+    /// [`NormError::NotGpu`] on the CPU fallback.
+    pub fn layer_norm_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("layer_norm_gpu")?;
+        let rows = layer_norm::validate(x.len(), features, opts)?;
+        tensor::layer_norm(ctx, x, rows, features, opts)
+    }
+
+    /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the
+    /// device; the statistics come back (for [`RunningStats::update_with`]), so this call waits
+    /// for the GPU. Same errors as `batch_norm_train`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_train_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(GpuTensor, BatchStats), NormError> {
+        let ctx = self.context("batch_norm_train_gpu")?;
+        let shape = Shape::features_last(x.len(), features)?;
+        let counted = batch_norm::validate(&shape, opts)?;
+        tensor::batch_norm_train(ctx, x, &shape, opts, counted)
+    }
+
+    /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
+    /// without waiting for the GPU. Same errors as `batch_norm_eval`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_eval_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("batch_norm_eval_gpu")?;
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        batch_norm::validate_stats(&shape, stats)?;
+        tensor::batch_norm_eval(ctx, x, &shape, opts, stats)
+    }
+
+    /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
+    /// compute pass of the caller's `encoder`; the caller submits it. Both buffers need
+    /// `BufferUsages::STORAGE` and room for `len` values, `y` must be another buffer than `x`,
+    /// and the tensor must fit one binding. A call that fails records nothing.
+    pub fn encode_layer_norm(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<(), NormError> {
+        let ctx = self.context("encode_layer_norm")?;
+        layer_norm::validate(len, features, opts)?;
+        tensor::encode_layer_norm(ctx, encoder, (x, y), len, features, opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizer_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Normalizer>();
+    }
+}

@@ -1,0 +1,45 @@
+//! LayerNorm: its options and the checks of a call.
+
+use super::{check_eps, check_param, rows_of};
+use crate::NormError;
+
+/// Options for [`Normalizer::layer_norm`](crate::Normalizer::layer_norm).
+///
+/// ```
+/// use gpunorm::LayerNorm;
+/// let gamma = [1.0, 2.0, 0.5];
+/// let opts = LayerNorm { gamma: Some(&gamma), ..Default::default() };
+/// assert_eq!(opts.eps, 1e-5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNorm<'a> {
+    /// Added to the variance before the square root; finite and >= 0. Default 1e-5.
+    pub eps: f32,
+    /// Per-feature scale (one value per feature), or None for 1.
+    pub gamma: Option<&'a [f32]>,
+    /// Per-feature shift (one value per feature), or None for 0.
+    pub beta: Option<&'a [f32]>,
+}
+
+impl Default for LayerNorm<'_> {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            gamma: None,
+            beta: None,
+        }
+    }
+}
+
+/// Checks a LayerNorm call on a tensor of `len` values; returns the number of rows.
+pub(crate) fn validate(
+    len: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<usize, NormError> {
+    let rows = rows_of(len, features)?;
+    check_eps(opts.eps)?;
+    check_param("gamma", opts.gamma, features)?;
+    check_param("beta", opts.beta, features)?;
+    Ok(rows)
+}

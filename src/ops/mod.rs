@@ -1,0 +1,101 @@
+//! What each op is, independent of where it runs: its options and outputs, the checks every call
+//! passes before any backend sees it, and [`Backend`], the contract the CPU fallback and the GPU
+//! both fulfil. Nothing here touches a device.
+
+pub(crate) mod batch_norm;
+pub(crate) mod layer_norm;
+
+use std::time::Duration;
+
+use crate::NormError;
+use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use layer_norm::LayerNorm;
+
+/// Where an op's time went, for callers that measure (returned by the `*_into` methods).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// GPU kernel time from timestamp queries, summed over every dispatch of the op. `None` on
+    /// the CPU fallback and on adapters without `TIMESTAMP_QUERY`.
+    pub kernel: Option<Duration>,
+}
+
+/// The ops every backend runs on host slices. Inputs arrive validated (shapes, lengths, eps,
+/// mask, `y.len() == x.len()`); a backend only computes, or reports a device failure.
+pub(crate) trait Backend: Send + Sync {
+    /// LayerNorm of every `features`-long row of `x` into `y`.
+    fn layer_norm(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<Timing, NormError>;
+
+    /// BatchNorm training: batch statistics over the counted positions, then `y`.
+    fn batch_norm_train(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: Counted,
+    ) -> Result<(BatchStats, Timing), NormError>;
+
+    /// BatchNorm eval: one elementwise pass with the running statistics.
+    fn batch_norm_eval(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Timing, NormError>;
+}
+
+/// The number of rows of a row-major tensor of `len` values, or the error that says why it has
+/// none.
+pub(crate) fn rows_of(len: usize, features: usize) -> Result<usize, NormError> {
+    if features == 0 {
+        return Err(NormError::ZeroFeatures);
+    }
+    if !len.is_multiple_of(features) {
+        return Err(NormError::LengthNotMultiple { len, features });
+    }
+    Ok(len / features)
+}
+
+pub(crate) fn check_eps(eps: f32) -> Result<(), NormError> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(NormError::InvalidEps(eps))
+    }
+}
+
+/// A per-feature parameter, if given, has one value per feature.
+pub(crate) fn check_param(
+    name: &'static str,
+    param: Option<&[f32]>,
+    features: usize,
+) -> Result<(), NormError> {
+    match param {
+        Some(p) if p.len() != features => Err(NormError::ParamLength {
+            name,
+            len: p.len(),
+            features,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// An `*_into` output has one value per input value.
+pub(crate) fn check_output(x: &[f32], y: &[f32]) -> Result<(), NormError> {
+    if y.len() == x.len() {
+        Ok(())
+    } else {
+        Err(NormError::OutputLength {
+            len: y.len(),
+            expected: x.len(),
+        })
+    }
+}
