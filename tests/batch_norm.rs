@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{backends, data, gpu, max_err, ordinary};
+use common::{data, gpu, max_err, ordinary};
 use gpunorm::{
     mask_from_lengths, reference, BatchNorm, BatchNormOutput, NormError, Normalizer, RunningStats,
 };
@@ -81,10 +81,9 @@ fn random_mask(rows: usize, seed: u64) -> Vec<bool> {
     m
 }
 
-#[test]
-fn the_seed_example_without_and_with_the_mask() {
-    let x = seed_batch();
-    for (name, norm) in backends() {
+per_backend! {
+    fn the_seed_example_without_and_with_the_mask(name, norm) {
+        let x = seed_batch();
         // Feature 1 over all 8 positions, pad included: mean 3.5, biased var 140/8 − 3.5² = 5.25,
         // std 2.2913; "I" → −2.5/2.2913 = −1.091, "powerful" → 3.5/2.2913 = 1.528.
         let out = norm.batch_norm_train(&x, 3, &BatchNorm::default()).unwrap();
@@ -133,9 +132,8 @@ fn the_seed_example_without_and_with_the_mask() {
     }
 }
 
-#[test]
-fn random_batches_with_and_without_masks() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn random_batches_with_and_without_masks(name, norm) {
         for &(rows, features) in &[(1, 5), (2, 1), (33, 3), (300, 64), (129, 100), (1000, 7)] {
             let x = ordinary(rows * features, (rows * features) as u64);
             let gamma = data(features, 1.0, 0.3, 1);
@@ -169,9 +167,8 @@ fn random_batches_with_and_without_masks() {
     }
 }
 
-#[test]
-fn offset_columns_stay_accurate() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn offset_columns_stay_accurate(name, norm) {
         for &(rows, features) in &[(1000, 3), (257, 64), (130, 2050)] {
             let x = data(rows * features, 1e4, 1e-2, 8);
             let mask = random_mask(rows, 4);
@@ -195,10 +192,9 @@ fn offset_columns_stay_accurate() {
     }
 }
 
-/// The shapes the kernels are built for: few features and many rows, and many features.
-#[test]
-fn hard_shapes() {
-    for (name, norm) in backends() {
+per_backend! {
+    /// The shapes the kernels are built for: few features and many rows, and many features.
+    fn hard_shapes(name, norm) {
         for &(rows, features) in &[(200_000, 3), (37, 4097)] {
             let x = ordinary(rows * features, 17);
             let opts = BatchNorm::default();
@@ -214,9 +210,8 @@ fn hard_shapes() {
     }
 }
 
-#[test]
-fn channels_first_matches_the_features_last_reference() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn channels_first_matches_the_features_last_reference(name, norm) {
         for &(batch, channels, spatial) in &[(3, 5, 37), (2, 16, 64), (4, 1, 9), (1, 3, 1000)] {
             let x = ordinary(batch * channels * spatial, spatial as u64);
             let x_last = reference::channels_first_to_last(&x, channels, spatial);
@@ -271,9 +266,8 @@ fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&v| v as f64).collect()
 }
 
-#[test]
-fn eval_mode_uses_the_running_statistics() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn eval_mode_uses_the_running_statistics(name, norm) {
         let (rows, features) = (500, 12);
         let x = ordinary(rows * features, 3);
         let stats = RunningStats {
@@ -315,15 +309,14 @@ fn eval_mode_uses_the_running_statistics() {
     }
 }
 
-/// PyTorch's rule worked by hand on the seed's masked batch, feature 1: batch mean 4, biased var 4
-/// over 7 positions, so the unbiased var is 4 · 7/6 = 4.6667. From mean 0, var 1, momentum 0.1:
-/// mean 0.9 · 0 + 0.1 · 4 = 0.4, var 0.9 · 1 + 0.1 · 4.6667 = 1.36667. A second step with the same
-/// batch: mean 0.9 · 0.4 + 0.4 = 0.76, var 0.9 · 1.36667 + 0.46667 = 1.69667.
-#[test]
-fn running_statistics_follow_pytorch() {
-    let x = seed_batch();
-    let mask = mask_from_lengths(&[4, 3], 4).unwrap();
-    for (name, norm) in backends() {
+per_backend! {
+    /// PyTorch's rule worked by hand on the seed's masked batch, feature 1: batch mean 4, biased var 4
+    /// over 7 positions, so the unbiased var is 4 · 7/6 = 4.6667. From mean 0, var 1, momentum 0.1:
+    /// mean 0.9 · 0 + 0.1 · 4 = 0.4, var 0.9 · 1 + 0.1 · 4.6667 = 1.36667. A second step with the same
+    /// batch: mean 0.9 · 0.4 + 0.4 = 0.76, var 0.9 · 1.36667 + 0.46667 = 1.69667.
+    fn running_statistics_follow_pytorch(name, norm) {
+        let x = seed_batch();
+        let mask = mask_from_lengths(&[4, 3], 4).unwrap();
         let out = norm
             .batch_norm_train(
                 &x,
@@ -350,6 +343,10 @@ fn running_statistics_follow_pytorch() {
             "{name}: {stats:?}"
         );
     }
+}
+
+#[test]
+fn running_statistics_refuse_what_they_cannot_fold() {
     // One counted row has no unbiased variance: an error, with the statistics untouched.
     let one = Normalizer::cpu()
         .batch_norm_train(&[1.0, 2.0], 2, &BatchNorm::default())
@@ -378,9 +375,8 @@ fn running_statistics_follow_pytorch() {
     ));
 }
 
-#[test]
-fn a_nan_poisons_only_its_own_column() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn a_nan_poisons_only_its_own_column(name, norm) {
         let (rows, features) = (50, 4);
         let mut x = ordinary(rows * features, 1);
         x[7 * features + 2] = f32::NAN;
@@ -402,14 +398,13 @@ fn a_nan_poisons_only_its_own_column() {
     }
 }
 
-#[test]
-fn bad_input_is_an_error() {
-    let x = [1.0f32; 12];
-    let three = [1.0f32; 3];
-    let m4 = [true; 4];
-    let none = [false; 4];
-    let stats3 = RunningStats::new(3);
-    for (name, norm) in backends() {
+per_backend! {
+    fn bad_input_is_an_error(name, norm) {
+        let x = [1.0f32; 12];
+        let three = [1.0f32; 3];
+        let m4 = [true; 4];
+        let none = [false; 4];
+        let stats3 = RunningStats::new(3);
         let d = BatchNorm::default();
         let train = |x: &[f32], f, o: &BatchNorm<'_>| norm.batch_norm_train(x, f, o).map(|_| ());
         let eval = |x: &[f32], f, o: &BatchNorm<'_>, s: &RunningStats| {
@@ -566,6 +561,10 @@ fn bad_input_is_an_error() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn bad_lengths_make_no_mask() {
     assert_eq!(
         mask_from_lengths(&[2, 5], 4),
         Err(NormError::SequenceTooLong {
@@ -627,9 +626,8 @@ fn cpu_results_do_not_depend_on_the_thread_count() {
     }
 }
 
-#[test]
-fn into_a_caller_buffer_gives_the_same_result() {
-    for (name, norm) in backends() {
+per_backend! {
+    fn into_a_caller_buffer_gives_the_same_result(name, norm) {
         let (rows, features) = (300, 10);
         let x = ordinary(rows * features, 4);
         let mask = random_mask(rows, 2);

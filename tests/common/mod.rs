@@ -32,17 +32,22 @@ pub fn gpu() -> Option<&'static Normalizer> {
     gpu.as_ref()
 }
 
-/// Every backend to check: the CPU fallback always, the GPU where one exists.
-pub fn backends() -> Vec<(&'static str, &'static Normalizer)> {
-    static CPU: OnceLock<Normalizer> = OnceLock::new();
-    let mut all = vec![("cpu", CPU.get_or_init(Normalizer::cpu))];
-    if let Some(g) = gpu() {
-        all.push(("gpu", g));
-    }
-    all
-}
-
 pub use gpunorm::reference::max_error as max_err;
+
+/// The binding size gpunorm plans with on the test GPU: the device's, or GPUNORM_MAX_BINDING_BYTES
+/// where that is lower (CI runs the GPU suites a second time at 1 MiB).
+pub fn planned_binding_bytes() -> u64 {
+    let Some(norm) = gpu() else { return u64::MAX };
+    let (device, _) = norm.wgpu().expect("a GPU normalizer");
+    let limits = device.limits();
+    let device = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    std::env::var("GPUNORM_MAX_BINDING_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(device, |lowered| lowered.min(device))
+}
 
 /// `n` values drawn uniformly from mean ± spread·√3 (standard deviation `spread`), seeded.
 pub fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
@@ -56,4 +61,39 @@ pub fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
 /// Ordinary activations: mean 0.5, standard deviation 2.
 pub fn ordinary(n: usize, seed: u64) -> Vec<f32> {
     data(n, 0.5, 2.0, seed)
+}
+
+/// The CPU fallback shared by every test in a binary.
+pub fn cpu() -> &'static Normalizer {
+    static CPU: OnceLock<Normalizer> = OnceLock::new();
+    CPU.get_or_init(Normalizer::cpu)
+}
+
+/// `per_backend! { fn name(backend, norm) { … } }` defines a module `name` with one test per
+/// backend, `name::cpu` and `name::gpu`, each running the body with `backend` (its name, for
+/// messages) and `norm` (its `Normalizer`): a failure on one backend never hides the other's
+/// result. The GPU test prints SKIPPED without an adapter (and fails with GPUNORM_REQUIRE_GPU=1).
+#[macro_export]
+macro_rules! per_backend {
+    ($(#[$meta:meta])* fn $name:ident($backend:ident, $norm:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($backend: &str, $norm: &'static gpunorm::Normalizer) $body
+
+            #[test]
+            fn cpu() {
+                run("cpu", $crate::common::cpu())
+            }
+
+            #[test]
+            fn gpu() {
+                if let Some(gpu) = $crate::common::gpu() {
+                    run("gpu", gpu)
+                }
+            }
+        }
+    };
 }

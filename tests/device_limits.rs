@@ -1,0 +1,120 @@
+//! gpunorm on devices opened with lowered limits (`Normalizer::from_wgpu`): every op plans within
+//! the limits it is given, on any adapter, and says so in plain words where it cannot.
+
+mod common;
+
+use common::{data, gpu, max_err, ordinary};
+use gpunorm::{mask_from_lengths, reference, BatchNorm, LayerNorm, NormError, Normalizer};
+
+/// Ordinary data: f32 rounding of a few operations, far below this.
+const TOL: f64 = 1e-4;
+
+/// A `Normalizer` on the test adapter, opened with `lower` applied to its limits.
+fn lowered(lower: impl FnOnce(&mut gpunorm::wgpu::Limits)) -> Option<Normalizer> {
+    gpu()?;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).ok()?;
+    let mut limits = adapter.limits();
+    lower(&mut limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device with lowered limits");
+    Some(Normalizer::from_wgpu(device, queue))
+}
+
+/// A grid of at most 64 workgroups a side and 1 MiB bindings: LayerNorm and BatchNorm (both
+/// layouts, masked, training and eval) split into many chunks and fold their grids, and match the
+/// reference.
+#[test]
+fn small_grids_and_bindings_still_give_the_reference() {
+    let Some(norm) = lowered(|l| {
+        l.max_compute_workgroups_per_dimension = 64;
+        l.max_storage_buffer_binding_size = 1 << 20;
+    }) else {
+        return;
+    };
+    for &(rows, features) in &[(20_000, 3), (3000, 129), (700, 1024), (40, 20_000)] {
+        let x = ordinary(rows * features, features as u64);
+        let y = norm
+            .layer_norm(&x, features, &LayerNorm::default())
+            .unwrap();
+        let err = max_err(
+            &y,
+            &reference::layer_norm(&x, features, &LayerNorm::default()),
+        );
+        assert!(err < TOL, "layer_norm {rows}x{features}: error {err:e}");
+
+        // The first counted row lies in a later chunk.
+        let mut mask = vec![false; rows / 2];
+        mask.resize(rows, true);
+        let opts = BatchNorm {
+            mask: Some(&mask),
+            ..Default::default()
+        };
+        let out = norm.batch_norm_train(&x, features, &opts).unwrap();
+        let (y_ref, mean, var, count) = reference::batch_norm_train(&x, features, &opts);
+        assert_eq!(out.count, count);
+        let err = max_err(&out.y, &y_ref)
+            .max(max_err(&out.mean, &mean))
+            .max(max_err(&out.var, &var));
+        assert!(
+            err < TOL,
+            "batch_norm_train {rows}x{features}: error {err:e}"
+        );
+
+        let stats = gpunorm::RunningStats {
+            mean: out.mean.clone(),
+            var: out.var.clone(),
+            momentum: 0.1,
+        };
+        let y = norm.batch_norm_eval(&x, features, &opts, &stats).unwrap();
+        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let y_ref =
+            reference::batch_norm_apply(&x, features, &f64s(&stats.mean), &f64s(&stats.var), &opts);
+        let err = max_err(&y, &y_ref);
+        assert!(
+            err < TOL,
+            "batch_norm_eval {rows}x{features}: error {err:e}"
+        );
+    }
+    // Channels-first, with the mask over (batch, spatial) positions.
+    let (batch, channels, spatial) = (64, 6, 1000);
+    let x = data(batch * channels * spatial, 3.0, 1.5, 4);
+    let mask = mask_from_lengths(&vec![700; batch], spatial).unwrap();
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let out = norm
+        .batch_norm_train_channels_first(&x, channels, spatial, &opts)
+        .unwrap();
+    let last = reference::channels_first_to_last(&x, channels, spatial);
+    let (y_ref, mean, _, _) = reference::batch_norm_train(&last, channels, &opts);
+    let y_ref = reference::channels_last_to_first(&y_ref, channels, spatial);
+    let err = max_err(&out.y, &y_ref).max(max_err(&out.mean, &mean));
+    assert!(err < TOL, "channels-first: error {err:e}");
+}
+
+/// A device that binds only 4 storage buffers per kernel runs LayerNorm (4) and refuses
+/// BatchNorm (6) with an error that names the limit.
+#[test]
+fn too_few_storage_buffers_is_a_plain_error() {
+    let Some(norm) = lowered(|l| l.max_storage_buffers_per_shader_stage = 4) else {
+        return;
+    };
+    let x = ordinary(10 * 8, 1);
+    let y = norm.layer_norm(&x, 8, &LayerNorm::default()).unwrap();
+    assert!(max_err(&y, &reference::layer_norm(&x, 8, &LayerNorm::default())) < TOL);
+    match norm.batch_norm_train(&x, 8, &BatchNorm::default()) {
+        Err(e @ NormError::DeviceLimit { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("max_storage_buffers_per_shader_stage"),
+                "{e}"
+            )
+        }
+        other => panic!("expected DeviceLimit, got {other:?}"),
+    }
+}
