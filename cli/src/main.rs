@@ -1,6 +1,6 @@
-//! The `gpunorm` command: which backend is here (`info`), the seed document's worked example
-//! (`demo`), a validation of a large random batch against the f64 reference with CPU-vs-GPU
-//! timings (`check`), and a benchmark sweep (`bench`).
+//! The `gpunorm` command: which backend is here (`info`), a worked example of LayerNorm and
+//! BatchNorm on a padded batch (`demo`), a validation of a large random batch against the f64
+//! reference with CPU-vs-GPU timings (`check`), and a benchmark sweep (`bench`).
 
 mod bench;
 mod check;
@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Print the backend: adapter name, API, device type, driver and limits.
     Info,
-    /// Run the seed document's worked example (two sequences, d_model 3, one padded position)
+    /// A worked example: two sequences of four tokens, d_model 3, the last position padded,
     /// through LayerNorm, BatchNorm, and BatchNorm with the pad masked out.
     Demo,
     /// Validate LayerNorm and BatchNorm on a random batch against the f64 reference and time the
@@ -48,7 +48,7 @@ enum Command {
         seed: u64,
     },
     /// Sweep shapes and ops: CPU fallback and GPU (end to end and kernel time) beside the copy
-    /// ceilings of the same run, upload and download speeds, and the per-op cost of a small batch.
+    /// ceilings of the same run, and upload and download speeds.
     Bench {
         /// Shapes as ROWSxFEATURES, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = bench::parse_shape,
@@ -56,11 +56,15 @@ enum Command {
         shapes: Vec<(usize, usize)>,
         /// Ops to run, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::OPS),
-              default_value = "layer_norm,batch_norm_train,batch_norm_eval")]
+              default_value = "layer_norm,layer_norm_alloc,batch_norm_train,batch_norm_eval")]
         ops: Vec<String>,
-        /// Timed runs per case (after one warm-up); the median is reported.
+        /// Timed runs per case (after one untimed warm-up); the median is reported.
         #[arg(long, default_value_t = 9)]
         reps: usize,
+        /// Also time LayerNorm on a small 4096x768 batch per op: one submission each, and 64
+        /// recorded into one submission on GPU tensors.
+        #[arg(long)]
+        small_batch: bool,
         /// Threads of the CPU fallback (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> Result<(), NormError> {
             shapes,
             ops,
             reps,
+            small_batch,
             json,
             plot,
             ..
@@ -124,6 +129,7 @@ fn run(cli: Cli) -> Result<(), NormError> {
                 shapes,
                 ops,
                 reps,
+                small_batch,
                 json,
                 plot,
             },

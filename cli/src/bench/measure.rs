@@ -1,0 +1,272 @@
+//! What `gpunorm bench` times: the ops in both forms, the copy ceilings, the transfers and the
+//! small-batch cost. Every timing is the median of warm runs (one untimed run first).
+
+use std::time::{Duration, Instant};
+
+use gpunorm::{wgpu, BatchNorm, LayerNorm, NormError, Normalizer, RunningStats, Timing};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::copy::CopyKernel;
+use super::{gbps, label, op_bytes, Record, ShapeFacts, SmallBatch};
+
+/// Small-batch shape whose per-op cost is reported, and how many ops share one submission.
+const SMALL: (usize, usize) = (4096, 768);
+const BATCHED: usize = 64;
+
+/// An op of the sweep, in one of its two forms.
+#[derive(Debug, Clone, Copy)]
+pub struct Op {
+    kind: Kind,
+    /// Returns a new `Vec` per call (`layer_norm`), instead of writing into a reused buffer
+    /// (`layer_norm_into`).
+    alloc: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    LayerNorm,
+    Train,
+    Eval,
+}
+
+impl Op {
+    /// One of [`super::OPS`] (checked by the argument parser).
+    pub fn parse(name: &str) -> Op {
+        let alloc = name.ends_with("_alloc");
+        let kind = match name.trim_end_matches("_alloc") {
+            "layer_norm" => Kind::LayerNorm,
+            "batch_norm_train" => Kind::Train,
+            "batch_norm_eval" => Kind::Eval,
+            other => unreachable!("op {other} was checked by the argument parser"),
+        };
+        Op { kind, alloc }
+    }
+
+    pub fn name(&self) -> String {
+        let base = match self.kind {
+            Kind::LayerNorm => "layer_norm",
+            Kind::Train => "batch_norm_train",
+            Kind::Eval => "batch_norm_eval",
+        };
+        format!("{base}{}", if self.alloc { "_alloc" } else { "" })
+    }
+
+    /// One call, timed end to end.
+    fn call(
+        &self,
+        norm: &Normalizer,
+        x: &[f32],
+        y: &mut [f32],
+        features: usize,
+    ) -> Result<(Duration, Timing), NormError> {
+        let (ln, bn) = (LayerNorm::default(), BatchNorm::default());
+        let stats = RunningStats::new(features);
+        let t = Instant::now();
+        let timing = match (self.kind, self.alloc) {
+            (Kind::LayerNorm, false) => norm.layer_norm_into(x, features, &ln, y)?,
+            (Kind::LayerNorm, true) => drop_timed(norm.layer_norm(x, features, &ln)?),
+            (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,
+            (Kind::Train, true) => drop_timed(norm.batch_norm_train(x, features, &bn)?),
+            (Kind::Eval, false) => norm.batch_norm_eval_into(x, features, &bn, &stats, y)?,
+            (Kind::Eval, true) => drop_timed(norm.batch_norm_eval(x, features, &bn, &stats)?),
+        };
+        Ok((t.elapsed(), timing))
+    }
+}
+
+/// Drops an allocating op's result inside the timed region (freeing is part of its cost), with
+/// no kernel time: the allocating forms do not report one.
+fn drop_timed<T>(value: T) -> Timing {
+    drop(value);
+    Timing::default()
+}
+
+/// Median wall and kernel time of `op` on `norm`, as a record.
+pub fn op(
+    norm: &Normalizer,
+    backend: &'static str,
+    op: Op,
+    shape: (usize, usize),
+    x: &[f32],
+    reps: usize,
+) -> Result<Record, NormError> {
+    let mut y = vec![1f32; x.len()];
+    let (seconds, kernel) = median(reps, || op.call(norm, x, &mut y, shape.1))?;
+    let bytes = op_bytes(shape);
+    Ok(Record {
+        op: op.name(),
+        shape: label(shape),
+        rows: shape.0,
+        features: shape.1,
+        backend,
+        seconds,
+        gbps: gbps(bytes, seconds),
+        kernel_seconds: kernel,
+        kernel_gbps: kernel.map(|k| gbps(bytes, k)),
+    })
+}
+
+/// One untimed run, then the median wall clock and median kernel time of `reps` runs.
+pub fn median(
+    reps: usize,
+    mut f: impl FnMut() -> Result<(Duration, Timing), NormError>,
+) -> Result<(f64, Option<f64>), NormError> {
+    f()?;
+    let mut walls = Vec::with_capacity(reps);
+    let mut kernels = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let (wall, timing) = f()?;
+        walls.push(wall.as_secs_f64());
+        kernels.extend(timing.kernel.map(|k| k.as_secs_f64()));
+    }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let kernel = (!kernels.is_empty()).then(|| mid(&mut kernels));
+    Ok((mid(&mut walls), kernel))
+}
+
+/// Activations like the anchors': roughly normal around 3.
+pub fn input(n: usize) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(0);
+    (0..n)
+        .map(|_| rng.random_range(-1.7f32..1.7) + 3.0)
+        .collect()
+}
+
+/// The copy ceilings and transfer speeds of one shape.
+pub fn ceilings(
+    gpu: Option<&Normalizer>,
+    shape: (usize, usize),
+    x: &[f32],
+    reps: usize,
+) -> Result<ShapeFacts, NormError> {
+    let bytes = op_bytes(shape);
+    let mut y = vec![1f32; x.len()];
+    let cpu_copy = median(reps, || {
+        let t = Instant::now();
+        y.copy_from_slice(x);
+        Ok((t.elapsed(), Timing::default()))
+    })?
+    .0;
+    let mut facts = ShapeFacts {
+        shape: label(shape),
+        rows: shape.0,
+        features: shape.1,
+        cpu_copy_1thread_gbps: gbps(bytes, cpu_copy),
+        ..Default::default()
+    };
+    if let Some(g) = gpu {
+        facts.gpu_copy_kernel_gbps = gpu_copy(g, x.len(), reps)?.map(|s| gbps(bytes, s));
+        // A tensor past one binding cannot live on the device whole: no transfer figures.
+        if let Some((up, down)) = transfers(g, x, reps)? {
+            facts.upload_gbps = Some(up);
+            facts.download_gbps = Some(down);
+        }
+    }
+    Ok(facts)
+}
+
+fn wait(device: &wgpu::Device, op: &'static str) -> Result<(), NormError> {
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map(|_| ())
+        .map_err(|e| NormError::Gpu {
+            op,
+            message: e.to_string(),
+        })
+}
+
+/// Upload and download speeds of `x` through GPU tensors, in GB/s (bytes of x each way); None
+/// when `x` does not fit one binding of the device.
+fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<Option<(f64, f64)>, NormError> {
+    let (device, _) = norm.wgpu().expect("a GPU normalizer");
+    let tensor = match norm.upload(x) {
+        Ok(t) => t,
+        Err(NormError::TooLarge { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bytes = (x.len() * 4) as f64;
+    let up = median(reps, || {
+        let t = Instant::now();
+        let uploaded = norm.upload(x)?;
+        wait(device, "waiting for an upload")?;
+        drop(uploaded);
+        Ok((t.elapsed(), Timing::default()))
+    })?
+    .0;
+    let down = median(reps, || {
+        let t = Instant::now();
+        norm.download(&tensor)?;
+        Ok((t.elapsed(), Timing::default()))
+    })?
+    .0;
+    Ok(Some((gbps(bytes, up), gbps(bytes, down))))
+}
+
+/// Per-op cost of LayerNorm on a small batch: end to end (upload, kernel, readback, one
+/// submission each) and device-resident with `BATCHED` ops recorded into one submission.
+pub fn small_batch(norm: &Normalizer, reps: usize) -> Result<SmallBatch, NormError> {
+    let (rows, features) = SMALL;
+    let x = input(rows * features);
+    let mut y = vec![0f32; x.len()];
+    let opts = LayerNorm::default();
+    let single = median(reps, || {
+        let t = Instant::now();
+        norm.layer_norm_into(&x, features, &opts, &mut y)?;
+        Ok((t.elapsed(), Timing::default()))
+    })?
+    .0;
+    let (device, queue) = norm.wgpu().expect("a GPU normalizer");
+    let (input, output) = (norm.upload(&x)?, norm.upload(&y)?);
+    let batched = median(reps, || {
+        let t = Instant::now();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        for _ in 0..BATCHED {
+            let io = (input.buffer(), output.buffer());
+            norm.encode_layer_norm(&mut encoder, io.0, io.1, x.len(), features, &opts)?;
+        }
+        queue.submit([encoder.finish()]);
+        wait(device, "waiting for a batch")?;
+        Ok((t.elapsed(), Timing::default()))
+    })?
+    .0 / BATCHED as f64;
+    println!(
+        "  small batch {}: LayerNorm per op {:.1} us end to end (one submission each), {:.1} us with {BATCHED} recorded into one submission (device-resident)",
+        label(SMALL),
+        single * 1e6,
+        batched * 1e6
+    );
+    Ok(SmallBatch {
+        shape: label(SMALL),
+        op: "layer_norm",
+        per_op_seconds_end_to_end: single,
+        per_op_seconds_batched: batched,
+        ops_per_submission: BATCHED,
+    })
+}
+
+/// Median kernel time of a vec4 copy of `n` f32 on the GPU, from timestamp queries; None
+/// without them or when the tensor exceeds one binding.
+fn gpu_copy(norm: &Normalizer, n: usize, reps: usize) -> Result<Option<f64>, NormError> {
+    let (device, queue) = norm.wgpu().expect("a GPU normalizer");
+    let bytes = (n.div_ceil(4) * 16) as u64;
+    let limits = device.limits();
+    if !norm.has_kernel_timing()
+        || bytes
+            > limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size)
+    {
+        return Ok(None);
+    }
+    let copy = CopyKernel::new(device, queue, bytes);
+    let kernel = median(reps, || {
+        let d = copy.run(device, queue)?;
+        Ok((d, Timing { kernel: Some(d) }))
+    })?
+    .1;
+    Ok(kernel)
+}
