@@ -5,8 +5,11 @@ use crate::cpu::Cpu;
 use crate::gpu::tensor::{self, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
-use crate::ops::{check_output, layer_norm, Backend};
+use crate::ops::{check_output, layer_norm, new_output, Backend};
 use crate::{BatchNorm, BatchNormOutput, BatchStats, LayerNorm, NormError, RunningStats, Timing};
+
+/// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
+const BACKEND_ENV: &str = "GPUNORM_BACKEND";
 
 /// The entry point: a GPU (or the CPU fallback) ready to normalize batches.
 ///
@@ -40,22 +43,55 @@ impl std::fmt::Debug for Normalizer {
 }
 
 impl Normalizer {
-    /// The best GPU adapter wgpu finds (high performance), or the CPU fallback when there is
-    /// none (logged at `warn` level with the reason). Errors only when an adapter exists but
-    /// cannot be opened.
+    /// The best backend here: the best hardware GPU adapter wgpu finds (high performance), or
+    /// the CPU fallback where there is none. A software adapter (Mesa's llvmpipe, WARP: device
+    /// type `Cpu`) runs far slower than the fallback on the same cores, so it is passed over;
+    /// [`Normalizer::describe`] says so. Errors only when an adapter exists but cannot be opened.
+    ///
+    /// The environment variable `GPUNORM_BACKEND` overrides the choice: `cpu` for the fallback,
+    /// `gpu` for whatever adapter wgpu finds, software ones included (as [`Normalizer::gpu`]).
     pub fn new() -> Result<Normalizer, NormError> {
-        match Self::gpu() {
+        let forced = std::env::var(BACKEND_ENV).ok();
+        match forced.as_deref().map(str::trim) {
+            Some("cpu") => return Ok(Self::cpu()),
+            Some("gpu") => return Self::gpu(),
+            Some("") | Some("auto") | None => {}
+            Some(other) => log::warn!(
+                "gpunorm: {BACKEND_ENV}={other:?} is not cpu, gpu or auto; choosing as for auto"
+            ),
+        }
+        let adapter = match GpuContext::adapter() {
+            Ok(adapter) => adapter,
             Err(NormError::NoAdapter(why)) => {
                 log::warn!("gpunorm: no GPU adapter ({why}); using the CPU fallback");
-                Ok(Self::cpu())
+                return Ok(Self::cpu());
             }
-            other => other,
+            Err(e) => return Err(e),
+        };
+        let info = adapter.get_info();
+        if info.device_type == wgpu::DeviceType::Cpu {
+            let why = format!(
+                "the only GPU adapter, {}, is a software one, slower than the fallback; \
+                 {BACKEND_ENV}=gpu uses it",
+                info.name
+            );
+            log::info!("gpunorm: CPU fallback: {why}");
+            return Ok(Normalizer {
+                engine: Engine::Cpu(Cpu {
+                    passed_over: Some(why),
+                }),
+            });
         }
+        Self::open(&adapter)
     }
 
-    /// A GPU, or [`NormError::NoAdapter`] when wgpu finds none.
+    /// A GPU, software adapters included, or [`NormError::NoAdapter`] when wgpu finds none.
     pub fn gpu() -> Result<Normalizer, NormError> {
-        GpuContext::new().map(|ctx| Normalizer {
+        Self::open(&GpuContext::adapter()?)
+    }
+
+    fn open(adapter: &wgpu::Adapter) -> Result<Normalizer, NormError> {
+        GpuContext::from_adapter(adapter).map(|ctx| Normalizer {
             engine: Engine::Gpu(Box::new(ctx)),
         })
     }
@@ -63,7 +99,7 @@ impl Normalizer {
     /// The CPU fallback: multithreaded (rayon), same algorithm and tolerances as the GPU.
     pub fn cpu() -> Normalizer {
         Normalizer {
-            engine: Engine::Cpu(Cpu),
+            engine: Engine::Cpu(Cpu { passed_over: None }),
         }
     }
 
@@ -105,11 +141,18 @@ impl Normalizer {
     }
 
     /// One line for people: "NVIDIA H100 80GB HBM3 (Vulkan, DiscreteGpu, driver …)" or
-    /// "CPU fallback (N threads)".
+    /// "CPU fallback (N threads)", with the reason where [`Normalizer::new`] passed over a
+    /// software adapter.
     pub fn describe(&self) -> String {
-        match self.adapter_info() {
-            Some(info) => describe_adapter(&info),
-            None => format!("CPU fallback ({} threads)", rayon::current_num_threads()),
+        match &self.engine {
+            Engine::Gpu(ctx) => describe_adapter(&ctx.device().adapter_info()),
+            Engine::Cpu(cpu) => {
+                let threads = rayon::current_num_threads();
+                match &cpu.passed_over {
+                    Some(why) => format!("CPU fallback ({threads} threads): {why}"),
+                    None => format!("CPU fallback ({threads} threads)"),
+                }
+            }
         }
     }
 
@@ -134,7 +177,8 @@ impl Normalizer {
     /// An empty `x` gives an empty output. A NaN or infinity in a row makes that row NaN only.
     ///
     /// It returns a new `Vec`; in a loop, [`Normalizer::layer_norm_into`] into a buffer you
-    /// reuse saves the operating system zeroing fresh pages for every call.
+    /// reuse is faster: a fresh output costs the operating system a page fault and a zeroed page
+    /// for every page of it, every call.
     pub fn layer_norm(
         &self,
         x: &[f32],
@@ -142,7 +186,7 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<Vec<f32>, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = new_output(x.len());
         self.engine
             .backend()
             .layer_norm(x, &mut y, features, opts)?;
@@ -252,7 +296,7 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
         let counted = batch_norm::validate(shape, opts)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
             .backend()
@@ -286,7 +330,7 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
-        let mut y = vec![0f32; x.len()];
+        let mut y = new_output(x.len());
         self.eval(x, shape, opts, stats, &mut y)?;
         Ok(y)
     }

@@ -1,4 +1,4 @@
-//! BatchNorm on every backend against the f64 reference: the seed's numbers with and without the
+//! BatchNorm on every backend against the f64 reference: the worked example's numbers with and without the
 //! padding mask, random masks, both layouts, running statistics, eval mode, the hard shapes, bad
 //! input and determinism. Output tolerances are max |y − ref| / max(1, |ref|).
 
@@ -16,8 +16,9 @@ const TOL: f64 = 1e-4;
 /// Columns with mean 1e4 and spread 1e-2.
 const TOL_OFFSET: f64 = 1e-3;
 
-/// The seed's batch, flattened to [8 positions, 3 features]; the last position is padding.
-fn seed_batch() -> Vec<f32> {
+/// The worked example: two sequences of four tokens, d_model 3, flattened to [8 positions,
+/// 3 features]; the last position is padding.
+fn example_batch() -> Vec<f32> {
     [
         [1., 2., 3.],
         [2., 4., 6.],
@@ -82,8 +83,8 @@ fn random_mask(rows: usize, seed: u64) -> Vec<bool> {
 }
 
 per_backend! {
-    fn the_seed_example_without_and_with_the_mask(name, norm) {
-        let x = seed_batch();
+    fn the_worked_example_without_and_with_the_mask(name, norm) {
+        let x = example_batch();
         // Feature 1 over all 8 positions, pad included: mean 3.5, biased var 140/8 − 3.5² = 5.25,
         // std 2.2913; "I" → −2.5/2.2913 = −1.091, "powerful" → 3.5/2.2913 = 1.528.
         let out = norm.batch_norm_train(&x, 3, &BatchNorm::default()).unwrap();
@@ -102,7 +103,7 @@ per_backend! {
             (out.y[0] + 1.091).abs() < 1e-3 && (out.y[18] - 1.528).abs() < 1e-3,
             "{name}"
         );
-        // The seed's rounded figures.
+        // The same, rounded to two decimals as a reader checks them by hand.
         assert!(
             (out.y[0] + 1.09).abs() < 0.01 && (out.y[18] - 1.52).abs() < 0.01,
             "{name}"
@@ -310,12 +311,12 @@ per_backend! {
 }
 
 per_backend! {
-    /// PyTorch's rule worked by hand on the seed's masked batch, feature 1: batch mean 4, biased var 4
+    /// PyTorch's rule worked by hand on the example's masked batch, feature 1: batch mean 4, biased var 4
     /// over 7 positions, so the unbiased var is 4 · 7/6 = 4.6667. From mean 0, var 1, momentum 0.1:
     /// mean 0.9 · 0 + 0.1 · 4 = 0.4, var 0.9 · 1 + 0.1 · 4.6667 = 1.36667. A second step with the same
     /// batch: mean 0.9 · 0.4 + 0.4 = 0.76, var 0.9 · 1.36667 + 0.46667 = 1.69667.
     fn running_statistics_follow_pytorch(name, norm) {
-        let x = seed_batch();
+        let x = example_batch();
         let mask = mask_from_lengths(&[4, 3], 4).unwrap();
         let out = norm
             .batch_norm_train(

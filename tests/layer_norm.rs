@@ -246,9 +246,9 @@ per_backend! {
 }
 
 per_backend! {
-    /// The seed document's worked example: batch 2, sequence length 4, d_model 3, the last position
-    /// of the second sequence padded with zeros.
-    fn the_seed_example(name, norm) {
+    /// The worked example: batch 2, sequence length 4, d_model 3, the last position of the second
+    /// sequence padded with zeros.
+    fn the_worked_example(name, norm) {
         let x: Vec<f32> = [
             [1., 2., 3.],
             [2., 4., 6.],
@@ -269,7 +269,7 @@ per_backend! {
             &y[..3]
         );
         assert!((y[2] as f64 - i_word).abs() < 1e-5, "{name}: {:?}", &y[..3]);
-        // The seed rounds this to ±1.22 (and to ±1.23 with its std rounded to 0.81).
+        // Rounded to two decimals, as a reader checks it by hand: ±1.22.
         assert!((y[2] - 1.22).abs() < 0.01, "{name}");
         assert_eq!(&y[21..], &[0.0, 0.0, 0.0], "{name}: the padded position");
         assert!(

@@ -5,11 +5,12 @@
 mod bench;
 mod check;
 mod demo;
+mod error;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gpunorm::{NormError, Normalizer};
+use gpunorm::Normalizer;
 
 #[derive(Parser)]
 #[command(
@@ -21,8 +22,12 @@ use gpunorm::{NormError, Normalizer};
 )]
 struct Cli {
     /// Use the CPU fallback even where a GPU exists.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "gpu")]
     cpu: bool,
+    /// Use the GPU adapter wgpu finds even where it is a software one (llvmpipe), which the
+    /// default passes over for the faster CPU fallback.
+    #[arg(long, global = true)]
+    gpu: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -59,8 +64,8 @@ enum Command {
               default_value = "layer_norm,layer_norm_alloc,batch_norm_train,batch_norm_eval")]
         ops: Vec<String>,
         /// Timed runs per case (after one untimed warm-up); the median is reported.
-        #[arg(long, default_value_t = 9)]
-        reps: usize,
+        #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
+        reps: u16,
         /// Also time LayerNorm on a small 4096x768 batch per op: one submission each, and 64
         /// recorded into one submission on GPU tensors.
         #[arg(long)]
@@ -89,7 +94,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), NormError> {
+fn run(cli: Cli) -> error::CliResult<()> {
     if let Some(Command::Bench {
         threads: Some(t), ..
     }) = &cli.command
@@ -104,12 +109,14 @@ fn run(cli: Cli) -> Result<(), NormError> {
     }
     let norm = if cli.cpu {
         Normalizer::cpu()
+    } else if cli.gpu {
+        Normalizer::gpu()?
     } else {
         Normalizer::new()?
     };
     match cli.command {
-        Some(Command::Info) => demo::info(&norm),
-        Some(Command::Demo) => demo::demo(&norm),
+        Some(Command::Info) => Ok(demo::info(&norm)?),
+        Some(Command::Demo) => Ok(demo::demo(&norm)?),
         Some(Command::Check {
             rows,
             features,
@@ -128,7 +135,7 @@ fn run(cli: Cli) -> Result<(), NormError> {
             &bench::Options {
                 shapes,
                 ops,
-                reps,
+                reps: reps as usize,
                 small_batch,
                 json,
                 plot,

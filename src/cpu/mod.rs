@@ -14,8 +14,11 @@ use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
-/// The CPU fallback as a backend: stateless, on rayon's global pool.
-pub(crate) struct Cpu;
+/// The CPU fallback as a backend, on rayon's global pool.
+pub(crate) struct Cpu {
+    /// Why a GPU adapter was passed over for it, for `Normalizer::describe`.
+    pub passed_over: Option<String>,
+}
 
 impl Backend for Cpu {
     fn layer_norm(

@@ -447,8 +447,8 @@ impl<'a> Run<'a> {
     }
 
     /// Makes chunk `i` of `x` (and its mask) the one the kernels read, recording its upload
-    /// into `encoder` where it is not there yet; returns the input buffer and the staging guards
-    /// that must live until `encoder` is submitted.
+    /// into `encoder` where it is not there yet; returns the staging guards, which must live
+    /// until `encoder` is submitted.
     fn stage(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,

@@ -36,11 +36,11 @@ pub(crate) struct GpuContext {
 }
 
 impl GpuContext {
-    /// Opens the best adapter wgpu finds (high performance unless `WGPU_POWER_PREF` says
-    /// otherwise). Vulkan, Metal and DX12 are tried first and GL only where they find nothing, so
-    /// a machine with a primary API never opens a GL context it will not use; `WGPU_BACKEND`
-    /// picks the APIs instead.
-    pub fn new() -> Result<Self, NormError> {
+    /// The best adapter wgpu finds (high performance unless `WGPU_POWER_PREF` says otherwise).
+    /// Vulkan, Metal and DX12 are tried first and GL only where they find nothing, so a machine
+    /// with a primary API never opens a GL context it will not use; `WGPU_BACKEND` picks the APIs
+    /// instead.
+    pub fn adapter() -> Result<wgpu::Adapter, NormError> {
         let options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),
@@ -56,14 +56,15 @@ impl GpuContext {
             desc.backends = backends;
             let instance = wgpu::Instance::new(desc);
             match pollster::block_on(instance.request_adapter(&options)) {
-                Ok(adapter) => return Self::from_adapter(&adapter),
+                Ok(adapter) => return Ok(adapter),
                 Err(e) => why.push(format!("{backends:?}: {e}")),
             }
         }
         Err(NormError::NoAdapter(why.join("; ")))
     }
 
-    fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
+    /// Opens a device on `adapter`, with every limit and the features gpunorm uses.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
         // Ask for everything the adapter can address: normalization tensors are big, and the
         // defaults (128 MiB bindings) would refuse tensors the hardware handles fine. Kernel
         // times where the adapter can take timestamps; faster reductions where it has subgroups.

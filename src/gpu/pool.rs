@@ -61,6 +61,13 @@ impl Drop for Pooled<'_> {
     }
 }
 
+impl Pooled<'_> {
+    /// The buffer itself, kept by the caller and never returned to the pool.
+    pub fn into_buffer(mut self) -> wgpu::Buffer {
+        self.buffer.take().expect("present until drop")
+    }
+}
+
 impl Pool {
     /// A free buffer of exactly `bytes` (at least 16) and `usage` when there is one and the
     /// lifetime allows, else a new one labelled `label`.

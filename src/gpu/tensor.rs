@@ -66,7 +66,7 @@ impl GpuTensor {
             Lifetime::Detached,
         );
         GpuTensor {
-            buffer: (*buffer).clone(),
+            buffer: buffer.into_buffer(),
             len,
             owner: ctx.id,
         }

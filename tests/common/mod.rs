@@ -32,6 +32,7 @@ pub fn gpu() -> Option<&'static Normalizer> {
     gpu.as_ref()
 }
 
+#[allow(unused_imports)]
 pub use gpunorm::reference::max_error as max_err;
 
 /// The binding size gpunorm plans with on the test GPU: the device's, or GPUNORM_MAX_BINDING_BYTES

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::copy::CopyKernel;
 use super::{gbps, label, op_bytes, Record, ShapeFacts, SmallBatch};
+use crate::error::{self, CliResult};
 
 /// Small-batch shape whose per-op cost is reported, and how many ops share one submission.
 const SMALL: (usize, usize) = (4096, 768);
@@ -90,8 +91,8 @@ pub fn op(
     shape: (usize, usize),
     x: &[f32],
     reps: usize,
-) -> Result<Record, NormError> {
-    let mut y = vec![1f32; x.len()];
+) -> CliResult<Record> {
+    let mut y = error::filled(x.len(), 1f32, "the output")?;
     let (seconds, kernel) = median(reps, || op.call(norm, x, &mut y, shape.1))?;
     let bytes = op_bytes(shape);
     Ok(Record {
@@ -129,11 +130,12 @@ pub fn median(
 }
 
 /// Activations like the anchors': roughly normal around 3.
-pub fn input(n: usize) -> Vec<f32> {
+pub fn input(n: usize) -> CliResult<Vec<f32>> {
     let mut rng = StdRng::seed_from_u64(0);
-    (0..n)
-        .map(|_| rng.random_range(-1.7f32..1.7) + 3.0)
-        .collect()
+    let mut x = error::filled(n, 0f32, "the input")?;
+    x.iter_mut()
+        .for_each(|v| *v = rng.random_range(-1.7f32..1.7) + 3.0);
+    Ok(x)
 }
 
 /// The copy ceilings and transfer speeds of one shape.
@@ -142,9 +144,9 @@ pub fn ceilings(
     shape: (usize, usize),
     x: &[f32],
     reps: usize,
-) -> Result<ShapeFacts, NormError> {
+) -> CliResult<ShapeFacts> {
     let bytes = op_bytes(shape);
-    let mut y = vec![1f32; x.len()];
+    let mut y = error::filled(x.len(), 1f32, "the output")?;
     let cpu_copy = median(reps, || {
         let t = Instant::now();
         y.copy_from_slice(x);
@@ -208,9 +210,9 @@ fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<Option<(f64, f
 
 /// Per-op cost of LayerNorm on a small batch: end to end (upload, kernel, readback, one
 /// submission each) and device-resident with `BATCHED` ops recorded into one submission.
-pub fn small_batch(norm: &Normalizer, reps: usize) -> Result<SmallBatch, NormError> {
+pub fn small_batch(norm: &Normalizer, reps: usize) -> CliResult<SmallBatch> {
     let (rows, features) = SMALL;
-    let x = input(rows * features);
+    let x = input(rows * features)?;
     let mut y = vec![0f32; x.len()];
     let opts = LayerNorm::default();
     let single = median(reps, || {

@@ -14,9 +14,10 @@ mod measure;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use gpunorm::{NormError, Normalizer};
+use gpunorm::Normalizer;
 use serde::Serialize;
 
+use crate::error::{CliError, CliResult};
 use measure::Op;
 
 /// The ops a sweep can run: the `*_into` forms into a reused buffer, and `*_alloc`, the forms
@@ -124,7 +125,11 @@ pub fn ratio(r: f64) -> String {
     format!("{r:.digits$}x")
 }
 
-pub fn run(norm: &Normalizer, opts: &Options) -> Result<(), NormError> {
+pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
+    // A report that cannot be written is found now, not after the whole sweep.
+    for path in opts.json.iter().chain(&opts.plot) {
+        std::fs::File::create(path).map_err(|e| CliError::file(path, e))?;
+    }
     let cpu = Normalizer::cpu();
     let gpu = norm.is_gpu().then_some(norm);
     let ops: Vec<Op> = opts.ops.iter().map(|o| Op::parse(o)).collect();
@@ -140,7 +145,7 @@ pub fn run(norm: &Normalizer, opts: &Options) -> Result<(), NormError> {
         small_batch: None,
     };
     for &shape in &opts.shapes {
-        let x = measure::input(shape.0 * shape.1);
+        let x = measure::input(crate::error::values(shape.0, shape.1)?)?;
         let facts = measure::ceilings(gpu, shape, &x, opts.reps)?;
         print_ceilings(&facts);
         for op in &ops {
@@ -163,18 +168,14 @@ pub fn run(norm: &Normalizer, opts: &Options) -> Result<(), NormError> {
     write_outputs(&report, opts)
 }
 
-fn write_outputs(report: &Report, opts: &Options) -> Result<(), NormError> {
-    let failed = |path: &std::path::Path, e: String| NormError::Gpu {
-        op: "writing a report",
-        message: format!("{}: {e}", path.display()),
-    };
+fn write_outputs(report: &Report, opts: &Options) -> CliResult<()> {
     if let Some(path) = &opts.json {
-        let text = serde_json::to_string_pretty(report).map_err(|e| failed(path, e.to_string()))?;
-        std::fs::write(path, text + "\n").map_err(|e| failed(path, e.to_string()))?;
+        let text = serde_json::to_string_pretty(report).expect("a report serializes");
+        std::fs::write(path, text + "\n").map_err(|e| CliError::file(path, e))?;
         println!("  wrote {}", path.display());
     }
     if let Some(path) = &opts.plot {
-        chart::draw(report, path).map_err(|e| failed(path, e))?;
+        chart::draw(report, path).map_err(|e| CliError::file(path, std::io::Error::other(e)))?;
         println!("  drew {}", path.display());
     }
     Ok(())
