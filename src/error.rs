@@ -102,8 +102,9 @@ pub enum NormError {
         name: &'static str,
     },
 
-    /// The tensor is larger than the GPU can address in one binding.
-    #[error("{what} needs {needed} bytes in one GPU binding but this adapter allows {limit}; use smaller rows or Normalizer::cpu()")]
+    /// The tensor is larger than the GPU can address in one binding, or its size overflows
+    /// (`needed` is then `u64::MAX`).
+    #[error("{}", too_large(what, *needed, *limit))]
     TooLarge {
         /// What did not fit.
         what: &'static str,
@@ -148,7 +149,12 @@ pub enum NormError {
     #[error("the GPU adapter could not open a device: {0}")]
     RequestDevice(String),
 
-    /// wgpu reported a validation, out-of-memory or device-lost error during an operation.
+    /// The GPU device is lost (destroyed, reset by its driver, or out of memory for good): no
+    /// later call on this `Normalizer` can succeed.
+    #[error("the GPU device is lost ({0}); build a new Normalizer (or use Normalizer::cpu())")]
+    DeviceLost(String),
+
+    /// wgpu reported a validation or out-of-memory error during an operation.
     #[error("GPU error during {op}: {message}")]
     Gpu {
         /// What gpunorm was doing.
@@ -156,4 +162,12 @@ pub enum NormError {
         /// wgpu's description.
         message: String,
     },
+}
+
+fn too_large(what: &str, needed: u64, limit: u64) -> String {
+    if needed == u64::MAX {
+        format!("the size of {what} overflows what this machine can address; use smaller shapes")
+    } else {
+        format!("{what} needs {needed} bytes in one GPU binding but this adapter allows {limit}; use smaller rows or Normalizer::cpu()")
+    }
 }

@@ -354,12 +354,14 @@ impl Normalizer {
     /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
     /// when the data exceeds one binding of this device.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
-        tensor::upload(self.context("upload")?, data)
+        let ctx = self.context("upload")?;
+        ctx.call(|| tensor::upload(ctx, data))
     }
 
     /// Reads a GPU tensor back (waits for the work that writes it).
     pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
-        tensor::download(self.context("download")?, tensor)
+        let ctx = self.context("download")?;
+        ctx.call(|| tensor::download(ctx, tensor))
     }
 
     /// [`Normalizer::layer_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
@@ -373,7 +375,7 @@ impl Normalizer {
     ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("layer_norm_gpu")?;
         let rows = layer_norm::validate(x.len(), features, opts)?;
-        tensor::layer_norm(ctx, x, rows, features, opts)
+        ctx.call(|| tensor::layer_norm(ctx, x, rows, features, opts))
     }
 
     /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the
@@ -388,7 +390,7 @@ impl Normalizer {
         let ctx = self.context("batch_norm_train_gpu")?;
         let shape = Shape::features_last(x.len(), features)?;
         let counted = batch_norm::validate(&shape, opts)?;
-        tensor::batch_norm_train(ctx, x, &shape, opts, counted)
+        ctx.call(|| tensor::batch_norm_train(ctx, x, &shape, opts, counted))
     }
 
     /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
@@ -404,7 +406,7 @@ impl Normalizer {
         let shape = Shape::features_last(x.len(), features)?;
         batch_norm::validate(&shape, opts)?;
         batch_norm::validate_stats(&shape, stats)?;
-        tensor::batch_norm_eval(ctx, x, &shape, opts, stats)
+        ctx.call(|| tensor::batch_norm_eval(ctx, x, &shape, opts, stats))
     }
 
     /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
@@ -422,7 +424,7 @@ impl Normalizer {
     ) -> Result<(), NormError> {
         let ctx = self.context("encode_layer_norm")?;
         layer_norm::validate(len, features, opts)?;
-        tensor::encode_layer_norm(ctx, encoder, (x, y), len, features, opts)
+        ctx.call(|| tensor::encode_layer_norm(ctx, encoder, (x, y), len, features, opts))
     }
 }
 

@@ -118,3 +118,49 @@ fn too_few_storage_buffers_is_a_plain_error() {
         other => panic!("expected DeviceLimit, got {other:?}"),
     }
 }
+
+/// A device destroyed under a `Normalizer` (as a driver reset or the caller's `destroy()` would
+/// leave it) makes every later call an error that says a new `Normalizer` is needed: never a
+/// panic, never a result. Both for a device gpunorm opened and for one the caller passed in.
+#[test]
+fn a_lost_device_is_an_error_that_says_to_start_again() {
+    let Some(callers) = lowered(|_| {}) else {
+        return;
+    };
+    let own = Normalizer::gpu().expect("the test adapter");
+    for (name, norm) in [("gpunorm's device", own), ("the caller's device", callers)] {
+        let x = ordinary(64 * 8, 1);
+        let (ln, bn) = (LayerNorm::default(), BatchNorm::default());
+        norm.layer_norm(&x, 8, &ln).unwrap();
+        let t = norm.upload(&x).unwrap();
+        let (device, _) = norm.wgpu().unwrap();
+        let (bx, by) = (
+            t.buffer().clone(),
+            norm.upload(&x).unwrap().buffer().clone(),
+        );
+        let mut encoder = device.create_command_encoder(&Default::default());
+        device.destroy();
+        let stats = gpunorm::RunningStats::new(8);
+        let results = [
+            norm.layer_norm(&x, 8, &ln).map(|_| ()),
+            norm.batch_norm_train(&x, 8, &bn).map(|_| ()),
+            norm.batch_norm_eval(&x, 8, &bn, &stats).map(|_| ()),
+            norm.upload(&x).map(|_| ()),
+            norm.download(&t).map(|_| ()),
+            norm.layer_norm_gpu(&t, 8, &ln).map(|_| ()),
+            norm.batch_norm_train_gpu(&t, 8, &bn).map(|_| ()),
+            norm.encode_layer_norm(&mut encoder, &bx, &by, x.len(), 8, &ln),
+        ];
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Err(e @ NormError::DeviceLost(_)) => {
+                    assert!(
+                        e.to_string().contains("new Normalizer"),
+                        "{name}, call {i}: {e}"
+                    )
+                }
+                other => panic!("{name}, call {i}: expected DeviceLost, got {other:?}"),
+            }
+        }
+    }
+}

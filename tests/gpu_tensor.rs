@@ -200,6 +200,18 @@ fn a_normalizer_on_the_callers_device_records_into_the_callers_encoder() {
         norm.encode_layer_norm(&mut encoder, &by, &by, x.len(), features, &opts),
         Err(NormError::InvalidBuffer { name: "y", .. })
     ));
+    // Sizes whose bytes overflow are an error that says so, never a panic.
+    for (len, features) in [(0, 1 << 62), (1 << 62, 1 << 62), (0, 1 << 63), (1 << 62, 4)] {
+        match norm.encode_layer_norm(&mut encoder, &bx, &by, len, features, &opts) {
+            Err(e @ NormError::TooLarge { .. }) => {
+                assert!(
+                    e.to_string().contains("overflows"),
+                    "{len} x {features}: {e}"
+                )
+            }
+            other => panic!("{len} values of {features} features: {other:?}"),
+        }
+    }
     // Nothing was recorded by the refused calls: the encoder still finishes cleanly.
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     queue.submit([encoder.finish()]);

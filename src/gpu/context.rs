@@ -31,8 +31,10 @@ pub(crate) struct GpuContext {
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
     pub(super) pool: Pool,
     pub(super) query_sets: QuerySets,
-    /// Held for a whole call on the GL backend (see [`GpuContext::exclusive`]).
+    /// Held for a whole call on the GL backend (see [`GpuContext::call`]).
     serial: Option<Mutex<()>>,
+    /// Why the device was lost, once it is (from its device-lost callback or a failed call).
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl GpuContext {
@@ -78,7 +80,15 @@ impl GpuContext {
         }))
         .map_err(|e| NormError::RequestDevice(e.to_string()))?;
         log::info!("gpunorm: {}", describe_adapter(&adapter.get_info()));
-        Ok(Self::from_device(device, queue))
+        let ctx = Self::from_device(device, queue);
+        // The device is gpunorm's own, so its device-lost callback is too (a caller's device
+        // keeps the callback its owner set; its loss shows in the errors of the calls instead).
+        let lost = ctx.lost.clone();
+        ctx.device.set_device_lost_callback(move |reason, message| {
+            let why = format!("{reason:?}: {message}");
+            *lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        });
+        Ok(ctx)
     }
 
     /// A context on a device someone else opened: its limits and features are what they are
@@ -102,6 +112,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             pool: Pool::default(),
             query_sets: QuerySets::default(),
+            lost: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -138,14 +149,70 @@ impl GpuContext {
         Ok(())
     }
 
-    /// On the GL backend, a guard that keeps other threads' gpunorm calls out until it drops:
-    /// wgpu's GL device waits at most a second for its context, which a thread waiting for a long
-    /// kernel holds, and then panics. Elsewhere None, and calls run side by side. Every public
-    /// operation takes it first.
-    pub fn exclusive(&self) -> Option<MutexGuard<'_, ()>> {
-        self.serial
+    /// Runs one public operation: refused at once on a lost device, alone on the GL backend
+    /// (wgpu's GL device waits at most a second for its context, which a thread waiting for a
+    /// long kernel holds, and then panics; elsewhere calls run side by side), and with a failure
+    /// the device's loss explains reported as [`NormError::DeviceLost`].
+    pub fn call<T>(&self, op: impl FnOnce() -> Result<T, NormError>) -> Result<T, NormError> {
+        self.check_alive()?;
+        let _serial: Option<MutexGuard<'_, ()>> = self
+            .serial
             .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+        op().map_err(|e| match e {
+            NormError::Gpu { message, .. } if is_loss(&message) || self.probe_lost() => {
+                NormError::DeviceLost(self.lost().unwrap_or(message))
+            }
+            e => e,
+        })
+    }
+
+    /// After a failed call: whether the device is lost. Known from the device-lost callback of a
+    /// device gpunorm opened; a caller's device is asked by mapping a small new buffer, which a
+    /// working device always can.
+    fn probe_lost(&self) -> bool {
+        if self.lost().is_some() {
+            return true;
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let probe = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gpunorm device probe"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        probe.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        let polled = self.device.poll(wgpu::PollType::wait_indefinitely());
+        let mapped = rx.recv().map(|r| r.is_ok()).unwrap_or(false);
+        let invalid = pollster::block_on(scope.pop()).is_some();
+        if polled.is_ok() && mapped && !invalid {
+            return false;
+        }
+        let why = "it no longer maps a new buffer (destroyed or reset)".to_owned();
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        lost.get_or_insert(why);
+        true
+    }
+
+    /// Why the device was lost, once it is.
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Refuses a call on a lost device. A non-blocking poll first lets wgpu report a loss it
+    /// has not told anyone yet (a destroyed device, before the next wait).
+    fn check_alive(&self) -> Result<(), NormError> {
+        if let Err(e) = self.device.poll(wgpu::PollType::Poll) {
+            let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            lost.get_or_insert_with(|| e.to_string());
+        }
+        match self.lost() {
+            Some(why) => Err(NormError::DeviceLost(why)),
+            None => Ok(()),
+        }
     }
 
     /// A buffer of `bytes` bytes (at least 16) with exactly `usage`; see [`Lifetime`] for when
@@ -163,21 +230,18 @@ impl GpuContext {
     /// A new buffer holding `data` (at least 16 bytes): per-call parameters, which may be bound
     /// in work still in flight when the call returns, so they never come from the pool.
     pub fn buffer_with(&self, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        use wgpu::util::DeviceExt;
-        let mut padded;
-        let contents = if data.len() < 16 {
-            padded = data.to_vec();
-            padded.resize(16, 0);
-            &padded[..]
-        } else {
-            data
-        };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage,
-            })
+        // Through the queue rather than mapped at creation: on a lost device wgpu reports a
+        // failed write as an error, where a failed mapping would panic.
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (data.len() as u64).max(16).next_multiple_of(4),
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if !data.is_empty() {
+            self.queue.write_buffer(&buffer, 0, data);
+        }
+        buffer
     }
 
     /// Drops every free buffer of the pool.
@@ -256,6 +320,12 @@ fn planned_binding(device: u64) -> u64 {
             }
         });
     wanted.map_or(device, |w| w.clamp(16, device.max(16)) / 4 * 4)
+}
+
+/// Whether a wgpu error message speaks of a lost or destroyed device.
+fn is_loss(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("lost") || m.contains("destroyed")
 }
 
 pub(crate) fn gpu_err(op: &'static str, e: impl std::fmt::Display) -> NormError {

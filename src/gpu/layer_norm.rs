@@ -124,7 +124,8 @@ impl Kernel {
 /// Rows one dispatch may cover: bounded by the binding size, the 2-D grid and u32 indexing.
 /// Errors when a single row does not fit one binding.
 pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormError> {
-    let row_bytes = (features * 4) as u64;
+    // A caller's encoder or GPU tensor may claim any number of features.
+    let row_bytes = features.checked_mul(4).map_or(u64::MAX, |b| b as u64);
     let max_bytes = ctx.max_binding_bytes();
     if row_bytes > max_bytes {
         return Err(NormError::TooLarge {

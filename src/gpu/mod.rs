@@ -25,8 +25,7 @@ impl Backend for GpuContext {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<Timing, NormError> {
-        let _serial = self.exclusive();
-        layer_norm::run(self, x, y, features, opts)
+        self.call(|| layer_norm::run(self, x, y, features, opts))
     }
 
     fn batch_norm_train(
@@ -37,9 +36,8 @@ impl Backend for GpuContext {
         opts: &BatchNorm<'_>,
         counted: Counted,
     ) -> Result<(BatchStats, Timing), NormError> {
-        let _serial = self.exclusive();
         let io = (batch_norm::Input::Host(x), batch_norm::Output::Host(y));
-        batch_norm::train(self, io.0, io.1, shape, opts, counted)
+        self.call(|| batch_norm::train(self, io.0, io.1, shape, opts, counted))
     }
 
     fn batch_norm_eval(
@@ -50,9 +48,8 @@ impl Backend for GpuContext {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Timing, NormError> {
-        let _serial = self.exclusive();
         let io = (batch_norm::Input::Host(x), batch_norm::Output::Host(y));
-        batch_norm::eval(self, io.0, io.1, shape, opts, stats)
+        self.call(|| batch_norm::eval(self, io.0, io.1, shape, opts, stats))
     }
 }
 

@@ -75,7 +75,6 @@ impl GpuTensor {
 
 /// Copies `data` into a new GPU tensor, without waiting for the copy.
 pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormError> {
-    let _serial = ctx.exclusive();
     let bytes = (data.len() * 4) as u64;
     if bytes > ctx.max_binding_bytes() {
         return Err(NormError::TooLarge {
@@ -96,7 +95,6 @@ pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormEr
 /// Reads a GPU tensor back (waits for the work that writes it).
 pub(crate) fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
     tensor.check_owner(ctx, "tensor")?;
-    let _serial = ctx.exclusive();
     let mut out = vec![0f32; tensor.len];
     ctx.scoped("download", || -> Result<(), NormError> {
         let bytes = (tensor.len * 4) as u64;
@@ -120,7 +118,6 @@ pub(crate) fn layer_norm(
     opts: &LayerNorm<'_>,
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
-    let _serial = ctx.exclusive();
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
@@ -149,7 +146,6 @@ pub(crate) fn batch_norm_train(
     counted: Counted,
 ) -> Result<(GpuTensor, BatchStats), NormError> {
     x.check_owner(ctx, "x")?;
-    let _serial = ctx.exclusive();
     let y = ctx.scoped("batch_norm_train_gpu", || GpuTensor::new(ctx, x.len))?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted)?;
@@ -165,7 +161,6 @@ pub(crate) fn batch_norm_eval(
     stats: &RunningStats,
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
-    let _serial = ctx.exclusive();
     let y = ctx.scoped("batch_norm_eval_gpu", || GpuTensor::new(ctx, x.len))?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     batch_norm::eval(ctx, io.0, io.1, shape, opts, stats)?;
@@ -181,7 +176,6 @@ pub(crate) fn encode_layer_norm(
     features: usize,
     opts: &LayerNorm<'_>,
 ) -> Result<(), NormError> {
-    let _serial = ctx.exclusive();
     let rows = len / features;
     check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
     if x == y {
@@ -208,7 +202,10 @@ fn check_buffers(
     features: usize,
     buffers: &[(&'static str, &wgpu::Buffer)],
 ) -> Result<(), NormError> {
-    let bytes = (len * 4) as u64;
+    let bytes = bytes_of(len);
+    if bytes == u64::MAX || len / features.max(1) > layer_norm::max_rows(ctx, features.max(1))? {
+        return Err(too_large(ctx, len));
+    }
     for &(name, b) in buffers {
         if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
             return Err(NormError::InvalidBuffer {
@@ -223,16 +220,18 @@ fn check_buffers(
             });
         }
     }
-    if len / features.max(1) > layer_norm::max_rows(ctx, features.max(1))? {
-        return Err(too_large(ctx, len));
-    }
     Ok(())
 }
 
 fn too_large(ctx: &GpuContext, len: usize) -> NormError {
     NormError::TooLarge {
         what: "a GPU-resident tensor",
-        needed: (len * 4) as u64,
+        needed: bytes_of(len),
         limit: ctx.max_binding_bytes(),
     }
+}
+
+/// Bytes of `len` f32 values, or u64::MAX (reported as an overflow) where that overflows.
+fn bytes_of(len: usize) -> u64 {
+    len.checked_mul(4).map_or(u64::MAX, |b| b as u64)
 }

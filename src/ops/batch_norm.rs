@@ -179,7 +179,7 @@ impl Shape {
             return Err(NormError::ZeroDimension { name: "spatial" });
         }
         let plane = channels.checked_mul(spatial).ok_or(NormError::TooLarge {
-            what: "channels × spatial (it overflows usize)",
+            what: "channels × spatial",
             needed: u64::MAX,
             limit: usize::MAX as u64,
         })?;
