@@ -1,10 +1,10 @@
 // Workgroup-wide sum of one value per thread, in a fixed order, so repeated runs give identical
 // bits. Every thread of the workgroup must call `workgroup_sum` (it has barriers).
 //
-// With the shader def SUBGROUP (devices with `Features::SUBGROUP`): each subgroup adds its values
-// in registers, then every thread adds the subgroups' sums in subgroup order; two barriers. The
-// subgroup sum's order is the hardware's, fixed on one device. Without it: a shared-memory tree,
-// log2(WG) + 2 barriers, on every device.
+// With the shader def SUBGROUP (devices with `Features::SUBGROUP` and one subgroup size): each
+// subgroup adds its values in registers, then every thread adds the subgroups' sums in subgroup
+// order; two barriers. The subgroup sum's order is the hardware's, fixed on one device. Without
+// it: a shared-memory tree, log2(WG) + 2 barriers, on every device.
 #define_import_path gpunorm::reduce
 
 #import gpunorm::common::WG
@@ -23,6 +23,8 @@ struct Invocation {
 
 fn workgroup_sum(inv: Invocation, value: f32) -> f32 {
     let sum = subgroupAdd(value);
+    // Lane 0 writes each subgroup's sum: every thread of the workgroup calls this function, so
+    // every lane is active here. (naga 30 has no subgroupElect.)
     if inv.lane == 0u {
         partial[inv.subgroup] = sum;
     }

@@ -24,7 +24,9 @@ pub(crate) struct GpuContext {
     max_binding: u64,
     /// `Features::TIMESTAMP_QUERY` is enabled: kernel times can be read.
     pub timestamps: bool,
-    /// `Features::SUBGROUP` is enabled: workgroup sums use subgroup operations.
+    /// `Features::SUBGROUP` is enabled and the adapter has one subgroup size: workgroup sums use
+    /// subgroup operations. (Where the size may vary between dispatches, so may the order of a
+    /// subgroup sum, and results would not repeat bit for bit.)
     pub subgroups: bool,
     /// Unique in the process: tells this context's GPU tensors from other contexts'.
     pub id: u64,
@@ -104,7 +106,10 @@ impl GpuContext {
             max_binding: planned_binding(device_binding),
             serial: gl.then(|| Mutex::new(())),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
-            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP) && {
+                let info = device.adapter_info();
+                info.subgroup_min_size == info.subgroup_max_size
+            },
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             limits,
             device,

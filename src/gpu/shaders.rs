@@ -344,6 +344,54 @@ mod tests {
         validate(&module, "bench_copy");
     }
 
+    /// Every kernel variant translates to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and, without
+    /// subgroups, GLSL (GL, which wgpu offers no subgroups on): a construct one of those backends
+    /// rejects fails here, on a machine that has none of them.
+    #[test]
+    fn every_kernel_translates_to_every_native_language() {
+        use naga::back::{glsl, hlsl, msl, spv};
+        for (kernel, defs) in every_variant() {
+            let module = compose(kernel.source, &defs).expect("composes");
+            let info = validate(&module, kernel.entry);
+            let what = format!("{} {defs:?}", kernel.entry);
+            spv::write_vec(&module, &info, &spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("SPIR-V, {what}: {e}"));
+            let metal = msl::Options {
+                lang_version: (2, 4),
+                ..Default::default()
+            };
+            msl::write_string(&module, &info, &metal, &msl::PipelineOptions::default())
+                .unwrap_or_else(|e| panic!("MSL, {what}: {e}"));
+            let dx12 = hlsl::Options {
+                shader_model: hlsl::ShaderModel::V6_0,
+                ..Default::default()
+            };
+            let mut out = String::new();
+            hlsl::Writer::new(&mut out, &dx12, &hlsl::PipelineOptions::default())
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("HLSL, {what}: {e}"));
+            let subgroup = defs
+                .iter()
+                .any(|&(name, def)| name == "SUBGROUP" && matches!(def, Def::Flag(true)));
+            if subgroup {
+                continue;
+            }
+            let gl = glsl::Options {
+                version: glsl::Version::new_gles(310),
+                ..Default::default()
+            };
+            let pipeline = glsl::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: kernel.entry.to_owned(),
+                multiview: None,
+            };
+            let mut out = String::new();
+            glsl::Writer::new(&mut out, &module, &info, &gl, &pipeline, Default::default())
+                .and_then(|mut w| w.write())
+                .unwrap_or_else(|e| panic!("GLSL, {what}: {e}"));
+        }
+    }
+
     /// The bindings an entry point uses, with the access its shader declares, by reflection.
     fn reflected_slots(module: &naga::Module, entry: &str) -> Vec<Slot> {
         let info = validate(module, entry);
