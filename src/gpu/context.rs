@@ -229,7 +229,9 @@ impl GpuContext {
         usage: wgpu::BufferUsages,
         lifetime: Lifetime,
     ) -> Pooled<'_> {
-        self.pool.take(&self.device, label, bytes, usage, lifetime)
+        let cap = self.max_binding;
+        self.pool
+            .take(&self.device, label, (bytes, cap), usage, lifetime)
     }
 
     /// A new buffer holding `data` (at least 16 bytes): per-call parameters, which may be bound
@@ -337,6 +339,25 @@ pub(crate) fn gpu_err(op: &'static str, e: impl std::fmt::Display) -> NormError 
     NormError::Gpu {
         op,
         message: e.to_string(),
+    }
+}
+
+/// A device on the first adapter wgpu finds, for unit tests of GPU pieces; None (SKIPPED) without
+/// one, a failure with GPUNORM_REQUIRE_GPU=1.
+#[cfg(test)]
+pub(crate) fn test_device() -> Option<(wgpu::Device, wgpu::Queue)> {
+    match GpuContext::adapter() {
+        Ok(adapter) => {
+            Some(pollster::block_on(adapter.request_device(&Default::default())).expect("a device"))
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("GPUNORM_REQUIRE_GPU").map_or(true, |v| v != "1"),
+                "GPUNORM_REQUIRE_GPU=1 but no GPU: {e}"
+            );
+            eprintln!("SKIPPED (GPU part): no GPU adapter");
+            None
+        }
     }
 }
 
