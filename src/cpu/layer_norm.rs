@@ -50,6 +50,9 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
     let shift = x[0];
     let mean_d = (sum_shifted(x, shift) / n) as f32;
     let var = sum_sq_centered(x, shift, mean_d, ahead) / n;
+    if out_of_f32_range(mean_d, var, opts.eps) {
+        return row_in_f64(x, y, opts);
+    }
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
     let (gamma, beta) = (opts.gamma, opts.beta);
     write_out(
@@ -86,6 +89,39 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
             }
         },
     );
+}
+
+/// Below this variance the f32 squares of the deviations may have lost bits (their squares are
+/// under f32's smallest normal number, 2^-126), where an eps this small does not hide it.
+const TINY_VAR: f64 = 1.0 / (1u128 << 100) as f64;
+
+/// Whether the f32 statistics of a row went out of f32's range: a shift, sum or square that
+/// overflowed (spreads of 1e19 and more), or squares too small to keep their bits (values near
+/// 1e-20 and below, with an eps too small to matter beside them). Also true for rows holding NaN
+/// or infinity.
+#[inline(always)]
+fn out_of_f32_range(mean_d: f32, var: f64, eps: f32) -> bool {
+    !(mean_d.is_finite() && var.is_finite()) || (var < TINY_VAR && (eps as f64) < TINY_VAR * 2e7)
+}
+
+/// A row whose f32 statistics went out of range, normalized in f64 throughout: its squares range
+/// over 1e-90..1e77, well inside f64. Rare, so plain loops. A row holding NaN or infinity has no
+/// finite mean or variance: it becomes NaN, as in the reference.
+#[cold]
+fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>) {
+    if !x.iter().all(|v| v.is_finite()) {
+        y.fill(f32::NAN);
+        return;
+    }
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let rstd = 1.0 / (var + opts.eps as f64).sqrt();
+    for (c, (o, &v)) in y.iter_mut().zip(x).enumerate() {
+        let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
+        let b = opts.beta.map_or(0.0, |b| b[c] as f64);
+        *o = ((v as f64 - mean) * rstd * g + b) as f32;
+    }
 }
 
 #[cfg(test)]
