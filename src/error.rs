@@ -40,7 +40,7 @@ pub enum NormError {
     InvalidEps(f32),
 
     /// A value that must be a finite number in a range was not.
-    #[error("{name} must be {expected}, got {value}")]
+    #[error("{name}{} must be {expected}, got {value}", feature.map_or(String::new(), |f| format!(" of feature {f}")))]
     InvalidParam {
         /// Which value.
         name: &'static str,
@@ -48,6 +48,8 @@ pub enum NormError {
         value: f32,
         /// What it must be.
         expected: &'static str,
+        /// The feature it belongs to, for per-feature values.
+        feature: Option<usize>,
     },
 
     /// The output buffer given to an `*_into` method is not as long as the input.
@@ -70,10 +72,11 @@ pub enum NormError {
         rows: usize,
     },
 
-    /// No row was left to compute statistics from.
-    #[error("no rows to compute statistics from ({reason}); pass at least one unmasked row")]
+    /// Nothing to normalize: an empty batch, or (training) no position left to compute the
+    /// batch statistics from.
+    #[error("nothing to normalize: {reason}")]
     EmptyBatch {
-        /// Why: an empty x, or a mask that is false everywhere.
+        /// Why, and what to pass instead: an empty x, or a training mask false everywhere.
         reason: &'static str,
     },
 

@@ -295,7 +295,7 @@ impl Normalizer {
         shape: &Shape,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
-        let counted = batch_norm::validate(shape, opts)?;
+        let counted = batch_norm::validate_training(shape, opts)?;
         let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
@@ -316,7 +316,7 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         y: &mut [f32],
     ) -> Result<(BatchStats, Timing), NormError> {
-        let counted = batch_norm::validate(shape, opts)?;
+        let counted = batch_norm::validate_training(shape, opts)?;
         check_output(x, y)?;
         self.engine
             .backend()
@@ -389,7 +389,7 @@ impl Normalizer {
     ) -> Result<(GpuTensor, BatchStats), NormError> {
         let ctx = self.context("batch_norm_train_gpu")?;
         let shape = Shape::features_last(x.len(), features)?;
-        let counted = batch_norm::validate(&shape, opts)?;
+        let counted = batch_norm::validate_training(&shape, opts)?;
         ctx.call(|| tensor::batch_norm_train(ctx, x, &shape, opts, counted))
     }
 

@@ -564,6 +564,53 @@ per_backend! {
     }
 }
 
+per_backend! {
+    /// Eval needs no batch statistics: a batch of padding only is all 0, not an error. Training
+    /// on it is an error that speaks of the statistics it lacks; eval on nothing at all does not.
+    fn eval_of_a_batch_of_padding_is_zero(name, norm) {
+        let x = ordinary(4 * 8, 3);
+        let none = [false; 4];
+        let opts = BatchNorm {
+            mask: Some(&none),
+            ..Default::default()
+        };
+        let y = norm
+            .batch_norm_eval(&x, 8, &opts, &RunningStats::new(8))
+            .unwrap();
+        assert!(y.iter().all(|&v| v == 0.0), "{name}: {y:?}");
+        let train = norm.batch_norm_train(&x, 8, &opts).unwrap_err();
+        assert!(train.to_string().contains("batch statistics"), "{name}: {train}");
+        let empty = norm
+            .batch_norm_eval(&[], 8, &BatchNorm::default(), &RunningStats::new(8))
+            .unwrap_err();
+        assert!(!empty.to_string().contains("statistics"), "{name}: {empty}");
+    }
+}
+
+/// A bad running variance is named by its feature.
+#[test]
+fn a_bad_running_variance_names_its_feature() {
+    let mut stats = RunningStats::new(5);
+    stats.var[3] = f32::NAN;
+    let err = Normalizer::cpu()
+        .batch_norm_eval(&[1.0; 10], 5, &BatchNorm::default(), &stats)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NormError::InvalidParam {
+                feature: Some(3),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("running var of feature 3"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_lengths_make_no_mask() {
     assert_eq!(

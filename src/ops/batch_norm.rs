@@ -109,6 +109,7 @@ impl RunningStats {
                 name: "momentum",
                 value: self.momentum,
                 expected: "in [0, 1]",
+                feature: None,
             });
         }
         if count < 2 {
@@ -206,46 +207,56 @@ pub(crate) struct Counted {
     pub first: usize,
 }
 
-/// Checks a BatchNorm call (either mode); returns the positions it counts.
-pub(crate) fn validate(shape: &Shape, opts: &BatchNorm<'_>) -> Result<Counted, NormError> {
+/// Checks a BatchNorm call of either mode: eps, gamma and beta, a batch that is not empty, a
+/// mask with one entry per position. (Eval may mask out every position: its output is all 0.)
+pub(crate) fn validate(shape: &Shape, opts: &BatchNorm<'_>) -> Result<(), NormError> {
     check_eps(opts.eps)?;
     check_param("gamma", opts.gamma, shape.channels)?;
     check_param("beta", opts.beta, shape.channels)?;
     if shape.positions == 0 {
         return Err(NormError::EmptyBatch {
-            reason: "x is empty",
+            reason: "x is empty; pass at least one row",
         });
     }
     match opts.mask {
-        None => Ok(Counted {
-            count: shape.positions,
-            first: 0,
-        }),
         Some(m) if m.len() != shape.positions => Err(NormError::MaskLength {
             len: m.len(),
             rows: shape.positions,
         }),
-        Some(m) => {
-            let first = m.iter().position(|&k| k).ok_or(NormError::EmptyBatch {
-                reason: "every row is masked out",
-            })?;
-            Ok(Counted {
-                count: m.iter().filter(|&&k| k).count(),
-                first,
-            })
-        }
+        _ => Ok(()),
     }
+}
+
+/// Checks a training call ([`validate`], and at least one position counted: the batch
+/// statistics need one); returns the positions it counts.
+pub(crate) fn validate_training(shape: &Shape, opts: &BatchNorm<'_>) -> Result<Counted, NormError> {
+    validate(shape, opts)?;
+    let Some(mask) = opts.mask else {
+        return Ok(Counted {
+            count: shape.positions,
+            first: 0,
+        });
+    };
+    let first = mask.iter().position(|&k| k).ok_or(NormError::EmptyBatch {
+        reason: "every position is masked out, so there are no batch statistics; \
+                 pass at least one unmasked position",
+    })?;
+    Ok(Counted {
+        count: mask.iter().filter(|&&k| k).count(),
+        first,
+    })
 }
 
 /// Checks running statistics against the shape: one mean and one non-negative variance per feature.
 pub(crate) fn validate_stats(shape: &Shape, stats: &RunningStats) -> Result<(), NormError> {
     check_param("running mean", Some(&stats.mean), shape.channels)?;
     check_param("running var", Some(&stats.var), shape.channels)?;
-    match stats.var.iter().find(|v| v.is_nan() || **v < 0.0) {
-        Some(&value) => Err(NormError::InvalidParam {
+    match stats.var.iter().position(|v| v.is_nan() || *v < 0.0) {
+        Some(feature) => Err(NormError::InvalidParam {
             name: "running var",
-            value,
+            value: stats.var[feature],
             expected: "a variance >= 0",
+            feature: Some(feature),
         }),
         None => Ok(()),
     }
