@@ -413,6 +413,12 @@ impl Normalizer {
     /// compute pass of the caller's `encoder`; the caller submits it. Both buffers need
     /// `BufferUsages::STORAGE` and room for `len` values, `y` must be another buffer than `x`,
     /// and the tensor must fit one binding. A call that fails records nothing.
+    ///
+    /// The encoder and both buffers must come from this `Normalizer`'s device (the one
+    /// [`Normalizer::wgpu`] returns, or the one given to [`Normalizer::from_wgpu`]). wgpu 30
+    /// offers no way to ask a buffer or an encoder for its device, so gpunorm cannot check this:
+    /// an encoder of another device makes wgpu panic, and buffers of another device may alias
+    /// buffers of this one. Make them with `norm.wgpu()`.
     pub fn encode_layer_norm(
         &self,
         encoder: &mut wgpu::CommandEncoder,

@@ -1,0 +1,148 @@
+//! Property tests on both backends: random shapes (1×1 up to about 100 KiB), magnitudes from 1e-15
+//! to 1e15 with offsets up to 100× the spread, gamma, beta and masks, and a NaN in some row. Every
+//! call either matches the f64 reference within tolerance or (where a NaN is in its row or
+//! column) gives NaN there only; GPU results repeat bit for bit.
+//!
+//! Magnitudes past 1e19, where f32 statistics overflow, are tested for the CPU fallback in
+//! tests/layer_norm.rs; the GPU kernels do not handle them yet.
+
+mod common;
+
+use common::max_err;
+use gpunorm::{reference, BatchNorm, LayerNorm};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// Offsets up to 100× the spread cost up to two more digits than ordinary data (1e-4).
+const TOL: f64 = 1e-3;
+
+/// A batch: rows, features, the values, optional gamma and beta, and a row holding a NaN.
+#[derive(Debug, Clone)]
+struct Batch {
+    rows: usize,
+    features: usize,
+    x: Vec<f32>,
+    gamma: Option<Vec<f32>>,
+    beta: Option<Vec<f32>>,
+    nan_row: Option<usize>,
+    mask: Vec<bool>,
+}
+
+fn batches() -> impl Strategy<Value = Batch> {
+    (1usize..48, 1usize..700, -15i32..15, -100f32..100.0).prop_flat_map(
+        |(rows, features, exponent, offset)| {
+            let n = rows * features;
+            let spread = 10f32.powi(exponent);
+            (
+                Just((rows, features)),
+                proptest::collection::vec(-1.7f32..1.7, n),
+                proptest::option::of(proptest::collection::vec(0.25f32..2.0, features)),
+                proptest::option::of(proptest::collection::vec(-1f32..1.0, features)),
+                proptest::option::of(0..rows),
+                proptest::collection::vec(any::<bool>(), rows),
+                Just((spread, offset)),
+            )
+                .prop_map(
+                    move |(
+                        (rows, features),
+                        unit,
+                        gamma,
+                        beta,
+                        nan_row,
+                        mut mask,
+                        (spread, offset),
+                    )| {
+                        let x = unit.iter().map(|u| (offset + u) * spread).collect();
+                        mask[0] = true;
+                        Batch {
+                            rows,
+                            features,
+                            x,
+                            gamma,
+                            beta,
+                            nan_row,
+                            mask,
+                        }
+                    },
+                )
+        },
+    )
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new(Config {
+        cases: 40,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+per_backend! {
+    fn layer_norm_matches_the_reference(name, norm) {
+        runner()
+            .run(&batches(), |b| {
+                let mut x = b.x.clone();
+                if let Some(r) = b.nan_row {
+                    x[r * b.features] = f32::NAN;
+                }
+                let opts = LayerNorm {
+                    gamma: b.gamma.as_deref(),
+                    beta: b.beta.as_deref(),
+                    ..Default::default()
+                };
+                let y = norm.layer_norm(&x, b.features, &opts).unwrap();
+                let r = reference::layer_norm(&x, b.features, &opts);
+                for row in 0..b.rows {
+                    let span = row * b.features..(row + 1) * b.features;
+                    if Some(row) == b.nan_row {
+                        prop_assert!(y[span].iter().all(|v| v.is_nan()), "{name}: row {row}");
+                    } else {
+                        let err = max_err(&y[span.clone()], &r[span]);
+                        prop_assert!(err < TOL, "{name}: row {row}: error {err:e}");
+                    }
+                }
+                if norm.is_gpu() {
+                    let again = norm.layer_norm(&x, b.features, &opts).unwrap();
+                    prop_assert!(bits(&again) == bits(&y), "{name}: not repeatable");
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}
+
+per_backend! {
+    fn batch_norm_matches_the_reference(name, norm) {
+        runner()
+            .run(&batches(), |b| {
+                let opts = BatchNorm {
+                    gamma: b.gamma.as_deref(),
+                    beta: b.beta.as_deref(),
+                    mask: Some(&b.mask),
+                    ..Default::default()
+                };
+                let out = norm.batch_norm_train(&b.x, b.features, &opts).unwrap();
+                let (y, mean, var, count) = reference::batch_norm_train(&b.x, b.features, &opts);
+                prop_assert_eq!(out.count, count);
+                // Statistics relative to the spread of the data they describe.
+                let spread = b.x.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+                let rel = |v: &[f32], r: &[f64], s: f64| {
+                    v.iter().zip(r).map(|(&a, &b)| (a as f64 - b).abs() / s).fold(0.0, f64::max)
+                };
+                let err = max_err(&out.y, &y)
+                    .max(rel(&out.mean, &mean, spread as f64))
+                    .max(rel(&out.var, &var, (spread as f64).powi(2)));
+                prop_assert!(err < TOL, "{name}: error {err:e}");
+                if norm.is_gpu() {
+                    let again = norm.batch_norm_train(&b.x, b.features, &opts).unwrap();
+                    prop_assert!(bits(&again.y) == bits(&out.y), "{name}: not repeatable");
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|v| v.to_bits()).collect()
+}
