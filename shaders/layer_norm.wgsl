@@ -13,6 +13,8 @@
 // - `layer_norm`: one workgroup per row of any length; the statistics passes and the output pass
 //   each read the row again (from cache while the row fits there).
 //
+// Rows whose statistics leave f32's range are redone scaled by a power of two (see `rescale`).
+//
 // Limits: rows of up to 2^24 features keep f32(features) exact; a chunk's elements must fit u32
 // (the host splits larger tensors). Workgroups beyond the grid's first side use its y dimension.
 //
@@ -102,6 +104,61 @@ fn row_sum(inv: Invocation, value: f32) -> f32 {
     return total;
 }
 
+// Rows whose f32 statistics leave f32's range are redone scaled by an exact power of two: 2^-100
+// when a shift, sum or square overflowed (spreads past about 1e19), 2^100 when the squares were
+// too small to keep their bits (values under about 1e-20, with an eps too small to hide it).
+// Scaling by a power of two is exact, so the scaled row's statistics are the row's, in range.
+// The common path pays one comparison per row.
+const F32_MAX: f32 = 0x1.fffffep127f;
+const TINY_VAR: f32 = 0x1p-100f;
+const TINY_EPS: f32 = 0x1p-76f;
+// Values a thread adds in f32 before the sum moves on: serial sums of at most this many values
+// keep their rounding near that of the workgroup's tree.
+const RUN: u32 = 64u;
+
+fn finite(v: f32) -> bool {
+    return abs(v) <= F32_MAX;
+}
+
+// Whether a row's (mean_d, var) left f32's range. Also true for rows holding NaN or infinity,
+// whose redone statistics are NaN again.
+fn out_of_range(mean_d: f32, var_: f32) -> bool {
+    return !(finite(mean_d) && finite(var_)) || (var_ < TINY_VAR && params.eps < TINY_EPS);
+}
+
+// The power of two a row out of range is redone at.
+fn rescale(mean_d: f32, var_: f32) -> f32 {
+    return select(0x1p100f, 0x1p-100f, !(finite(mean_d) && finite(var_)));
+}
+
+// (shift, mean_d, var) of the row at `base` scaled by `s`, by one thread alone, in runs of RUN
+// values: the rare path of `layer_norm_held`, which needs no barrier, so rows of a workgroup take
+// it or not independently.
+fn serial_stats(base: u32, s: f32) -> vec3<f32> {
+    let n = params.features / W;
+    let count = f32(params.features);
+    let shift = first(x[base]) * s;
+    var sum = 0.0;
+    for (var run = 0u; run < n; run += RUN) {
+        var part = 0.0;
+        for (var i = run; i < min(run + RUN, n); i++) {
+            part += hsum(x[base + i] * s - shift);
+        }
+        sum += part;
+    }
+    let mean_d = sum / count;
+    var sq = 0.0;
+    for (var run = 0u; run < n; run += RUN) {
+        var part = 0.0;
+        for (var i = run; i < min(run + RUN, n); i++) {
+            let c = x[base + i] * s - shift - mean_d;
+            part += hsum(c * c);
+        }
+        sq += part;
+    }
+    return vec3<f32>(shift, mean_d, sq / count);
+}
+
 @compute @workgroup_size(WG)
 fn layer_norm_held(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -148,7 +205,21 @@ fn layer_norm_held(
             sq += hsum(held[j] * held[j]);
         }
     }
-    let rstd = inverseSqrt(row_sum(inv, sq) / count + params.eps);
+    var var_ = row_sum(inv, sq) / count;
+    var eps = params.eps;
+    if live && out_of_range(mean_d, var_) {
+        let s = rescale(mean_d, var_);
+        let stats = serial_stats(base, s);
+        for (var j = 0u; j < K; j++) {
+            let i = lane + j * T;
+            if i < n {
+                held[j] = x[base + i] * s - stats.x - stats.y;
+            }
+        }
+        var_ = stats.z;
+        eps = params.eps * s * s;
+    }
+    let rstd = inverseSqrt(var_ + eps);
 
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
@@ -156,6 +227,26 @@ fn layer_norm_held(
             store(base, i, held[j], rstd);
         }
     }
+}
+
+// The (shift, mean_d, var) of the row at `base` scaled by `s`, each pass reading the row again.
+// Every thread of the workgroup must call it (it has barriers).
+fn looped_stats(inv: Invocation, base: u32, s: f32) -> vec3<f32> {
+    let n = params.features / W;
+    let count = f32(params.features);
+    let shift = first(x[base]) * s;
+    var sum = 0.0;
+    for (var i = inv.lid; i < n; i += WG) {
+        sum += hsum(x[base + i] * s - shift);
+    }
+    let mean_d = workgroup_sum(inv, sum) / count;
+
+    var sq = 0.0;
+    for (var i = inv.lid; i < n; i += WG) {
+        let c = x[base + i] * s - shift - mean_d;
+        sq += hsum(c * c);
+    }
+    return vec3<f32>(shift, mean_d, workgroup_sum(inv, sq) / count);
 }
 
 @compute @workgroup_size(WG)
@@ -184,8 +275,20 @@ fn layer_norm(
         let c = x[base + i] - shift - mean_d;
         sq += hsum(c * c);
     }
-    let rstd = inverseSqrt(workgroup_sum(inv, sq) / count + params.eps);
+    let var_ = workgroup_sum(inv, sq) / count;
 
+    // One row per workgroup: every thread takes the same branch, so the rare path's sums (with
+    // barriers) run in uniform control flow.
+    if out_of_range(mean_d, var_) {
+        let s = rescale(mean_d, var_);
+        let stats = looped_stats(inv, base, s);
+        let rstd = inverseSqrt(stats.z + params.eps * s * s);
+        for (var i = inv.lid; i < n; i += WG) {
+            store(base, i, x[base + i] * s - stats.x - stats.y, rstd);
+        }
+        return;
+    }
+    let rstd = inverseSqrt(var_ + params.eps);
     for (var i = inv.lid; i < n; i += WG) {
         store(base, i, x[base + i] - shift - mean_d, rstd);
     }
