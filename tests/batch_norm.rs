@@ -565,6 +565,60 @@ per_backend! {
 }
 
 per_backend! {
+    /// Columns whose f32 statistics would overflow or underflow (spreads of 1e19 and 1e20, values
+    /// near 1e-22 with eps 0), beside ordinary columns, in both layouts: outputs and statistics
+    /// match the reference, and a variance past f32's range (1e40) is reported as inf.
+    fn columns_past_the_range_of_f32_statistics_stay_exact(name, norm) {
+        let rows = 300;
+        let cases = [("1e19", 1e19f32, 1e-5), ("1e20", 1e20, 1e-5), ("1e-22", 1e-22, 0.0)];
+        for (what, spread, eps) in cases {
+            // Column 1 holds the extreme values; columns 0 and 2 are ordinary.
+            let mut x = ordinary(rows * 3, 9);
+            for (r, v) in data(rows, 0.0, spread, 10).into_iter().enumerate() {
+                x[r * 3 + 1] = v;
+            }
+            let opts = BatchNorm {
+                eps,
+                ..Default::default()
+            };
+            let out = norm.batch_norm_train(&x, 3, &opts).unwrap();
+            let (y, mean, var, _) = reference::batch_norm_train(&x, 3, &opts);
+            let err = max_err(&out.y, &y);
+            assert!(err < TOL, "{name}: spread {what}: y error {err:e}");
+            for c in 0..3 {
+                let (m, v) = (out.mean[c] as f64, out.var[c] as f64);
+                let close = (m - mean[c]).abs() <= 1e-4 * var[c].sqrt();
+                assert!(close, "{name}: {what}: mean {m} vs {}", mean[c]);
+                if var[c] > f32::MAX as f64 {
+                    assert_eq!(out.var[c], f32::INFINITY, "{name}: {what}: var past f32");
+                } else {
+                    // Relative, down to f32's subnormal spacing (variances near 1e-44 round to it).
+                    let tol = 1e-4 * var[c] + 2.0 * f32::from_bits(1) as f64;
+                    assert!((v - var[c]).abs() <= tol, "{name}: {what}: var {v} vs {}", var[c]);
+                }
+            }
+            // The same column as a channel of a channels-first tensor.
+            let (channels, spatial) = (3, 1);
+            let cf = norm
+                .batch_norm_train_channels_first(&x, channels, spatial, &opts)
+                .unwrap();
+            assert!(max_err(&cf.y, &y) < TOL, "{name}: {what}: channels-first");
+        }
+        // A GPU tensor takes the same path, through a copy.
+        if let Some(gpu) = norm.is_gpu().then_some(norm) {
+            let x = data(rows * 2, 0.0, 1e20, 11);
+            let t = gpu.upload(&x).unwrap();
+            let (yt, stats) = gpu
+                .batch_norm_train_gpu(&t, 2, &BatchNorm::default())
+                .unwrap();
+            let (y, _, _, _) = reference::batch_norm_train(&x, 2, &BatchNorm::default());
+            assert!(max_err(&gpu.download(&yt).unwrap(), &y) < TOL, "GPU tensor");
+            assert_eq!(stats.var, [f32::INFINITY; 2], "GPU tensor: var past f32");
+        }
+    }
+}
+
+per_backend! {
     /// Eval needs no batch statistics: a batch of padding only is all 0, not an error. Training
     /// on it is an error that speaks of the statistics it lacks; eval on nothing at all does not.
     fn eval_of_a_batch_of_padding_is_zero(name, norm) {

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::ops::batch_norm::{BatchNorm, RunningStats, Shape};
+use crate::ops::stats_out_of_range;
 
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.
@@ -28,12 +29,15 @@ pub(crate) fn train(
     first: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let (shift, mean_d, var) = stats(x, shape, opts.mask, first);
-    let mean = shift
+    let mut mean: Vec<f32> = shift
         .iter()
         .zip(&mean_d)
         .map(|(&s, &m)| (s as f64 + m) as f32)
         .collect();
     let center = mean_d.iter().map(|&m| m as f32).collect();
+    let out_of_range: Vec<usize> = (0..shape.channels)
+        .filter(|&c| stats_out_of_range(mean_d[c], var[c], opts.eps))
+        .collect();
     apply(
         x,
         y,
@@ -41,7 +45,48 @@ pub(crate) fn train(
         opts.mask,
         &Columns::new(shift, center, &var, opts),
     );
-    (mean, var.iter().map(|&v| v as f32).collect())
+    let mut var: Vec<f32> = var.iter().map(|&v| v as f32).collect();
+    redo_columns_in_f64(x, y, shape, opts, (&mut mean, &mut var), &out_of_range);
+    (mean, var)
+}
+
+/// Redoes `columns`, whose f32 statistics went out of f32's range (see [`stats_out_of_range`]),
+/// in f64 over the counted positions: their mean and biased variance (as f32: a variance past
+/// f32's range is inf) and their outputs in `y`. Rare, so plain strided loops. Used by both
+/// backends: the GPU's statistics go out of range for the same data.
+#[cold]
+pub(crate) fn redo_columns_in_f64(
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    (mean, var): (&mut [f32], &mut [f32]),
+    columns: &[usize],
+) {
+    let (channels, s) = (shape.channels, shape.spatial);
+    let index = |p: usize, c: usize| ((p / s) * channels + c) * s + p % s;
+    let counted = |p: &usize| opts.mask.is_none_or(|m| m[*p]);
+    for &c in columns {
+        let n = (0..shape.positions).filter(counted).count() as f64;
+        let value = |p: usize| x[index(p, c)] as f64;
+        let m = (0..shape.positions).filter(counted).map(value).sum::<f64>() / n;
+        let v = (0..shape.positions)
+            .filter(counted)
+            .map(|p| (value(p) - m).powi(2))
+            .sum::<f64>()
+            / n;
+        let scale = opts.gamma.map_or(1.0, |g| g[c] as f64) / (v + opts.eps as f64).sqrt();
+        let offset = opts.beta.map_or(0.0, |b| b[c] as f64);
+        for p in 0..shape.positions {
+            y[index(p, c)] = if counted(&p) {
+                ((value(p) - m) * scale + offset) as f32
+            } else {
+                0.0
+            };
+        }
+        mean[c] = m as f32;
+        var[c] = v as f32;
+    }
 }
 
 /// Eval: one elementwise pass with the running statistics.

@@ -8,6 +8,7 @@ use super::{
     multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
     write_out, PREFETCH_DISTANCE,
 };
+use crate::ops::stats_out_of_range;
 use crate::LayerNorm;
 
 /// Normalizes every `features`-long row of `x` into `y` (same length; input already validated).
@@ -50,7 +51,7 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
     let shift = x[0];
     let mean_d = (sum_shifted(x, shift) / n) as f32;
     let var = sum_sq_centered(x, shift, mean_d, ahead) / n;
-    if out_of_f32_range(mean_d, var, opts.eps) {
+    if stats_out_of_range(mean_d as f64, var, opts.eps) {
         return row_in_f64(x, y, opts);
     }
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
@@ -89,19 +90,6 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
             }
         },
     );
-}
-
-/// Below this variance the f32 squares of the deviations may have lost bits (their squares are
-/// under f32's smallest normal number, 2^-126), where an eps this small does not hide it.
-const TINY_VAR: f64 = 1.0 / (1u128 << 100) as f64;
-
-/// Whether the f32 statistics of a row went out of f32's range: a shift, sum or square that
-/// overflowed (spreads of 1e19 and more), or squares too small to keep their bits (values near
-/// 1e-20 and below, with an eps too small to matter beside them). Also true for rows holding NaN
-/// or infinity.
-#[inline(always)]
-fn out_of_f32_range(mean_d: f32, var: f64, eps: f32) -> bool {
-    !(mean_d.is_finite() && var.is_finite()) || (var < TINY_VAR && (eps as f64) < TINY_VAR * 2e7)
 }
 
 /// A row whose f32 statistics went out of range, normalized in f64 throughout: its squares range

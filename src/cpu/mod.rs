@@ -10,6 +10,8 @@
 mod batch_norm;
 mod layer_norm;
 
+pub(crate) use batch_norm::redo_columns_in_f64;
+
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};

@@ -14,7 +14,9 @@ use super::pool::{Lifetime, Pooled};
 use super::shaders::{flags, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
+use crate::cpu::redo_columns_in_f64;
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::stats_out_of_range;
 use crate::{NormError, Timing};
 
 const SEED: KernelDef = KernelDef {
@@ -131,13 +133,47 @@ pub(crate) fn train(
         let statistics = run.statistics(&x)?;
         run.apply(&x, &mut y)?;
         let (mean, var) = statistics.read(ctx)?;
-        let stats = BatchStats {
+        let mut stats = BatchStats {
             mean,
             var,
             count: counted.count,
         };
+        redo_out_of_range(ctx, (&x, &mut y), shape, opts, &mut stats)?;
         Ok((stats, run.timing()))
     })?
+}
+
+/// Columns whose statistics left f32's range (spreads past about 1e19, or tiny values with eps
+/// 0: see `stats_out_of_range`) are redone by the CPU fallback's f64 path, and their outputs
+/// rewritten: on the host slice, or through a copy of a device tensor. Rare.
+fn redo_out_of_range(
+    ctx: &GpuContext,
+    (x, y): (&Input<'_>, &mut Output<'_>),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &mut BatchStats,
+) -> Result<(), NormError> {
+    let columns: Vec<usize> = (0..shape.channels)
+        .filter(|&c| stats_out_of_range(stats.mean[c] as f64, stats.var[c] as f64, opts.eps))
+        .collect();
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let moments = (&mut stats.mean[..], &mut stats.var[..]);
+    match (x, y) {
+        (Input::Host(x), Output::Host(y)) => {
+            redo_columns_in_f64(x, y, shape, opts, moments, &columns);
+        }
+        (Input::Device(xb, len), Output::Device(yb)) => {
+            let (mut xh, mut yh) = (vec![0f32; *len], vec![0f32; *len]);
+            transfer::download(ctx, xb, &mut xh)?;
+            transfer::download(ctx, yb, &mut yh)?;
+            redo_columns_in_f64(&xh, &mut yh, shape, opts, moments, &columns);
+            ctx.queue().write_buffer(yb, 0, bytemuck::cast_slice(&yh));
+        }
+        _ => unreachable!("host inputs go with host outputs, device ones with device ones"),
+    }
+    Ok(())
 }
 
 /// Runs BatchNorm eval with the running statistics. On device buffers it returns without

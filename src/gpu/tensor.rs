@@ -96,15 +96,8 @@ pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormEr
 pub(crate) fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
     tensor.check_owner(ctx, "tensor")?;
     let mut out = vec![0f32; tensor.len];
-    ctx.scoped("download", || -> Result<(), NormError> {
-        let bytes = (tensor.len * 4) as u64;
-        let staging = transfer::readback_buffer(ctx, bytes);
-        let mut encoder = ctx.encoder("gpunorm download");
-        if bytes > 0 {
-            encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, bytes);
-        }
-        ctx.queue().submit([encoder.finish()]);
-        transfer::read_into(ctx, &staging, &mut out)
+    ctx.scoped("download", || {
+        transfer::download(ctx, &tensor.buffer, &mut out)
     })??;
     Ok(out)
 }

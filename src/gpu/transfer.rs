@@ -60,6 +60,23 @@ pub(crate) fn readback_buffer(ctx: &GpuContext, bytes: u64) -> Pooled<'_> {
     )
 }
 
+/// Copies the first `out.len()` f32 of the device buffer `src` into `out`, waiting for the work
+/// that writes it.
+pub(crate) fn download(
+    ctx: &GpuContext,
+    src: &wgpu::Buffer,
+    out: &mut [f32],
+) -> Result<(), NormError> {
+    let bytes = std::mem::size_of_val(out) as u64;
+    let staging = readback_buffer(ctx, bytes);
+    let mut encoder = ctx.encoder("gpunorm download");
+    if bytes > 0 {
+        encoder.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
+    }
+    ctx.queue().submit([encoder.finish()]);
+    read_into(ctx, &staging, out)
+}
+
 /// Waits for all submitted work and copies the first `out.len()` values of the mappable
 /// `staging` buffer into `out`.
 pub(crate) fn read_into<T: bytemuck::Pod>(

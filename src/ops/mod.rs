@@ -118,6 +118,18 @@ pub(crate) fn new_output(len: usize) -> Vec<f32> {
 #[cfg(target_os = "linux")]
 const HUGE_OUTPUT: usize = 4 << 20;
 
+/// Below this variance the f32 squares of the deviations may have lost bits (their squares are
+/// under f32's smallest normal number, 2^-126), where an eps this small does not hide it.
+const TINY_VAR: f64 = 1.0 / (1u128 << 100) as f64;
+
+/// Whether statistics computed in f32 went out of f32's range: a shift, sum or square that
+/// overflowed (spreads of 1e19 and more), or squares too small to keep their bits (values near
+/// 1e-20 and below, with an eps too small to matter beside them). Also true for data holding NaN
+/// or infinity. Both backends redo such rows or columns another way.
+pub(crate) fn stats_out_of_range(mean: f64, var: f64, eps: f32) -> bool {
+    !(mean.is_finite() && var.is_finite()) || (var < TINY_VAR && (eps as f64) < TINY_VAR * 2e7)
+}
+
 /// An `*_into` output has one value per input value.
 pub(crate) fn check_output(x: &[f32], y: &[f32]) -> Result<(), NormError> {
     if y.len() == x.len() {
