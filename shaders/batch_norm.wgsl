@@ -37,12 +37,12 @@ var<workgroup> partial: array<f32, WG>;
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // Per (row tile of this chunk, column): (count, mean_d, M2, 0).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
-// Per column: (shift, mean_d, M2, count): the running statistics (training), or
-// (0, running mean, running var, 1) written by the host (eval).
+// Per column c: columns[c] = (shift, mean_d, M2, count), the running statistics (training), or
+// (0, running mean, running var, 1) written by the host (eval); and
+// columns[channels + c] = (gamma, beta, 0, 0), written by the host. (Gamma and beta ride here so
+// that no kernel binds more than 4 storage buffers, the least a device may offer.)
 @group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<storage, read> gamma: array<f32>;
-@group(0) @binding(7) var<storage, read> beta: array<f32>;
 
 fn index_of(p: u32, c: u32) -> u32 {
     let s = params.spatial;
@@ -180,12 +180,13 @@ fn apply(
         return;
     }
     let st = columns[c];
+    let affine = columns[params.channels + c];
     var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
     if (params.flags & FLAG_GAMMA) != 0u {
-        v = v * gamma[c];
+        v = v * affine.x;
     }
     if (params.flags & FLAG_BETA) != 0u {
-        v = v + beta[c];
+        v = v + affine.y;
     }
     y[e] = v;
 }

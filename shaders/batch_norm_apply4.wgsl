@@ -11,11 +11,10 @@
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
-// Per column: (shift, mean_d, M2, count), as in batch_norm.wgsl.
+// Per column: (shift, mean_d, M2, count), then per column (gamma, beta, 0, 0), as in
+// batch_norm.wgsl.
 @group(0) @binding(4) var<storage, read> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> gamma: array<f32>;
-@group(0) @binding(7) var<storage, read> beta: array<f32>;
 
 fn counted(p: u32) -> bool {
     return (params.flags & FLAG_MASK) == 0u || mask[p] != 0u;
@@ -66,14 +65,13 @@ fn apply4(
         let s1 = columns[c + 1u];
         let s2 = columns[c + 2u];
         let s3 = columns[c + 3u];
-        var g = vec4<f32>(1.0);
-        if (params.flags & FLAG_GAMMA) != 0u {
-            g = vec4<f32>(gamma[c], gamma[c + 1u], gamma[c + 2u], gamma[c + 3u]);
-        }
-        var b = vec4<f32>(0.0);
-        if (params.flags & FLAG_BETA) != 0u {
-            b = vec4<f32>(beta[c], beta[c + 1u], beta[c + 2u], beta[c + 3u]);
-        }
+        let a = params.channels + c;
+        let a0 = columns[a];
+        let a1 = columns[a + 1u];
+        let a2 = columns[a + 2u];
+        let a3 = columns[a + 3u];
+        let g = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
+        let b = vec4<f32>(a0.y, a1.y, a2.y, a3.y);
         y[e] = normalize(
             v,
             vec4<f32>(s0.x, s1.x, s2.x, s3.x),
@@ -89,14 +87,9 @@ fn apply4(
         let c = (i % plane) / params.spatial;
         let p = (i / plane) * params.spatial + i % params.spatial;
         let st = columns[c];
-        var g = 1.0;
-        if (params.flags & FLAG_GAMMA) != 0u {
-            g = gamma[c];
-        }
-        var b = 0.0;
-        if (params.flags & FLAG_BETA) != 0u {
-            b = beta[c];
-        }
+        let affine = columns[params.channels + c];
+        let g = affine.x;
+        let b = affine.y;
         let o = normalize(
             v,
             vec4<f32>(st.x),

@@ -40,7 +40,7 @@ const MERGE: KernelDef = KernelDef {
     entry: "stats_merge",
     slots: &[Slot::Uniform(0), Slot::ReadWrite(3), Slot::ReadWrite(4)],
 };
-/// params, x, mask, columns, y, gamma, beta.
+/// params, x, mask, columns (statistics, then gamma and beta), y.
 const APPLY: KernelDef = KernelDef {
     source: Source::BatchNorm,
     entry: "apply",
@@ -50,8 +50,6 @@ const APPLY: KernelDef = KernelDef {
         Slot::Read(2),
         Slot::ReadWrite(4),
         Slot::ReadWrite(5),
-        Slot::Read(6),
-        Slot::Read(7),
     ],
 };
 const APPLY4: KernelDef = KernelDef {
@@ -63,8 +61,6 @@ const APPLY4: KernelDef = KernelDef {
         Slot::Read(2),
         Slot::Read(4),
         Slot::ReadWrite(5),
-        Slot::Read(6),
-        Slot::Read(7),
     ],
 };
 #[cfg(test)]
@@ -92,7 +88,8 @@ const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
 /// About this many workgroups in the statistics pass keep a big GPU busy without making the
 /// in-order merge long.
 const TARGET_TILES: usize = 8192;
-/// Bytes of one column's statistics, (shift, mean_d, M2, count).
+/// Bytes of one column's statistics, (shift, mean_d, M2, count), and of its (gamma, beta, 0, 0):
+/// the columns buffer holds all the statistics, then all the affine parameters.
 const COLUMN_BYTES: u64 = 16;
 
 /// Where a BatchNorm input comes from.
@@ -219,10 +216,10 @@ impl Plan {
     ) -> Result<Plan, NormError> {
         let (c, s) = (shape.channels, shape.spatial);
         let limit = ctx.max_binding_bytes();
-        let columns_bytes = c as u64 * COLUMN_BYTES;
+        let columns_bytes = c as u64 * 2 * COLUMN_BYTES;
         if columns_bytes > limit {
             return Err(NormError::TooLarge {
-                what: "the per-feature statistics of a BatchNorm tensor (16 bytes per feature)",
+                what: "the per-feature statistics of a BatchNorm tensor (32 bytes per feature)",
                 needed: columns_bytes,
                 limit,
             });
@@ -242,7 +239,7 @@ impl Plan {
             .map(|start| start..(start + items * item).min(len))
             .collect();
         // Tiles of one chunk share one partials buffer, which must fit one binding.
-        let max_row_tiles = (limit / columns_bytes) as usize;
+        let max_row_tiles = (limit / (c as u64 * COLUMN_BYTES)) as usize;
         let mut params = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             let positions = chunk.len() / c;
@@ -393,8 +390,6 @@ struct Run<'a> {
     ctx: &'a GpuContext,
     plan: &'a Plan,
     params: Vec<wgpu::Buffer>,
-    gamma: wgpu::Buffer,
-    beta: wgpu::Buffer,
     mask: Option<&'a [bool]>,
     columns: Pooled<'a>,
     /// The input buffer of host tensors, and which chunk it holds.
@@ -426,27 +421,28 @@ impl<'a> Run<'a> {
         } else {
             16
         };
+        let columns = ctx.buffer(
+            "batch_norm columns",
+            c as u64 * 2 * COLUMN_BYTES,
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            lifetime,
+        );
+        // The second half: (gamma, beta, 0, 0) per column.
+        let affine: Vec<[f32; 4]> = (0..c)
+            .map(|i| {
+                let g = opts.gamma.map_or(1.0, |g| g[i]);
+                [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+            })
+            .collect();
+        let half = c as u64 * COLUMN_BYTES;
+        ctx.queue()
+            .write_buffer(&columns, half, bytemuck::cast_slice(&affine));
         Ok(Run {
             ctx,
             plan,
             params,
-            gamma: ctx.buffer_with(
-                "batch_norm gamma",
-                bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
-                U::STORAGE,
-            ),
-            beta: ctx.buffer_with(
-                "batch_norm beta",
-                bytemuck::cast_slice(opts.beta.unwrap_or(&[])),
-                U::STORAGE,
-            ),
             mask: opts.mask,
-            columns: ctx.buffer(
-                "batch_norm columns",
-                c as u64 * COLUMN_BYTES,
-                U::STORAGE | U::COPY_SRC | U::COPY_DST,
-                lifetime,
-            ),
+            columns,
             input: None,
             resident: None,
             mask_buffer: ctx.buffer(
@@ -649,15 +645,7 @@ impl<'a> Run<'a> {
                 let xb = self.x_buffer(x);
                 let group = apply.bind(
                     ctx.device(),
-                    &[
-                        &self.params[i],
-                        xb,
-                        &self.mask_buffer,
-                        &self.columns,
-                        yb,
-                        &self.gamma,
-                        &self.beta,
-                    ],
+                    &[&self.params[i], xb, &self.mask_buffer, &self.columns, yb],
                 );
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("batch_norm apply"),
