@@ -180,13 +180,15 @@ fn apply(
         return;
     }
     let st = columns[c];
-    let affine = columns[params.channels + c];
     var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
-    if (params.flags & FLAG_GAMMA) != 0u {
-        v = v * affine.x;
-    }
-    if (params.flags & FLAG_BETA) != 0u {
-        v = v + affine.y;
+    if (params.flags & (FLAG_GAMMA | FLAG_BETA)) != 0u {
+        let affine = columns[params.channels + c];
+        if (params.flags & FLAG_GAMMA) != 0u {
+            v = v * affine.x;
+        }
+        if (params.flags & FLAG_BETA) != 0u {
+            v = v + affine.y;
+        }
     }
     y[e] = v;
 }

@@ -65,13 +65,17 @@ fn apply4(
         let s1 = columns[c + 1u];
         let s2 = columns[c + 2u];
         let s3 = columns[c + 3u];
-        let a = params.channels + c;
-        let a0 = columns[a];
-        let a1 = columns[a + 1u];
-        let a2 = columns[a + 2u];
-        let a3 = columns[a + 3u];
-        let g = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
-        let b = vec4<f32>(a0.y, a1.y, a2.y, a3.y);
+        var g = vec4<f32>(1.0);
+        var b = vec4<f32>(0.0);
+        if (params.flags & (FLAG_GAMMA | FLAG_BETA)) != 0u {
+            let a = params.channels + c;
+            let a0 = columns[a];
+            let a1 = columns[a + 1u];
+            let a2 = columns[a + 2u];
+            let a3 = columns[a + 3u];
+            g = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
+            b = vec4<f32>(a0.y, a1.y, a2.y, a3.y);
+        }
         y[e] = normalize(
             v,
             vec4<f32>(s0.x, s1.x, s2.x, s3.x),
@@ -87,9 +91,13 @@ fn apply4(
         let c = (i % plane) / params.spatial;
         let p = (i / plane) * params.spatial + i % params.spatial;
         let st = columns[c];
-        let affine = columns[params.channels + c];
-        let g = affine.x;
-        let b = affine.y;
+        var g = 1.0;
+        var b = 0.0;
+        if (params.flags & (FLAG_GAMMA | FLAG_BETA)) != 0u {
+            let affine = columns[params.channels + c];
+            g = affine.x;
+            b = affine.y;
+        }
         let o = normalize(
             v,
             vec4<f32>(st.x),
