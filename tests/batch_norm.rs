@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{data, gpu, max_err, ordinary};
+use common::{data, example_batch, gpu, max_err, ordinary};
 use gpunorm::{
     mask_from_lengths, reference, BatchNorm, BatchNormOutput, NormError, Normalizer, RunningStats,
 };
@@ -15,22 +15,6 @@ use rand::{Rng, SeedableRng};
 const TOL: f64 = 1e-4;
 /// Columns with mean 1e4 and spread 1e-2.
 const TOL_OFFSET: f64 = 1e-3;
-
-/// The worked example: two sequences of four tokens, d_model 3, flattened to [8 positions,
-/// 3 features]; the last position is padding.
-fn example_batch() -> Vec<f32> {
-    [
-        [1., 2., 3.],
-        [2., 4., 6.],
-        [3., 6., 9.],
-        [4., 8., 12.],
-        [5., 10., 15.],
-        [6., 12., 18.],
-        [7., 13., 19.],
-        [0., 0., 0.],
-    ]
-    .concat()
-}
 
 /// Relative error of statistics against the reference, each relative to its own magnitude.
 fn stat_err(v: &[f32], r: &[f64]) -> f64 {

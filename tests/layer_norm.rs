@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{data, gpu, max_err, ordinary};
+use common::{data, example_batch, gpu, max_err, ordinary};
 use gpunorm::{reference, LayerNorm, NormError, Normalizer};
 
 /// Ordinary data: f32 rounding of a few operations, far below this.
@@ -281,17 +281,7 @@ per_backend! {
     /// The worked example: batch 2, sequence length 4, d_model 3, the last position of the second
     /// sequence padded with zeros.
     fn the_worked_example(name, norm) {
-        let x: Vec<f32> = [
-            [1., 2., 3.],
-            [2., 4., 6.],
-            [3., 6., 9.],
-            [4., 8., 12.],
-            [5., 10., 15.],
-            [6., 12., 18.],
-            [7., 13., 19.],
-            [0., 0., 0.],
-        ]
-        .concat();
+        let x = example_batch();
         // "I" = [1, 2, 3]: mean 2, biased variance 2/3, so ±1/sqrt(2/3 + 1e-5) = ±1.22473.
         let i_word = 1.0 / (2.0f64 / 3.0 + 1e-5).sqrt();
         let y = norm.layer_norm(&x, 3, &LayerNorm::default()).unwrap();

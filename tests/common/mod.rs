@@ -59,6 +59,22 @@ pub fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The worked example: two sequences of four tokens, d_model 3, flattened to [8 positions,
+/// 3 features]; the second sequence has three tokens, so the last position is padding.
+pub fn example_batch() -> Vec<f32> {
+    [
+        [1., 2., 3.],
+        [2., 4., 6.],
+        [3., 6., 9.],
+        [4., 8., 12.],
+        [5., 10., 15.],
+        [6., 12., 18.],
+        [7., 13., 19.],
+        [0., 0., 0.],
+    ]
+    .concat()
+}
+
 /// Ordinary activations: mean 0.5, standard deviation 2.
 pub fn ordinary(n: usize, seed: u64) -> Vec<f32> {
     data(n, 0.5, 2.0, seed)
