@@ -24,6 +24,27 @@ fn lowered(lower: impl FnOnce(&mut gpunorm::wgpu::Limits)) -> Option<Normalizer>
     Some(Normalizer::from_wgpu(device, queue))
 }
 
+/// The error of BatchNorm eval on `x` with a training run's statistics as running ones, against
+/// the reference applying the same statistics.
+fn eval_error(
+    norm: &Normalizer,
+    x: &[f32],
+    features: usize,
+    opts: &BatchNorm<'_>,
+    trained: &gpunorm::BatchNormOutput,
+) -> f64 {
+    let stats = gpunorm::RunningStats {
+        mean: trained.mean.clone(),
+        var: trained.var.clone(),
+        momentum: 0.1,
+    };
+    let y = norm.batch_norm_eval(x, features, opts, &stats).unwrap();
+    let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let y_ref =
+        reference::batch_norm_apply(x, features, &f64s(&stats.mean), &f64s(&stats.var), opts);
+    max_err(&y, &y_ref)
+}
+
 /// A grid of at most 64 workgroups a side and 1 MiB bindings: LayerNorm and BatchNorm (both
 /// layouts, masked, training and eval) split into many chunks and fold their grids, and match the
 /// reference.
@@ -64,16 +85,7 @@ fn small_grids_and_bindings_still_give_the_reference() {
             "batch_norm_train {rows}x{features}: error {err:e}"
         );
 
-        let stats = gpunorm::RunningStats {
-            mean: out.mean.clone(),
-            var: out.var.clone(),
-            momentum: 0.1,
-        };
-        let y = norm.batch_norm_eval(&x, features, &opts, &stats).unwrap();
-        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let y_ref =
-            reference::batch_norm_apply(&x, features, &f64s(&stats.mean), &f64s(&stats.var), &opts);
-        let err = max_err(&y, &y_ref);
+        let err = eval_error(&norm, &x, features, &opts, &out);
         assert!(
             err < TOL,
             "batch_norm_eval {rows}x{features}: error {err:e}"
@@ -125,16 +137,8 @@ fn four_storage_buffers_are_enough() {
         let out = norm.batch_norm_train(&x, features, &bn).unwrap();
         let (y, _, _, _) = reference::batch_norm_train(&x, features, &bn);
         assert!(max_err(&out.y, &y) < TOL, "{features} features");
-        let stats = gpunorm::RunningStats {
-            mean: out.mean.clone(),
-            var: out.var.clone(),
-            momentum: 0.1,
-        };
-        let y = norm.batch_norm_eval(&x, features, &bn, &stats).unwrap();
-        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let y_ref =
-            reference::batch_norm_apply(&x, features, &f64s(&out.mean), &f64s(&out.var), &bn);
-        assert!(max_err(&y, &y_ref) < TOL, "{features} features, eval");
+        let err = eval_error(&norm, &x, features, &bn, &out);
+        assert!(err < TOL, "{features} features, eval");
     }
 }
 

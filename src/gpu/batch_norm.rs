@@ -427,16 +427,18 @@ impl<'a> Run<'a> {
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
             lifetime,
         );
-        // The second half: (gamma, beta, 0, 0) per column.
-        let affine: Vec<[f32; 4]> = (0..c)
-            .map(|i| {
-                let g = opts.gamma.map_or(1.0, |g| g[i]);
-                [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
-            })
-            .collect();
-        let half = c as u64 * COLUMN_BYTES;
-        ctx.queue()
-            .write_buffer(&columns, half, bytemuck::cast_slice(&affine));
+        // The second half: (gamma, beta, 0, 0) per column, read only where either is given.
+        if opts.gamma.is_some() || opts.beta.is_some() {
+            let affine: Vec<[f32; 4]> = (0..c)
+                .map(|i| {
+                    let g = opts.gamma.map_or(1.0, |g| g[i]);
+                    [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+                })
+                .collect();
+            let half = c as u64 * COLUMN_BYTES;
+            ctx.queue()
+                .write_buffer(&columns, half, bytemuck::cast_slice(&affine));
+        }
         Ok(Run {
             ctx,
             plan,

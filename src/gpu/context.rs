@@ -207,13 +207,9 @@ impl GpuContext {
         self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Refuses a call on a lost device. A non-blocking poll first lets wgpu report a loss it
-    /// has not told anyone yet (a destroyed device, before the next wait).
+    /// Refuses a call on a device known to be lost. (A loss not yet known shows as a failed call,
+    /// which [`GpuContext::call`] then explains; no poll on every call's path.)
     fn check_alive(&self) -> Result<(), NormError> {
-        if let Err(e) = self.device.poll(wgpu::PollType::Poll) {
-            let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
-            lost.get_or_insert_with(|| e.to_string());
-        }
         match self.lost() {
             Some(why) => Err(NormError::DeviceLost(why)),
             None => Ok(()),
