@@ -73,6 +73,10 @@ enum Command {
         /// Threads of the CPU fallback (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Time the GPU alone, not the CPU fallback beside it (for kernel variants compared on
+        /// one machine).
+        #[arg(long)]
+        gpu_only: bool,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> error::CliResult<()> {
             ops,
             reps,
             small_batch,
+            gpu_only,
             json,
             plot,
             ..
@@ -137,6 +142,7 @@ fn run(cli: Cli) -> error::CliResult<()> {
                 ops,
                 reps: reps as usize,
                 small_batch,
+                gpu_only,
                 json,
                 plot,
             },

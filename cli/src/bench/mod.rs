@@ -36,6 +36,7 @@ pub struct Options {
     pub ops: Vec<String>,
     pub reps: usize,
     pub small_batch: bool,
+    pub gpu_only: bool,
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
 }
@@ -130,12 +131,14 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
     for path in opts.json.iter().chain(&opts.plot) {
         std::fs::File::create(path).map_err(|e| CliError::file(path, e))?;
     }
-    let cpu = Normalizer::cpu();
+    let fallback = Normalizer::cpu();
     let gpu = norm.is_gpu().then_some(norm);
+    let cpu = (!opts.gpu_only || gpu.is_none()).then_some(&fallback);
     let ops: Vec<Op> = opts.ops.iter().map(|o| Op::parse(o)).collect();
     print_header(norm, opts.reps);
-    let mut progress =
-        Progress::new(opts.shapes.len() * ops.len() * if gpu.is_some() { 2 } else { 1 });
+    let mut progress = Progress::new(
+        opts.shapes.len() * ops.len() * (cpu.is_some() as usize + gpu.is_some() as usize),
+    );
     let mut report = Report {
         backend: norm.describe(),
         cpu_threads: rayon::current_num_threads(),
@@ -149,7 +152,7 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
         let facts = measure::ceilings(gpu, shape, &x, opts.reps)?;
         print_ceilings(&facts);
         for op in &ops {
-            let backends = [Some(("cpu", &cpu)), gpu.map(|g| ("gpu", g))];
+            let backends = [cpu.map(|c| ("cpu", c)), gpu.map(|g| ("gpu", g))];
             for (backend, nz) in backends.into_iter().flatten() {
                 progress.step(&format!("{} {} {backend}", op.name(), label(shape)));
                 let record = measure::op(nz, backend, *op, shape, &x, opts.reps)?;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The H100 sweep in one command, for the lent GPU machine. Ready it here with
+#   scripts/h100_prepare.sh      # the binaries and the GPU test binaries, into .device/
+# then, through the device tool's run with carry [".device"]:
+#   bash .device/gpu.sh bash scripts/h100.sh $OUT [VARIANT ...]
+# A VARIANT is NAME=VALUE[,NAME=VALUE...], settings of the kernel switches the GPU code reads
+# (BENCHMARKS.md lists them), e.g. GPUNORM_SUBGROUPS=0 or GPUNORM_BN_ROWS=0,GPUNORM_BN_TILES=8192.
+# Writes into OUTDIR (at most 8 files come back from the device tool):
+#   bench.txt, bench.json, bench.svg  the sweep with the defaults on the GPU, all shapes in one
+#                                     process, and the small-batch cost
+#   torch.txt                         PyTorch on the same card, for same-run ratios
+#   tests.txt                         the GPU tests, with GPUNORM_REQUIRE_GPU=1
+#   variants.txt                      GPU kernel times of the defaults and of each variant, each
+#                                     shape in a process of its own (a process that has run other
+#                                     big shapes first measures slower; see BENCHMARKS.md), the
+#                                     defaults first and last
+#   clocks.csv                        the card's clocks, power and throttle reasons every 0.5 s
+# Every step has a time limit, so one that hangs costs only its own share of the device minutes.
+set -u
+out=${1:?usage: scripts/h100.sh OUTDIR [NAME=VALUE[,NAME=VALUE...] ...]}
+shift
+dev=.device
+shapes=${SHAPES:-4096x768,65536x1024,16384x4096,2048x32768,262144x1024}
+# Variants skip the 1 GiB shape: its uploads take most of a run's time.
+vshapes=${VSHAPES:-4096x768,65536x1024,16384x4096,2048x32768}
+vops=layer_norm,batch_norm_train,batch_norm_eval
+mkdir -p "$out"
+step() { # step SECONDS LOG CMD...: runs CMD under a limit, output to LOG and, briefly, here.
+    local limit=$1 log=$2
+    shift 2
+    echo "== $(date -u +%T) $*" | tee -a "$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "== exit $? after ${SECONDS}s in all" | tee -a "$log"
+}
+nvidia-smi --query-gpu=timestamp,pstate,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 500 >"$out/clocks.csv" 2>&1 &
+monitor=$!
+step 30 "$out/bench.txt" "$dev/gpunorm" info
+step 200 "$out/bench.txt" "$dev/gpunorm" bench ${GPU_ONLY:+--gpu-only} --shapes "$shapes" \
+    --small-batch --json "$out/bench.json" --plot "$out/bench.svg"
+step 60 "$out/torch.txt" python3 "$dev/torch_anchor.py" ${shapes//,/ }
+gunzip -f "$dev"/tests/*.gz 2>/dev/null
+for t in "$dev"/tests/*; do
+    chmod +x "$t" && step 45 "$out/tests.txt" env GPUNORM_REQUIRE_GPU=1 "$t" --test-threads 4
+done
+for variant in default "$@" default; do
+    settings=()
+    [ "$variant" = default ] || IFS=, read -ra settings <<<"$variant"
+    for s in ${vshapes//,/ }; do
+        step 30 "$out/variants.txt" env "${settings[@]}" "$dev/gpunorm" bench --gpu-only \
+            --reps 5 --ops "$vops" --shapes "$s"
+    done
+done
+kill "$monitor"
+grep -h "test result\|panicked" "$out/tests.txt"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Readies .device/ for scripts/h100.sh: the release binaries (../shared/device/prepare.sh), stripped
+# so that they travel light, and the GPU test binaries, built in release, stripped and gzipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+../shared/device/prepare.sh
+strip .device/gpunorm
+mkdir -p .device/tests
+cargo test --release --no-run --workspace --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*"' | cut -d'"' -f4 |
+    grep -E '/(gpunorm|layer_norm|batch_norm|gpu_tensor|device_limits|backend_choice|properties)-' |
+    while read -r bin; do
+        name=$(basename "$bin")
+        strip -o ".device/tests/$name" "$bin"
+        gzip -f ".device/tests/$name"
+    done
+du -sh .device .device/tests
