@@ -40,6 +40,10 @@ fn hsum(v: V) -> f32 {
 fn first(v: V) -> f32 {
     return v.x;
 }
+
+fn too_big(v: V) -> bool {
+    return any(abs(v) > V(BIG_VALUE));
+}
 #else
 alias V = f32;
 const W: u32 = 1u;
@@ -50,6 +54,10 @@ fn hsum(v: V) -> f32 {
 
 fn first(v: V) -> f32 {
     return v;
+}
+
+fn too_big(v: V) -> bool {
+    return abs(v) > BIG_VALUE;
 }
 #endif
 
@@ -104,31 +112,43 @@ fn row_sum(inv: Invocation, value: f32) -> f32 {
     return total;
 }
 
-// Rows whose f32 statistics leave f32's range are redone scaled by an exact power of two: 2^-100
-// when a shift, sum or square overflowed (spreads past about 1e19), 2^100 when the squares were
-// too small to keep their bits (values under about 1e-20, with an eps too small to hide it).
-// Scaling by a power of two is exact, so the scaled row's statistics are the row's, in range.
-// The common path pays one comparison per row.
-const F32_MAX: f32 = 0x1.fffffep127f;
+// Rows whose f32 statistics would leave f32's range are redone scaled by an exact power of two:
+// 2^-100 where a difference, sum or square could overflow (spreads past about 1e15), 2^100 where
+// the squares were too small to keep their bits (values under about 1e-20, with an eps too small
+// to hide it). Scaling by a power of two is exact, so the scaled row's statistics are the row's,
+// in range.
+//
+// The test never looks at an infinity or a NaN: Vulkan lets a compiler assume floats are neither,
+// so a comparison or bit test for one may be folded away. Instead, a thread
+// whose shifted values pass 2^50 in magnitude, or whose row's shift passes 2^100 (so x - shift
+// could overflow), adds FLAGGED to the row's sum in place of its values. Without such a thread a
+// row's sum stays under 2^74 (2^24 values under 2^50 each) and its squares under 2^126, so a sum
+// of 2^100 or more means "redo". The common path pays a comparison per value and one per row.
 const TINY_VAR: f32 = 0x1p-100f;
 const TINY_EPS: f32 = 0x1p-76f;
+const BIG_SHIFT: f32 = 0x1p100f;
+const BIG_VALUE: f32 = 0x1p50f;
+const FLAGGED: f32 = 0x1p110f;
+const OVERFLOWED: f32 = 0x1p100f;
 // Values a thread adds in f32 before the sum moves on: serial sums of at most this many values
 // keep their rounding near that of the workgroup's tree.
 const RUN: u32 = 64u;
 
-fn finite(v: f32) -> bool {
-    return abs(v) <= F32_MAX;
+// What a thread adds to its row's sum: its own sum, or FLAGGED where it saw a value too big.
+fn flagged(sum: f32, too_big: bool) -> f32 {
+    return select(sum, FLAGGED, too_big);
 }
 
-// Whether a row's (mean_d, var) left f32's range. Also true for rows holding NaN or infinity,
-// whose redone statistics are NaN again.
-fn out_of_range(mean_d: f32, var_: f32) -> bool {
-    return !(finite(mean_d) && finite(var_)) || (var_ < TINY_VAR && params.eps < TINY_EPS);
-}
-
-// The power of two a row out of range is redone at.
-fn rescale(mean_d: f32, var_: f32) -> f32 {
-    return select(0x1p100f, 0x1p-100f, !(finite(mean_d) && finite(var_)));
+// The power of two a row is redone at, given its flagged sum and its variance; 1 for rows in
+// range.
+fn rescale(total: f32, var_: f32) -> f32 {
+    if abs(total) >= OVERFLOWED {
+        return 0x1p-100f;
+    }
+    if var_ < TINY_VAR && params.eps < TINY_EPS {
+        return 0x1p100f;
+    }
+    return 1.0;
 }
 
 // (shift, mean_d, var) of the row at `base` scaled by `s`, by one thread alone, in runs of RUN
@@ -190,13 +210,16 @@ fn layer_norm_held(
         }
     }
     var sum = 0.0;
+    var big = abs(shift) > BIG_SHIFT;
     for (var j = 0u; j < K; j++) {
         if live && lane + j * T < n {
             held[j] = held[j] - shift;
             sum += hsum(held[j]);
+            big = big || too_big(held[j]);
         }
     }
-    let mean_d = row_sum(inv, sum) / count;
+    let total = row_sum(inv, flagged(sum, big));
+    let mean_d = total / count;
 
     var sq = 0.0;
     for (var j = 0u; j < K; j++) {
@@ -207,8 +230,8 @@ fn layer_norm_held(
     }
     var var_ = row_sum(inv, sq) / count;
     var eps = params.eps;
-    if live && out_of_range(mean_d, var_) {
-        let s = rescale(mean_d, var_);
+    let s = rescale(total, var_);
+    if live && s != 1.0 {
         let stats = serial_stats(base, s);
         for (var j = 0u; j < K; j++) {
             let i = lane + j * T;
@@ -265,10 +288,14 @@ fn layer_norm(
     let count = f32(params.features);
 
     var sum = 0.0;
+    var big = abs(shift) > BIG_SHIFT;
     for (var i = inv.lid; i < n; i += WG) {
-        sum += hsum(x[base + i] - shift);
+        let d = x[base + i] - shift;
+        sum += hsum(d);
+        big = big || too_big(d);
     }
-    let mean_d = workgroup_sum(inv, sum) / count;
+    let total = workgroup_sum(inv, flagged(sum, big));
+    let mean_d = total / count;
 
     var sq = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
@@ -279,8 +306,8 @@ fn layer_norm(
 
     // One row per workgroup: every thread takes the same branch, so the rare path's sums (with
     // barriers) run in uniform control flow.
-    if out_of_range(mean_d, var_) {
-        let s = rescale(mean_d, var_);
+    let s = rescale(total, var_);
+    if s != 1.0 {
         let stats = looped_stats(inv, base, s);
         let rstd = inverseSqrt(stats.z + params.eps * s * s);
         for (var i = inv.lid; i < n; i += WG) {
