@@ -12,8 +12,8 @@
 //                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
 //                  all threads on one channel for channels-first). A two-pass over the tile's
 //                  shifted values gives (count, mean_d, M2).
-//   stats_merge:   one thread per column merges the chunk's row tiles, in order, into its
-//                  running (shift, mean_d, M2, count) with Chan's formula. No atomics, fixed order.
+//   stats_merge:   several threads per column merge the chunk's row tiles, in a fixed order,
+//                  into its running (shift, mean_d, M2, count) with Chan's formula. No atomics.
 // A tensor larger than one binding streams through in chunks of whole rows (or batch items):
 // stats_partial and stats_merge run once per chunk, so only one chunk's tiles exist at a time.
 //   apply:         y = ((x - shift) - mean_d) * inverseSqrt(M2 / count + eps) * gamma + beta;
@@ -134,32 +134,67 @@ fn stats_partial(
     }
 }
 
+// Chan et al.: (n, mean, M2) of a merged with q. An empty q leaves a as it is; an empty a takes
+// q's values exactly.
+fn chan(a: vec3<f32>, q: vec3<f32>) -> vec3<f32> {
+    if q.x <= 0.0 {
+        return a;
+    }
+    let total = a.x + q.x;
+    let delta = q.y - a.y;
+    return vec3<f32>(
+        total,
+        a.y + delta * (q.x / total),
+        a.z + (q.z + delta * delta * (a.x * q.x / total)),
+    );
+}
+
+// Columns one workgroup of stats_merge merges: the channels rounded up to a power of two, at
+// most 32 (a subgroup's worth of adjacent partials per row tile).
+fn merge_columns() -> u32 {
+    if params.channels >= 32u {
+        return 32u;
+    }
+    return 1u << (32u - countLeadingZeros(max(params.channels, 1u) - 1u));
+}
+
+// (n, mean, M2) of each thread's row tiles, for stats_merge.
+var<workgroup> merged: array<vec4<f32>, WG>;
+
+// WG / merge_columns() threads per column: thread j merges row tiles j, j + WG / lanes, ... in
+// order, then one thread merges those results, j = 0, 1, ..., into the running statistics. A
+// fixed order, so the bits repeat, and a serial chain WG / lanes times shorter than one thread
+// per column walking every tile.
 @compute @workgroup_size(WG)
 fn stats_merge(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = (wid.y * groups.x + wid.x) * WG + lid;
-    if c >= params.channels {
+    let lanes = merge_columns();
+    let threads = WG / lanes;
+    let first = (wid.y * groups.x + wid.x) * lanes;
+    if first >= params.channels {
         return;
     }
-    let start = columns[c];
-    var mean = start.y;
-    var m2 = start.z;
-    var n = start.w;
-    for (var t = 0u; t < params.row_tiles; t++) {
-        let q = partials[t * params.channels + c];
-        if q.x > 0.0 {
-            // Chan et al.: merge (n, mean, m2) with (q.x, q.y, q.z).
-            let total = n + q.x;
-            let delta = q.y - mean;
-            mean += delta * (q.x / total);
-            m2 += q.z + delta * delta * (n * q.x / total);
-            n = total;
+    let c = first + lid % lanes;
+    let live = c < params.channels;
+    var acc = vec3<f32>(0.0);
+    if live {
+        for (var t = lid / lanes; t < params.row_tiles; t += threads) {
+            acc = chan(acc, partials[t * params.channels + c].xyz);
         }
     }
-    columns[c] = vec4<f32>(start.x, mean, m2, n);
+    merged[lid] = vec4<f32>(acc, 0.0);
+    workgroupBarrier();
+    if live && lid < lanes {
+        let start = columns[c];
+        var run = start.wyz;
+        for (var j = 0u; j < threads; j++) {
+            run = chan(run, merged[j * lanes + lid].xyz);
+        }
+        columns[c] = vec4<f32>(start.x, run.y, run.z, run.x);
+    }
 }
 
 @compute @workgroup_size(WG)

@@ -1,5 +1,6 @@
-//! BatchNorm on the GPU: the host side of `shaders/batch_norm.wgsl` and
-//! `shaders/batch_norm_apply4.wgsl`.
+//! BatchNorm on the GPU: the host side of `shaders/batch_norm.wgsl`,
+//! `shaders/batch_norm_apply4.wgsl` and `shaders/batch_norm_rows.wgsl` (features-last tensors
+//! whose width is a multiple of 4).
 //!
 //! Plan ([`Plan`]): chunks of whole batch items that fit one binding and one dispatch. Record and
 //! read back ([`Run`]): training streams the chunks twice, once for the statistics (seed,
@@ -35,6 +36,17 @@ const PARTIAL: KernelDef = KernelDef {
         Slot::ReadWrite(4),
     ],
 };
+const PARTIAL_ROWS: KernelDef = KernelDef {
+    source: Source::BatchNormRows,
+    entry: "stats_partial_rows",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(3),
+        Slot::Read(4),
+    ],
+};
 const MERGE: KernelDef = KernelDef {
     source: Source::BatchNorm,
     entry: "stats_merge",
@@ -63,8 +75,21 @@ const APPLY4: KernelDef = KernelDef {
         Slot::ReadWrite(5),
     ],
 };
+const APPLY_ROWS: KernelDef = KernelDef {
+    source: Source::BatchNormRows,
+    entry: "apply_rows",
+    ..APPLY4
+};
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 5] = [&SEED, &PARTIAL, &MERGE, &APPLY, &APPLY4];
+pub(crate) const KERNELS: [&KernelDef; 7] = [
+    &SEED,
+    &PARTIAL,
+    &PARTIAL_ROWS,
+    &MERGE,
+    &APPLY,
+    &APPLY4,
+    &APPLY_ROWS,
+];
 
 // Keep in sync with `Params` in shaders/shared/batch_norm_params.wgsl (a test compares the two).
 #[repr(C)]
@@ -85,9 +110,6 @@ struct BatchNormParams {
 }
 const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
 
-/// About this many workgroups in the statistics pass keep a big GPU busy without making the
-/// in-order merge long.
-const TARGET_TILES: usize = 8192;
 /// Bytes of one column's statistics, (shift, mean_d, M2, count), and of its (gamma, beta, 0, 0):
 /// the columns buffer holds all the statistics, then all the affine parameters.
 const COLUMN_BYTES: u64 = 16;
@@ -202,7 +224,10 @@ struct Plan {
     params: Vec<BatchNormParams>,
     /// The chunk holding the first counted position (its statistics pass goes first).
     seed_chunk: usize,
-    /// Four values at a time (`apply4`): four neighbours share a position or a channel.
+    /// The kernels of `batch_norm_rows.wgsl`: features-last, four columns per thread.
+    rows: bool,
+    /// Otherwise, four values at a time (`apply4`): four neighbours share a position or a
+    /// channel.
     by4: bool,
 }
 
@@ -224,6 +249,7 @@ impl Plan {
                 limit,
             });
         }
+        let rows = ctx.tuning.bn_rows && s == 1 && c.is_multiple_of(4);
         let item = c * s;
         let items = chunk_items(ctx, item)?;
         let len = x.len();
@@ -244,7 +270,7 @@ impl Plan {
         for chunk in &chunks {
             let positions = chunk.len() / c;
             let p0 = chunk.start / c;
-            let mut p = BatchNormParams::new(ctx, shape, positions, opts, max_row_tiles)?;
+            let mut p = BatchNormParams::new(ctx, shape, positions, opts, max_row_tiles, rows)?;
             p.first = first
                 .checked_sub(p0)
                 .filter(|&f| f < positions)
@@ -260,7 +286,8 @@ impl Plan {
             chunks,
             params,
             seed_chunk,
-            by4: if s == 1 { c } else { s }.is_multiple_of(4),
+            rows,
+            by4: !rows && ctx.tuning.bn_apply4 && if s == 1 { c } else { s }.is_multiple_of(4),
         })
     }
 
@@ -308,23 +335,30 @@ fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
 
 impl BatchNormParams {
     /// Parameters for one chunk of `positions` positions of a tensor shaped like `shape`, with
-    /// at most `max_row_tiles` row tiles.
+    /// at most `max_row_tiles` row tiles; for the kernels of `batch_norm_rows.wgsl` where
+    /// `rows`, whose tile columns are vec4 columns.
     fn new(
         ctx: &GpuContext,
         shape: &Shape,
         positions: usize,
         opts: &BatchNorm<'_>,
         max_row_tiles: usize,
+        rows: bool,
     ) -> Result<Self, NormError> {
         // Features-last: adjacent threads read adjacent columns. Channels-first: every thread of
         // a workgroup works on one channel, reading contiguous spatial runs.
+        let width = if rows {
+            shape.channels / 4
+        } else {
+            shape.channels
+        };
         let tile_cols = if shape.spatial == 1 {
-            shape.channels.next_power_of_two().min(64)
+            width.next_power_of_two().min(64)
         } else {
             1
         };
         let tile_rows = WG as usize / tile_cols;
-        let col_tiles = shape.channels.div_ceil(tile_cols);
+        let col_tiles = width.div_ceil(tile_cols);
         let max_tiles = ctx.max_groups().pow(2);
         if col_tiles > max_tiles {
             return Err(NormError::DeviceLimit {
@@ -334,7 +368,7 @@ impl BatchNormParams {
                 has: ctx.max_groups() as u64,
             });
         }
-        let row_tiles = TARGET_TILES
+        let row_tiles = (ctx.tuning.bn_tiles as usize)
             .div_ceil(col_tiles)
             .min(positions.div_ceil(tile_rows * 4))
             .min(max_row_tiles)
@@ -361,6 +395,11 @@ impl BatchNormParams {
             pad: 0,
         })
     }
+}
+
+/// Workgroups of `stats_merge` for `channels` columns: its `merge_columns()` columns each.
+fn merge_groups(channels: usize) -> usize {
+    channels.div_ceil(channels.next_power_of_two().min(32))
 }
 
 /// The per-column statistics, (shift, mean_d, M2, count), on their way to the host.
@@ -550,9 +589,14 @@ impl<'a> Run<'a> {
     fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
+        let partial = if self.plan.rows {
+            &PARTIAL_ROWS
+        } else {
+            &PARTIAL
+        };
         let (seed, partial, merge) = (
             self.pipeline(&SEED)?,
-            self.pipeline(&PARTIAL)?,
+            self.pipeline(partial)?,
             self.pipeline(&MERGE)?,
         );
         let c = self.plan.shape.channels;
@@ -594,7 +638,8 @@ impl<'a> Run<'a> {
                     &merge.bind(ctx.device(), &[p, &partials, &self.columns]),
                     &[],
                 );
-                pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
+                let (gx, gy) = grid(merge_groups(c), ctx.max_groups());
+                pass.dispatch_workgroups(gx, gy, 1);
             }
             self.submit(encoder)?;
         }
@@ -612,9 +657,12 @@ impl<'a> Run<'a> {
     fn apply(&mut self, x: &Input<'a>, y: &mut Output<'_>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
-        let kernel = if self.plan.by4 { &APPLY4 } else { &APPLY };
+        let kernel = match (self.plan.rows, self.plan.by4) {
+            (true, _) => &APPLY_ROWS,
+            (false, true) => &APPLY4,
+            (false, false) => &APPLY,
+        };
         let apply = self.pipeline(kernel)?;
-        let per_thread = if self.plan.by4 { 4 } else { 1 };
         let bytes = (self.plan.chunks[0].len() * 4) as u64;
         let (output, staging) = match y {
             Output::Host(_) => (
@@ -655,10 +703,14 @@ impl<'a> Run<'a> {
                 });
                 pass.set_pipeline(&apply.pipeline);
                 pass.set_bind_group(0, &group, &[]);
-                let (gx, gy) = grid(
-                    chunk.len().div_ceil(WG as usize * per_thread),
-                    ctx.max_groups(),
-                );
+                let p = &self.plan.params[i];
+                let groups = if self.plan.rows {
+                    (p.col_tiles * p.row_tiles) as usize
+                } else {
+                    let per_thread = if self.plan.by4 { 4 } else { 1 };
+                    chunk.len().div_ceil(WG as usize * per_thread)
+                };
+                let (gx, gy) = grid(groups, ctx.max_groups());
                 pass.dispatch_workgroups(gx, gy, 1);
             }
             if let Some(staging) = &staging {
@@ -695,7 +747,11 @@ mod tests {
             first,
             pad
         });
-        for source in [Source::BatchNorm, Source::BatchNormApply4] {
+        for source in [
+            Source::BatchNorm,
+            Source::BatchNormApply4,
+            Source::BatchNormRows,
+        ] {
             let (members, size) = shader_params(source, &[]);
             assert_eq!(members, expected, "{source:?}");
             assert_eq!(size as usize, std::mem::size_of::<BatchNormParams>());

@@ -14,6 +14,88 @@ use crate::NormError;
 /// device's): chunking and every other size limit then run on any adapter, at small sizes.
 pub(crate) const MAX_BINDING_ENV: &str = "GPUNORM_MAX_BINDING_BYTES";
 
+/// Kernel choices that can be switched at run time, so that one run on one machine compares
+/// variants side by side (`gpunorm bench` under different settings). Read once per context from
+/// the environment; the defaults are the variants measured fastest (BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tuning {
+    /// `GPUNORM_SUBGROUPS=0`: shared-memory tree sums even where subgroups could be used.
+    pub subgroups: bool,
+    /// `GPUNORM_LN_HOLD=K`: LayerNorm rows of up to K elements (vec4s where features % 4 == 0)
+    /// per thread are held in registers, longer rows looped; a power of two up to 32, or 0 for
+    /// always looped. Default 32.
+    pub ln_hold: u32,
+    /// `GPUNORM_BN_APPLY4=0`: BatchNorm's elementwise pass one value per thread, never four.
+    pub bn_apply4: bool,
+    /// `GPUNORM_RUNTIME_CHECKS=all|bounds|none`: the checks naga adds to every shader. `all`
+    /// is wgpu's default; `bounds` (gpunorm's default) keeps the bounds checks on every index
+    /// and drops the counters that bound every loop and the guards on every integer division;
+    /// `none` drops the bounds checks too. See [`super::shaders::Pipeline::new`] for why each
+    /// is safe for gpunorm's kernels.
+    pub checks: Checks,
+    /// `GPUNORM_BN_ROWS=0`: features-last BatchNorm through the general kernels, not the vec4
+    /// column kernels of `batch_norm_rows.wgsl`.
+    pub bn_rows: bool,
+    /// `GPUNORM_BN_TILES=N`: about this many workgroups in BatchNorm's statistics pass.
+    pub bn_tiles: u32,
+}
+
+/// Which of naga's runtime checks gpunorm's shaders keep (see [`Tuning::checks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checks {
+    All,
+    Bounds,
+    None,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            subgroups: true,
+            ln_hold: 32,
+            bn_apply4: true,
+            checks: Checks::Bounds,
+            bn_rows: true,
+            bn_tiles: 1024,
+        }
+    }
+}
+
+impl Tuning {
+    pub fn from_env() -> Tuning {
+        let read = |name: &str| {
+            let value = std::env::var(name).ok()?;
+            let parsed = value.trim().parse::<u32>().ok();
+            if parsed.is_none() {
+                log::warn!("{name}={value:?} is not a number; ignored");
+            }
+            parsed
+        };
+        let d = Tuning::default();
+        Tuning {
+            subgroups: read("GPUNORM_SUBGROUPS").map_or(d.subgroups, |v| v != 0),
+            ln_hold: read("GPUNORM_LN_HOLD")
+                .filter(|&k| (k == 0 || k.is_power_of_two()) && k <= 32)
+                .unwrap_or(d.ln_hold),
+            bn_apply4: read("GPUNORM_BN_APPLY4").map_or(d.bn_apply4, |v| v != 0),
+            checks: match std::env::var("GPUNORM_RUNTIME_CHECKS").as_deref() {
+                Ok("all") => Checks::All,
+                Ok("bounds") => Checks::Bounds,
+                Ok("none") => Checks::None,
+                Ok(other) => {
+                    log::warn!("GPUNORM_RUNTIME_CHECKS={other:?} is not all, bounds or none");
+                    d.checks
+                }
+                Err(_) => d.checks,
+            },
+            bn_rows: read("GPUNORM_BN_ROWS").map_or(d.bn_rows, |v| v != 0),
+            bn_tiles: read("GPUNORM_BN_TILES")
+                .filter(|&n| n > 0)
+                .unwrap_or(d.bn_tiles),
+        }
+    }
+}
+
 /// A GPU with everything gpunorm needs to run on it. `Send + Sync`: wgpu's device and queue are,
 /// and the pipeline cache and buffer pool sit behind mutexes.
 pub(crate) struct GpuContext {
@@ -28,6 +110,7 @@ pub(crate) struct GpuContext {
     /// subgroup operations. (Where the size may vary between dispatches, so may the order of a
     /// subgroup sum, and results would not repeat bit for bit.)
     pub subgroups: bool,
+    pub tuning: Tuning,
     /// Unique in the process: tells this context's GPU tensors from other contexts'.
     pub id: u64,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
@@ -96,6 +179,11 @@ impl GpuContext {
     /// A context on a device someone else opened: its limits and features are what they are
     /// (kernel times need `TIMESTAMP_QUERY` enabled on it, subgroup reductions `SUBGROUP`).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::with_tuning(device, queue, Tuning::from_env())
+    }
+
+    /// [`GpuContext::from_device`] with the kernel choices `tuning` makes.
+    pub fn with_tuning(device: wgpu::Device, queue: wgpu::Queue, tuning: Tuning) -> Self {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let limits = device.limits();
         let device_binding = limits
@@ -106,10 +194,13 @@ impl GpuContext {
             max_binding: planned_binding(device_binding),
             serial: gl.then(|| Mutex::new(())),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
-            subgroups: device.features().contains(wgpu::Features::SUBGROUP) && {
-                let info = device.adapter_info();
-                info.subgroup_min_size == info.subgroup_max_size
-            },
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP)
+                && {
+                    let info = device.adapter_info();
+                    info.subgroup_min_size == info.subgroup_max_size
+                }
+                && tuning.subgroups,
+            tuning,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             limits,
             device,
@@ -269,7 +360,7 @@ impl GpuContext {
             message,
         })?;
         let pipeline = self.scoped("building a compute pipeline", || {
-            Pipeline::new(&self.device, kernel, module, label)
+            Pipeline::new(&self.device, kernel, module, label, self.tuning.checks)
         })?;
         let pipeline = Arc::new(pipeline);
         cache.insert(label.to_owned(), pipeline.clone());

@@ -61,17 +61,20 @@ struct Kernel {
 
 impl Kernel {
     /// Rows of up to 128 elements share a workgroup, one thread per element rounded up to a
-    /// power of two; rows of up to 2048 elements (8192 features with vec4) are held in
-    /// registers by 256 threads, 1, 2, 4 or 8 elements each; longer rows use the looped kernel,
-    /// one workgroup per row. (Holding rows of up to 8192 elements in 1024-thread workgroups ran
-    /// 2.3–3× slower than the looped kernel on llvmpipe at 256×32768, so it is not offered.)
+    /// power of two; rows of up to `Tuning::ln_hold` × 256 elements (32 × 256 = 8192, so 32768
+    /// features with vec4) are held in registers by 256 threads, 1, 2, 4, ... elements each;
+    /// longer rows use the looped kernel, one workgroup per row. On the H100, holding 32 vec4s
+    /// per thread ran a 2048×32768 batch at 2662 GB/s against 1458 for the looped kernel, and
+    /// changed nothing at the shorter standard shapes (BENCHMARKS.md).
     fn for_features(ctx: &GpuContext, features: usize) -> Kernel {
         let vec4 = features.is_multiple_of(4);
         let n = if vec4 { features / 4 } else { features };
         let wg = WG as usize;
+        let hold = ctx.tuning.ln_hold as usize;
         let (per_row, held) = match n.div_ceil(wg) {
+            _ if hold == 0 => (WG, 0),
             _ if n <= wg / 2 => (n.next_power_of_two() as u32, 1),
-            k @ 1..=8 => (WG, k.next_power_of_two() as u32),
+            k if k <= hold => (WG, k.next_power_of_two() as u32),
             _ => (WG, 0),
         };
         Kernel {

@@ -68,3 +68,97 @@ fn poison(ctx: &GpuContext, buffer: &wgpu::Buffer, floats: usize) {
     ctx.queue()
         .write_buffer(buffer, 0, &vec![0xFFu8; floats * 4]);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::context::{test_device, Checks, GpuContext, Tuning};
+    use crate::ops::batch_norm::{validate_training, Shape};
+    use crate::ops::Backend;
+    use crate::{reference, BatchNorm, LayerNorm};
+
+    /// `n` values around `mean`, spread over `mean ± spread`, the same for the same seed.
+    fn values(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32;
+                mean + spread * (2.0 * unit - 1.0)
+            })
+            .collect()
+    }
+
+    /// Each kernel choice the tuning switches can make (`GPUNORM_*`, used to compare variants
+    /// on one machine) computes the same normalization: every one matches the f64 reference,
+    /// within the integration tests' tolerances (1e-4 relative; 1e-3 on rows with mean 1e4 and
+    /// spread 1e-2), on shapes that reach each size class.
+    #[test]
+    fn every_tuning_matches_the_reference() {
+        let Some((device, queue)) = test_device() else {
+            return;
+        };
+        let d = Tuning::default();
+        let tunings = [
+            d,
+            Tuning {
+                checks: Checks::All,
+                subgroups: false,
+                ..d
+            },
+            Tuning {
+                checks: Checks::None,
+                ..d
+            },
+            Tuning {
+                ln_hold: 0,
+                bn_rows: false,
+                bn_apply4: false,
+                ..d
+            },
+            Tuning {
+                ln_hold: 8,
+                bn_tiles: 16,
+                ..d
+            },
+        ];
+        let shapes = [
+            (2, 32768),
+            (3, 9000),
+            (5, 4100),
+            (301, 64),
+            (257, 12),
+            (67, 3),
+        ];
+        for tuning in tunings {
+            let ctx = GpuContext::with_tuning(device.clone(), queue.clone(), tuning);
+            for (rows, features) in shapes {
+                let seed = (rows * features) as u64;
+                for (x, tol) in [
+                    (values(rows * features, 3.0, 1.7, seed), 1e-4),
+                    (values(rows * features, 1e4, 1e-2, seed), 1e-3),
+                ] {
+                    let mut y = vec![0f32; x.len()];
+                    let ln = LayerNorm::default();
+                    ctx.layer_norm(&x, &mut y, features, &ln).unwrap();
+                    let err = reference::max_error(&y, &reference::layer_norm(&x, features, &ln));
+                    assert!(err < tol, "{tuning:?} LN {rows}x{features}: {err:e}");
+
+                    let mask: Vec<bool> = (0..rows).map(|r| r % 5 != 3).collect();
+                    let bn = BatchNorm {
+                        mask: Some(&mask),
+                        ..Default::default()
+                    };
+                    let shape = Shape::features_last(x.len(), features).unwrap();
+                    let counted = validate_training(&shape, &bn).unwrap();
+                    ctx.batch_norm_train(&x, &mut y, &shape, &bn, counted)
+                        .unwrap();
+                    let expected = reference::batch_norm_train(&x, features, &bn).0;
+                    let err = reference::max_error(&y, &expected);
+                    assert!(err < tol, "{tuning:?} BN {rows}x{features}: {err:e}");
+                }
+            }
+        }
+    }
+}

@@ -13,6 +13,8 @@ use naga_oil::compose::{
     ComposableModuleDescriptor, Composer, NagaModuleDescriptor, ShaderDefValue,
 };
 
+use super::context::Checks;
+
 /// Threads per workgroup of every gpunorm kernel (the shaders' `WG`).
 pub(crate) const WG: u32 = 256;
 
@@ -55,6 +57,7 @@ pub(crate) enum Source {
     LayerNorm,
     BatchNorm,
     BatchNormApply4,
+    BatchNormRows,
 }
 
 impl Source {
@@ -71,6 +74,10 @@ impl Source {
             Source::BatchNormApply4 => (
                 "shaders/batch_norm_apply4.wgsl",
                 include_str!("../../shaders/batch_norm_apply4.wgsl"),
+            ),
+            Source::BatchNormRows => (
+                "shaders/batch_norm_rows.wgsl",
+                include_str!("../../shaders/batch_norm_rows.wgsl"),
             ),
         }
     }
@@ -194,12 +201,14 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Builds `kernel` from `module` on `device`, labelled `label`.
+    /// Builds `kernel` from `module` on `device`, labelled `label`, with the runtime checks
+    /// `checks` keeps.
     pub fn new(
         device: &wgpu::Device,
         kernel: &KernelDef,
         module: naga::Module,
         label: &str,
+        checks: Checks,
     ) -> Pipeline {
         let entries: Vec<_> = kernel.slots.iter().map(|s| s.layout_entry()).collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -211,10 +220,36 @@ impl Pipeline {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let desc = wgpu::ShaderModuleDescriptor {
             label: Some(label),
             source: wgpu::ShaderSource::Naga(Cow::Owned(module)),
-        });
+        };
+        let module = match checks {
+            Checks::All => device.create_shader_module(desc),
+            // SAFETY: what each dropped check guards against cannot happen in gpunorm's kernels:
+            // - Loop bounding (infinite loops): every loop runs an index up to a bound by a
+            //   positive step (WG, T, tile_rows, RUN, 1) or halves a stride down to 0.
+            // - Division guards (division by zero): every divisor is a count the host validated
+            //   to be at least 1 (features, channels, spatial, tile sizes) or a constant.
+            // - Bounds checks (`Checks::None` only): every index into a binding is compared with
+            //   the length the host validated and bound (rows * features, positions * channels,
+            //   tile counts) before use, and every private array is indexed by a loop counter
+            //   below its constant length. Vulkan's robustBufferAccess, which wgpu enables where
+            //   the device has it, backs the first up.
+            Checks::Bounds => unsafe {
+                device.create_shader_module_trusted(
+                    desc,
+                    wgpu::ShaderRuntimeChecks {
+                        force_loop_bounding: false,
+                        int_div_checks: false,
+                        ..wgpu::ShaderRuntimeChecks::checked()
+                    },
+                )
+            },
+            Checks::None => unsafe {
+                device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            },
+        };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(label),
             layout: Some(&pipeline_layout),
@@ -267,7 +302,7 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
     }
     for vec4 in [false, true] {
         for subgroup in [false, true] {
-            for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8)] {
+            for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)] {
                 let defs = vec![
                     ("VEC4", Def::Flag(vec4)),
                     ("SUBGROUP", Def::Flag(subgroup)),
