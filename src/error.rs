@@ -98,6 +98,19 @@ pub enum NormError {
         seq_len: usize,
     },
 
+    /// A named shape's sizes do not multiply to the input's length.
+    #[error("{}", shape_length(*len, *batch, *channels, *spatial))]
+    ShapeLength {
+        /// Values in x.
+        len: usize,
+        /// The shape's batch size.
+        batch: usize,
+        /// The shape's channels.
+        channels: usize,
+        /// The shape's spatial size.
+        spatial: usize,
+    },
+
     /// A shape argument that must not be zero was zero.
     #[error("{name} must be at least 1, got 0")]
     ZeroDimension {
@@ -173,4 +186,12 @@ fn too_large(what: &str, needed: u64, limit: u64) -> String {
     } else {
         format!("{what} needs {needed} bytes in one GPU binding but this adapter allows {limit}; use smaller rows or Normalizer::cpu()")
     }
+}
+
+fn shape_length(len: usize, batch: usize, channels: usize, spatial: usize) -> String {
+    let product = batch as u128 * channels as u128 * spatial as u128;
+    format!(
+        "input has {len} values but the shape is batch {batch} × channels {channels} × spatial \
+         {spatial} = {product}; pass x laid out as [batch, channels, spatial]"
+    )
 }

@@ -53,7 +53,7 @@ pub use error::NormError;
 pub use gpu::tensor::GpuTensor;
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
-    mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, RunningStats,
+    mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, RunningStats,
 };
 pub use ops::layer_norm::LayerNorm;
 pub use ops::Timing;

@@ -6,7 +6,10 @@ use crate::gpu::tensor::{self, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
 use crate::ops::{check_output, layer_norm, new_output, Backend};
-use crate::{BatchNorm, BatchNormOutput, BatchStats, LayerNorm, NormError, RunningStats, Timing};
+use crate::{
+    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, NormError, RunningStats,
+    Timing,
+};
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
 const BACKEND_ENV: &str = "GPUNORM_BACKEND";
@@ -287,6 +290,39 @@ impl Normalizer {
     ) -> Result<Vec<f32>, NormError> {
         let shape = Shape::channels_first(x.len(), channels, spatial)?;
         self.eval_alloc(x, &shape, opts, stats)
+    }
+
+    /// [`Normalizer::batch_norm_train_channels_first`] with the shape named, so that sizes in
+    /// the wrong order are an error, not a wrong layout: every size is checked against `x`
+    /// ([`NormError::ShapeLength`] where batch × channels × spatial is not `x.len()`).
+    ///
+    /// ```
+    /// use gpunorm::{BatchNorm, ChannelsFirst, Normalizer};
+    /// let x: Vec<f32> = (0..2 * 3 * 4).map(|v| v as f32).collect();
+    /// let shape = ChannelsFirst { batch: 2, channels: 3, spatial: 4 };
+    /// let out = Normalizer::cpu().batch_norm_train_nchw(&x, shape, &BatchNorm::default())?;
+    /// assert_eq!(out.mean.len(), 3);
+    /// # Ok::<(), gpunorm::NormError>(())
+    /// ```
+    pub fn batch_norm_train_nchw(
+        &self,
+        x: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        self.train_alloc(x, &Shape::named(x.len(), shape)?, opts)
+    }
+
+    /// [`Normalizer::batch_norm_eval_channels_first`] with the shape named (see
+    /// [`Normalizer::batch_norm_train_nchw`]).
+    pub fn batch_norm_eval_nchw(
+        &self,
+        x: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        self.eval_alloc(x, &Shape::named(x.len(), shape)?, opts, stats)
     }
 
     fn train_alloc(

@@ -6,7 +6,8 @@ mod common;
 
 use common::{data, example_batch, gpu, max_err, ordinary};
 use gpunorm::{
-    mask_from_lengths, reference, BatchNorm, BatchNormOutput, NormError, Normalizer, RunningStats,
+    mask_from_lengths, reference, BatchNorm, BatchNormOutput, ChannelsFirst, NormError, Normalizer,
+    RunningStats,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -215,6 +216,9 @@ per_backend! {
                 let out = norm
                     .batch_norm_train_channels_first(&x, channels, spatial, &opts)
                     .unwrap();
+                let shape = ChannelsFirst { batch, channels, spatial };
+                let named = norm.batch_norm_train_nchw(&x, shape, &opts).unwrap();
+                assert_eq!(named, out, "{name}: the named form computes the same");
                 let y_ref = reference::batch_norm_train(&x_last, channels, &opts).0;
                 let y_ref = reference::channels_last_to_first(&y_ref, channels, spatial);
                 check_train(
@@ -235,6 +239,8 @@ per_backend! {
                 let y = norm
                     .batch_norm_eval_channels_first(&x, channels, spatial, &opts, &stats)
                     .unwrap();
+                let named = norm.batch_norm_eval_nchw(&x, shape, &opts, &stats).unwrap();
+                assert_eq!(named, y, "{name}: the named form computes the same");
                 let (m, v) = (to_f64(&stats.mean), to_f64(&stats.var));
                 let y_ref = reference::batch_norm_apply(&x_last, channels, &m, &v, &opts);
                 let e = max_err(
@@ -544,6 +550,41 @@ per_backend! {
             norm.batch_norm_train_channels_first(&x, 3, 2, &cf_ok)
                 .is_ok(),
             "{name}"
+        );
+        // Named shapes: the batch is checked too, and the product of the sizes must be the
+        // input's length, overflow included.
+        let named = |batch, channels, spatial| {
+            let shape = ChannelsFirst { batch, channels, spatial };
+            norm.batch_norm_train_nchw(&x, shape, &cf_ok).map(|_| ())
+        };
+        assert_eq!(named(2, 3, 2), Ok(()), "{name}");
+        let wrong = named(1, 3, 2).unwrap_err();
+        assert_eq!(
+            wrong,
+            NormError::ShapeLength { len: 12, batch: 1, channels: 3, spatial: 2 },
+            "{name}"
+        );
+        assert!(
+            wrong.to_string().contains("batch 1 × channels 3 × spatial 2 = 6"),
+            "{name}: {wrong}"
+        );
+        assert_eq!(
+            named(0, 3, 4),
+            Err(NormError::ZeroDimension { name: "batch" }),
+            "{name}"
+        );
+        assert!(
+            matches!(named(usize::MAX, 3, 2), Err(NormError::ShapeLength { .. })),
+            "{name}"
+        );
+        let stats = RunningStats::new(3);
+        let eval_shape = ChannelsFirst { batch: 2, channels: 2, spatial: 3 };
+        assert!(
+            matches!(
+                norm.batch_norm_eval_nchw(&x, eval_shape, &d, &stats),
+                Err(NormError::ParamLength { .. })
+            ),
+            "{name}: running statistics of 3 channels for a shape of 2"
         );
     }
 }

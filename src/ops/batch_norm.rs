@@ -154,6 +154,20 @@ pub fn mask_from_lengths(lengths: &[usize], seq_len: usize) -> Result<Vec<bool>,
         .collect())
 }
 
+/// The shape of a channels-first `[batch, channels, spatial]` tensor (NCHW with spatial = H·W,
+/// or NCL), by name, so that two sizes cannot trade places unnoticed:
+/// `ChannelsFirst { batch: 8, channels: 64, spatial: 32 * 32 }`. Every size is checked against
+/// the input: batch × channels × spatial must be its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelsFirst {
+    /// Items in the batch (N).
+    pub batch: usize,
+    /// Channels (C): the statistics are per channel.
+    pub channels: usize,
+    /// Positions per channel of one item: H·W for images, L for sequences.
+    pub spatial: usize,
+}
+
 /// A BatchNorm tensor seen as [batch, channels, spatial]; features-last is spatial = 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Shape {
@@ -172,6 +186,26 @@ impl Shape {
             spatial: 1,
             positions: rows,
         })
+    }
+
+    /// A tensor of `len` values with the named shape `named`: its batch is checked too.
+    pub fn named(len: usize, named: ChannelsFirst) -> Result<Shape, NormError> {
+        if named.batch == 0 {
+            return Err(NormError::ZeroDimension { name: "batch" });
+        }
+        let expected = named
+            .batch
+            .checked_mul(named.channels)
+            .and_then(|v| v.checked_mul(named.spatial));
+        if expected != Some(len) {
+            return Err(NormError::ShapeLength {
+                len,
+                batch: named.batch,
+                channels: named.channels,
+                spatial: named.spatial,
+            });
+        }
+        Shape::channels_first(len, named.channels, named.spatial)
     }
 
     /// A `[batch, channels, spatial]` tensor of `len` values.
