@@ -9,13 +9,20 @@
 // [t * rows_per_tile, (t + 1) * rows_per_tile) of the chunk; thread row tr takes every
 // tile_rows-th of them, from tr.
 //   stats_partial_rows: per tile, the two-pass (count, mean_d, M2) of each column over its rows,
-//                       written per column in batch_norm.wgsl's layout, for its stats_merge.
+//                       written per column in batch_norm.wgsl's layout, for its stats_merge. The
+//                       second pass reads the tile again (from cache where it is still there).
+//   stats_partial_held: the same for tiles of at most K rows per thread, each thread keeping its
+//                       rows in registers, so the tile is read from memory once.
 //   apply_rows:         per tile, y = ((x - shift) - mean_d) * inverseSqrt(M2 / count + eps)
 //                       * gamma + beta, each lane as batch_norm.wgsl's `apply` computes it;
 //                       masked rows are written as 0.
 
 #import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_MASK}
 #import gpunorm::batch_norm_params::Params
+
+// Shader def (src/gpu/batch_norm.rs picks it): rows each thread of stats_partial_held keeps, at
+// most 32; rows_per_tile is then at most tile_rows * K.
+const K: u32 = #{K}u;
 
 // One vec4 per thread, for the column sums.
 var<workgroup> partial: array<vec4<f32>, WG>;
@@ -121,6 +128,61 @@ fn stats_partial_rows(
                 let d = x[p * width + at.column] - shift - mean_d;
                 sq += d * d;
             }
+        }
+    }
+    let m2 = column_sum(lid, sq);
+    if at.live && lid < params.tile_cols {
+        let out = (group / params.col_tiles) * params.channels + 4u * at.column;
+        for (var k = 0u; k < 4u; k++) {
+            partials[out + k] = vec4<f32>(n, mean_d[k], m2[k], 0.0);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn stats_partial_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = wid.y * groups.x + wid.x;
+    if group >= params.col_tiles * params.row_tiles {
+        return;
+    }
+    let at = place(group, lid);
+    let width = params.channels / 4u;
+    var shift = vec4<f32>(0.0);
+    if at.live {
+        shift = gather(4u * at.column, 0u);
+    }
+    // All K loads are issued before any arithmetic waits on them; bit j of `kept` marks a
+    // counted row.
+    var held: array<vec4<f32>, K>;
+    var kept = 0u;
+    for (var j = 0u; j < K; j++) {
+        let p = at.begin + j * params.tile_rows;
+        if at.live && p < at.end && counted(p) {
+            held[j] = x[p * width + at.column];
+            kept |= 1u << j;
+        }
+    }
+    var count = 0.0;
+    var sum = vec4<f32>(0.0);
+    for (var j = 0u; j < K; j++) {
+        if (kept & (1u << j)) != 0u {
+            held[j] = held[j] - shift;
+            sum += held[j];
+            count += 1.0;
+        }
+    }
+    let n = column_sum(lid, vec4<f32>(count)).x;
+    let mean_d = select(vec4<f32>(0.0), column_sum(lid, sum) / n, n > 0.0);
+
+    var sq = vec4<f32>(0.0);
+    for (var j = 0u; j < K; j++) {
+        if (kept & (1u << j)) != 0u {
+            let d = held[j] - mean_d;
+            sq += d * d;
         }
     }
     let m2 = column_sum(lid, sq);

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use super::context::GpuContext;
 use super::pool::{Lifetime, Pooled};
-use super::shaders::{flags, KernelDef, Pipeline, Slot, Source, WG};
+use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
 use crate::cpu::redo_columns_in_f64;
@@ -46,6 +46,10 @@ const PARTIAL_ROWS: KernelDef = KernelDef {
         Slot::ReadWrite(3),
         Slot::Read(4),
     ],
+};
+const PARTIAL_HELD: KernelDef = KernelDef {
+    entry: "stats_partial_held",
+    ..PARTIAL_ROWS
 };
 const MERGE: KernelDef = KernelDef {
     source: Source::BatchNorm,
@@ -81,10 +85,11 @@ const APPLY_ROWS: KernelDef = KernelDef {
     ..APPLY4
 };
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 7] = [
+pub(crate) const KERNELS: [&KernelDef; 8] = [
     &SEED,
     &PARTIAL,
     &PARTIAL_ROWS,
+    &PARTIAL_HELD,
     &MERGE,
     &APPLY,
     &APPLY4,
@@ -226,6 +231,9 @@ struct Plan {
     seed_chunk: usize,
     /// The kernels of `batch_norm_rows.wgsl`: features-last, four columns per thread.
     rows: bool,
+    /// Rows each thread of `stats_partial_held` keeps in registers, or 0 for the statistics
+    /// kernels that read a tile twice.
+    hold: usize,
     /// Otherwise, four values at a time (`apply4`): four neighbours share a position or a
     /// channel.
     by4: bool,
@@ -266,16 +274,39 @@ impl Plan {
             .collect();
         // Tiles of one chunk share one partials buffer, which must fit one binding.
         let max_row_tiles = (limit / (c as u64 * COLUMN_BYTES)) as usize;
-        let mut params = Vec::with_capacity(chunks.len());
-        for chunk in &chunks {
-            let positions = chunk.len() / c;
-            let p0 = chunk.start / c;
-            let mut p = BatchNormParams::new(ctx, shape, positions, opts, max_row_tiles, rows)?;
-            p.first = first
-                .checked_sub(p0)
-                .filter(|&f| f < positions)
-                .unwrap_or(0) as u32;
-            params.push(p);
+        let tiled = |hold: usize| -> Result<Vec<BatchNormParams>, NormError> {
+            chunks
+                .iter()
+                .map(|chunk| {
+                    let positions = chunk.len() / c;
+                    let p0 = chunk.start / c;
+                    let mut p = BatchNormParams::new(
+                        ctx,
+                        shape,
+                        positions,
+                        opts,
+                        max_row_tiles,
+                        (rows, hold),
+                    )?;
+                    p.first = first
+                        .checked_sub(p0)
+                        .filter(|&f| f < positions)
+                        .unwrap_or(0) as u32;
+                    Ok(p)
+                })
+                .collect()
+        };
+        // Held statistics need tiles of at most `hold` rows per thread; where the limits on
+        // tiles force longer ones, the tiles are read twice instead.
+        let mut hold = if rows { ctx.tuning.bn_hold as usize } else { 0 };
+        let mut params = tiled(hold)?;
+        if hold > 0
+            && params
+                .iter()
+                .any(|p| p.rows_per_tile as usize > p.tile_rows as usize * hold)
+        {
+            hold = 0;
+            params = tiled(0)?;
         }
         let seed_chunk = chunks
             .iter()
@@ -287,6 +318,7 @@ impl Plan {
             params,
             seed_chunk,
             rows,
+            hold,
             by4: !rows && ctx.tuning.bn_apply4 && if s == 1 { c } else { s }.is_multiple_of(4),
         })
     }
@@ -336,14 +368,15 @@ fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
 impl BatchNormParams {
     /// Parameters for one chunk of `positions` positions of a tensor shaped like `shape`, with
     /// at most `max_row_tiles` row tiles; for the kernels of `batch_norm_rows.wgsl` where
-    /// `rows`, whose tile columns are vec4 columns.
+    /// `rows`, whose tile columns are vec4 columns; with tiles of `hold` rows per thread where
+    /// `hold` is not 0 (`stats_partial_held`), as far as the limits on tiles allow.
     fn new(
         ctx: &GpuContext,
         shape: &Shape,
         positions: usize,
         opts: &BatchNorm<'_>,
         max_row_tiles: usize,
-        rows: bool,
+        (rows, hold): (bool, usize),
     ) -> Result<Self, NormError> {
         // Features-last: adjacent threads read adjacent columns. Channels-first: every thread of
         // a workgroup works on one channel, reading contiguous spatial runs.
@@ -368,12 +401,14 @@ impl BatchNormParams {
                 has: ctx.max_groups() as u64,
             });
         }
-        let row_tiles = (ctx.tuning.bn_tiles as usize)
-            .div_ceil(col_tiles)
-            .min(positions.div_ceil(tile_rows * 4))
-            .min(max_row_tiles)
-            .min(max_tiles / col_tiles)
-            .max(1);
+        let wanted = if hold > 0 {
+            positions.div_ceil(tile_rows * hold)
+        } else {
+            (ctx.tuning.bn_tiles as usize)
+                .div_ceil(col_tiles)
+                .min(positions.div_ceil(tile_rows * 4))
+        };
+        let row_tiles = wanted.min(max_row_tiles).min(max_tiles / col_tiles).max(1);
         let rows_per_tile = positions.div_ceil(row_tiles).max(1);
         let row_tiles = positions.div_ceil(rows_per_tile).max(1);
         Ok(BatchNormParams {
@@ -580,8 +615,15 @@ impl<'a> Run<'a> {
     }
 
     fn pipeline(&self, kernel: &KernelDef) -> Result<std::sync::Arc<Pipeline>, NormError> {
+        // K matters to stats_partial_held alone; the other kernels of its file take 1.
+        let k = if kernel.entry == PARTIAL_HELD.entry {
+            self.plan.hold
+        } else {
+            1
+        };
+        let label = format!("batch_norm {} k{k}", kernel.entry);
         self.ctx
-            .pipeline(&format!("batch_norm {}", kernel.entry), kernel, &[])
+            .pipeline(&label, kernel, &[("K", Def::U32(k as u32))])
     }
 
     /// The statistics pass, chunk by chunk: seed (first chunk only), partial tiles, merge.
@@ -589,10 +631,10 @@ impl<'a> Run<'a> {
     fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
-        let partial = if self.plan.rows {
-            &PARTIAL_ROWS
-        } else {
-            &PARTIAL
+        let partial = match (self.plan.rows, self.plan.hold) {
+            (false, _) => &PARTIAL,
+            (true, 0) => &PARTIAL_ROWS,
+            (true, _) => &PARTIAL_HELD,
         };
         let (seed, partial, merge) = (
             self.pipeline(&SEED)?,
@@ -752,7 +794,7 @@ mod tests {
             Source::BatchNormApply4,
             Source::BatchNormRows,
         ] {
-            let (members, size) = shader_params(source, &[]);
+            let (members, size) = shader_params(source, &[("K", Def::U32(1))]);
             assert_eq!(members, expected, "{source:?}");
             assert_eq!(size as usize, std::mem::size_of::<BatchNormParams>());
         }

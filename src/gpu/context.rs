@@ -38,6 +38,10 @@ pub(crate) struct Tuning {
     pub bn_rows: bool,
     /// `GPUNORM_BN_TILES=N`: about this many workgroups in BatchNorm's statistics pass.
     pub bn_tiles: u32,
+    /// `GPUNORM_BN_HOLD=K`: the vec4 column kernels keep K rows per thread in registers for the
+    /// statistics, reading the input once instead of twice (a power of two up to 32; 0, the
+    /// default until measured on a GPU, reads each tile twice).
+    pub bn_hold: u32,
 }
 
 /// Which of naga's runtime checks gpunorm's shaders keep (see [`Tuning::checks`]).
@@ -57,6 +61,7 @@ impl Default for Tuning {
             checks: Checks::Bounds,
             bn_rows: true,
             bn_tiles: 1024,
+            bn_hold: 0,
         }
     }
 }
@@ -92,6 +97,9 @@ impl Tuning {
             bn_tiles: read("GPUNORM_BN_TILES")
                 .filter(|&n| n > 0)
                 .unwrap_or(d.bn_tiles),
+            bn_hold: read("GPUNORM_BN_HOLD")
+                .filter(|&k| (k == 0 || k.is_power_of_two()) && k <= 32)
+                .unwrap_or(d.bn_hold),
         }
     }
 }

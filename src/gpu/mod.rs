@@ -122,6 +122,8 @@ mod tests {
                 bn_tiles: 16,
                 ..d
             },
+            Tuning { bn_hold: 4, ..d },
+            Tuning { bn_hold: 32, ..d },
         ];
         let shapes = [
             (2, 32768),

@@ -298,7 +298,9 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
     use crate::gpu::{batch_norm, layer_norm};
     let mut all = Vec::new();
     for kernel in batch_norm::KERNELS {
-        all.push((kernel, Vec::new()));
+        for k in [1, 32] {
+            all.push((kernel, vec![("K", Def::U32(k))]));
+        }
     }
     for vec4 in [false, true] {
         for subgroup in [false, true] {
