@@ -92,6 +92,24 @@ fn place(group: u32, lid: u32) -> Place {
     );
 }
 
+// The shift of this thread's four columns (their values at the first counted position).
+fn shift_of(at: Place) -> vec4<f32> {
+    if at.live {
+        return gather(4u * at.column, 0u);
+    }
+    return vec4<f32>(0.0);
+}
+
+// Writes a tile's (count, mean_d, M2) per column, from the threads of its first row.
+fn store_partials(group: u32, lid: u32, at: Place, n: f32, mean_d: vec4<f32>, m2: vec4<f32>) {
+    if at.live && lid < params.tile_cols {
+        let out = (group / params.col_tiles) * params.channels + 4u * at.column;
+        for (var k = 0u; k < 4u; k++) {
+            partials[out + k] = vec4<f32>(n, mean_d[k], m2[k], 0.0);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn stats_partial_rows(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -104,10 +122,7 @@ fn stats_partial_rows(
     }
     let at = place(group, lid);
     let width = params.channels / 4u;
-    var shift = vec4<f32>(0.0);
-    if at.live {
-        shift = gather(4u * at.column, 0u);
-    }
+    let shift = shift_of(at);
     var count = 0.0;
     var sum = vec4<f32>(0.0);
     if at.live {
@@ -130,13 +145,7 @@ fn stats_partial_rows(
             }
         }
     }
-    let m2 = column_sum(lid, sq);
-    if at.live && lid < params.tile_cols {
-        let out = (group / params.col_tiles) * params.channels + 4u * at.column;
-        for (var k = 0u; k < 4u; k++) {
-            partials[out + k] = vec4<f32>(n, mean_d[k], m2[k], 0.0);
-        }
-    }
+    store_partials(group, lid, at, n, mean_d, column_sum(lid, sq));
 }
 
 @compute @workgroup_size(WG)
@@ -151,10 +160,7 @@ fn stats_partial_held(
     }
     let at = place(group, lid);
     let width = params.channels / 4u;
-    var shift = vec4<f32>(0.0);
-    if at.live {
-        shift = gather(4u * at.column, 0u);
-    }
+    let shift = shift_of(at);
     // All K loads are issued before any arithmetic waits on them; bit j of `kept` marks a
     // counted row.
     var held: array<vec4<f32>, K>;
@@ -185,13 +191,7 @@ fn stats_partial_held(
             sq += d * d;
         }
     }
-    let m2 = column_sum(lid, sq);
-    if at.live && lid < params.tile_cols {
-        let out = (group / params.col_tiles) * params.channels + 4u * at.column;
-        for (var k = 0u; k < 4u; k++) {
-            partials[out + k] = vec4<f32>(n, mean_d[k], m2[k], 0.0);
-        }
-    }
+    store_partials(group, lid, at, n, mean_d, column_sum(lid, sq));
 }
 
 @compute @workgroup_size(WG)
