@@ -15,8 +15,11 @@
 //   stats_merge:   several threads per column merge the chunk's row tiles, in a fixed order,
 //                  into its running (shift, mean_d, M2, count) with Chan's formula. No atomics.
 // A tensor larger than one binding streams through in chunks of whole rows (or batch items):
-// stats_partial and stats_merge run once per chunk, so only one chunk's tiles exist at a time.
-//   apply:         y = ((x - shift) - mean_d) * inverseSqrt(M2 / count + eps) * gamma + beta;
+// stats_partial and stats_merge run once per chunk, so only one chunk's tiles exist at a time. A
+// tensor too wide for one binding of per-column statistics runs in blocks of columns (Params
+// stride and col_base): `channels` and every columns/partials index are the block's.
+//   apply:         y = ((x - shift) - mean_d) * inverseSqrt(M2 / count + eps) * gamma + beta,
+//                  one thread per (position, column of the block);
 //                  masked positions are written as 0. Eval mode runs only this pass, with
 //                  (0, running_mean, running_var, 1) per column. Where four neighbouring values
 //                  share a position (features-last, channels % 4 == 0) or a channel
@@ -44,9 +47,10 @@ var<workgroup> partial: array<f32, WG>;
 @group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
+// Where (position p, column c of the block) sits in x and y.
 fn index_of(p: u32, c: u32) -> u32 {
     let s = params.spatial;
-    return ((p / s) * params.channels + c) * s + p % s;
+    return ((p / s) * params.stride + params.col_base + c) * s + p % s;
 }
 
 fn counted(p: u32) -> bool {
@@ -210,12 +214,13 @@ fn apply(
     }
     let c = (e % plane) / params.spatial;
     let p = (e / plane) * params.spatial + e % params.spatial;
+    let i = index_of(p, c);
     if !counted(p) {
-        y[e] = 0.0;
+        y[i] = 0.0;
         return;
     }
     let st = columns[c];
-    var v = ((x[e] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
+    var v = ((x[i] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
     if (params.flags & (FLAG_GAMMA | FLAG_BETA)) != 0u {
         let affine = columns[params.channels + c];
         if (params.flags & FLAG_GAMMA) != 0u {
@@ -225,5 +230,5 @@ fn apply(
             v = v + affine.y;
         }
     }
-    y[e] = v;
+    y[i] = v;
 }

@@ -51,14 +51,15 @@ fn apply4(
     if e >= params.positions * params.channels / 4u {
         return;
     }
+    // i: the first of the four values, counted over the block's (position, column) pairs.
     let i = e * 4u;
-    let v = x[e];
     if params.spatial == 1u {
         // Features-last: columns c .. c + 3 of position p.
         let c = i % params.channels;
         let p = i / params.channels;
+        let m = (p * params.stride + params.col_base + c) / 4u;
         if !counted(p) {
-            y[e] = vec4<f32>(0.0);
+            y[m] = vec4<f32>(0.0);
             return;
         }
         let s0 = columns[c];
@@ -76,8 +77,8 @@ fn apply4(
             g = vec4<f32>(a0.x, a1.x, a2.x, a3.x);
             b = vec4<f32>(a0.y, a1.y, a2.y, a3.y);
         }
-        y[e] = normalize(
-            v,
+        y[m] = normalize(
+            x[m],
             vec4<f32>(s0.x, s1.x, s2.x, s3.x),
             vec4<f32>(s0.y, s1.y, s2.y, s3.y),
             vec4<f32>(s0.z, s1.z, s2.z, s3.z),
@@ -90,6 +91,8 @@ fn apply4(
         let plane = params.spatial * params.channels;
         let c = (i % plane) / params.spatial;
         let p = (i / plane) * params.spatial + i % params.spatial;
+        let s = params.spatial;
+        let m = (((p / s) * params.stride + params.col_base + c) * s + p % s) / 4u;
         let st = columns[c];
         var g = 1.0;
         var b = 0.0;
@@ -99,7 +102,7 @@ fn apply4(
             b = affine.y;
         }
         let o = normalize(
-            v,
+            x[m],
             vec4<f32>(st.x),
             vec4<f32>(st.y),
             vec4<f32>(st.z),
@@ -108,6 +111,6 @@ fn apply4(
             vec4<f32>(b),
         );
         let keep = vec4<bool>(counted(p), counted(p + 1u), counted(p + 2u), counted(p + 3u));
-        y[e] = select(vec4<f32>(0.0), o, keep);
+        y[m] = select(vec4<f32>(0.0), o, keep);
     }
 }

@@ -70,6 +70,13 @@ fn column_sum(lid: u32, value: vec4<f32>) -> vec4<f32> {
     return total;
 }
 
+// The vec4 index in x and y of row p's vec4 column `column` of the block: x and y hold whole
+// rows of the tensor (`stride` columns), and the block starts at column col_base (both are
+// multiples of 4).
+fn vec4_index(p: u32, column: u32) -> u32 {
+    return p * (params.stride / 4u) + params.col_base / 4u + column;
+}
+
 // This thread's place: (vec4 column, first row, end of its tile's rows), or a column past the
 // end. Tiles are numbered column tile fastest.
 struct Place {
@@ -121,14 +128,13 @@ fn stats_partial_rows(
         return;
     }
     let at = place(group, lid);
-    let width = params.channels / 4u;
     let shift = shift_of(at);
     var count = 0.0;
     var sum = vec4<f32>(0.0);
     if at.live {
         for (var p = at.begin; p < at.end; p += params.tile_rows) {
             if counted(p) {
-                sum += x[p * width + at.column] - shift;
+                sum += x[vec4_index(p, at.column)] - shift;
                 count += 1.0;
             }
         }
@@ -140,7 +146,7 @@ fn stats_partial_rows(
     if at.live {
         for (var p = at.begin; p < at.end; p += params.tile_rows) {
             if counted(p) {
-                let d = x[p * width + at.column] - shift - mean_d;
+                let d = x[vec4_index(p, at.column)] - shift - mean_d;
                 sq += d * d;
             }
         }
@@ -159,7 +165,6 @@ fn stats_partial_held(
         return;
     }
     let at = place(group, lid);
-    let width = params.channels / 4u;
     let shift = shift_of(at);
     // All K loads are issued before any arithmetic waits on them; bit j of `kept` marks a
     // counted row.
@@ -168,7 +173,7 @@ fn stats_partial_held(
     for (var j = 0u; j < K; j++) {
         let p = at.begin + j * params.tile_rows;
         if at.live && p < at.end && counted(p) {
-            held[j] = x[p * width + at.column];
+            held[j] = x[vec4_index(p, at.column)];
             kept |= 1u << j;
         }
     }
@@ -208,7 +213,6 @@ fn apply_rows(
     if !at.live {
         return;
     }
-    let width = params.channels / 4u;
     let first = 4u * at.column;
     let shift = gather(first, 0u);
     let mean_d = gather(first, 1u);
@@ -216,7 +220,7 @@ fn apply_rows(
     let gamma = gather(params.channels + first, 0u);
     let beta = gather(params.channels + first, 1u);
     for (var p = at.begin; p < at.end; p += params.tile_rows) {
-        let i = p * width + at.column;
+        let i = vec4_index(p, at.column);
         if !counted(p) {
             y[i] = vec4<f32>(0.0);
             continue;

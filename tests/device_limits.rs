@@ -187,3 +187,65 @@ fn a_lost_device_is_an_error_that_says_to_start_again() {
         }
     }
 }
+
+/// Columns whose statistics (32 bytes each) exceed one binding: with 64 KiB bindings, 2048 columns
+/// fit, so 5000 run in three blocks. Training and eval, with gamma, beta and a mask, features-last
+/// (widths that take the vec4 kernels and ones that do not), channels-first, and a GPU tensor,
+/// all match the reference.
+#[test]
+fn batches_wider_than_one_binding_of_statistics_run_in_blocks() {
+    let Some(norm) = lowered(|l| l.max_storage_buffer_binding_size = 64 << 10) else {
+        return;
+    };
+    for features in [5000, 4999, 2056] {
+        let rows = 40;
+        let x = ordinary(rows * features, features as u64);
+        let gamma = data(features, 1.0, 0.3, 1);
+        let beta = data(features, 0.0, 1.0, 2);
+        let mask: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+        let opts = BatchNorm {
+            gamma: Some(&gamma),
+            beta: Some(&beta),
+            mask: Some(&mask),
+            ..Default::default()
+        };
+        let out = norm.batch_norm_train(&x, features, &opts).unwrap();
+        let (y_ref, mean, var, count) = reference::batch_norm_train(&x, features, &opts);
+        assert_eq!(out.count, count);
+        let err = max_err(&out.y, &y_ref)
+            .max(max_err(&out.mean, &mean))
+            .max(max_err(&out.var, &var));
+        assert!(err < TOL, "train {rows}x{features}: error {err:e}");
+        let err = eval_error(&norm, &x, features, &opts, &out);
+        assert!(err < TOL, "eval {rows}x{features}: error {err:e}");
+    }
+    // Channels-first: 3000 channels, with 4 positions each (four at a time) and 3.
+    for spatial in [4, 3] {
+        let (batch, channels) = (3, 3000);
+        let x = data(batch * channels * spatial, 3.0, 1.5, spatial as u64);
+        let out = norm
+            .batch_norm_train_channels_first(&x, channels, spatial, &BatchNorm::default())
+            .unwrap();
+        let last = reference::channels_first_to_last(&x, channels, spatial);
+        let (y_ref, mean, var, _) =
+            reference::batch_norm_train(&last, channels, &BatchNorm::default());
+        let y_ref = reference::channels_last_to_first(&y_ref, channels, spatial);
+        let err = max_err(&out.y, &y_ref)
+            .max(max_err(&out.mean, &mean))
+            .max(max_err(&out.var, &var));
+        assert!(
+            err < TOL,
+            "channels-first, spatial {spatial}: error {err:e}"
+        );
+    }
+    // A GPU tensor of 3 rows of 5000 (60 KB, one binding).
+    let features = 5000;
+    let x = ordinary(3 * features, 11);
+    let tensor = norm.upload(&x).unwrap();
+    let (y, stats) = norm
+        .batch_norm_train_gpu(&tensor, features, &BatchNorm::default())
+        .unwrap();
+    let (y_ref, mean, _, _) = reference::batch_norm_train(&x, features, &BatchNorm::default());
+    let err = max_err(&norm.download(&y).unwrap(), &y_ref).max(max_err(&stats.mean, &mean));
+    assert!(err < TOL, "GPU tensor: error {err:e}");
+}

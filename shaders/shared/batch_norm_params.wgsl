@@ -17,5 +17,13 @@ struct Params {
     flags: u32,
     // The first counted position, local to this chunk (stats_seed; only in the chunk holding it).
     first: u32,
-    pad: u32,
+    // Columns of the whole tensor, and the first column of this call's block: a tensor too wide
+    // for one binding of per-column statistics runs in blocks of columns, each with statistics
+    // of its own, `channels` wide. Every index into x and y is a column of the whole tensor,
+    // col_base + c; every index into columns and partials is one of the block, c.
+    stride: u32,
+    col_base: u32,
+    pad_a: u32,
+    pad_b: u32,
+    pad_c: u32,
 }

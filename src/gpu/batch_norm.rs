@@ -7,6 +7,11 @@
 //! partial, merge per chunk, the chunk holding the first counted position first) and once to
 //! apply them; eval streams them once. A tensor of one chunk is uploaded once. Only one chunk is
 //! on the device at a time, so device memory stays bounded whatever the tensor's size.
+//!
+//! A tensor so wide that its per-column statistics (32 bytes a column) exceed one binding runs
+//! in blocks of columns, each with its own statistics and partials buffers: the statistics pass
+//! runs block by block, and the elementwise pass applies every block to a chunk before reading
+//! it back.
 
 use std::ops::Range;
 
@@ -111,9 +116,13 @@ struct BatchNormParams {
     eps: f32,
     flags: u32,
     first: u32,
-    pad: u32,
+    stride: u32,
+    col_base: u32,
+    pad_a: u32,
+    pad_b: u32,
+    pad_c: u32,
 }
-const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 48);
+const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 64);
 
 /// Bytes of one column's statistics, (shift, mean_d, M2, count), and of its (gamma, beta, 0, 0):
 /// the columns buffer holds all the statistics, then all the affine parameters.
@@ -225,8 +234,11 @@ struct Plan {
     shape: Shape,
     /// Values of each chunk: whole batch items (one item = channels × spatial values).
     chunks: Vec<Range<usize>>,
-    /// Each chunk's kernel parameters.
-    params: Vec<BatchNormParams>,
+    /// Columns of each block: a tensor whose per-column statistics (32 bytes a column) exceed
+    /// one binding runs in blocks of columns, each with statistics buffers of its own.
+    blocks: Vec<Range<usize>>,
+    /// The kernel parameters of each chunk (outer) and block (inner).
+    params: Vec<Vec<BatchNormParams>>,
     /// The chunk holding the first counted position (its statistics pass goes first).
     seed_chunk: usize,
     /// The kernels of `batch_norm_rows.wgsl`: features-last, four columns per thread.
@@ -249,14 +261,11 @@ impl Plan {
     ) -> Result<Plan, NormError> {
         let (c, s) = (shape.channels, shape.spatial);
         let limit = ctx.max_binding_bytes();
-        let columns_bytes = c as u64 * 2 * COLUMN_BYTES;
-        if columns_bytes > limit {
-            return Err(NormError::TooLarge {
-                what: "the per-feature statistics of a BatchNorm tensor (32 bytes per feature)",
-                needed: columns_bytes,
-                limit,
-            });
-        }
+        let width = block_columns(c, limit)?;
+        let blocks: Vec<Range<usize>> = (0..c)
+            .step_by(width)
+            .map(|b| b..(b + width).min(c))
+            .collect();
         let rows = ctx.tuning.bn_rows && s == 1 && c.is_multiple_of(4);
         let item = c * s;
         let items = chunk_items(ctx, item)?;
@@ -272,28 +281,35 @@ impl Plan {
             .step_by(items * item)
             .map(|start| start..(start + items * item).min(len))
             .collect();
-        // Tiles of one chunk share one partials buffer, which must fit one binding.
-        let max_row_tiles = (limit / (c as u64 * COLUMN_BYTES)) as usize;
-        let tiled = |hold: usize| -> Result<Vec<BatchNormParams>, NormError> {
+        // Tiles of one chunk and block share one partials buffer, which must fit one binding.
+        let max_row_tiles = (limit / (width as u64 * COLUMN_BYTES)) as usize;
+        let one = |chunk: &Range<usize>, block: &Range<usize>, hold| {
+            let positions = chunk.len() / c;
+            let p0 = chunk.start / c;
+            let block_shape = Shape {
+                channels: block.len(),
+                ..*shape
+            };
+            let mut p = BatchNormParams::new(
+                ctx,
+                &block_shape,
+                positions,
+                opts,
+                max_row_tiles,
+                (rows, hold),
+            )?;
+            p.first = first
+                .checked_sub(p0)
+                .filter(|&f| f < positions)
+                .unwrap_or(0) as u32;
+            p.stride = c as u32;
+            p.col_base = block.start as u32;
+            Ok(p)
+        };
+        let tiled = |hold: usize| -> Result<Vec<Vec<BatchNormParams>>, NormError> {
             chunks
                 .iter()
-                .map(|chunk| {
-                    let positions = chunk.len() / c;
-                    let p0 = chunk.start / c;
-                    let mut p = BatchNormParams::new(
-                        ctx,
-                        shape,
-                        positions,
-                        opts,
-                        max_row_tiles,
-                        (rows, hold),
-                    )?;
-                    p.first = first
-                        .checked_sub(p0)
-                        .filter(|&f| f < positions)
-                        .unwrap_or(0) as u32;
-                    Ok(p)
-                })
+                .map(|chunk| blocks.iter().map(|block| one(chunk, block, hold)).collect())
                 .collect()
         };
         // Held statistics need tiles of at most `hold` rows per thread; where the limits on
@@ -303,6 +319,7 @@ impl Plan {
         if hold > 0
             && params
                 .iter()
+                .flatten()
                 .any(|p| p.rows_per_tile as usize > p.tile_rows as usize * hold)
         {
             hold = 0;
@@ -315,6 +332,7 @@ impl Plan {
         Ok(Plan {
             shape: *shape,
             chunks,
+            blocks,
             params,
             seed_chunk,
             rows,
@@ -323,13 +341,19 @@ impl Plan {
         })
     }
 
-    /// The largest number of row tiles of any chunk.
+    /// The largest number of row tiles of any chunk and block.
     fn max_row_tiles(&self) -> usize {
         self.params
             .iter()
+            .flatten()
             .map(|p| p.row_tiles as usize)
             .max()
             .unwrap_or(1)
+    }
+
+    /// The widest block, in columns.
+    fn block_width(&self) -> usize {
+        self.blocks.iter().map(|b| b.len()).max().unwrap_or(0)
     }
 
     /// Chunk indices with the seed chunk first, then the rest in order.
@@ -337,6 +361,24 @@ impl Plan {
         std::iter::once(self.seed_chunk)
             .chain((0..self.chunks.len()).filter(|&i| i != self.seed_chunk))
     }
+}
+
+/// Columns per block for a tensor of `channels` columns: all of them where their statistics
+/// (`2 * COLUMN_BYTES` a column) fit one binding of `limit` bytes; otherwise as many as fit, a
+/// multiple of 8 so that every block starts on a 4-column (vec4) boundary.
+fn block_columns(channels: usize, limit: u64) -> Result<usize, NormError> {
+    let fit = (limit / (2 * COLUMN_BYTES)) as usize;
+    if channels <= fit {
+        return Ok(channels.max(1));
+    }
+    if fit < 8 {
+        return Err(NormError::TooLarge {
+            what: "the statistics of 8 BatchNorm columns (32 bytes per column)",
+            needed: 16 * COLUMN_BYTES,
+            limit,
+        });
+    }
+    Ok(fit / 8 * 8)
 }
 
 /// Batch items per chunk: as many as one binding, one dispatch of the elementwise pass and u32
@@ -427,7 +469,11 @@ impl BatchNormParams {
                 opts.mask.is_some(),
             ),
             first: 0,
-            pad: 0,
+            stride: 0,
+            col_base: 0,
+            pad_a: 0,
+            pad_b: 0,
+            pad_c: 0,
         })
     }
 }
@@ -463,9 +509,11 @@ impl StatsReadback<'_> {
 struct Run<'a> {
     ctx: &'a GpuContext,
     plan: &'a Plan,
-    params: Vec<wgpu::Buffer>,
+    /// Per chunk, per block.
+    params: Vec<Vec<wgpu::Buffer>>,
     mask: Option<&'a [bool]>,
-    columns: Pooled<'a>,
+    /// Per block: its columns' statistics, then their (gamma, beta, 0, 0).
+    columns: Vec<Pooled<'a>>,
     /// The input buffer of host tensors, and which chunk it holds.
     input: Option<Pooled<'a>>,
     resident: Option<usize>,
@@ -485,33 +533,44 @@ impl<'a> Run<'a> {
         ctx.check_storage_buffers(Slot::storage_count(APPLY.slots), "batch_norm")?;
         let largest = plan.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         let c = plan.shape.channels;
+        let uniform = |p| ctx.buffer_with("batch_norm params", bytemuck::bytes_of(p), U::UNIFORM);
         let params = plan
             .params
             .iter()
-            .map(|p| ctx.buffer_with("batch_norm params", bytemuck::bytes_of(p), U::UNIFORM))
+            .map(|blocks| blocks.iter().map(uniform).collect())
             .collect();
         let mask_bytes = if opts.mask.is_some() {
             (largest / c * 4) as u64
         } else {
             16
         };
-        let columns = ctx.buffer(
-            "batch_norm columns",
-            c as u64 * 2 * COLUMN_BYTES,
-            U::STORAGE | U::COPY_SRC | U::COPY_DST,
-            lifetime,
-        );
-        // The second half: (gamma, beta, 0, 0) per column, read only where either is given.
+        let columns: Vec<Pooled<'a>> = plan
+            .blocks
+            .iter()
+            .map(|block| {
+                ctx.buffer(
+                    "batch_norm columns",
+                    block.len() as u64 * 2 * COLUMN_BYTES,
+                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                    lifetime,
+                )
+            })
+            .collect();
+        // Each block's second half: (gamma, beta, 0, 0) per column, read only where either is
+        // given.
         if opts.gamma.is_some() || opts.beta.is_some() {
-            let affine: Vec<[f32; 4]> = (0..c)
-                .map(|i| {
-                    let g = opts.gamma.map_or(1.0, |g| g[i]);
-                    [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
-                })
-                .collect();
-            let half = c as u64 * COLUMN_BYTES;
-            ctx.queue()
-                .write_buffer(&columns, half, bytemuck::cast_slice(&affine));
+            for (block, buffer) in plan.blocks.iter().zip(&columns) {
+                let affine: Vec<[f32; 4]> = block
+                    .clone()
+                    .map(|i| {
+                        let g = opts.gamma.map_or(1.0, |g| g[i]);
+                        [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+                    })
+                    .collect();
+                let half = block.len() as u64 * COLUMN_BYTES;
+                ctx.queue()
+                    .write_buffer(buffer, half, bytemuck::cast_slice(&affine));
+            }
         }
         Ok(Run {
             ctx,
@@ -543,15 +602,16 @@ impl<'a> Run<'a> {
 
     /// Eval: the running statistics as (0, mean, var, 1) per column.
     fn load_running(&mut self, stats: &RunningStats) {
-        let cols: Vec<[f32; 4]> = stats
-            .mean
-            .iter()
-            .zip(&stats.var)
-            .map(|(&m, &v)| [0.0, m, v, 1.0])
-            .collect();
-        self.ctx
-            .queue()
-            .write_buffer(&self.columns, 0, bytemuck::cast_slice(&cols));
+        for (block, buffer) in self.plan.blocks.iter().zip(&self.columns) {
+            let cols: Vec<[f32; 4]> = stats.mean[block.clone()]
+                .iter()
+                .zip(&stats.var[block.clone()])
+                .map(|(&m, &v)| [0.0, m, v, 1.0])
+                .collect();
+            self.ctx
+                .queue()
+                .write_buffer(buffer, 0, bytemuck::cast_slice(&cols));
+        }
     }
 
     /// Makes chunk `i` of `x` (and its mask) the one the kernels read, recording its upload
@@ -644,50 +704,64 @@ impl<'a> Run<'a> {
         let c = self.plan.shape.channels;
         let partials = ctx.buffer(
             "batch_norm partials",
-            (self.plan.max_row_tiles() * c) as u64 * COLUMN_BYTES,
+            (self.plan.max_row_tiles() * self.plan.block_width()) as u64 * COLUMN_BYTES,
             U::STORAGE,
             Lifetime::Call,
         );
-        let column_groups = grid(c.div_ceil(WG as usize), ctx.max_groups());
         let order: Vec<usize> = self.plan.statistics_order().collect();
-        for (k, &i) in order.iter().enumerate() {
-            let mut encoder = ctx.encoder("batch_norm statistics");
-            let _staged = self.stage(&mut encoder, x, i)?;
-            let xb = self.x_buffer(x);
-            let p = &self.params[i];
-            let tiles = (self.plan.params[i].col_tiles * self.plan.params[i].row_tiles) as usize;
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("batch_norm statistics"),
-                    timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
-                });
-                if k == 0 {
-                    pass.set_pipeline(&seed.pipeline);
-                    pass.set_bind_group(0, &seed.bind(ctx.device(), &[p, xb, &self.columns]), &[]);
-                    pass.dispatch_workgroups(column_groups.0, column_groups.1, 1);
+        for (b, block) in self.plan.blocks.iter().enumerate() {
+            for (k, &i) in order.iter().enumerate() {
+                let mut encoder = ctx.encoder("batch_norm statistics");
+                let _staged = self.stage(&mut encoder, x, i)?;
+                let xb = self.x_buffer(x);
+                let columns = &self.columns[b];
+                let p = &self.params[i][b];
+                let tiles = &self.plan.params[i][b];
+                {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("batch_norm statistics"),
+                        timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
+                    });
+                    if k == 0 {
+                        pass.set_pipeline(&seed.pipeline);
+                        let group = seed.bind(ctx.device(), &[p, xb, columns]);
+                        pass.set_bind_group(0, &group, &[]);
+                        let (gx, gy) = grid(block.len().div_ceil(WG as usize), ctx.max_groups());
+                        pass.dispatch_workgroups(gx, gy, 1);
+                    }
+                    pass.set_pipeline(&partial.pipeline);
+                    let group = partial.bind(
+                        ctx.device(),
+                        &[p, xb, &self.mask_buffer, &partials, columns],
+                    );
+                    pass.set_bind_group(0, &group, &[]);
+                    let (gx, gy) = grid(
+                        (tiles.col_tiles * tiles.row_tiles) as usize,
+                        ctx.max_groups(),
+                    );
+                    pass.dispatch_workgroups(gx, gy, 1);
+                    pass.set_pipeline(&merge.pipeline);
+                    let group = merge.bind(ctx.device(), &[p, &partials, columns]);
+                    pass.set_bind_group(0, &group, &[]);
+                    let (gx, gy) = grid(merge_groups(block.len()), ctx.max_groups());
+                    pass.dispatch_workgroups(gx, gy, 1);
                 }
-                pass.set_pipeline(&partial.pipeline);
-                let group = partial.bind(
-                    ctx.device(),
-                    &[p, xb, &self.mask_buffer, &partials, &self.columns],
-                );
-                pass.set_bind_group(0, &group, &[]);
-                let (gx, gy) = grid(tiles, ctx.max_groups());
-                pass.dispatch_workgroups(gx, gy, 1);
-                pass.set_pipeline(&merge.pipeline);
-                pass.set_bind_group(
-                    0,
-                    &merge.bind(ctx.device(), &[p, &partials, &self.columns]),
-                    &[],
-                );
-                let (gx, gy) = grid(merge_groups(c), ctx.max_groups());
-                pass.dispatch_workgroups(gx, gy, 1);
+                self.submit(encoder)?;
             }
-            self.submit(encoder)?;
         }
+        // Each block's statistics, the first half of its columns buffer, side by side.
         let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
         let mut encoder = ctx.encoder("batch_norm statistics readback");
-        encoder.copy_buffer_to_buffer(&self.columns, 0, &staging, 0, c as u64 * COLUMN_BYTES);
+        for (block, columns) in self.plan.blocks.iter().zip(&self.columns) {
+            let (at, bytes) = (block.start as u64, block.len() as u64);
+            encoder.copy_buffer_to_buffer(
+                columns,
+                0,
+                &staging,
+                at * COLUMN_BYTES,
+                bytes * COLUMN_BYTES,
+            );
+        }
         ctx.queue().submit([encoder.finish()]);
         Ok(StatsReadback {
             staging,
@@ -735,25 +809,29 @@ impl<'a> Run<'a> {
             super::poison(ctx, yb, chunk.len());
             {
                 let xb = self.x_buffer(x);
-                let group = apply.bind(
-                    ctx.device(),
-                    &[&self.params[i], xb, &self.mask_buffer, &self.columns, yb],
-                );
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("batch_norm apply"),
                     timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
                 });
                 pass.set_pipeline(&apply.pipeline);
-                pass.set_bind_group(0, &group, &[]);
-                let p = &self.plan.params[i];
-                let groups = if self.plan.rows {
-                    (p.col_tiles * p.row_tiles) as usize
-                } else {
-                    let per_thread = if self.plan.by4 { 4 } else { 1 };
-                    chunk.len().div_ceil(WG as usize * per_thread)
-                };
-                let (gx, gy) = grid(groups, ctx.max_groups());
-                pass.dispatch_workgroups(gx, gy, 1);
+                // Every block of the chunk, so that its whole output is there to read back.
+                for (b, columns) in self.columns.iter().enumerate() {
+                    let group = apply.bind(
+                        ctx.device(),
+                        &[&self.params[i][b], xb, &self.mask_buffer, columns, yb],
+                    );
+                    pass.set_bind_group(0, &group, &[]);
+                    let p = &self.plan.params[i][b];
+                    let groups = if self.plan.rows {
+                        (p.col_tiles * p.row_tiles) as usize
+                    } else {
+                        let per_thread = if self.plan.by4 { 4 } else { 1 };
+                        (p.positions as usize * p.channels as usize)
+                            .div_ceil(WG as usize * per_thread)
+                    };
+                    let (gx, gy) = grid(groups, ctx.max_groups());
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
             }
             if let Some(staging) = &staging {
                 encoder.copy_buffer_to_buffer(yb, 0, staging, 0, (chunk.len() * 4) as u64);
@@ -787,7 +865,11 @@ mod tests {
             eps,
             flags,
             first,
-            pad
+            stride,
+            col_base,
+            pad_a,
+            pad_b,
+            pad_c
         });
         for source in [
             Source::BatchNorm,
