@@ -98,6 +98,15 @@ pub enum NormError {
         seq_len: usize,
     },
 
+    /// A GPU tensor that knows its row width was passed with another one.
+    #[error("the GpuTensor holds rows of {features} features, but the call says {given}; pass features = {features}")]
+    TensorShape {
+        /// The tensor's row width.
+        features: usize,
+        /// The width the call gave.
+        given: usize,
+    },
+
     /// A named shape's sizes do not multiply to the input's length.
     #[error("{}", shape_length(*len, *batch, *channels, *spatial))]
     ShapeLength {

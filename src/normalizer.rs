@@ -391,7 +391,16 @@ impl Normalizer {
     /// when the data exceeds one binding of this device.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
         let ctx = self.context("upload")?;
-        ctx.call(|| tensor::upload(ctx, data))
+        ctx.call(|| tensor::upload(ctx, data, None))
+    }
+
+    /// [`Normalizer::upload`] of rows `features` wide: the tensor keeps its width, and an op
+    /// given another one refuses it ([`NormError::TensorShape`]). Errors as `upload`, and where
+    /// `data` is not whole rows.
+    pub fn upload_rows(&self, data: &[f32], features: usize) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("upload_rows")?;
+        crate::ops::rows_of(data.len(), features)?;
+        ctx.call(|| tensor::upload(ctx, data, Some(features)))
     }
 
     /// Reads a GPU tensor back (waits for the work that writes it).

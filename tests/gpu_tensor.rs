@@ -4,7 +4,7 @@
 mod common;
 
 use common::{gpu, max_err, ordinary};
-use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer};
+use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, RunningStats};
 
 /// Same kernel, same input: the device path and the host path agree bit for bit.
 #[test]
@@ -77,6 +77,80 @@ fn device_ops_check_their_input() {
         .layer_norm_gpu(&empty, 3, &LayerNorm::default())
         .unwrap();
     assert_eq!(norm.download(&out).unwrap(), Vec::<f32>::new());
+}
+
+/// A tensor that knows its row width (from `upload_rows`, or an op's output) refuses a call that
+/// reads it as rows of another width; `upload` leaves the width to each call.
+#[test]
+fn tensors_keep_their_row_width() {
+    let Some(norm) = gpu() else { return };
+    let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    assert_eq!(
+        norm.upload_rows(&x, 5).map(|_| ()),
+        Err(NormError::LengthNotMultiple {
+            len: 12,
+            features: 5
+        })
+    );
+    assert_eq!(
+        norm.upload_rows(&x, 0).map(|_| ()),
+        Err(NormError::ZeroFeatures)
+    );
+    let rows = norm.upload_rows(&x, 4).unwrap();
+    assert_eq!(rows.features(), Some(4));
+    let wrong = norm
+        .layer_norm_gpu(&rows, 3, &LayerNorm::default())
+        .unwrap_err();
+    assert_eq!(
+        wrong,
+        NormError::TensorShape {
+            features: 4,
+            given: 3
+        }
+    );
+    assert!(wrong.to_string().contains("pass features = 4"), "{wrong}");
+    let bn = BatchNorm::default();
+    assert_eq!(
+        norm.batch_norm_train_gpu(&rows, 6, &bn).map(|_| ()),
+        Err(NormError::TensorShape {
+            features: 4,
+            given: 6
+        })
+    );
+    let stats = RunningStats::new(2);
+    assert_eq!(
+        norm.batch_norm_eval_gpu(&rows, 2, &bn, &stats).map(|_| ()),
+        Err(NormError::TensorShape {
+            features: 4,
+            given: 2
+        })
+    );
+
+    // The right width runs, and the output carries it on.
+    let y = norm
+        .layer_norm_gpu(&rows, 4, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(y.features(), Some(4));
+    let err = max_err(
+        &norm.download(&y).unwrap(),
+        &reference::layer_norm(&x, 4, &LayerNorm::default()),
+    );
+    assert!(err < 1e-5, "error {err:e}");
+    assert!(matches!(
+        norm.layer_norm_gpu(&y, 6, &LayerNorm::default()),
+        Err(NormError::TensorShape {
+            features: 4,
+            given: 6
+        })
+    ));
+
+    // A tensor from `upload` takes the width each call gives.
+    let plain = norm.upload(&x).unwrap();
+    assert_eq!(plain.features(), None);
+    let y = norm
+        .layer_norm_gpu(&plain, 3, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(y.features(), Some(3));
 }
 
 /// A tensor belongs to the Normalizer that made it: another one (its own device) refuses it

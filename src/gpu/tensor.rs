@@ -11,13 +11,20 @@ use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape
 use crate::{LayerNorm, NormError};
 
 /// f32 values in a GPU storage buffer, made by [`Normalizer::upload`](crate::Normalizer::upload)
-/// or returned by a `*_gpu` op; [`Normalizer::download`](crate::Normalizer::download) reads them
-/// back. Belongs to the `Normalizer` that made it: another one refuses it with
-/// [`NormError::InvalidBuffer`] (its buffer lives on that `Normalizer`'s device).
+/// or [`Normalizer::upload_rows`](crate::Normalizer::upload_rows), or returned by a `*_gpu` op;
+/// [`Normalizer::download`](crate::Normalizer::download) reads them back. Belongs to the
+/// `Normalizer` that made it: another one refuses it with [`NormError::InvalidBuffer`] (its
+/// buffer lives on that `Normalizer`'s device).
+///
+/// A tensor made by `upload_rows` or by an op knows its row width ([`GpuTensor::features`]), and
+/// an op given another width refuses it with [`NormError::TensorShape`] instead of reading its
+/// values as rows of the wrong length.
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
     buffer: wgpu::Buffer,
     len: usize,
+    /// The width of its rows, where known.
+    features: Option<usize>,
     /// [`GpuContext::id`] of the context that made it.
     owner: u64,
 }
@@ -31,6 +38,12 @@ impl GpuTensor {
     /// True when it holds no values.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The width of its rows: what it was uploaded with (`upload_rows`) or normalized with (an
+    /// op's output); None for a tensor from `upload`, whose layout the caller states per call.
+    pub fn features(&self) -> Option<usize> {
+        self.features
     }
 
     /// The storage buffer (usage STORAGE | COPY_SRC | COPY_DST), for callers who bind it in their
@@ -56,8 +69,19 @@ impl GpuTensor {
         }
     }
 
+    /// Refuses a call that reads this tensor as rows of another width than it knows it has.
+    pub(crate) fn check_features(&self, features: usize) -> Result<(), NormError> {
+        match self.features {
+            Some(known) if known != features => Err(NormError::TensorShape {
+                features: known,
+                given: features,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A new, unwritten tensor of `len` values on `ctx`.
-    fn new(ctx: &GpuContext, len: usize) -> GpuTensor {
+    fn new(ctx: &GpuContext, len: usize, features: Option<usize>) -> GpuTensor {
         use wgpu::BufferUsages as U;
         let buffer = ctx.buffer(
             "gpunorm tensor",
@@ -68,13 +92,19 @@ impl GpuTensor {
         GpuTensor {
             buffer: buffer.into_buffer(),
             len,
+            features,
             owner: ctx.id,
         }
     }
 }
 
-/// Copies `data` into a new GPU tensor, without waiting for the copy.
-pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormError> {
+/// Copies `data` into a new GPU tensor of rows `features` wide where given, without waiting for
+/// the copy.
+pub(crate) fn upload(
+    ctx: &GpuContext,
+    data: &[f32],
+    features: Option<usize>,
+) -> Result<GpuTensor, NormError> {
     let bytes = (data.len() * 4) as u64;
     if bytes > ctx.max_binding_bytes() {
         return Err(NormError::TooLarge {
@@ -84,7 +114,7 @@ pub(crate) fn upload(ctx: &GpuContext, data: &[f32]) -> Result<GpuTensor, NormEr
         });
     }
     ctx.scoped("upload", || -> Result<GpuTensor, NormError> {
-        let tensor = GpuTensor::new(ctx, data.len());
+        let tensor = GpuTensor::new(ctx, data.len(), features);
         let mut encoder = ctx.encoder("gpunorm upload");
         let _staging = transfer::upload(ctx, &mut encoder, &tensor.buffer, data)?;
         ctx.queue().submit([encoder.finish()]);
@@ -111,11 +141,12 @@ pub(crate) fn layer_norm(
     opts: &LayerNorm<'_>,
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
+    x.check_features(features)?;
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
     ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
-        let y = GpuTensor::new(ctx, x.len);
+        let y = GpuTensor::new(ctx, x.len, Some(features));
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
             let io = Rows {
@@ -139,7 +170,10 @@ pub(crate) fn batch_norm_train(
     counted: Counted,
 ) -> Result<(GpuTensor, BatchStats), NormError> {
     x.check_owner(ctx, "x")?;
-    let y = ctx.scoped("batch_norm_train_gpu", || GpuTensor::new(ctx, x.len))?;
+    x.check_features(shape.channels)?;
+    let y = ctx.scoped("batch_norm_train_gpu", || {
+        GpuTensor::new(ctx, x.len, Some(shape.channels))
+    })?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted)?;
     Ok((y, stats))
@@ -154,7 +188,10 @@ pub(crate) fn batch_norm_eval(
     stats: &RunningStats,
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
-    let y = ctx.scoped("batch_norm_eval_gpu", || GpuTensor::new(ctx, x.len))?;
+    x.check_features(shape.channels)?;
+    let y = ctx.scoped("batch_norm_eval_gpu", || {
+        GpuTensor::new(ctx, x.len, Some(shape.channels))
+    })?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     batch_norm::eval(ctx, io.0, io.1, shape, opts, stats)?;
     Ok(y)
