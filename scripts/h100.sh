@@ -38,7 +38,8 @@ monitor=$!
 step 30 "$out/bench.txt" "$dev/gpunorm" info
 step 200 "$out/bench.txt" "$dev/gpunorm" bench ${GPU_ONLY:+--gpu-only} --shapes "$shapes" \
     --small-batch --json "$out/bench.json" --plot "$out/bench.svg"
-step 60 "$out/torch.txt" python3 "$dev/torch_anchor.py" ${shapes//,/ }
+# The decode-shaped rows of --small-batch too: PyTorch's time for them is its launch cost.
+step 60 "$out/torch.txt" python3 "$dev/torch_anchor.py" ${shapes//,/ } 1x4096 8x4096
 gunzip -f "$dev"/tests/*.gz 2>/dev/null
 for t in "$dev"/tests/*; do
     chmod +x "$t" && step 45 "$out/tests.txt" env GPUNORM_REQUIRE_GPU=1 "$t" --test-threads 4

@@ -66,8 +66,8 @@ enum Command {
         /// Timed runs per case (after one untimed warm-up); the median is reported.
         #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
         reps: u16,
-        /// Also time LayerNorm on a small 4096x768 batch per op: one submission each, and 64
-        /// recorded into one submission on GPU tensors.
+        /// Also time LayerNorm per op on a small 4096x768 batch and on decode-shaped 1x4096 and
+        /// 8x4096 rows: one submission each, and 64 recorded into one submission on GPU tensors.
         #[arg(long)]
         small_batch: bool,
         /// Threads of the CPU fallback (default: one per core).

@@ -272,7 +272,7 @@ mod tests {
                 })
                 .collect(),
             results,
-            small_batch: None,
+            small_batch: Vec::new(),
         }
     }
 

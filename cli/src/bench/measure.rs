@@ -11,8 +11,9 @@ use super::copy::CopyKernel;
 use super::{gbps, label, op_bytes, Record, ShapeFacts, SmallBatch};
 use crate::error::{self, CliResult};
 
-/// Small-batch shape whose per-op cost is reported, and how many ops share one submission.
-const SMALL: (usize, usize) = (4096, 768);
+/// Small-batch shapes whose per-op cost is reported (a short batch, and decode-shaped rows of
+/// one and eight tokens), and how many ops share one submission.
+pub const SMALL: [(usize, usize); 3] = [(4096, 768), (1, 4096), (8, 4096)];
 const BATCHED: usize = 64;
 
 /// An op of the sweep, in one of its two forms.
@@ -210,8 +211,11 @@ fn transfers(norm: &Normalizer, x: &[f32], reps: usize) -> Result<Option<(f64, f
 
 /// Per-op cost of LayerNorm on a small batch: end to end (upload, kernel, readback, one
 /// submission each) and device-resident with `BATCHED` ops recorded into one submission.
-pub fn small_batch(norm: &Normalizer, reps: usize) -> CliResult<SmallBatch> {
-    let (rows, features) = SMALL;
+pub fn small_batch(
+    norm: &Normalizer,
+    (rows, features): (usize, usize),
+    reps: usize,
+) -> CliResult<SmallBatch> {
     let x = input(rows * features)?;
     let mut y = vec![0f32; x.len()];
     let opts = LayerNorm::default();
@@ -237,12 +241,12 @@ pub fn small_batch(norm: &Normalizer, reps: usize) -> CliResult<SmallBatch> {
     .0 / BATCHED as f64;
     println!(
         "  small batch {}: LayerNorm per op {:.1} us end to end (one submission each), {:.1} us with {BATCHED} recorded into one submission (device-resident)",
-        label(SMALL),
+        label((rows, features)),
         single * 1e6,
         batched * 1e6
     );
     Ok(SmallBatch {
-        shape: label(SMALL),
+        shape: label((rows, features)),
         op: "layer_norm",
         per_op_seconds_end_to_end: single,
         per_op_seconds_batched: batched,

@@ -1,7 +1,7 @@
 //! `gpunorm bench`: a sweep over shapes and ops. For each shape: the copy ceilings of the same
 //! run (single-thread memcpy on the CPU; a vec4 copy kernel on the GPU), the CPU fallback, the GPU
 //! end to end and kernel only, upload and download speeds; on request, the per-op cost of a small
-//! batch, alone and recorded 64 to a submission. Printed as a table, optionally written as JSON
+//! batch and of decode-shaped rows, alone and recorded 64 to a submission. Printed as a table, optionally written as JSON
 //! and drawn as an SVG chart. GB/s counts the input read once and the output written once.
 //!
 //! Every figure is warm: each case runs once untimed (pipelines built, buffers pooled, pages
@@ -68,7 +68,7 @@ pub struct ShapeFacts {
     pub download_gbps: Option<f64>,
 }
 
-/// The per-op cost of LayerNorm on a small batch.
+/// The per-op cost of LayerNorm on one small shape.
 #[derive(Debug, Clone, Serialize)]
 pub struct SmallBatch {
     pub shape: String,
@@ -86,7 +86,7 @@ pub struct Report {
     pub reps: usize,
     pub shapes: Vec<ShapeFacts>,
     pub results: Vec<Record>,
-    pub small_batch: Option<SmallBatch>,
+    pub small_batch: Vec<SmallBatch>,
 }
 
 pub fn parse_shape(s: &str) -> Result<(usize, usize), String> {
@@ -145,7 +145,7 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
         reps: opts.reps,
         shapes: Vec::new(),
         results: Vec::new(),
-        small_batch: None,
+        small_batch: Vec::new(),
     };
     for &shape in &opts.shapes {
         let x = measure::input(crate::error::values(shape.0, shape.1)?)?;
@@ -166,7 +166,11 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
     progress.done();
     print_speedups(&report.results);
     if let (Some(g), true) = (gpu, opts.small_batch) {
-        report.small_batch = Some(measure::small_batch(g, opts.reps)?);
+        for shape in measure::SMALL {
+            report
+                .small_batch
+                .push(measure::small_batch(g, shape, opts.reps)?);
+        }
     }
     write_outputs(&report, opts)
 }
