@@ -45,6 +45,27 @@ fn eval_error(
     max_err(&y, &y_ref)
 }
 
+/// BatchNorm training of features-last `x` matches the reference (output, mean, variance and
+/// count), and so does eval with the statistics it found as running ones.
+fn check_train_and_eval(norm: &Normalizer, x: &[f32], features: usize, opts: &BatchNorm<'_>) {
+    let rows = x.len() / features;
+    let out = norm.batch_norm_train(x, features, opts).unwrap();
+    let (y_ref, mean, var, count) = reference::batch_norm_train(x, features, opts);
+    assert_eq!(out.count, count, "{rows}x{features}");
+    let err = max_err(&out.y, &y_ref)
+        .max(max_err(&out.mean, &mean))
+        .max(max_err(&out.var, &var));
+    assert!(
+        err < TOL,
+        "batch_norm_train {rows}x{features}: error {err:e}"
+    );
+    let err = eval_error(norm, x, features, opts, &out);
+    assert!(
+        err < TOL,
+        "batch_norm_eval {rows}x{features}: error {err:e}"
+    );
+}
+
 /// A grid of at most 64 workgroups a side and 1 MiB bindings: LayerNorm and BatchNorm (both
 /// layouts, masked, training and eval) split into many chunks and fold their grids, and match the
 /// reference.
@@ -74,22 +95,7 @@ fn small_grids_and_bindings_still_give_the_reference() {
             mask: Some(&mask),
             ..Default::default()
         };
-        let out = norm.batch_norm_train(&x, features, &opts).unwrap();
-        let (y_ref, mean, var, count) = reference::batch_norm_train(&x, features, &opts);
-        assert_eq!(out.count, count);
-        let err = max_err(&out.y, &y_ref)
-            .max(max_err(&out.mean, &mean))
-            .max(max_err(&out.var, &var));
-        assert!(
-            err < TOL,
-            "batch_norm_train {rows}x{features}: error {err:e}"
-        );
-
-        let err = eval_error(&norm, &x, features, &opts, &out);
-        assert!(
-            err < TOL,
-            "batch_norm_eval {rows}x{features}: error {err:e}"
-        );
+        check_train_and_eval(&norm, &x, features, &opts);
     }
     // Channels-first, with the mask over (batch, spatial) positions.
     let (batch, channels, spatial) = (64, 6, 1000);
@@ -209,15 +215,7 @@ fn batches_wider_than_one_binding_of_statistics_run_in_blocks() {
             mask: Some(&mask),
             ..Default::default()
         };
-        let out = norm.batch_norm_train(&x, features, &opts).unwrap();
-        let (y_ref, mean, var, count) = reference::batch_norm_train(&x, features, &opts);
-        assert_eq!(out.count, count);
-        let err = max_err(&out.y, &y_ref)
-            .max(max_err(&out.mean, &mean))
-            .max(max_err(&out.var, &var));
-        assert!(err < TOL, "train {rows}x{features}: error {err:e}");
-        let err = eval_error(&norm, &x, features, &opts, &out);
-        assert!(err < TOL, "eval {rows}x{features}: error {err:e}");
+        check_train_and_eval(&norm, &x, features, &opts);
     }
     // Channels-first: 3000 channels, with 4 positions each (four at a time) and 3.
     for spatial in [4, 3] {

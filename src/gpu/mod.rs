@@ -76,17 +76,12 @@ mod tests {
     use crate::ops::Backend;
     use crate::{reference, BatchNorm, LayerNorm};
 
-    /// `n` values around `mean`, spread over `mean ± spread`, the same for the same seed.
+    /// `n` values drawn uniformly from `mean ± spread`, the same for the same seed.
     fn values(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let unit = (state >> 40) as f32 / (1u64 << 24) as f32;
-                mean + spread * (2.0 * unit - 1.0)
-            })
+            .map(|_| mean + rng.random_range(-spread..spread))
             .collect()
     }
 
