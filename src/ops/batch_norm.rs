@@ -155,9 +155,11 @@ pub fn mask_from_lengths(lengths: &[usize], seq_len: usize) -> Result<Vec<bool>,
 }
 
 /// The shape of a channels-first `[batch, channels, spatial]` tensor (NCHW with spatial = H·W,
-/// or NCL), by name, so that two sizes cannot trade places unnoticed:
-/// `ChannelsFirst { batch: 8, channels: 64, spatial: 32 * 32 }`. Every size is checked against
-/// the input: batch × channels × spatial must be its length.
+/// or NCL), each size named where it is written:
+/// `ChannelsFirst { batch: 8, channels: 64, spatial: 32 * 32 }`. All three are checked against
+/// the input: batch × channels × spatial must be its length. (Sizes whose product still matches,
+/// such as channels and spatial swapped, can only be caught by what else depends on them, such as
+/// gamma's length.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelsFirst {
     /// Items in the batch (N).
