@@ -292,8 +292,8 @@ impl Normalizer {
         self.eval_alloc(x, &shape, opts, stats)
     }
 
-    /// [`Normalizer::batch_norm_train_channels_first`] with the shape named, so that sizes in
-    /// the wrong order are an error, not a wrong layout: every size is checked against `x`
+    /// [`Normalizer::batch_norm_train_channels_first`] with the shape named: each size is
+    /// written beside its name, and the batch is checked with the others against `x`
     /// ([`NormError::ShapeLength`] where batch × channels × spatial is not `x.len()`).
     ///
     /// ```
