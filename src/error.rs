@@ -166,6 +166,12 @@ pub enum NormError {
     #[error("{0} needs a GPU but this Normalizer is the CPU fallback; build it with Normalizer::gpu() or Normalizer::from_wgpu()")]
     NotGpu(&'static str),
 
+    /// A synchronous method was called where it cannot wait: on the web, GPU work finishes only
+    /// while the browser's event loop runs, so a GPU `Normalizer` there runs the `_async`
+    /// methods alone (the CPU fallback runs both).
+    #[error("{0} cannot wait for the GPU on this thread (the browser finishes GPU work only while its event loop runs); await {0}_async instead")]
+    NeedsAwait(&'static str),
+
     /// No GPU adapter could be found (only from [`Normalizer::gpu`](crate::Normalizer::gpu)).
     #[error("no GPU adapter found ({0}); install a Vulkan, Metal, DX12 or GL driver (on Linux: apt-get install mesa-vulkan-drivers) or use Normalizer::cpu()")]
     NoAdapter(String),

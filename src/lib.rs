@@ -31,6 +31,12 @@
 //! The input is row-major: `x.len() / features` rows, each normalized over its own `features`
 //! values with the biased variance, y = (x − mean) / sqrt(var + eps) · gamma + beta.
 //!
+//! Every op has an `_async` twin ([`Normalizer::layer_norm_async`], [`Normalizer::new_async`],
+//! ...) that awaits the GPU instead of blocking, with a `Send` future; the synchronous methods wait
+//! for those on the calling thread. On `wasm32` gpunorm runs on the browser's WebGPU, where only
+//! the `_async` forms can run GPU work ([`NormError::NeedsAwait`] says so), and the CPU fallback
+//! runs on one thread.
+//!
 //! Accuracy: both backends compute the statistics of `x − x[row, 0]` (a shifted two-pass), so rows
 //! with a large offset and a tiny spread stay exact to f32 rounding; the test suite holds them to
 //! max |y − ref| / max(1, |ref|) < 1e-4 on ordinary data and < 1e-3 on rows with mean 1e4 and

@@ -1,5 +1,10 @@
 //! [`Normalizer`], the one public entry point: it validates every call (`ops`), then hands it to
 //! its backend, the CPU fallback or a GPU context, through the same [`Backend`] contract.
+//!
+//! Every op is written once, as an `_async` method; its synchronous twin waits for it on the
+//! calling thread ([`Normalizer::block`]).
+
+use std::future::Future;
 
 use crate::cpu::Cpu;
 use crate::gpu::tensor::{self, GpuTensor};
@@ -29,10 +34,67 @@ enum Engine {
 }
 
 impl Engine {
-    fn backend(&self) -> &dyn Backend {
+    async fn layer_norm(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<Timing, NormError> {
         match self {
-            Engine::Cpu(cpu) => cpu,
-            Engine::Gpu(ctx) => ctx.as_ref(),
+            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts).await,
+            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts).await,
+        }
+    }
+
+    async fn batch_norm_train(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: batch_norm::Counted,
+    ) -> Result<(BatchStats, Timing), NormError> {
+        match self {
+            Engine::Cpu(cpu) => cpu.batch_norm_train(x, y, shape, opts, counted).await,
+            Engine::Gpu(ctx) => ctx.batch_norm_train(x, y, shape, opts, counted).await,
+        }
+    }
+
+    async fn batch_norm_eval(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Timing, NormError> {
+        match self {
+            Engine::Cpu(cpu) => cpu.batch_norm_eval(x, y, shape, opts, stats).await,
+            Engine::Gpu(ctx) => ctx.batch_norm_eval(x, y, shape, opts, stats).await,
+        }
+    }
+}
+
+/// Runs `work` to its end on this thread. Natively the GPU's waits poll the device, so this
+/// only parks between them. On the web nothing may block: a future that is not done at once
+/// (a GPU op, an adapter request) is refused as [`NormError::NeedsAwait`] and dropped.
+fn block_on<T>(
+    op: &'static str,
+    work: impl Future<Output = Result<T, NormError>>,
+) -> Result<T, NormError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = op;
+        pollster::block_on(work)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut work = std::pin::pin!(work);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match work.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => Err(NormError::NeedsAwait(op)),
         }
     }
 }
@@ -54,16 +116,22 @@ impl Normalizer {
     /// The environment variable `GPUNORM_BACKEND` overrides the choice: `cpu` for the fallback,
     /// `gpu` for whatever adapter wgpu finds, software ones included (as [`Normalizer::gpu`]).
     pub fn new() -> Result<Normalizer, NormError> {
+        block_on("Normalizer::new", Self::new_async())
+    }
+
+    /// [`Normalizer::new`], awaited: the adapter and device requests yield instead of blocking.
+    /// On the web this is the way to a GPU (WebGPU); the synchronous `new` cannot wait there.
+    pub async fn new_async() -> Result<Normalizer, NormError> {
         let forced = std::env::var(BACKEND_ENV).ok();
         match forced.as_deref().map(str::trim) {
             Some("cpu") => return Ok(Self::cpu()),
-            Some("gpu") => return Self::gpu(),
+            Some("gpu") => return Self::gpu_async().await,
             Some("") | Some("auto") | None => {}
             Some(other) => log::warn!(
                 "gpunorm: {BACKEND_ENV}={other:?} is not cpu, gpu or auto; choosing as for auto"
             ),
         }
-        let adapter = match GpuContext::adapter() {
+        let adapter = match GpuContext::adapter().await {
             Ok(adapter) => adapter,
             Err(NormError::NoAdapter(why)) => {
                 log::warn!("gpunorm: no GPU adapter ({why}); using the CPU fallback");
@@ -85,18 +153,37 @@ impl Normalizer {
                 }),
             });
         }
-        Self::open(&adapter)
+        Self::open(&adapter).await
     }
 
     /// A GPU, software adapters included, or [`NormError::NoAdapter`] when wgpu finds none.
     pub fn gpu() -> Result<Normalizer, NormError> {
-        Self::open(&GpuContext::adapter()?)
+        block_on("Normalizer::gpu", Self::gpu_async())
     }
 
-    fn open(adapter: &wgpu::Adapter) -> Result<Normalizer, NormError> {
-        GpuContext::from_adapter(adapter).map(|ctx| Normalizer {
+    /// [`Normalizer::gpu`], awaited.
+    pub async fn gpu_async() -> Result<Normalizer, NormError> {
+        Self::open(&GpuContext::adapter().await?).await
+    }
+
+    async fn open(adapter: &wgpu::Adapter) -> Result<Normalizer, NormError> {
+        let ctx = GpuContext::from_adapter(adapter).await?;
+        Ok(Normalizer {
             engine: Engine::Gpu(Box::new(ctx)),
         })
+    }
+
+    /// Runs one of the `_async` ops, `op`, to its end on this thread: the synchronous API. On
+    /// the web a GPU op is refused ([`NormError::NeedsAwait`]) before it starts.
+    fn block<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, NormError>>,
+    ) -> Result<T, NormError> {
+        if cfg!(target_arch = "wasm32") && self.is_gpu() {
+            return Err(NormError::NeedsAwait(op));
+        }
+        block_on(op, work)
     }
 
     /// The CPU fallback: multithreaded (rayon), same algorithm and tolerances as the GPU.
@@ -188,11 +275,19 @@ impl Normalizer {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<Vec<f32>, NormError> {
+        self.block("layer_norm", self.layer_norm_async(x, features, opts))
+    }
+
+    /// [`Normalizer::layer_norm`], awaited.
+    pub async fn layer_norm_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<Vec<f32>, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         let mut y = new_output(x.len());
-        self.engine
-            .backend()
-            .layer_norm(x, &mut y, features, opts)?;
+        self.engine.layer_norm(x, &mut y, features, opts).await?;
         Ok(y)
     }
 
@@ -205,9 +300,21 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
         y: &mut [f32],
     ) -> Result<Timing, NormError> {
+        let work = self.layer_norm_into_async(x, features, opts, y);
+        self.block("layer_norm_into", work)
+    }
+
+    /// [`Normalizer::layer_norm_into`], awaited.
+    pub async fn layer_norm_into_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
-        self.engine.backend().layer_norm(x, y, features, opts)
+        self.engine.layer_norm(x, y, features, opts).await
     }
 
     /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's
@@ -224,7 +331,19 @@ impl Normalizer {
         features: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
-        self.train_alloc(x, &Shape::features_last(x.len(), features)?, opts)
+        let work = self.batch_norm_train_async(x, features, opts);
+        self.block("batch_norm_train", work)
+    }
+
+    /// [`Normalizer::batch_norm_train`], awaited.
+    pub async fn batch_norm_train_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.train_alloc(x, &shape, opts).await
     }
 
     /// [`Normalizer::batch_norm_train`] into a buffer the caller owns, `y.len() == x.len()`;
@@ -236,7 +355,20 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         y: &mut [f32],
     ) -> Result<(BatchStats, Timing), NormError> {
-        self.train(x, &Shape::features_last(x.len(), features)?, opts, y)
+        let work = self.batch_norm_train_into_async(x, features, opts, y);
+        self.block("batch_norm_train_into", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_into`], awaited.
+    pub async fn batch_norm_train_into_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<(BatchStats, Timing), NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.train(x, &shape, opts, y).await
     }
 
     /// BatchNorm in eval mode on a features-last tensor: one elementwise pass with the running
@@ -250,7 +382,20 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
-        self.eval_alloc(x, &Shape::features_last(x.len(), features)?, opts, stats)
+        let work = self.batch_norm_eval_async(x, features, opts, stats);
+        self.block("batch_norm_eval", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval`], awaited.
+    pub async fn batch_norm_eval_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.eval_alloc(x, &shape, opts, stats).await
     }
 
     /// [`Normalizer::batch_norm_eval`] into a buffer the caller owns, `y.len() == x.len()`.
@@ -262,7 +407,21 @@ impl Normalizer {
         stats: &RunningStats,
         y: &mut [f32],
     ) -> Result<Timing, NormError> {
-        self.eval(x, &Shape::features_last(x.len(), features)?, opts, stats, y)
+        let work = self.batch_norm_eval_into_async(x, features, opts, stats, y);
+        self.block("batch_norm_eval_into", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval_into`], awaited.
+    pub async fn batch_norm_eval_into_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.eval(x, &shape, opts, stats, y).await
     }
 
     /// BatchNorm in training mode on a channels-first `[batch, channels, spatial]` tensor (NCHW
@@ -276,7 +435,20 @@ impl Normalizer {
         spatial: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
-        self.train_alloc(x, &Shape::channels_first(x.len(), channels, spatial)?, opts)
+        let work = self.batch_norm_train_channels_first_async(x, channels, spatial, opts);
+        self.block("batch_norm_train_channels_first", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_channels_first`], awaited.
+    pub async fn batch_norm_train_channels_first_async(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
+        let shape = Shape::channels_first(x.len(), channels, spatial)?;
+        self.train_alloc(x, &shape, opts).await
     }
 
     /// BatchNorm in eval mode on a channels-first `[batch, channels, spatial]` tensor.
@@ -288,8 +460,21 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
+        let work = self.batch_norm_eval_channels_first_async(x, channels, spatial, opts, stats);
+        self.block("batch_norm_eval_channels_first", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval_channels_first`], awaited.
+    pub async fn batch_norm_eval_channels_first_async(
+        &self,
+        x: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
         let shape = Shape::channels_first(x.len(), channels, spatial)?;
-        self.eval_alloc(x, &shape, opts, stats)
+        self.eval_alloc(x, &shape, opts, stats).await
     }
 
     /// [`Normalizer::batch_norm_train_channels_first`] with the shape named: each size is
@@ -310,7 +495,19 @@ impl Normalizer {
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput, NormError> {
+        let work = self.batch_norm_train_nchw_async(x, shape, opts);
+        self.block("batch_norm_train_nchw", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_nchw`], awaited.
+    pub async fn batch_norm_train_nchw_async(
+        &self,
+        x: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormOutput, NormError> {
         self.train_alloc(x, &Shape::named(x.len(), shape)?, opts)
+            .await
     }
 
     /// [`Normalizer::batch_norm_eval_channels_first`] with the shape named (see
@@ -322,10 +519,23 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
-        self.eval_alloc(x, &Shape::named(x.len(), shape)?, opts, stats)
+        let work = self.batch_norm_eval_nchw_async(x, shape, opts, stats);
+        self.block("batch_norm_eval_nchw", work)
     }
 
-    fn train_alloc(
+    /// [`Normalizer::batch_norm_eval_nchw`], awaited.
+    pub async fn batch_norm_eval_nchw_async(
+        &self,
+        x: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Vec<f32>, NormError> {
+        self.eval_alloc(x, &Shape::named(x.len(), shape)?, opts, stats)
+            .await
+    }
+
+    async fn train_alloc(
         &self,
         x: &[f32],
         shape: &Shape,
@@ -335,8 +545,8 @@ impl Normalizer {
         let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
-            .backend()
-            .batch_norm_train(x, &mut y, shape, opts, counted)?;
+            .batch_norm_train(x, &mut y, shape, opts, counted)
+            .await?;
         Ok(BatchNormOutput {
             y,
             mean: stats.mean,
@@ -345,7 +555,7 @@ impl Normalizer {
         })
     }
 
-    fn train(
+    async fn train(
         &self,
         x: &[f32],
         shape: &Shape,
@@ -355,11 +565,11 @@ impl Normalizer {
         let counted = batch_norm::validate_training(shape, opts)?;
         check_output(x, y)?;
         self.engine
-            .backend()
             .batch_norm_train(x, y, shape, opts, counted)
+            .await
     }
 
-    fn eval_alloc(
+    async fn eval_alloc(
         &self,
         x: &[f32],
         shape: &Shape,
@@ -367,11 +577,11 @@ impl Normalizer {
         stats: &RunningStats,
     ) -> Result<Vec<f32>, NormError> {
         let mut y = new_output(x.len());
-        self.eval(x, shape, opts, stats, &mut y)?;
+        self.eval(x, shape, opts, stats, &mut y).await?;
         Ok(y)
     }
 
-    fn eval(
+    async fn eval(
         &self,
         x: &[f32],
         shape: &Shape,
@@ -382,31 +592,48 @@ impl Normalizer {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
         check_output(x, y)?;
-        self.engine
-            .backend()
-            .batch_norm_eval(x, y, shape, opts, stats)
+        self.engine.batch_norm_eval(x, y, shape, opts, stats).await
     }
 
     /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
     /// when the data exceeds one binding of this device.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
+        self.block("upload", self.upload_async(data))
+    }
+
+    /// [`Normalizer::upload`], awaited.
+    pub async fn upload_async(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
         let ctx = self.context("upload")?;
-        ctx.call(|| tensor::upload(ctx, data, None))
+        ctx.call(tensor::upload(ctx, data, None)).await
     }
 
     /// [`Normalizer::upload`] of rows `features` wide: the tensor keeps its width, and an op
     /// given another one refuses it ([`NormError::TensorShape`]). Errors as `upload`, and where
     /// `data` is not whole rows.
     pub fn upload_rows(&self, data: &[f32], features: usize) -> Result<GpuTensor, NormError> {
+        self.block("upload_rows", self.upload_rows_async(data, features))
+    }
+
+    /// [`Normalizer::upload_rows`], awaited.
+    pub async fn upload_rows_async(
+        &self,
+        data: &[f32],
+        features: usize,
+    ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("upload_rows")?;
         crate::ops::rows_of(data.len(), features)?;
-        ctx.call(|| tensor::upload(ctx, data, Some(features)))
+        ctx.call(tensor::upload(ctx, data, Some(features))).await
     }
 
     /// Reads a GPU tensor back (waits for the work that writes it).
     pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+        self.block("download", self.download_async(tensor))
+    }
+
+    /// [`Normalizer::download`], awaited.
+    pub async fn download_async(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
         let ctx = self.context("download")?;
-        ctx.call(|| tensor::download(ctx, tensor))
+        ctx.call(tensor::download(ctx, tensor)).await
     }
 
     /// [`Normalizer::layer_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
@@ -418,9 +645,22 @@ impl Normalizer {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<GpuTensor, NormError> {
+        let work = self.layer_norm_gpu_async(x, features, opts);
+        self.block("layer_norm_gpu", work)
+    }
+
+    /// [`Normalizer::layer_norm_gpu`], awaited (for the pipeline's first build and wgpu's
+    /// error report; the GPU work itself is not waited for).
+    pub async fn layer_norm_gpu_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("layer_norm_gpu")?;
         let rows = layer_norm::validate(x.len(), features, opts)?;
-        ctx.call(|| tensor::layer_norm(ctx, x, rows, features, opts))
+        ctx.call(tensor::layer_norm(ctx, x, rows, features, opts))
+            .await
     }
 
     /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the
@@ -432,10 +672,22 @@ impl Normalizer {
         features: usize,
         opts: &BatchNorm<'_>,
     ) -> Result<(GpuTensor, BatchStats), NormError> {
+        let work = self.batch_norm_train_gpu_async(x, features, opts);
+        self.block("batch_norm_train_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_gpu`], awaited.
+    pub async fn batch_norm_train_gpu_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(GpuTensor, BatchStats), NormError> {
         let ctx = self.context("batch_norm_train_gpu")?;
         let shape = Shape::features_last(x.len(), features)?;
         let counted = batch_norm::validate_training(&shape, opts)?;
-        ctx.call(|| tensor::batch_norm_train(ctx, x, &shape, opts, counted))
+        ctx.call(tensor::batch_norm_train(ctx, x, &shape, opts, counted))
+            .await
     }
 
     /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
@@ -447,11 +699,24 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
     ) -> Result<GpuTensor, NormError> {
+        let work = self.batch_norm_eval_gpu_async(x, features, opts, stats);
+        self.block("batch_norm_eval_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval_gpu`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn batch_norm_eval_gpu_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("batch_norm_eval_gpu")?;
         let shape = Shape::features_last(x.len(), features)?;
         batch_norm::validate(&shape, opts)?;
         batch_norm::validate_stats(&shape, stats)?;
-        ctx.call(|| tensor::batch_norm_eval(ctx, x, &shape, opts, stats))
+        ctx.call(tensor::batch_norm_eval(ctx, x, &shape, opts, stats))
+            .await
     }
 
     /// Records LayerNorm of the first `len` values of `x` (rows of `features`) into `y` as one
@@ -473,9 +738,28 @@ impl Normalizer {
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<(), NormError> {
+        let work = self.encode_layer_norm_async(encoder, x, y, len, features, opts);
+        self.block("encode_layer_norm", work)
+    }
+
+    /// [`Normalizer::encode_layer_norm`], awaited (for the pipeline's first build and wgpu's
+    /// error report).
+    pub async fn encode_layer_norm_async(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<(), NormError> {
         let ctx = self.context("encode_layer_norm")?;
         layer_norm::validate(len, features, opts)?;
-        ctx.call(|| tensor::encode_layer_norm(ctx, encoder, (x, y), len, features, opts))
+        let io = (x, y);
+        ctx.call(tensor::encode_layer_norm(
+            ctx, encoder, io, len, features, opts,
+        ))
+        .await
     }
 }
 
@@ -487,5 +771,22 @@ mod tests {
     fn normalizer_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Normalizer>();
+    }
+
+    /// The `_async` ops can be spawned on a multithreaded executor: their futures are `Send`,
+    /// on every backend (the GPU's included, whose scopes never span an await).
+    #[test]
+    fn async_ops_are_send() {
+        fn assert_send<T: Send>(_: T) {}
+        let norm = Normalizer::cpu();
+        let (x, mut y) = ([1.0f32, 2.0], [0f32; 2]);
+        let (ln, bn) = (LayerNorm::default(), BatchNorm::default());
+        let stats = RunningStats::new(2);
+        assert_send(Normalizer::new_async());
+        assert_send(norm.layer_norm_async(&x, 2, &ln));
+        assert_send(norm.layer_norm_into_async(&x, 2, &ln, &mut y));
+        assert_send(norm.batch_norm_train_async(&x, 1, &bn));
+        assert_send(norm.batch_norm_eval_async(&x, 1, &bn, &stats));
+        assert_send(norm.upload_async(&x));
     }
 }

@@ -23,7 +23,7 @@ pub(crate) struct Cpu {
 }
 
 impl Backend for Cpu {
-    fn layer_norm(
+    async fn layer_norm(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -34,7 +34,7 @@ impl Backend for Cpu {
         Ok(Timing::default())
     }
 
-    fn batch_norm_train(
+    async fn batch_norm_train(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -51,7 +51,7 @@ impl Backend for Cpu {
         Ok((stats, Timing::default()))
     }
 
-    fn batch_norm_eval(
+    async fn batch_norm_eval(
         &self,
         x: &[f32],
         y: &mut [f32],

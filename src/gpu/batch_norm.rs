@@ -152,7 +152,7 @@ pub(crate) enum Output<'a> {
 }
 
 /// Runs BatchNorm training; returns the batch statistics.
-pub(crate) fn train(
+pub(crate) async fn train(
     ctx: &GpuContext,
     x: Input<'_>,
     mut y: Output<'_>,
@@ -161,25 +161,23 @@ pub(crate) fn train(
     counted: Counted,
 ) -> Result<(BatchStats, Timing), NormError> {
     let plan = Plan::new(ctx, shape, &x, opts, counted.first)?;
-    ctx.scoped("batch_norm_train", || {
-        let mut run = Run::new(ctx, &plan, opts, Lifetime::Call)?;
-        let statistics = run.statistics(&x)?;
-        run.apply(&x, &mut y)?;
-        let (mean, var) = statistics.read(ctx)?;
-        let mut stats = BatchStats {
-            mean,
-            var,
-            count: counted.count,
-        };
-        redo_out_of_range(ctx, (&x, &mut y), shape, opts, &mut stats)?;
-        Ok((stats, run.timing()))
-    })?
+    let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Call, "batch_norm_train").await?;
+    let statistics = run.statistics(&x).await?;
+    run.apply(&x, &mut y).await?;
+    let (mean, var) = statistics.read(ctx).await?;
+    let mut stats = BatchStats {
+        mean,
+        var,
+        count: counted.count,
+    };
+    redo_out_of_range(ctx, (&x, &mut y), shape, opts, &mut stats).await?;
+    Ok((stats, run.timing()))
 }
 
 /// Columns whose statistics left f32's range (spreads past about 1e19, or tiny values with eps
 /// 0: see `stats_out_of_range`) are redone by the CPU fallback's f64 path, and their outputs
 /// rewritten: on the host slice, or through a copy of a device tensor. Rare.
-fn redo_out_of_range(
+async fn redo_out_of_range(
     ctx: &GpuContext,
     (x, y): (&Input<'_>, &mut Output<'_>),
     shape: &Shape,
@@ -199,10 +197,13 @@ fn redo_out_of_range(
         }
         (Input::Device(xb, len), Output::Device(yb)) => {
             let (mut xh, mut yh) = (vec![0f32; *len], vec![0f32; *len]);
-            transfer::download(ctx, xb, &mut xh)?;
-            transfer::download(ctx, yb, &mut yh)?;
+            transfer::download(ctx, xb, &mut xh).await?;
+            transfer::download(ctx, yb, &mut yh).await?;
             redo_columns_in_f64(&xh, &mut yh, shape, opts, moments, &columns);
-            ctx.queue().write_buffer(yb, 0, bytemuck::cast_slice(&yh));
+            ctx.scoped("batch_norm_train", || {
+                ctx.queue().write_buffer(yb, 0, bytemuck::cast_slice(&yh))
+            })
+            .await?;
         }
         _ => unreachable!("host inputs go with host outputs, device ones with device ones"),
     }
@@ -211,7 +212,7 @@ fn redo_out_of_range(
 
 /// Runs BatchNorm eval with the running statistics. On device buffers it returns without
 /// waiting for the GPU.
-pub(crate) fn eval(
+pub(crate) async fn eval(
     ctx: &GpuContext,
     x: Input<'_>,
     mut y: Output<'_>,
@@ -221,12 +222,10 @@ pub(crate) fn eval(
 ) -> Result<Timing, NormError> {
     let plan = Plan::new(ctx, shape, &x, opts, 0)?;
     let lifetime = Lifetime::waited(matches!(y, Output::Host(_)));
-    ctx.scoped("batch_norm_eval", || {
-        let mut run = Run::new(ctx, &plan, opts, lifetime)?;
-        run.load_running(stats);
-        run.apply(&x, &mut y)?;
-        Ok(run.timing())
-    })?
+    let mut run = Run::new(ctx, &plan, (&x, opts), lifetime, "batch_norm_eval").await?;
+    run.load_running(stats).await?;
+    run.apply(&x, &mut y).await?;
+    Ok(run.timing())
 }
 
 /// How a tensor is cut into chunks and tiled.
@@ -282,7 +281,8 @@ impl Plan {
             .map(|start| start..(start + items * item).min(len))
             .collect();
         // Tiles of one chunk and block share one partials buffer, which must fit one binding.
-        let max_row_tiles = (limit / (width as u64 * COLUMN_BYTES)) as usize;
+        let max_row_tiles =
+            usize::try_from(limit / (width as u64 * COLUMN_BYTES)).unwrap_or(usize::MAX);
         let one = |chunk: &Range<usize>, block: &Range<usize>, hold| {
             let positions = chunk.len() / c;
             let p0 = chunk.start / c;
@@ -367,7 +367,7 @@ impl Plan {
 /// (`2 * COLUMN_BYTES` a column) fit one binding of `limit` bytes; otherwise as many as fit, a
 /// multiple of 8 so that every block starts on a 4-column (vec4) boundary.
 fn block_columns(channels: usize, limit: u64) -> Result<usize, NormError> {
-    let fit = (limit / (2 * COLUMN_BYTES)) as usize;
+    let fit = usize::try_from(limit / (2 * COLUMN_BYTES)).unwrap_or(usize::MAX);
     if channels <= fit {
         return Ok(channels.max(1));
     }
@@ -393,7 +393,11 @@ fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
             limit,
         });
     }
-    let grid_values = ctx.max_groups().pow(2) * WG as usize;
+    // Saturating: on 32-bit targets (wasm) a 65535² grid of 256 threads overflows usize.
+    let grid_values = ctx
+        .max_groups()
+        .saturating_pow(2)
+        .saturating_mul(WG as usize);
     if item > grid_values {
         return Err(NormError::DeviceLimit {
             op: "batch_norm",
@@ -402,7 +406,8 @@ fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
             has: ctx.max_groups() as u64,
         });
     }
-    Ok(((limit / item_bytes) as usize)
+    Ok(usize::try_from(limit / item_bytes)
+        .unwrap_or(usize::MAX)
         .min(u32::MAX as usize / item)
         .min(grid_values / item))
 }
@@ -434,7 +439,7 @@ impl BatchNormParams {
         };
         let tile_rows = WG as usize / tile_cols;
         let col_tiles = width.div_ceil(tile_cols);
-        let max_tiles = ctx.max_groups().pow(2);
+        let max_tiles = ctx.max_groups().saturating_pow(2);
         if col_tiles > max_tiles {
             return Err(NormError::DeviceLimit {
                 op: "batch_norm statistics",
@@ -491,9 +496,9 @@ struct StatsReadback<'a> {
 
 impl StatsReadback<'_> {
     /// Waits for the statistics and returns (mean, biased var) per column.
-    fn read(self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>), NormError> {
+    async fn read(self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>), NormError> {
         let mut cols = vec![[0f32; 4]; self.channels];
-        transfer::read_into(ctx, &self.staging, &mut cols)?;
+        transfer::read_into(ctx, &self.staging, &mut cols).await?;
         // mean = shift + mean_d, added in f64 so the sum is rounded once; var = M2 / count as
         // the kernels compute it.
         let mean = cols
@@ -509,6 +514,8 @@ impl StatsReadback<'_> {
 struct Run<'a> {
     ctx: &'a GpuContext,
     plan: &'a Plan,
+    /// The op its GPU errors are reported under.
+    op: &'static str,
     /// Per chunk, per block.
     params: Vec<Vec<wgpu::Buffer>>,
     mask: Option<&'a [bool]>,
@@ -522,76 +529,97 @@ struct Run<'a> {
     timer: Option<PassTimer<'a>>,
 }
 
+/// A chunk's input and mask in staging buffers ([`Run::stage`]), to copy in before its kernels.
+#[derive(Default)]
+struct Staged<'a> {
+    x: Option<transfer::Staged<'a>>,
+    mask: Option<transfer::Staged<'a>>,
+}
+
 impl<'a> Run<'a> {
-    fn new(
+    async fn new(
         ctx: &'a GpuContext,
         plan: &'a Plan,
-        opts: &BatchNorm<'a>,
+        (x, opts): (&Input<'_>, &BatchNorm<'a>),
         lifetime: Lifetime,
+        op: &'static str,
     ) -> Result<Run<'a>, NormError> {
         use wgpu::BufferUsages as U;
         ctx.check_storage_buffers(Slot::storage_count(APPLY.slots), "batch_norm")?;
         let largest = plan.chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         let c = plan.shape.channels;
-        let uniform = |p| ctx.buffer_with("batch_norm params", bytemuck::bytes_of(p), U::UNIFORM);
-        let params = plan
-            .params
-            .iter()
-            .map(|blocks| blocks.iter().map(uniform).collect())
-            .collect();
         let mask_bytes = if opts.mask.is_some() {
             (largest / c * 4) as u64
         } else {
             16
         };
-        let columns: Vec<Pooled<'a>> = plan
-            .blocks
-            .iter()
-            .map(|block| {
-                ctx.buffer(
-                    "batch_norm columns",
-                    block.len() as u64 * 2 * COLUMN_BYTES,
-                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
-                    lifetime,
-                )
-            })
-            .collect();
-        // Each block's second half: (gamma, beta, 0, 0) per column, read only where either is
-        // given.
-        if opts.gamma.is_some() || opts.beta.is_some() {
-            for (block, buffer) in plan.blocks.iter().zip(&columns) {
-                let affine: Vec<[f32; 4]> = block
-                    .clone()
-                    .map(|i| {
-                        let g = opts.gamma.map_or(1.0, |g| g[i]);
-                        [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
-                    })
-                    .collect();
-                let half = block.len() as u64 * COLUMN_BYTES;
-                ctx.queue()
-                    .write_buffer(buffer, half, bytemuck::cast_slice(&affine));
+        ctx.scoped(op, || {
+            let uniform =
+                |p| ctx.buffer_with("batch_norm params", bytemuck::bytes_of(p), U::UNIFORM);
+            let params = plan
+                .params
+                .iter()
+                .map(|blocks| blocks.iter().map(uniform).collect())
+                .collect();
+            let columns: Vec<Pooled<'a>> = plan
+                .blocks
+                .iter()
+                .map(|block| {
+                    ctx.buffer(
+                        "batch_norm columns",
+                        block.len() as u64 * 2 * COLUMN_BYTES,
+                        U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                        lifetime,
+                    )
+                })
+                .collect();
+            // Each block's second half: (gamma, beta, 0, 0) per column, read only where either
+            // is given.
+            if opts.gamma.is_some() || opts.beta.is_some() {
+                for (block, buffer) in plan.blocks.iter().zip(&columns) {
+                    let affine: Vec<[f32; 4]> = block
+                        .clone()
+                        .map(|i| {
+                            let g = opts.gamma.map_or(1.0, |g| g[i]);
+                            [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+                        })
+                        .collect();
+                    let half = block.len() as u64 * COLUMN_BYTES;
+                    ctx.queue()
+                        .write_buffer(buffer, half, bytemuck::cast_slice(&affine));
+                }
             }
-        }
-        Ok(Run {
-            ctx,
-            plan,
-            params,
-            mask: opts.mask,
-            columns,
-            input: None,
-            resident: None,
-            mask_buffer: ctx.buffer(
-                "batch_norm mask",
-                mask_bytes,
-                U::STORAGE | U::COPY_DST,
-                lifetime,
-            ),
-            timer: if lifetime == Lifetime::Call {
-                PassTimer::new(ctx)
-            } else {
-                None
-            },
+            let input = matches!(x, Input::Host(_)).then(|| {
+                ctx.buffer(
+                    "batch_norm x",
+                    (plan.chunks[0].len() * 4) as u64,
+                    U::STORAGE | U::COPY_DST,
+                    Lifetime::Call,
+                )
+            });
+            Run {
+                ctx,
+                plan,
+                op,
+                params,
+                mask: opts.mask,
+                columns,
+                input,
+                resident: None,
+                mask_buffer: ctx.buffer(
+                    "batch_norm mask",
+                    mask_bytes,
+                    U::STORAGE | U::COPY_DST,
+                    lifetime,
+                ),
+                timer: if lifetime == Lifetime::Call {
+                    PassTimer::new(ctx)
+                } else {
+                    None
+                },
+            }
         })
+        .await
     }
 
     fn timing(&self) -> Timing {
@@ -601,80 +629,82 @@ impl<'a> Run<'a> {
     }
 
     /// Eval: the running statistics as (0, mean, var, 1) per column.
-    fn load_running(&mut self, stats: &RunningStats) {
-        for (block, buffer) in self.plan.blocks.iter().zip(&self.columns) {
-            let cols: Vec<[f32; 4]> = stats.mean[block.clone()]
-                .iter()
-                .zip(&stats.var[block.clone()])
-                .map(|(&m, &v)| [0.0, m, v, 1.0])
-                .collect();
-            self.ctx
-                .queue()
-                .write_buffer(buffer, 0, bytemuck::cast_slice(&cols));
-        }
+    async fn load_running(&mut self, stats: &RunningStats) -> Result<(), NormError> {
+        self.ctx
+            .scoped(self.op, || {
+                for (block, buffer) in self.plan.blocks.iter().zip(&self.columns) {
+                    let cols: Vec<[f32; 4]> = stats.mean[block.clone()]
+                        .iter()
+                        .zip(&stats.var[block.clone()])
+                        .map(|(&m, &v)| [0.0, m, v, 1.0])
+                        .collect();
+                    self.ctx
+                        .queue()
+                        .write_buffer(buffer, 0, bytemuck::cast_slice(&cols));
+                }
+            })
+            .await
     }
 
-    /// Makes chunk `i` of `x` (and its mask) the one the kernels read, recording its upload
-    /// into `encoder` where it is not there yet; returns the staging guards, which must live
-    /// until `encoder` is submitted.
-    fn stage(
-        &mut self,
-        encoder: &mut wgpu::CommandEncoder,
-        x: &Input<'a>,
-        i: usize,
-    ) -> Result<Vec<Pooled<'a>>, NormError> {
-        let mut guards = Vec::new();
+    /// Makes chunk `i` of `x` (and its mask) the one the kernels read: stages its upload where
+    /// it is not on the device yet, for [`Run::record_staged`] to copy in.
+    async fn stage(&mut self, x: &Input<'a>, i: usize) -> Result<Staged<'a>, NormError> {
+        let mut staged = Staged::default();
         if self.resident == Some(i) {
-            return Ok(guards);
+            return Ok(staged);
         }
-        let ctx = self.ctx;
         let chunk = self.plan.chunks[i].clone();
         let c = self.plan.shape.channels;
         if let Input::Host(x) = x {
-            use wgpu::BufferUsages as U;
-            let bytes = (self.plan.chunks[0].len() * 4) as u64;
-            let input = self.input.get_or_insert_with(|| {
-                ctx.buffer(
-                    "batch_norm x",
-                    bytes,
-                    U::STORAGE | U::COPY_DST,
-                    Lifetime::Call,
-                )
-            });
-            guards.push(transfer::upload(ctx, encoder, input, &x[chunk.clone()])?);
+            staged.x = Some(transfer::stage(self.ctx, &x[chunk.clone()]).await?);
         }
         if let Some(mask) = self.mask {
             let words: Vec<u32> = mask[chunk.start / c..chunk.end / c]
                 .iter()
                 .map(|&k| k as u32)
                 .collect();
-            guards.push(transfer::upload(ctx, encoder, &self.mask_buffer, &words)?);
+            staged.mask = Some(transfer::stage(self.ctx, &words).await?);
         }
         self.resident = Some(i);
-        Ok(guards)
+        Ok(staged)
+    }
+
+    /// Records the copies of a staged chunk into `encoder`; the staging buffers must live until
+    /// it is submitted.
+    fn record_staged(&self, encoder: &mut wgpu::CommandEncoder, staged: &Staged<'_>) {
+        if let (Some(data), Some(input)) = (&staged.x, &self.input) {
+            data.record(encoder, input);
+        }
+        if let Some(words) = &staged.mask {
+            words.record(encoder, &self.mask_buffer);
+        }
     }
 
     /// The buffer the kernels read x from.
     fn x_buffer<'b>(&'b self, x: &'b Input<'_>) -> &'b wgpu::Buffer {
         match x {
-            Input::Host(_) => self.input.as_ref().expect("staged before use"),
+            Input::Host(_) => self.input.as_ref().expect("made for host inputs"),
             Input::Device(buffer, _) => buffer,
         }
     }
 
     /// Submits `encoder`, with the pass's timestamps where timed.
-    fn submit(&mut self, mut encoder: wgpu::CommandEncoder) -> Result<(), NormError> {
+    fn submit(&self, mut encoder: wgpu::CommandEncoder) {
         if let Some(t) = &self.timer {
             t.resolve(&mut encoder);
         }
         self.ctx.queue().submit([encoder.finish()]);
-        if let Some(t) = &mut self.timer {
-            t.collect()?;
-        }
-        Ok(())
     }
 
-    fn pipeline(&self, kernel: &KernelDef) -> Result<std::sync::Arc<Pipeline>, NormError> {
+    /// Adds the kernel time of the pass submitted last, where timed.
+    async fn collect_time(&mut self) -> Result<(), NormError> {
+        match &mut self.timer {
+            Some(t) => t.collect().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn pipeline(&self, kernel: &KernelDef) -> Result<std::sync::Arc<Pipeline>, NormError> {
         // K matters to stats_partial_held alone; the other kernels of its file take 1.
         let k = if kernel.entry == PARTIAL_HELD.entry {
             self.plan.hold
@@ -684,11 +714,12 @@ impl<'a> Run<'a> {
         let label = format!("batch_norm {} k{k}", kernel.entry);
         self.ctx
             .pipeline(&label, kernel, &[("K", Def::U32(k as u32))])
+            .await
     }
 
     /// The statistics pass, chunk by chunk: seed (first chunk only), partial tiles, merge.
     /// Returns the statistics, their copy to the host submitted.
-    fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
+    async fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
         let partial = match (self.plan.rows, self.plan.hold) {
@@ -697,72 +728,86 @@ impl<'a> Run<'a> {
             (true, _) => &PARTIAL_HELD,
         };
         let (seed, partial, merge) = (
-            self.pipeline(&SEED)?,
-            self.pipeline(partial)?,
-            self.pipeline(&MERGE)?,
+            self.pipeline(&SEED).await?,
+            self.pipeline(partial).await?,
+            self.pipeline(&MERGE).await?,
         );
         let c = self.plan.shape.channels;
-        let partials = ctx.buffer(
-            "batch_norm partials",
-            (self.plan.max_row_tiles() * self.plan.block_width()) as u64 * COLUMN_BYTES,
-            U::STORAGE,
-            Lifetime::Call,
-        );
+        let partials = ctx
+            .scoped(self.op, || {
+                ctx.buffer(
+                    "batch_norm partials",
+                    (self.plan.max_row_tiles() * self.plan.block_width()) as u64 * COLUMN_BYTES,
+                    U::STORAGE,
+                    Lifetime::Call,
+                )
+            })
+            .await?;
         let order: Vec<usize> = self.plan.statistics_order().collect();
         for (b, block) in self.plan.blocks.iter().enumerate() {
             for (k, &i) in order.iter().enumerate() {
-                let mut encoder = ctx.encoder("batch_norm statistics");
-                let _staged = self.stage(&mut encoder, x, i)?;
-                let xb = self.x_buffer(x);
-                let columns = &self.columns[b];
-                let p = &self.params[i][b];
-                let tiles = &self.plan.params[i][b];
-                {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("batch_norm statistics"),
-                        timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
-                    });
-                    if k == 0 {
-                        pass.set_pipeline(&seed.pipeline);
-                        let group = seed.bind(ctx.device(), &[p, xb, columns]);
+                let staged = self.stage(x, i).await?;
+                let run = &*self;
+                ctx.scoped(self.op, || {
+                    let mut encoder = ctx.encoder("batch_norm statistics");
+                    run.record_staged(&mut encoder, &staged);
+                    let xb = run.x_buffer(x);
+                    let columns = &run.columns[b];
+                    let p = &run.params[i][b];
+                    let tiles = &run.plan.params[i][b];
+                    {
+                        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some("batch_norm statistics"),
+                            timestamp_writes: run.timer.as_ref().map(|t| t.writes()),
+                        });
+                        if k == 0 {
+                            pass.set_pipeline(&seed.pipeline);
+                            let group = seed.bind(ctx.device(), &[p, xb, columns]);
+                            pass.set_bind_group(0, &group, &[]);
+                            let groups = block.len().div_ceil(WG as usize);
+                            let (gx, gy) = grid(groups, ctx.max_groups());
+                            pass.dispatch_workgroups(gx, gy, 1);
+                        }
+                        pass.set_pipeline(&partial.pipeline);
+                        let group = partial
+                            .bind(ctx.device(), &[p, xb, &run.mask_buffer, &partials, columns]);
                         pass.set_bind_group(0, &group, &[]);
-                        let (gx, gy) = grid(block.len().div_ceil(WG as usize), ctx.max_groups());
+                        let (gx, gy) = grid(
+                            (tiles.col_tiles * tiles.row_tiles) as usize,
+                            ctx.max_groups(),
+                        );
+                        pass.dispatch_workgroups(gx, gy, 1);
+                        pass.set_pipeline(&merge.pipeline);
+                        let group = merge.bind(ctx.device(), &[p, &partials, columns]);
+                        pass.set_bind_group(0, &group, &[]);
+                        let (gx, gy) = grid(merge_groups(block.len()), ctx.max_groups());
                         pass.dispatch_workgroups(gx, gy, 1);
                     }
-                    pass.set_pipeline(&partial.pipeline);
-                    let group = partial.bind(
-                        ctx.device(),
-                        &[p, xb, &self.mask_buffer, &partials, columns],
-                    );
-                    pass.set_bind_group(0, &group, &[]);
-                    let (gx, gy) = grid(
-                        (tiles.col_tiles * tiles.row_tiles) as usize,
-                        ctx.max_groups(),
-                    );
-                    pass.dispatch_workgroups(gx, gy, 1);
-                    pass.set_pipeline(&merge.pipeline);
-                    let group = merge.bind(ctx.device(), &[p, &partials, columns]);
-                    pass.set_bind_group(0, &group, &[]);
-                    let (gx, gy) = grid(merge_groups(block.len()), ctx.max_groups());
-                    pass.dispatch_workgroups(gx, gy, 1);
-                }
-                self.submit(encoder)?;
+                    run.submit(encoder);
+                })
+                .await?;
+                self.collect_time().await?;
             }
         }
         // Each block's statistics, the first half of its columns buffer, side by side.
-        let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
-        let mut encoder = ctx.encoder("batch_norm statistics readback");
-        for (block, columns) in self.plan.blocks.iter().zip(&self.columns) {
-            let (at, bytes) = (block.start as u64, block.len() as u64);
-            encoder.copy_buffer_to_buffer(
-                columns,
-                0,
-                &staging,
-                at * COLUMN_BYTES,
-                bytes * COLUMN_BYTES,
-            );
-        }
-        ctx.queue().submit([encoder.finish()]);
+        let staging = ctx
+            .scoped(self.op, || {
+                let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
+                let mut encoder = ctx.encoder("batch_norm statistics readback");
+                for (block, columns) in self.plan.blocks.iter().zip(&self.columns) {
+                    let (at, bytes) = (block.start as u64, block.len() as u64);
+                    encoder.copy_buffer_to_buffer(
+                        columns,
+                        0,
+                        &staging,
+                        at * COLUMN_BYTES,
+                        bytes * COLUMN_BYTES,
+                    );
+                }
+                ctx.queue().submit([encoder.finish()]);
+                staging
+            })
+            .await?;
         Ok(StatsReadback {
             staging,
             channels: c,
@@ -770,7 +815,7 @@ impl<'a> Run<'a> {
     }
 
     /// The elementwise pass, chunk by chunk, starting with the chunk already on the device.
-    fn apply(&mut self, x: &Input<'a>, y: &mut Output<'_>) -> Result<(), NormError> {
+    async fn apply(&mut self, x: &Input<'a>, y: &mut Output<'_>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
         let kernel = match (self.plan.rows, self.plan.by4) {
@@ -778,18 +823,21 @@ impl<'a> Run<'a> {
             (false, true) => &APPLY4,
             (false, false) => &APPLY,
         };
-        let apply = self.pipeline(kernel)?;
+        let apply = self.pipeline(kernel).await?;
         let bytes = (self.plan.chunks[0].len() * 4) as u64;
         let (output, staging) = match y {
-            Output::Host(_) => (
-                Some(ctx.buffer(
-                    "batch_norm y",
-                    bytes,
-                    U::STORAGE | U::COPY_SRC | U::COPY_DST,
-                    Lifetime::Call,
-                )),
-                Some(transfer::readback_buffer(ctx, bytes)),
-            ),
+            Output::Host(_) => {
+                ctx.scoped(self.op, || {
+                    let output = ctx.buffer(
+                        "batch_norm y",
+                        bytes,
+                        U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                        Lifetime::Call,
+                    );
+                    (Some(output), Some(transfer::readback_buffer(ctx, bytes)))
+                })
+                .await?
+            }
             Output::Device(_) => (None, None),
         };
         let first = self.resident.unwrap_or(0);
@@ -798,47 +846,53 @@ impl<'a> Run<'a> {
             .collect();
         for i in order {
             let chunk = self.plan.chunks[i].clone();
-            let mut encoder = ctx.encoder("batch_norm apply");
-            let _staged = self.stage(&mut encoder, x, i)?;
+            let staged = self.stage(x, i).await?;
+            let run = &*self;
             let yb: &wgpu::Buffer = match (&output, &*y) {
                 (Some(out), _) => out,
                 (None, Output::Device(b)) => b,
                 (None, Output::Host(_)) => unreachable!("host outputs have a device buffer"),
             };
-            #[cfg(debug_assertions)]
-            super::poison(ctx, yb, chunk.len());
-            {
-                let xb = self.x_buffer(x);
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("batch_norm apply"),
-                    timestamp_writes: self.timer.as_ref().map(|t| t.writes()),
-                });
-                pass.set_pipeline(&apply.pipeline);
-                // Every block of the chunk, so that its whole output is there to read back.
-                for (b, columns) in self.columns.iter().enumerate() {
-                    let group = apply.bind(
-                        ctx.device(),
-                        &[&self.params[i][b], xb, &self.mask_buffer, columns, yb],
-                    );
-                    pass.set_bind_group(0, &group, &[]);
-                    let p = &self.plan.params[i][b];
-                    let groups = if self.plan.rows {
-                        (p.col_tiles * p.row_tiles) as usize
-                    } else {
-                        let per_thread = if self.plan.by4 { 4 } else { 1 };
-                        (p.positions as usize * p.channels as usize)
-                            .div_ceil(WG as usize * per_thread)
-                    };
-                    let (gx, gy) = grid(groups, ctx.max_groups());
-                    pass.dispatch_workgroups(gx, gy, 1);
+            ctx.scoped(self.op, || {
+                let mut encoder = ctx.encoder("batch_norm apply");
+                run.record_staged(&mut encoder, &staged);
+                #[cfg(debug_assertions)]
+                super::poison(ctx, yb, chunk.len());
+                {
+                    let xb = run.x_buffer(x);
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("batch_norm apply"),
+                        timestamp_writes: run.timer.as_ref().map(|t| t.writes()),
+                    });
+                    pass.set_pipeline(&apply.pipeline);
+                    // Every block of the chunk, so that its whole output is there to read back.
+                    for (b, columns) in run.columns.iter().enumerate() {
+                        let group = apply.bind(
+                            ctx.device(),
+                            &[&run.params[i][b], xb, &run.mask_buffer, columns, yb],
+                        );
+                        pass.set_bind_group(0, &group, &[]);
+                        let p = &run.plan.params[i][b];
+                        let groups = if run.plan.rows {
+                            (p.col_tiles * p.row_tiles) as usize
+                        } else {
+                            let per_thread = if run.plan.by4 { 4 } else { 1 };
+                            (p.positions as usize * p.channels as usize)
+                                .div_ceil(WG as usize * per_thread)
+                        };
+                        let (gx, gy) = grid(groups, ctx.max_groups());
+                        pass.dispatch_workgroups(gx, gy, 1);
+                    }
                 }
-            }
-            if let Some(staging) = &staging {
-                encoder.copy_buffer_to_buffer(yb, 0, staging, 0, (chunk.len() * 4) as u64);
-            }
-            self.submit(encoder)?;
+                if let Some(staging) = &staging {
+                    encoder.copy_buffer_to_buffer(yb, 0, staging, 0, (chunk.len() * 4) as u64);
+                }
+                run.submit(encoder);
+            })
+            .await?;
+            self.collect_time().await?;
             if let (Some(staging), Output::Host(y)) = (&staging, &mut *y) {
-                transfer::read_into(ctx, staging, &mut y[chunk])?;
+                transfer::read_into(ctx, staging, &mut y[chunk]).await?;
             }
         }
         Ok(())

@@ -3,11 +3,13 @@
 //! timing ([`super::timer`]) are its other two chores, each in its own module.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use super::pool::{Lifetime, Pool, Pooled};
 use super::shaders::{self, Def, KernelDef, Pipeline};
 use super::timer::QuerySets;
+use super::transfer;
 use crate::NormError;
 
 /// Environment variable that lowers the binding size gpunorm plans with (never above the
@@ -124,8 +126,9 @@ pub(crate) struct GpuContext {
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
     pub(super) pool: Pool,
     pub(super) query_sets: QuerySets,
-    /// Held for a whole call on the GL backend (see [`GpuContext::call`]).
-    serial: Option<Mutex<()>>,
+    /// Held for a whole call on the GL backend (see [`GpuContext::call`]); a lock that is awaited,
+    /// so a call's future stays `Send` while it holds it.
+    serial: Option<futures_intrusive::sync::Mutex<()>>,
     /// Why the device was lost, once it is (from its device-lost callback or a failed call).
     lost: Arc<Mutex<Option<String>>>,
 }
@@ -135,7 +138,7 @@ impl GpuContext {
     /// Vulkan, Metal and DX12 are tried first and GL only where they find nothing, so a machine
     /// with a primary API never opens a GL context it will not use; `WGPU_BACKEND` picks the APIs
     /// instead.
-    pub fn adapter() -> Result<wgpu::Adapter, NormError> {
+    pub async fn adapter() -> Result<wgpu::Adapter, NormError> {
         let options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),
@@ -150,7 +153,7 @@ impl GpuContext {
             let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
             desc.backends = backends;
             let instance = wgpu::Instance::new(desc);
-            match pollster::block_on(instance.request_adapter(&options)) {
+            match instance.request_adapter(&options).await {
                 Ok(adapter) => return Ok(adapter),
                 Err(e) => why.push(format!("{backends:?}: {e}")),
             }
@@ -159,19 +162,21 @@ impl GpuContext {
     }
 
     /// Opens a device on `adapter`, with every limit and the features gpunorm uses.
-    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
+    pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self, NormError> {
         // Ask for everything the adapter can address: normalization tensors are big, and the
         // defaults (128 MiB bindings) would refuse tensors the hardware handles fine. Kernel
         // times where the adapter can take timestamps; faster reductions where it has subgroups.
         let required_features =
             adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("gpunorm device"),
-            required_features,
-            required_limits: adapter.limits(),
-            ..Default::default()
-        }))
-        .map_err(|e| NormError::RequestDevice(e.to_string()))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("gpunorm device"),
+                required_features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| NormError::RequestDevice(e.to_string()))?;
         log::info!("gpunorm: {}", describe_adapter(&adapter.get_info()));
         let ctx = Self::from_device(device, queue);
         // The device is gpunorm's own, so its device-lost callback is too (a caller's device
@@ -200,7 +205,7 @@ impl GpuContext {
         let gl = device.adapter_info().backend == wgpu::Backend::Gl;
         Self {
             max_binding: planned_binding(device_binding),
-            serial: gl.then(|| Mutex::new(())),
+            serial: gl.then(|| futures_intrusive::sync::Mutex::new((), true)),
             timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroups: device.features().contains(wgpu::Features::SUBGROUP)
                 && {
@@ -257,42 +262,50 @@ impl GpuContext {
     /// (wgpu's GL device waits at most a second for its context, which a thread waiting for a
     /// long kernel holds, and then panics; elsewhere calls run side by side), and with a failure
     /// the device's loss explains reported as [`NormError::DeviceLost`].
-    pub fn call<T>(&self, op: impl FnOnce() -> Result<T, NormError>) -> Result<T, NormError> {
+    pub async fn call<T>(
+        &self,
+        op: impl Future<Output = Result<T, NormError>>,
+    ) -> Result<T, NormError> {
         self.check_alive()?;
-        let _serial: Option<MutexGuard<'_, ()>> = self
-            .serial
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        op().map_err(|e| match e {
-            NormError::Gpu { message, .. } if is_loss(&message) || self.probe_lost() => {
-                NormError::DeviceLost(self.lost().unwrap_or(message))
+        let _serial = match &self.serial {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        match op.await {
+            Err(NormError::Gpu { message, .. }) if is_loss(&message) || self.probe_lost().await => {
+                Err(NormError::DeviceLost(self.lost().unwrap_or(message)))
             }
-            e => e,
-        })
+            result => result,
+        }
     }
 
     /// After a failed call: whether the device is lost. Known from the device-lost callback of a
     /// device gpunorm opened; a caller's device is asked by mapping a small new buffer, which a
     /// working device always can.
-    fn probe_lost(&self) -> bool {
+    async fn probe_lost(&self) -> bool {
         if self.lost().is_some() {
             return true;
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let probe = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("gpunorm device probe"),
-            size: 16,
-            usage: wgpu::BufferUsages::MAP_READ,
-            mapped_at_creation: false,
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        probe.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        let polled = self.device.poll(wgpu::PollType::wait_indefinitely());
-        let mapped = rx.recv().map(|r| r.is_ok()).unwrap_or(false);
-        let invalid = pollster::block_on(scope.pop()).is_some();
-        if polled.is_ok() && mapped && !invalid {
+        let probe = self
+            .scoped("probing the device", || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("gpunorm device probe"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ,
+                    mapped_at_creation: false,
+                })
+            })
+            .await;
+        let mapped = match &probe {
+            Ok(probe) => {
+                let slice = probe.slice(..);
+                let mode = wgpu::MapMode::Read;
+                let mapped = transfer::map_slice(self, slice, mode, "probing the device").await;
+                mapped.is_ok()
+            }
+            Err(_) => false,
+        };
+        if mapped {
             return false;
         }
         let why = "it no longer maps a new buffer (destroyed or reset)".to_owned();
@@ -353,41 +366,54 @@ impl GpuContext {
 
     /// The pipeline of `kernel` composed with `defs`, built once and cached under `label` (which
     /// is also its name in a GPU debugger, e.g. "layer_norm vec4 subgroup t256 k1").
-    pub fn pipeline(
+    pub async fn pipeline(
         &self,
         label: &str,
         kernel: &KernelDef,
         defs: &[(&'static str, Def)],
     ) -> Result<Arc<Pipeline>, NormError> {
-        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = cache.get(label) {
-            return Ok(p.clone());
+        let cached = |cache: &Mutex<HashMap<String, Arc<Pipeline>>>| {
+            cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(label)
+                .cloned()
+        };
+        if let Some(p) = cached(&self.pipelines) {
+            return Ok(p);
         }
         let module = shaders::compose(kernel.source, defs).map_err(|message| NormError::Gpu {
             op: "composing a shader",
             message,
         })?;
-        let pipeline = self.scoped("building a compute pipeline", || {
-            Pipeline::new(&self.device, kernel, module, label, self.tuning.checks)
-        })?;
-        let pipeline = Arc::new(pipeline);
-        cache.insert(label.to_owned(), pipeline.clone());
-        Ok(pipeline)
+        let pipeline = self
+            .scoped("building a compute pipeline", || {
+                Pipeline::new(&self.device, kernel, module, label, self.tuning.checks)
+            })
+            .await?;
+        // Two calls may have built it side by side; both get the one cached first.
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(cache
+            .entry(label.to_owned())
+            .or_insert_with(|| Arc::new(pipeline))
+            .clone())
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes, so a wgpu error becomes a
     /// `NormError` instead of the default handler's panic.
-    pub fn scoped<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> Result<T, NormError> {
+    ///
+    /// `f` is synchronous on purpose: error scopes belong to the thread that pushed them, and an
+    /// awaiting op may resume on another thread, so every op records and submits in scoped
+    /// steps and awaits between them (a failed mapping is reported by the mapping itself).
+    pub async fn scoped<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> Result<T, NormError> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        let errors = [
-            pollster::block_on(validation.pop()),
-            pollster::block_on(oom.pop()),
-        ];
-        match errors.into_iter().flatten().next() {
-            None => Ok(value),
-            Some(e) => Err(NormError::Gpu {
+        // Both scopes are popped here, before the first await; the futures only report.
+        let (validation, oom) = (validation.pop(), oom.pop());
+        match (validation.await, oom.await) {
+            (None, None) => Ok(value),
+            (Some(e), _) | (None, Some(e)) => Err(NormError::Gpu {
                 op,
                 message: e.to_string(),
             }),
@@ -398,14 +424,6 @@ impl GpuContext {
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
         self.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
-    }
-
-    /// Blocks until the queue is idle.
-    pub fn wait(&self) -> Result<(), NormError> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| gpu_err("waiting for the GPU", e))
     }
 }
 
@@ -441,7 +459,7 @@ pub(crate) fn gpu_err(op: &'static str, e: impl std::fmt::Display) -> NormError 
 /// one, a failure with GPUNORM_REQUIRE_GPU=1.
 #[cfg(test)]
 pub(crate) fn test_device() -> Option<(wgpu::Device, wgpu::Queue)> {
-    match GpuContext::adapter() {
+    match pollster::block_on(GpuContext::adapter()) {
         Ok(adapter) => {
             Some(pollster::block_on(adapter.request_device(&Default::default())).expect("a device"))
         }
@@ -456,15 +474,22 @@ pub(crate) fn test_device() -> Option<(wgpu::Device, wgpu::Queue)> {
     }
 }
 
-/// One line naming an adapter: name, API, device type and driver.
+/// One line naming an adapter: name, API, device type and driver, leaving out what the adapter
+/// does not say (a browser's WebGPU adapter may give no name and no driver).
 pub(crate) fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
-    let driver = if info.driver_info.is_empty() {
-        info.driver.clone()
+    let name = if info.name.is_empty() {
+        "unnamed adapter"
     } else {
-        format!("{} {}", info.driver, info.driver_info)
+        &info.name
+    };
+    let driver = match (info.driver.is_empty(), info.driver_info.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!(", driver {}", info.driver),
+        (true, false) => format!(", driver {}", info.driver_info),
+        (false, false) => format!(", driver {} {}", info.driver, info.driver_info),
     };
     format!(
-        "{} ({:?}, {:?}, driver {})",
-        info.name, info.backend, info.device_type, driver
+        "{name} ({:?}, {:?}{driver})",
+        info.backend, info.device_type
     )
 }

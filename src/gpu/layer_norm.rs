@@ -113,15 +113,29 @@ impl Kernel {
         )
     }
 
-    fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
+    async fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
         let defs = [
             ("VEC4", Def::Flag(self.vec4)),
             ("SUBGROUP", Def::Flag(self.subgroup)),
             ("T", Def::U32(self.per_row)),
             ("K", Def::U32(self.held.max(1))),
         ];
-        ctx.pipeline(&self.label(), self.def(), &defs)
+        ctx.pipeline(&self.label(), self.def(), &defs).await
     }
+}
+
+/// The kernel for rows `features` wide and its pipeline, ready to [`record`].
+pub(crate) struct Prepared {
+    kernel: Kernel,
+    pipeline: Arc<Pipeline>,
+}
+
+/// Picks the kernel for rows `features` wide and builds its pipeline (once per context).
+pub(crate) async fn prepare(ctx: &GpuContext, features: usize) -> Result<Prepared, NormError> {
+    ctx.check_storage_buffers(Slot::storage_count(SLOTS), "layer_norm")?;
+    let kernel = Kernel::for_features(ctx, features);
+    let pipeline = kernel.pipeline(ctx).await?;
+    Ok(Prepared { kernel, pipeline })
 }
 
 /// Rows one dispatch may cover: bounded by the binding size, the 2-D grid and u32 indexing.
@@ -139,8 +153,13 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
     }
     let kernel = Kernel::for_features(ctx, features);
     let max_groups = ctx.max_groups();
-    Ok(((max_bytes / row_bytes) as usize)
-        .min(max_groups * max_groups * kernel.rows_per_group())
+    // Saturating: on 32-bit targets (wasm) a 65535² grid overflows usize.
+    let grid_rows = max_groups
+        .saturating_mul(max_groups)
+        .saturating_mul(kernel.rows_per_group());
+    Ok(usize::try_from(max_bytes / row_bytes)
+        .unwrap_or(usize::MAX)
+        .min(grid_rows)
         .min(u32::MAX as usize / features))
 }
 
@@ -151,20 +170,20 @@ pub(crate) struct Rows<'a> {
     pub rows: usize,
 }
 
-/// Records LayerNorm of `io` as one compute pass of `encoder`, timed by `timer` where given.
-/// The rows must fit one dispatch ([`max_rows`]); the caller has validated everything else.
+/// Records LayerNorm of `io` as one compute pass of `encoder`, with the kernel [`prepare`]d for
+/// `features`, timed by `timer` where given. The rows must fit one dispatch ([`max_rows`]); the
+/// caller has validated everything else.
 pub(crate) fn record(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     io: Rows<'_>,
     features: usize,
+    prepared: &Prepared,
     opts: &LayerNorm<'_>,
     timer: Option<&PassTimer>,
-) -> Result<(), NormError> {
+) {
     use wgpu::BufferUsages as U;
-    ctx.check_storage_buffers(Slot::storage_count(SLOTS), "layer_norm")?;
-    let kernel = Kernel::for_features(ctx, features);
-    let pipeline = kernel.pipeline(ctx)?;
+    let Prepared { kernel, pipeline } = prepared;
     let params = LayerNormParams {
         rows: io.rows as u32,
         features: features as u32,
@@ -191,65 +210,79 @@ pub(crate) fn record(
     pass.set_bind_group(0, &bind_group, &[]);
     let (gx, gy) = grid(io.rows.div_ceil(kernel.rows_per_group()), ctx.max_groups());
     pass.dispatch_workgroups(gx, gy, 1);
-    Ok(())
 }
 
 /// Runs LayerNorm of host rows on the GPU into `y`. Tensors larger than one binding go through
 /// in chunks of whole rows, each uploaded, normalized and read back in turn.
-pub(crate) fn run(
+pub(crate) async fn run(
     ctx: &GpuContext,
     x: &[f32],
     y: &mut [f32],
     features: usize,
     opts: &LayerNorm<'_>,
 ) -> Result<Timing, NormError> {
+    use wgpu::BufferUsages as U;
     let rows = x.len() / features;
     if rows == 0 {
         return Ok(Timing::default());
     }
     let chunk = max_rows(ctx, features)?.min(rows) * features;
-    ctx.scoped("layer_norm", || -> Result<_, NormError> {
-        use wgpu::BufferUsages as U;
-        let bytes = (chunk * 4) as u64;
-        let input = ctx.buffer(
-            "layer_norm x",
-            bytes,
-            U::STORAGE | U::COPY_DST,
-            Lifetime::Call,
-        );
-        let output = ctx.buffer(
-            "layer_norm y",
-            bytes,
-            U::STORAGE | U::COPY_SRC | U::COPY_DST,
-            Lifetime::Call,
-        );
-        let staging = transfer::readback_buffer(ctx, bytes);
-        let mut timer = PassTimer::new(ctx);
-        for (x, y) in x.chunks(chunk).zip(y.chunks_mut(chunk)) {
+    let bytes = (chunk * 4) as u64;
+    let prepared = prepare(ctx, features).await?;
+    let (input, output, staging, mut timer) = ctx
+        .scoped("layer_norm", || {
+            let input = ctx.buffer(
+                "layer_norm x",
+                bytes,
+                U::STORAGE | U::COPY_DST,
+                Lifetime::Call,
+            );
+            let output = ctx.buffer(
+                "layer_norm y",
+                bytes,
+                U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                Lifetime::Call,
+            );
+            let staging = transfer::readback_buffer(ctx, bytes);
+            (input, output, staging, PassTimer::new(ctx))
+        })
+        .await?;
+    for (x, y) in x.chunks(chunk).zip(y.chunks_mut(chunk)) {
+        let upload = transfer::stage(ctx, x).await?;
+        ctx.scoped("layer_norm", || {
             #[cfg(debug_assertions)]
             super::poison(ctx, &output, x.len());
             let mut encoder = ctx.encoder("layer_norm");
-            let _upload = transfer::upload(ctx, &mut encoder, &input, x)?;
+            upload.record(&mut encoder, &input);
             let io = Rows {
                 x: &input,
                 y: &output,
                 rows: x.len() / features,
             };
-            record(ctx, &mut encoder, io, features, opts, timer.as_ref())?;
+            record(
+                ctx,
+                &mut encoder,
+                io,
+                features,
+                &prepared,
+                opts,
+                timer.as_ref(),
+            );
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
             encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, (x.len() * 4) as u64);
             ctx.queue().submit([encoder.finish()]);
-            transfer::read_into(ctx, &staging, y)?;
-            if let Some(t) = &mut timer {
-                t.collect()?;
-            }
-        }
-        Ok(Timing {
-            kernel: timer::total(&timer),
         })
-    })?
+        .await?;
+        transfer::read_into(ctx, &staging, y).await?;
+        if let Some(t) = &mut timer {
+            t.collect().await?;
+        }
+    }
+    Ok(Timing {
+        kernel: timer::total(&timer),
+    })
 }
 
 #[cfg(test)]

@@ -18,17 +18,17 @@ use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
 impl Backend for GpuContext {
-    fn layer_norm(
+    async fn layer_norm(
         &self,
         x: &[f32],
         y: &mut [f32],
         features: usize,
         opts: &LayerNorm<'_>,
     ) -> Result<Timing, NormError> {
-        self.call(|| layer_norm::run(self, x, y, features, opts))
+        self.call(layer_norm::run(self, x, y, features, opts)).await
     }
 
-    fn batch_norm_train(
+    async fn batch_norm_train(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -37,10 +37,11 @@ impl Backend for GpuContext {
         counted: Counted,
     ) -> Result<(BatchStats, Timing), NormError> {
         let io = (batch_norm::Input::Host(x), batch_norm::Output::Host(y));
-        self.call(|| batch_norm::train(self, io.0, io.1, shape, opts, counted))
+        self.call(batch_norm::train(self, io.0, io.1, shape, opts, counted))
+            .await
     }
 
-    fn batch_norm_eval(
+    async fn batch_norm_eval(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -49,7 +50,8 @@ impl Backend for GpuContext {
         stats: &RunningStats,
     ) -> Result<Timing, NormError> {
         let io = (batch_norm::Input::Host(x), batch_norm::Output::Host(y));
-        self.call(|| batch_norm::eval(self, io.0, io.1, shape, opts, stats))
+        self.call(batch_norm::eval(self, io.0, io.1, shape, opts, stats))
+            .await
     }
 }
 
@@ -138,7 +140,7 @@ mod tests {
                 ] {
                     let mut y = vec![0f32; x.len()];
                     let ln = LayerNorm::default();
-                    ctx.layer_norm(&x, &mut y, features, &ln).unwrap();
+                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &ln)).unwrap();
                     let err = reference::max_error(&y, &reference::layer_norm(&x, features, &ln));
                     assert!(err < tol, "{tuning:?} LN {rows}x{features}: {err:e}");
 
@@ -149,7 +151,7 @@ mod tests {
                     };
                     let shape = Shape::features_last(x.len(), features).unwrap();
                     let counted = validate_training(&shape, &bn).unwrap();
-                    ctx.batch_norm_train(&x, &mut y, &shape, &bn, counted)
+                    pollster::block_on(ctx.batch_norm_train(&x, &mut y, &shape, &bn, counted))
                         .unwrap();
                     let expected = reference::batch_norm_train(&x, features, &bn).0;
                     let err = reference::max_error(&y, &expected);

@@ -100,7 +100,7 @@ impl GpuTensor {
 
 /// Copies `data` into a new GPU tensor of rows `features` wide where given, without waiting for
 /// the copy.
-pub(crate) fn upload(
+pub(crate) async fn upload(
     ctx: &GpuContext,
     data: &[f32],
     features: Option<usize>,
@@ -113,27 +113,27 @@ pub(crate) fn upload(
             limit: ctx.max_binding_bytes(),
         });
     }
-    ctx.scoped("upload", || -> Result<GpuTensor, NormError> {
+    let staged = transfer::stage(ctx, data).await?;
+    ctx.scoped("upload", || {
         let tensor = GpuTensor::new(ctx, data.len(), features);
         let mut encoder = ctx.encoder("gpunorm upload");
-        let _staging = transfer::upload(ctx, &mut encoder, &tensor.buffer, data)?;
+        staged.record(&mut encoder, &tensor.buffer);
         ctx.queue().submit([encoder.finish()]);
-        Ok(tensor)
-    })?
+        tensor
+    })
+    .await
 }
 
 /// Reads a GPU tensor back (waits for the work that writes it).
-pub(crate) fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+pub(crate) async fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
     tensor.check_owner(ctx, "tensor")?;
     let mut out = vec![0f32; tensor.len];
-    ctx.scoped("download", || {
-        transfer::download(ctx, &tensor.buffer, &mut out)
-    })??;
+    transfer::download(ctx, &tensor.buffer, &mut out).await?;
     Ok(out)
 }
 
 /// LayerNorm of a tensor of `rows` rows into a new tensor, without waiting.
-pub(crate) fn layer_norm(
+pub(crate) async fn layer_norm(
     ctx: &GpuContext,
     x: &GpuTensor,
     rows: usize,
@@ -145,7 +145,8 @@ pub(crate) fn layer_norm(
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    ctx.scoped("layer_norm_gpu", || -> Result<GpuTensor, NormError> {
+    let prepared = layer_norm::prepare(ctx, features).await?;
+    ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features));
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
@@ -154,15 +155,16 @@ pub(crate) fn layer_norm(
                 y: &y.buffer,
                 rows,
             };
-            layer_norm::record(ctx, &mut encoder, io, features, opts, None)?;
+            layer_norm::record(ctx, &mut encoder, io, features, &prepared, opts, None);
             ctx.queue().submit([encoder.finish()]);
         }
-        Ok(y)
-    })?
+        y
+    })
+    .await
 }
 
 /// BatchNorm training of a tensor into a new one; waits, for the statistics.
-pub(crate) fn batch_norm_train(
+pub(crate) async fn batch_norm_train(
     ctx: &GpuContext,
     x: &GpuTensor,
     shape: &Shape,
@@ -171,16 +173,18 @@ pub(crate) fn batch_norm_train(
 ) -> Result<(GpuTensor, BatchStats), NormError> {
     x.check_owner(ctx, "x")?;
     x.check_features(shape.channels)?;
-    let y = ctx.scoped("batch_norm_train_gpu", || {
-        GpuTensor::new(ctx, x.len, Some(shape.channels))
-    })?;
+    let y = ctx
+        .scoped("batch_norm_train_gpu", || {
+            GpuTensor::new(ctx, x.len, Some(shape.channels))
+        })
+        .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
-    let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted)?;
+    let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted).await?;
     Ok((y, stats))
 }
 
 /// BatchNorm eval of a tensor into a new one, without waiting.
-pub(crate) fn batch_norm_eval(
+pub(crate) async fn batch_norm_eval(
     ctx: &GpuContext,
     x: &GpuTensor,
     shape: &Shape,
@@ -189,16 +193,18 @@ pub(crate) fn batch_norm_eval(
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
     x.check_features(shape.channels)?;
-    let y = ctx.scoped("batch_norm_eval_gpu", || {
-        GpuTensor::new(ctx, x.len, Some(shape.channels))
-    })?;
+    let y = ctx
+        .scoped("batch_norm_eval_gpu", || {
+            GpuTensor::new(ctx, x.len, Some(shape.channels))
+        })
+        .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
-    batch_norm::eval(ctx, io.0, io.1, shape, opts, stats)?;
+    batch_norm::eval(ctx, io.0, io.1, shape, opts, stats).await?;
     Ok(y)
 }
 
 /// Records LayerNorm of the first `len` values of the caller's `x` into the caller's `y`.
-pub(crate) fn encode_layer_norm(
+pub(crate) async fn encode_layer_norm(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     (x, y): (&wgpu::Buffer, &wgpu::Buffer),
@@ -219,9 +225,12 @@ pub(crate) fn encode_layer_norm(
     if rows == 0 {
         return Ok(());
     }
+    let prepared = layer_norm::prepare(ctx, features).await?;
     ctx.scoped("encode_layer_norm", || {
-        layer_norm::record(ctx, encoder, Rows { x, y, rows }, features, opts, None)
-    })?
+        let io = Rows { x, y, rows };
+        layer_norm::record(ctx, encoder, io, features, &prepared, opts, None)
+    })
+    .await
 }
 
 /// Checks that a caller's buffers can carry `len` values of a `features`-wide tensor in one

@@ -92,9 +92,9 @@ impl<'a> PassTimer<'a> {
     }
 
     /// Reads the pass's timestamps after its submission and adds them to the total.
-    pub fn collect(&mut self) -> Result<(), NormError> {
+    pub async fn collect(&mut self) -> Result<(), NormError> {
         let mut ticks = [0u64; 2];
-        transfer::read_into(self.ctx, &self.staging, &mut ticks)?;
+        transfer::read_into(self.ctx, &self.staging, &mut ticks).await?;
         let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.period_ns;
         self.total += Duration::from_nanos(ns as u64);
         Ok(())

@@ -1,7 +1,8 @@
 //! Moving f32 tensors between host slices and the GPU: through pooled staging buffers that are
 //! already mapped, copied in pieces on every core when large.
-
-use std::sync::mpsc;
+//!
+//! [`map_slice`] is the one place gpunorm waits for the GPU: every readback, every reused upload
+//! buffer and every timestamp goes through it.
 
 use rayon::prelude::*;
 
@@ -15,38 +16,45 @@ use crate::NormError;
 const PARALLEL_COPY: usize = 4 << 20;
 const COPY_PIECE: usize = 1 << 20;
 
-/// Records a copy of `data` into `dst` (from offset 0) into `encoder`, through a pooled staging
-/// buffer that is mapped already or mapped now: no fresh host allocation per call. The returned
-/// guard must live until the encoder's work has been submitted; whoever takes the buffer next maps
-/// it first, and wgpu maps a buffer only once the GPU is done with it.
-pub(crate) fn upload<'a, T: bytemuck::Pod>(
+/// A pooled staging buffer holding a copy of `data`, ready for [`Staged::record`]: mapped
+/// already (new) or mapped now (reused, once the GPU is done with it). No fresh host allocation
+/// per call.
+pub(crate) async fn stage<'a, T: bytemuck::Pod>(
     ctx: &'a GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
-    dst: &wgpu::Buffer,
     data: &[T],
-) -> Result<Pooled<'a>, NormError> {
+) -> Result<Staged<'a>, NormError> {
     use wgpu::BufferUsages as U;
     let bytes = std::mem::size_of_val(data) as u64;
-    let staging = ctx.buffer(
+    let buffer = ctx.buffer(
         "gpunorm upload",
         bytes,
         U::MAP_WRITE | U::COPY_SRC,
         Lifetime::Call,
     );
-    if !staging.is_new {
-        map(
-            ctx,
-            &staging,
-            wgpu::MapMode::Write,
-            "mapping an upload buffer",
-        )?;
+    if !buffer.is_new {
+        let slice = buffer.slice(..);
+        map_slice(ctx, slice, wgpu::MapMode::Write, "mapping an upload buffer").await?;
     }
-    write_mapped(&staging, bytemuck::cast_slice(data))?;
-    staging.unmap();
-    if bytes > 0 {
-        encoder.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
+    write_mapped(&buffer, bytemuck::cast_slice(data))?;
+    buffer.unmap();
+    Ok(Staged { buffer, bytes })
+}
+
+/// Data on its way to the device, in a staging buffer ([`stage`]).
+pub(crate) struct Staged<'a> {
+    buffer: Pooled<'a>,
+    bytes: u64,
+}
+
+impl Staged<'_> {
+    /// Records the copy of the staged data to the start of `dst` into `encoder`. The staging
+    /// buffer must live until the encoder's work has been submitted; whoever takes it from the
+    /// pool next maps it first, and wgpu maps a buffer only once the GPU is done with it.
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder, dst: &wgpu::Buffer) {
+        if self.bytes > 0 {
+            encoder.copy_buffer_to_buffer(&self.buffer, 0, dst, 0, self.bytes);
+        }
     }
-    Ok(staging)
 }
 
 /// A `MAP_READ` staging buffer for reading back `bytes` bytes.
@@ -60,26 +68,31 @@ pub(crate) fn readback_buffer(ctx: &GpuContext, bytes: u64) -> Pooled<'_> {
     )
 }
 
-/// Copies the first `out.len()` f32 of the device buffer `src` into `out`, waiting for the work
-/// that writes it.
-pub(crate) fn download(
+/// Copies the first `out.len()` f32 of the device buffer `src` into `out`, once the work that
+/// writes it is done.
+pub(crate) async fn download(
     ctx: &GpuContext,
     src: &wgpu::Buffer,
     out: &mut [f32],
 ) -> Result<(), NormError> {
     let bytes = std::mem::size_of_val(out) as u64;
-    let staging = readback_buffer(ctx, bytes);
-    let mut encoder = ctx.encoder("gpunorm download");
-    if bytes > 0 {
-        encoder.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
-    }
-    ctx.queue().submit([encoder.finish()]);
-    read_into(ctx, &staging, out)
+    let staging = ctx
+        .scoped("download", || {
+            let staging = readback_buffer(ctx, bytes);
+            let mut encoder = ctx.encoder("gpunorm download");
+            if bytes > 0 {
+                encoder.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
+            }
+            ctx.queue().submit([encoder.finish()]);
+            staging
+        })
+        .await?;
+    read_into(ctx, &staging, out).await
 }
 
-/// Waits for all submitted work and copies the first `out.len()` values of the mappable
-/// `staging` buffer into `out`.
-pub(crate) fn read_into<T: bytemuck::Pod>(
+/// Copies the first `out.len()` values of the mappable `staging` buffer into `out`, once the
+/// work submitted before is done.
+pub(crate) async fn read_into<T: bytemuck::Pod>(
     ctx: &GpuContext,
     staging: &wgpu::Buffer,
     out: &mut [T],
@@ -89,7 +102,7 @@ pub(crate) fn read_into<T: bytemuck::Pod>(
         return Ok(());
     }
     let slice = staging.slice(..bytes);
-    map_slice(ctx, slice, wgpu::MapMode::Read, "reading back")?;
+    map_slice(ctx, slice, wgpu::MapMode::Read, "reading back").await?;
     {
         let view = slice
             .get_mapped_range()
@@ -100,30 +113,40 @@ pub(crate) fn read_into<T: bytemuck::Pod>(
     Ok(())
 }
 
-fn map(
-    ctx: &GpuContext,
-    buffer: &wgpu::Buffer,
-    mode: wgpu::MapMode,
-    op: &'static str,
-) -> Result<(), NormError> {
-    map_slice(ctx, buffer.slice(..), mode, op)
-}
-
-/// Maps `slice`, waiting for the GPU to finish the work that uses it.
-fn map_slice(
+/// Maps `slice` once the GPU has finished the work that uses it: the one wait of gpunorm.
+///
+/// wgpu reports the mapping through a callback, which sends its result down a oneshot channel
+/// that this awaits. On the web the browser runs the callback when the GPU is done, and the
+/// await yields to its event loop meanwhile. Natively wgpu runs callbacks only when the device is
+/// polled, so this polls it until the queue is idle first, holding the calling thread while the
+/// GPU works, and the channel then holds the result already.
+pub(crate) async fn map_slice(
     ctx: &GpuContext,
     slice: wgpu::BufferSlice<'_>,
     mode: wgpu::MapMode,
     op: &'static str,
 ) -> Result<(), NormError> {
-    let (tx, rx) = mpsc::channel();
-    slice.map_async(mode, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait()?;
-    rx.recv()
-        .map_err(|e| gpu_err(op, e))?
-        .map_err(|e| gpu_err(op, e))
+    let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+    // A buffer that cannot be mapped (a lost device) is a validation error, caught here.
+    ctx.scoped(op, || {
+        slice.map_async(mode, move |r| {
+            let _ = tx.send(r);
+        })
+    })
+    .await?;
+    #[cfg(not(target_arch = "wasm32"))]
+    ctx.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| gpu_err("waiting for the GPU", e))?;
+    #[cfg(target_arch = "wasm32")]
+    let _ = ctx;
+    match rx.receive().await {
+        Some(mapped) => mapped.map_err(|e| gpu_err(op, e)),
+        None => Err(gpu_err(
+            op,
+            "wgpu dropped the mapping callback without calling it",
+        )),
+    }
 }
 
 /// Copies `src` to the start of the mapped buffer `dst`, in pieces of `COPY_PIECE` on the rayon

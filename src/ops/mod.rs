@@ -20,10 +20,11 @@ pub struct Timing {
 }
 
 /// The ops every backend runs on host slices. Inputs arrive validated (shapes, lengths, eps,
-/// mask, `y.len() == x.len()`); a backend only computes, or reports a device failure.
+/// mask, `y.len() == x.len()`); a backend only computes, or reports a device failure. The ops
+/// are async: the GPU awaits its readbacks, and the CPU fallback finishes on the first poll.
 pub(crate) trait Backend: Send + Sync {
     /// LayerNorm of every `features`-long row of `x` into `y`.
-    fn layer_norm(
+    async fn layer_norm(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -32,7 +33,7 @@ pub(crate) trait Backend: Send + Sync {
     ) -> Result<Timing, NormError>;
 
     /// BatchNorm training: batch statistics over the counted positions, then `y`.
-    fn batch_norm_train(
+    async fn batch_norm_train(
         &self,
         x: &[f32],
         y: &mut [f32],
@@ -42,7 +43,7 @@ pub(crate) trait Backend: Send + Sync {
     ) -> Result<(BatchStats, Timing), NormError>;
 
     /// BatchNorm eval: one elementwise pass with the running statistics.
-    fn batch_norm_eval(
+    async fn batch_norm_eval(
         &self,
         x: &[f32],
         y: &mut [f32],

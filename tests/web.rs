@@ -1,0 +1,249 @@
+//! gpunorm in a real browser: LayerNorm and BatchNorm on WebGPU and on the wasm CPU fallback,
+//! checked against the f64 reference inside the page, and bad input giving the same errors as
+//! natively. Run by `scripts/browser_test.sh` (wasm-bindgen-test in headless Chromium).
+//!
+//! Built with GPUNORM_REQUIRE_GPU=1 (as the script does), a browser without a WebGPU adapter
+//! fails the GPU tests; otherwise they print SKIPPED.
+#![cfg(target_arch = "wasm32")]
+
+use gpunorm::reference::{self, max_error};
+use gpunorm::{BatchNorm, LayerNorm, NormError, Normalizer, RunningStats};
+use wasm_bindgen_test::{console_log, wasm_bindgen_test, wasm_bindgen_test_configure};
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+/// The browser's WebGPU adapter, or None with a loud SKIPPED.
+async fn gpu() -> Option<Normalizer> {
+    match Normalizer::gpu_async().await {
+        Ok(norm) => {
+            console_log!("GPU: {}", norm.describe());
+            Some(norm)
+        }
+        Err(e) if option_env!("GPUNORM_REQUIRE_GPU") == Some("1") => {
+            panic!("GPUNORM_REQUIRE_GPU=1 at build time but no WebGPU adapter: {e}")
+        }
+        Err(e) => {
+            console_log!("SKIPPED (GPU part): no WebGPU adapter: {e}");
+            None
+        }
+    }
+}
+
+/// `n` values spread uniformly over mean ± spread, the same for the same seed (xorshift: no
+/// `rand` in the browser build).
+fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let unit = (state >> 40) as f32 / (1u64 << 24) as f32;
+            mean + spread * (2.0 * unit - 1.0)
+        })
+        .collect()
+}
+
+/// Rows of 1, 3, 768 and 4097 features (scalar and vec4 kernels, held and looped), ordinary
+/// data and offset data with a tiny spread, with and without gamma and beta.
+async fn check_layer_norm(norm: &Normalizer) {
+    for (rows, features) in [(5, 1), (7, 3), (33, 768), (3, 4097)] {
+        for (mean, spread) in [(0.0, 1.0), (1e4, 1e-2)] {
+            let x = data(rows * features, mean, spread, features as u64);
+            let gamma = data(features, 1.0, 0.5, 1);
+            let beta = data(features, 0.0, 0.5, 2);
+            for opts in [
+                LayerNorm::default(),
+                LayerNorm {
+                    gamma: Some(&gamma),
+                    beta: Some(&beta),
+                    ..Default::default()
+                },
+            ] {
+                let y = norm.layer_norm_async(&x, features, &opts).await.unwrap();
+                let err = max_error(&y, &reference::layer_norm(&x, features, &opts));
+                // Tolerances of tests/layer_norm.rs: 1e-4 on ordinary data, 1e-3 on offset rows.
+                let tol = if mean == 0.0 { 1e-4 } else { 1e-3 };
+                assert!(
+                    err < tol,
+                    "{rows}x{features} mean {mean}: error {err:e} on {}",
+                    norm.describe()
+                );
+            }
+        }
+    }
+}
+
+/// Training with a padding mask (statistics, masked rows 0), then eval with running statistics
+/// updated from it, on features-last tensors of both BatchNorm kernel families (features % 4).
+async fn check_batch_norm(norm: &Normalizer) {
+    for (rows, features) in [(64, 3), (300, 16), (97, 768)] {
+        let x = data(rows * features, 5.0, 2.0, rows as u64);
+        let mask: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+        let gamma = data(features, 1.0, 0.5, 3);
+        let opts = BatchNorm {
+            mask: Some(&mask),
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let out = norm
+            .batch_norm_train_async(&x, features, &opts)
+            .await
+            .unwrap();
+        let (y, mean, var, count) = reference::batch_norm_train(&x, features, &opts);
+        assert_eq!(out.count, count);
+        // Tolerances (relative past 1, as max_error measures): 1e-4 on outputs as in
+        // tests/batch_norm.rs, 1e-5 on the statistics.
+        let err = max_error(&out.y, &y);
+        assert!(err < 1e-4, "train {rows}x{features}: error {err:e}");
+        assert!(max_error(&out.mean, &mean) < 1e-5);
+        assert!(max_error(&out.var, &var) < 1e-5);
+        for r in (0..rows).filter(|r| !mask[*r]) {
+            assert!(out.y[r * features..(r + 1) * features]
+                .iter()
+                .all(|&v| v == 0.0));
+        }
+
+        let mut running = RunningStats::new(features);
+        running.update(&out).unwrap();
+        let y = norm
+            .batch_norm_eval_async(&x, features, &opts, &running)
+            .await
+            .unwrap();
+        let mean: Vec<f64> = running.mean.iter().map(|&m| m as f64).collect();
+        let var: Vec<f64> = running.var.iter().map(|&v| v as f64).collect();
+        let expected = reference::batch_norm_apply(&x, features, &mean, &var, &opts);
+        let err = max_error(&y, &expected);
+        assert!(err < 1e-4, "eval {rows}x{features}: error {err:e}");
+    }
+}
+
+/// Bad input is the same `NormError` on every backend, and nothing panics.
+async fn check_errors(norm: &Normalizer) {
+    let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let ln = LayerNorm::default();
+    assert_eq!(
+        norm.layer_norm_async(&x, 0, &ln).await,
+        Err(NormError::ZeroFeatures)
+    );
+    assert_eq!(
+        norm.layer_norm_async(&x, 4, &ln).await,
+        Err(NormError::LengthNotMultiple {
+            len: 6,
+            features: 4
+        })
+    );
+    let gamma = [1.0f32; 2];
+    let opts = LayerNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.layer_norm_async(&x, 3, &opts).await,
+        Err(NormError::ParamLength { name: "gamma", .. })
+    ));
+    let opts = LayerNorm {
+        eps: f32::NAN,
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.layer_norm_async(&x, 3, &opts).await,
+        Err(NormError::InvalidEps(_))
+    ));
+    let mask = [false, false];
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.batch_norm_train_async(&x, 3, &opts).await,
+        Err(NormError::EmptyBatch { .. })
+    ));
+    let mask = [true; 3];
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.batch_norm_train_async(&x, 3, &opts).await,
+        Err(NormError::MaskLength { len: 3, rows: 2 })
+    ));
+    let mut y = [0f32; 5];
+    assert!(matches!(
+        norm.layer_norm_into_async(&x, 3, &ln, &mut y).await,
+        Err(NormError::OutputLength { .. })
+    ));
+}
+
+#[wasm_bindgen_test]
+async fn layer_norm_on_webgpu() {
+    if let Some(norm) = gpu().await {
+        assert!(norm.is_gpu());
+        check_layer_norm(&norm).await;
+    }
+}
+
+#[wasm_bindgen_test]
+async fn layer_norm_on_the_cpu_fallback() {
+    check_layer_norm(&Normalizer::cpu()).await;
+}
+
+#[wasm_bindgen_test]
+async fn batch_norm_on_webgpu() {
+    if let Some(norm) = gpu().await {
+        check_batch_norm(&norm).await;
+    }
+}
+
+#[wasm_bindgen_test]
+async fn batch_norm_on_the_cpu_fallback() {
+    check_batch_norm(&Normalizer::cpu()).await;
+}
+
+#[wasm_bindgen_test]
+async fn gpu_tensors_chain_on_webgpu() {
+    let Some(norm) = gpu().await else { return };
+    let (rows, features) = (40, 64);
+    let x = data(rows * features, 0.0, 1.0, 9);
+    let t = norm.upload_rows_async(&x, features).await.unwrap();
+    let once = norm
+        .layer_norm_gpu_async(&t, features, &LayerNorm::default())
+        .await
+        .unwrap();
+    let y = norm.download_async(&once).await.unwrap();
+    let err = max_error(
+        &y,
+        &reference::layer_norm(&x, features, &LayerNorm::default()),
+    );
+    assert!(err < 1e-4, "error {err:e}");
+}
+
+#[wasm_bindgen_test]
+async fn bad_input_gives_errors_on_webgpu() {
+    if let Some(norm) = gpu().await {
+        check_errors(&norm).await;
+    }
+}
+
+#[wasm_bindgen_test]
+async fn bad_input_gives_errors_on_the_cpu_fallback() {
+    check_errors(&Normalizer::cpu()).await;
+}
+
+/// A browser thread cannot block: the synchronous API refuses GPU work with an error that names
+/// the async form, and runs the CPU fallback as natively.
+#[wasm_bindgen_test]
+async fn synchronous_calls_explain_themselves() {
+    let x = [1.0f32, 2.0, 3.0];
+    assert_eq!(
+        Normalizer::new().unwrap_err(),
+        NormError::NeedsAwait("Normalizer::new")
+    );
+    let cpu = Normalizer::cpu().layer_norm(&x, 3, &LayerNorm::default());
+    assert!(cpu.is_ok_and(|y| (y[2] - 1.2247).abs() < 1e-3));
+    if let Some(norm) = gpu().await {
+        let err = norm.layer_norm(&x, 3, &LayerNorm::default()).unwrap_err();
+        assert_eq!(err, NormError::NeedsAwait("layer_norm"));
+        assert!(err.to_string().contains("layer_norm_async"));
+    }
+}
