@@ -1,10 +1,12 @@
-//! LayerNorm end to end (upload, kernel, readback for the GPU), CPU fallback against GPU, and on a
-//! tensor already on the GPU, with byte throughput (input read once + output written once).
-//! Names: `{cpu,gpu,gpu_resident}/layer_norm/{rows}x{features}`.
+//! LayerNorm and RMSNorm (the same family and kernels) end to end (upload, kernel, readback for
+//! the GPU), CPU fallback against GPU, and LayerNorm on a tensor already on the GPU, with byte
+//! throughput (input read once + output written once).
+//! Names: `{cpu,gpu}/{layer_norm,rms_norm}/{rows}x{features}`,
+//! `gpu_resident/layer_norm/{rows}x{features}`.
 //! The GPU part runs where an adapter exists; on llvmpipe it measures regressions, not speed.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gpunorm::{LayerNorm, Normalizer};
+use gpunorm::{LayerNorm, Normalizer, RmsNorm};
 
 const SHAPES: &[(usize, usize)] = &[(4096, 768), (16384, 1024), (1024, 4097), (200_000, 3)];
 
@@ -16,23 +18,28 @@ fn layer_norm(c: &mut Criterion) {
     let backends = [Some(Normalizer::cpu()), gpu];
     for norm in backends.iter().flatten() {
         let backend = if norm.is_gpu() { "gpu" } else { "cpu" };
-        let mut group = c.benchmark_group(format!("{backend}/layer_norm"));
-        group.sample_size(10);
-        for &(rows, features) in SHAPES {
-            let x: Vec<f32> = (0..rows * features)
-                .map(|i| (i % 251) as f32 * 0.01)
-                .collect();
-            group.throughput(Throughput::Bytes((2 * x.len() * 4) as u64));
-            let opts = LayerNorm::default();
-            // Build the pipeline outside the timed region; the result is read back inside it.
-            norm.layer_norm(&x[..features], features, &opts).unwrap();
-            group.bench_with_input(
-                BenchmarkId::from_parameter(format!("{rows}x{features}")),
-                &x,
-                |b, x| b.iter(|| norm.layer_norm(x, features, &opts).unwrap()),
-            );
+        for op in ["layer_norm", "rms_norm"] {
+            let mut group = c.benchmark_group(format!("{backend}/{op}"));
+            group.sample_size(10);
+            for &(rows, features) in SHAPES {
+                let x: Vec<f32> = (0..rows * features)
+                    .map(|i| (i % 251) as f32 * 0.01)
+                    .collect();
+                group.throughput(Throughput::Bytes((2 * x.len() * 4) as u64));
+                let run = |x: &[f32]| match op {
+                    "layer_norm" => norm.layer_norm(x, features, &LayerNorm::default()),
+                    _ => norm.rms_norm(x, features, &RmsNorm::default()),
+                };
+                // Build the pipeline outside the timed region; the result is read back inside.
+                run(&x[..features]).unwrap();
+                group.bench_with_input(
+                    BenchmarkId::from_parameter(format!("{rows}x{features}")),
+                    &x,
+                    |b, x| b.iter(|| run(x).unwrap()),
+                );
+            }
+            group.finish();
         }
-        group.finish();
     }
     if let Some(gpu) = backends[1].as_ref() {
         device_resident(c, gpu);

@@ -1,4 +1,6 @@
-// LayerNorm forward: y = (x - mean) / sqrt(var + eps) * gamma + beta over each row.
+// LayerNorm forward: y = (x - mean) / sqrt(var + eps) * gamma + beta over each row; with the
+// shader def RMS, RMSNorm: y = x / sqrt(mean(x^2) + eps) * gamma, the same kernels with no shift
+// and no mean (one reduction instead of two).
 //
 // Algorithm: shifted two-pass statistics. Every value is first shifted by the row's first element,
 // d = x - x[0], which is exact for offset data (Sterbenz), so the mean of d, the variance around
@@ -21,7 +23,7 @@
 // Shader defs (src/gpu/layer_norm.rs picks them): T, threads per row (a power of two, at most
 // WG); K, elements each thread holds in `layer_norm_held`; VEC4 for rows whose length is a
 // multiple of 4 (every load and store moves a vec4), f32 elements otherwise; SUBGROUP for the
-// subgroup workgroup sum (see gpunorm::reduce).
+// subgroup workgroup sum (see gpunorm::reduce); RMS for RMSNorm.
 
 #import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA}
 #import gpunorm::reduce::{Invocation, workgroup_sum}
@@ -157,6 +159,10 @@ fn rescale(total: f32, var_: f32) -> f32 {
 fn serial_stats(base: u32, s: f32) -> vec3<f32> {
     let n = params.features / W;
     let count = f32(params.features);
+#ifdef RMS
+    let shift = 0.0;
+    let mean_d = 0.0;
+#else
     let shift = first(x[base]) * s;
     var sum = 0.0;
     for (var run = 0u; run < n; run += RUN) {
@@ -167,6 +173,7 @@ fn serial_stats(base: u32, s: f32) -> vec3<f32> {
         sum += part;
     }
     let mean_d = sum / count;
+#endif
     var sq = 0.0;
     for (var run = 0u; run < n; run += RUN) {
         var part = 0.0;
@@ -196,9 +203,11 @@ fn layer_norm_held(
     let n = params.features / W;
     let base = row * n;
     var shift = 0.0;
+#ifndef RMS
     if live {
         shift = first(x[base]);
     }
+#endif
     let count = f32(params.features);
 
     // All K loads are issued before any arithmetic waits on them.
@@ -209,6 +218,20 @@ fn layer_norm_held(
             held[j] = x[base + i];
         }
     }
+#ifdef RMS
+    // The flag rides on the sum of squares: a flagged thread adds at least 2^110, past what
+    // values under 2^50 can reach in most rows (rows that do reach it are redone, also exactly).
+    var sq = 0.0;
+    var big = false;
+    for (var j = 0u; j < K; j++) {
+        if live && lane + j * T < n {
+            sq += hsum(held[j] * held[j]);
+            big = big || too_big(held[j]);
+        }
+    }
+    let total = row_sum(inv, flagged(sq, big));
+    var var_ = total / count;
+#else
     var sum = 0.0;
     var big = abs(shift) > BIG_SHIFT;
     for (var j = 0u; j < K; j++) {
@@ -229,6 +252,7 @@ fn layer_norm_held(
         }
     }
     var var_ = row_sum(inv, sq) / count;
+#endif
     var eps = params.eps;
     let s = rescale(total, var_);
     if live && s != 1.0 {
@@ -257,12 +281,17 @@ fn layer_norm_held(
 fn looped_stats(inv: Invocation, base: u32, s: f32) -> vec3<f32> {
     let n = params.features / W;
     let count = f32(params.features);
+#ifdef RMS
+    let shift = 0.0;
+    let mean_d = 0.0;
+#else
     let shift = first(x[base]) * s;
     var sum = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
         sum += hsum(x[base + i] * s - shift);
     }
     let mean_d = workgroup_sum(inv, sum) / count;
+#endif
 
     var sq = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
@@ -284,9 +313,22 @@ fn layer_norm(
     }
     let n = params.features / W;
     let base = row * n;
-    let shift = first(x[base]);
     let count = f32(params.features);
 
+#ifdef RMS
+    let shift = 0.0;
+    let mean_d = 0.0;
+    var sq = 0.0;
+    var big = false;
+    for (var i = inv.lid; i < n; i += WG) {
+        let v = x[base + i];
+        sq += hsum(v * v);
+        big = big || too_big(v);
+    }
+    let total = workgroup_sum(inv, flagged(sq, big));
+    let var_ = total / count;
+#else
+    let shift = first(x[base]);
     var sum = 0.0;
     var big = abs(shift) > BIG_SHIFT;
     for (var i = inv.lid; i < n; i += WG) {
@@ -303,6 +345,7 @@ fn layer_norm(
         sq += hsum(c * c);
     }
     let var_ = workgroup_sum(inv, sq) / count;
+#endif
 
     // One row per workgroup: every thread takes the same branch, so the rare path's sums (with
     // barriers) run in uniform control flow.

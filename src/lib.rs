@@ -1,5 +1,5 @@
-//! gpunorm normalizes large f32 batches — LayerNorm over each row, BatchNorm over each feature
-//! (training with masks and running statistics, and eval) — with WGSL compute shaders on any GPU
+//! gpunorm normalizes large f32 batches — LayerNorm and RMSNorm over each row, BatchNorm over
+//! each feature (training with masks and running statistics, and eval) — with WGSL compute shaders on any GPU
 //! that wgpu reaches (Vulkan, Metal, DX12, GL), and falls back to a parallel CPU path where no GPU
 //! exists. Every result of every backend is tested against the f64 [`reference`](mod@reference).
 //!
@@ -62,6 +62,7 @@ pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, RunningStats,
 };
 pub use ops::layer_norm::LayerNorm;
+pub use ops::rms_norm::RmsNorm;
 pub use ops::Timing;
 
 /// The README's example, compiled and run as a doctest so it cannot go stale.

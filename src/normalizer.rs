@@ -10,10 +10,11 @@ use crate::cpu::Cpu;
 use crate::gpu::tensor::{self, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
-use crate::ops::{check_output, layer_norm, new_output, Backend};
+use crate::ops::layer_norm::RowNorm;
+use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
-    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, NormError, RunningStats,
-    Timing,
+    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, NormError, RmsNorm,
+    RunningStats, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -39,11 +40,11 @@ impl Engine {
         x: &[f32],
         y: &mut [f32],
         features: usize,
-        opts: &LayerNorm<'_>,
+        (opts, kind): (&LayerNorm<'_>, RowNorm),
     ) -> Result<Timing, NormError> {
         match self {
-            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts).await,
-            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts).await,
+            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind).await,
+            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind).await,
         }
     }
 
@@ -287,7 +288,8 @@ impl Normalizer {
     ) -> Result<Vec<f32>, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         let mut y = new_output(x.len());
-        self.engine.layer_norm(x, &mut y, features, opts).await?;
+        let op = (opts, RowNorm::Layer);
+        self.engine.layer_norm(x, &mut y, features, op).await?;
         Ok(y)
     }
 
@@ -314,7 +316,76 @@ impl Normalizer {
     ) -> Result<Timing, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
-        self.engine.layer_norm(x, y, features, opts).await
+        let op = (opts, RowNorm::Layer);
+        self.engine.layer_norm(x, y, features, op).await
+    }
+
+    /// RMSNorm of every `features`-long row of `x` (row-major): y = x / sqrt(mean(x²) + eps) ·
+    /// gamma, the mean square in f64 blocks on the CPU and in a fixed-order reduction on the
+    /// GPU, with rows whose mean square leaves f32's range redone exactly (as LayerNorm's are).
+    ///
+    /// Errors, with nothing computed, when `features` is 0, `x.len()` is not a multiple of it,
+    /// gamma does not have `features` values, or eps is NaN, infinite or negative. A NaN makes
+    /// its row NaN; an infinity makes its own output NaN and the rest of its row 0 (x / ∞);
+    /// other rows are untouched. A row of zeros stays zeros.
+    ///
+    /// ```
+    /// use gpunorm::{Normalizer, RmsNorm};
+    /// let y = Normalizer::cpu().rms_norm(&[3.0, 4.0], 2, &RmsNorm { eps: 0.0, gamma: None })?;
+    /// // mean(x²) = 12.5, so y = x / 3.5355…
+    /// assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 1.1314).abs() < 1e-4);
+    /// # Ok::<(), gpunorm::NormError>(())
+    /// ```
+    pub fn rms_norm(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<Vec<f32>, NormError> {
+        self.block("rms_norm", self.rms_norm_async(x, features, opts))
+    }
+
+    /// [`Normalizer::rms_norm`], awaited.
+    pub async fn rms_norm_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<Vec<f32>, NormError> {
+        rms_norm::validate(x.len(), features, opts)?;
+        let mut y = new_output(x.len());
+        let (opts, kind) = opts.as_row_norm();
+        self.engine
+            .layer_norm(x, &mut y, features, (&opts, kind))
+            .await?;
+        Ok(y)
+    }
+
+    /// [`Normalizer::rms_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
+    /// x.len()`; returns where the time went.
+    pub fn rms_norm_into(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        let work = self.rms_norm_into_async(x, features, opts, y);
+        self.block("rms_norm_into", work)
+    }
+
+    /// [`Normalizer::rms_norm_into`], awaited.
+    pub async fn rms_norm_into_async(
+        &self,
+        x: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        y: &mut [f32],
+    ) -> Result<Timing, NormError> {
+        rms_norm::validate(x.len(), features, opts)?;
+        check_output(x, y)?;
+        let (opts, kind) = opts.as_row_norm();
+        self.engine.layer_norm(x, y, features, (&opts, kind)).await
     }
 
     /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's

@@ -4,7 +4,7 @@
 //! f64 output so a test can measure the error of an f32 result without rounding the reference.
 //! They assume valid input (callers validate); shapes that do not fit panic.
 
-use crate::{BatchNorm, LayerNorm};
+use crate::{BatchNorm, LayerNorm, RmsNorm};
 
 /// LayerNorm of each row of `x` (row-major, `features` values per row), biased variance:
 /// y = (x − mean) / sqrt(var + eps) · gamma + beta, in f64. Same arguments as
@@ -21,6 +21,21 @@ pub fn layer_norm(x: &[f32], features: usize, opts: &LayerNorm<'_>) -> Vec<f64> 
             let g = gamma.map_or(1.0, |g| g[c] as f64);
             let b = beta.map_or(0.0, |b| b[c] as f64);
             y.push((v as f64 - mean) * inv_std * g + b);
+        }
+    }
+    y
+}
+
+/// RMSNorm of each row of `x`: y = x / sqrt(mean(x²) + eps) · gamma, in f64. Same arguments as
+/// [`Normalizer::rms_norm`](crate::Normalizer::rms_norm).
+pub fn rms_norm(x: &[f32], features: usize, opts: &RmsNorm<'_>) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(features) {
+        let mean_sq = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / features as f64;
+        let inv_rms = 1.0 / (mean_sq + opts.eps as f64).sqrt();
+        for (c, &v) in row.iter().enumerate() {
+            let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
+            y.push(v as f64 * inv_rms * g);
         }
     }
     y

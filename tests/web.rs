@@ -7,7 +7,7 @@
 #![cfg(target_arch = "wasm32")]
 
 use gpunorm::reference::{self, max_error};
-use gpunorm::{BatchNorm, LayerNorm, NormError, Normalizer, RunningStats};
+use gpunorm::{BatchNorm, LayerNorm, NormError, Normalizer, RmsNorm, RunningStats};
 use wasm_bindgen_test::{console_log, wasm_bindgen_test, wasm_bindgen_test_configure};
 
 wasm_bindgen_test_configure!(run_in_browser);
@@ -45,7 +45,8 @@ fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
 }
 
 /// Rows of 1, 3, 768 and 4097 features (scalar and vec4 kernels, held and looped), ordinary
-/// data and offset data with a tiny spread, with and without gamma and beta.
+/// data and offset data with a tiny spread, with and without gamma and beta; RMSNorm on the same
+/// rows (the same kernels, built with RMS).
 async fn check_layer_norm(norm: &Normalizer) {
     for (rows, features) in [(5, 1), (7, 3), (33, 768), (3, 4097)] {
         for (mean, spread) in [(0.0, 1.0), (1e4, 1e-2)] {
@@ -70,6 +71,16 @@ async fn check_layer_norm(norm: &Normalizer) {
                     norm.describe()
                 );
             }
+            let rms = RmsNorm {
+                gamma: Some(&gamma),
+                ..Default::default()
+            };
+            let y = norm.rms_norm_async(&x, features, &rms).await.unwrap();
+            let err = max_error(&y, &reference::rms_norm(&x, features, &rms));
+            assert!(
+                err < 1e-4,
+                "RMSNorm {rows}x{features} mean {mean}: error {err:e}"
+            );
         }
     }
 }
@@ -176,7 +187,7 @@ async fn check_errors(norm: &Normalizer) {
 }
 
 #[wasm_bindgen_test]
-async fn layer_norm_on_webgpu() {
+async fn layer_norm_and_rms_norm_on_webgpu() {
     if let Some(norm) = gpu().await {
         assert!(norm.is_gpu());
         check_layer_norm(&norm).await;
@@ -184,7 +195,7 @@ async fn layer_norm_on_webgpu() {
 }
 
 #[wasm_bindgen_test]
-async fn layer_norm_on_the_cpu_fallback() {
+async fn layer_norm_and_rms_norm_on_the_cpu_fallback() {
     check_layer_norm(&Normalizer::cpu()).await;
 }
 

@@ -1,9 +1,9 @@
-//! `gpunorm check`: LayerNorm and BatchNorm of a large random batch against the f64 reference,
-//! with CPU-fallback and GPU times.
+//! `gpunorm check`: LayerNorm, RMSNorm and BatchNorm of a large random batch against the f64
+//! reference, with CPU-fallback and GPU times.
 
 use std::time::{Duration, Instant};
 
-use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, Timing};
+use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, RmsNorm, Timing};
 
 use crate::error::{self, CliResult};
 use rand::rngs::StdRng;
@@ -47,19 +47,26 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
         ..Default::default()
     };
     let r = reference::layer_norm(&x, features, &ln);
-    let mut run_ln = |nz: &Normalizer| -> Result<Case, NormError> {
-        nz.layer_norm(warm, features, &ln)?;
-        let start = Instant::now();
-        let timing = nz.layer_norm_into(&x, features, &ln, &mut y)?;
-        let wall = start.elapsed();
-        Ok(Case {
-            error: reference::max_error(&y, &r),
-            stats_error: None,
-            wall,
-            timing,
+    let mut run_ln = |nz: &Normalizer| {
+        row_case(nz, (&x, warm), &mut y, &r, |nz, x, y| {
+            nz.layer_norm_into(x, features, &ln, y)
         })
     };
     report(run_ln(&cpu)?, gpu.map(&mut run_ln).transpose()?, gb);
+    drop(r);
+
+    println!("check: RMSNorm of the same batch (gamma)");
+    let rms = RmsNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    let r = reference::rms_norm(&x, features, &rms);
+    let mut run_rms = |nz: &Normalizer| {
+        row_case(nz, (&x, warm), &mut y, &r, |nz, x, y| {
+            nz.rms_norm_into(x, features, &rms, y)
+        })
+    };
+    report(run_rms(&cpu)?, gpu.map(&mut run_rms).transpose()?, gb);
     drop(r);
 
     println!(
@@ -88,6 +95,27 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
     report(run_bn(&cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
     Ok(())
+}
+
+/// A row op run on `warm` (pipelines, pooled buffers), then timed on all of `x` into `y`, and
+/// its error against the reference `r`.
+fn row_case(
+    nz: &Normalizer,
+    (x, warm): (&[f32], &[f32]),
+    y: &mut [f32],
+    r: &[f64],
+    op: impl Fn(&Normalizer, &[f32], &mut [f32]) -> Result<Timing, NormError>,
+) -> Result<Case, NormError> {
+    op(nz, warm, &mut y[..warm.len()])?;
+    let start = Instant::now();
+    let timing = op(nz, x, y)?;
+    let wall = start.elapsed();
+    Ok(Case {
+        error: reference::max_error(y, r),
+        stats_error: None,
+        wall,
+        timing,
+    })
 }
 
 fn report(cpu: Case, gpu: Option<Case>, gb: f64) {

@@ -61,7 +61,7 @@ enum Command {
         shapes: Vec<(usize, usize)>,
         /// Ops to run, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::OPS),
-              default_value = "layer_norm,layer_norm_alloc,batch_norm_train,batch_norm_eval")]
+              default_value = "layer_norm,layer_norm_alloc,rms_norm,batch_norm_train,batch_norm_eval")]
         ops: Vec<String>,
         /// Timed runs per case (after one untimed warm-up); the median is reported.
         #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]

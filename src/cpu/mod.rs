@@ -13,6 +13,7 @@ mod layer_norm;
 pub(crate) use batch_norm::redo_columns_in_f64;
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::layer_norm::RowNorm;
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -29,8 +30,9 @@ impl Backend for Cpu {
         y: &mut [f32],
         features: usize,
         opts: &LayerNorm<'_>,
+        kind: RowNorm,
     ) -> Result<Timing, NormError> {
-        layer_norm::layer_norm(x, y, features, opts);
+        layer_norm::layer_norm(x, y, features, opts, kind);
         Ok(Timing::default())
     }
 

@@ -1,4 +1,4 @@
-//! LayerNorm on the GPU: the host side of `shaders/layer_norm.wgsl`.
+//! LayerNorm and RMSNorm on the GPU: the host side of `shaders/layer_norm.wgsl`.
 //!
 //! A host tensor goes plan → record → read back: [`run`] splits the rows into chunks that fit one
 //! binding, and for each chunk uploads it, records the size-class kernel ([`record`]) and reads
@@ -11,6 +11,7 @@ use super::pool::Lifetime;
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
+use crate::ops::layer_norm::RowNorm;
 use crate::{LayerNorm, NormError, Timing};
 
 /// The two entry points, with the bindings both use: params, x, y, gamma, beta.
@@ -50,6 +51,8 @@ const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
 /// reductions.
 #[derive(Debug, Clone, Copy)]
 struct Kernel {
+    /// RMSNorm (the shader def RMS) rather than LayerNorm.
+    rms: bool,
     vec4: bool,
     subgroup: bool,
     /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
@@ -66,7 +69,7 @@ impl Kernel {
     /// longer rows use the looped kernel, one workgroup per row. On the H100, holding 32 vec4s
     /// per thread ran a 2048×32768 batch at 2662 GB/s against 1458 for the looped kernel, and
     /// changed nothing at the shorter standard shapes (BENCHMARKS.md).
-    fn for_features(ctx: &GpuContext, features: usize) -> Kernel {
+    fn for_features(ctx: &GpuContext, features: usize, kind: RowNorm) -> Kernel {
         let vec4 = features.is_multiple_of(4);
         let n = if vec4 { features / 4 } else { features };
         let wg = WG as usize;
@@ -78,6 +81,7 @@ impl Kernel {
             _ => (WG, 0),
         };
         Kernel {
+            rms: kind == RowNorm::Rms,
             vec4,
             subgroup: ctx.subgroups,
             per_row,
@@ -105,7 +109,8 @@ impl Kernel {
     /// The pipeline cache key, also the label a GPU debugger shows.
     fn label(&self) -> String {
         format!(
-            "layer_norm {} {} t{} k{}",
+            "{} {} {} t{} k{}",
+            if self.rms { "rms_norm" } else { "layer_norm" },
             if self.vec4 { "vec4" } else { "f32" },
             if self.subgroup { "subgroup" } else { "tree" },
             self.per_row,
@@ -115,6 +120,7 @@ impl Kernel {
 
     async fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
         let defs = [
+            ("RMS", Def::Flag(self.rms)),
             ("VEC4", Def::Flag(self.vec4)),
             ("SUBGROUP", Def::Flag(self.subgroup)),
             ("T", Def::U32(self.per_row)),
@@ -130,10 +136,15 @@ pub(crate) struct Prepared {
     pipeline: Arc<Pipeline>,
 }
 
-/// Picks the kernel for rows `features` wide and builds its pipeline (once per context).
-pub(crate) async fn prepare(ctx: &GpuContext, features: usize) -> Result<Prepared, NormError> {
+/// Picks the kernel of `kind` for rows `features` wide and builds its pipeline (once per
+/// context).
+pub(crate) async fn prepare(
+    ctx: &GpuContext,
+    features: usize,
+    kind: RowNorm,
+) -> Result<Prepared, NormError> {
     ctx.check_storage_buffers(Slot::storage_count(SLOTS), "layer_norm")?;
-    let kernel = Kernel::for_features(ctx, features);
+    let kernel = Kernel::for_features(ctx, features, kind);
     let pipeline = kernel.pipeline(ctx).await?;
     Ok(Prepared { kernel, pipeline })
 }
@@ -151,7 +162,8 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
             limit: max_bytes,
         });
     }
-    let kernel = Kernel::for_features(ctx, features);
+    // Both kinds share their size classes.
+    let kernel = Kernel::for_features(ctx, features, RowNorm::Layer);
     let max_groups = ctx.max_groups();
     // Saturating: on 32-bit targets (wasm) a 65535² grid overflows usize.
     let grid_rows = max_groups
@@ -212,14 +224,15 @@ pub(crate) fn record(
     pass.dispatch_workgroups(gx, gy, 1);
 }
 
-/// Runs LayerNorm of host rows on the GPU into `y`. Tensors larger than one binding go through
-/// in chunks of whole rows, each uploaded, normalized and read back in turn.
+/// Runs LayerNorm (or RMSNorm, as `kind` says) of host rows on the GPU into `y`. Tensors larger
+/// than one binding go through in chunks of whole rows, each uploaded, normalized and read back
+/// in turn.
 pub(crate) async fn run(
     ctx: &GpuContext,
     x: &[f32],
     y: &mut [f32],
     features: usize,
-    opts: &LayerNorm<'_>,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<Timing, NormError> {
     use wgpu::BufferUsages as U;
     let rows = x.len() / features;
@@ -228,7 +241,7 @@ pub(crate) async fn run(
     }
     let chunk = max_rows(ctx, features)?.min(rows) * features;
     let bytes = (chunk * 4) as u64;
-    let prepared = prepare(ctx, features).await?;
+    let prepared = prepare(ctx, features, kind).await?;
     let (input, output, staging, mut timer) = ctx
         .scoped("layer_norm", || {
             let input = ctx.buffer(

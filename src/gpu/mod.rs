@@ -14,6 +14,7 @@ mod transfer;
 pub(crate) use context::{describe_adapter, GpuContext};
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::layer_norm::RowNorm;
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -24,8 +25,10 @@ impl Backend for GpuContext {
         y: &mut [f32],
         features: usize,
         opts: &LayerNorm<'_>,
+        kind: RowNorm,
     ) -> Result<Timing, NormError> {
-        self.call(layer_norm::run(self, x, y, features, opts)).await
+        self.call(layer_norm::run(self, x, y, features, (opts, kind)))
+            .await
     }
 
     async fn batch_norm_train(
@@ -75,8 +78,9 @@ fn poison(ctx: &GpuContext, buffer: &wgpu::Buffer, floats: usize) {
 mod tests {
     use super::context::{test_device, Checks, GpuContext, Tuning};
     use crate::ops::batch_norm::{validate_training, Shape};
+    use crate::ops::layer_norm::RowNorm;
     use crate::ops::Backend;
-    use crate::{reference, BatchNorm, LayerNorm};
+    use crate::{reference, BatchNorm, LayerNorm, RmsNorm};
 
     /// `n` values drawn uniformly from `mean ± spread`, the same for the same seed.
     fn values(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
@@ -88,7 +92,8 @@ mod tests {
     }
 
     /// Each kernel choice the tuning switches can make (`GPUNORM_*`, used to compare variants
-    /// on one machine) computes the same normalization: every one matches the f64 reference,
+    /// on one machine) computes the same normalizations (LayerNorm, RMSNorm, BatchNorm
+    /// training): every one matches the f64 reference,
     /// within the integration tests' tolerances (1e-4 relative; 1e-3 on rows with mean 1e4 and
     /// spread 1e-2), on shapes that reach each size class.
     #[test]
@@ -140,9 +145,16 @@ mod tests {
                 ] {
                     let mut y = vec![0f32; x.len()];
                     let ln = LayerNorm::default();
-                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &ln)).unwrap();
+                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &ln, RowNorm::Layer))
+                        .unwrap();
                     let err = reference::max_error(&y, &reference::layer_norm(&x, features, &ln));
                     assert!(err < tol, "{tuning:?} LN {rows}x{features}: {err:e}");
+
+                    let rms = RmsNorm::default();
+                    let (opts, kind) = rms.as_row_norm();
+                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &opts, kind)).unwrap();
+                    let err = reference::max_error(&y, &reference::rms_norm(&x, features, &rms));
+                    assert!(err < tol, "{tuning:?} RMS {rows}x{features}: {err:e}");
 
                     let mask: Vec<bool> = (0..rows).map(|r| r % 5 != 3).collect();
                     let bn = BatchNorm {

@@ -292,7 +292,7 @@ impl Pipeline {
 }
 
 /// Every (kernel, defs) the host may build, for the tests: each size class and width of
-/// LayerNorm with both reductions, and every BatchNorm kernel.
+/// LayerNorm and RMSNorm with both reductions, and every BatchNorm kernel.
 #[cfg(test)]
 pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def)>)> {
     use crate::gpu::{batch_norm, layer_norm};
@@ -302,17 +302,20 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
             all.push((kernel, vec![("K", Def::U32(k))]));
         }
     }
-    for vec4 in [false, true] {
-        for subgroup in [false, true] {
-            for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)] {
-                let defs = vec![
-                    ("VEC4", Def::Flag(vec4)),
-                    ("SUBGROUP", Def::Flag(subgroup)),
-                    ("T", Def::U32(t)),
-                    ("K", Def::U32(k)),
-                ];
-                for kernel in layer_norm::KERNELS {
-                    all.push((kernel, defs.clone()));
+    for rms in [false, true] {
+        for vec4 in [false, true] {
+            for subgroup in [false, true] {
+                for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)] {
+                    let defs = vec![
+                        ("RMS", Def::Flag(rms)),
+                        ("VEC4", Def::Flag(vec4)),
+                        ("SUBGROUP", Def::Flag(subgroup)),
+                        ("T", Def::U32(t)),
+                        ("K", Def::U32(k)),
+                    ];
+                    for kernel in layer_norm::KERNELS {
+                        all.push((kernel, defs.clone()));
+                    }
                 }
             }
         }

@@ -8,6 +8,7 @@ use super::layer_norm::{self, Rows};
 use super::pool::Lifetime;
 use super::transfer;
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::layer_norm::RowNorm;
 use crate::{LayerNorm, NormError};
 
 /// f32 values in a GPU storage buffer, made by [`Normalizer::upload`](crate::Normalizer::upload)
@@ -145,7 +146,7 @@ pub(crate) async fn layer_norm(
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    let prepared = layer_norm::prepare(ctx, features).await?;
+    let prepared = layer_norm::prepare(ctx, features, RowNorm::Layer).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features));
         if rows > 0 {
@@ -225,7 +226,7 @@ pub(crate) async fn encode_layer_norm(
     if rows == 0 {
         return Ok(());
     }
-    let prepared = layer_norm::prepare(ctx, features).await?;
+    let prepared = layer_norm::prepare(ctx, features, RowNorm::Layer).await?;
     ctx.scoped("encode_layer_norm", || {
         let io = Rows { x, y, rows };
         layer_norm::record(ctx, encoder, io, features, &prepared, opts, None)

@@ -31,6 +31,15 @@ impl Default for LayerNorm<'_> {
     }
 }
 
+/// What the row kernels of both backends compute over each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowNorm {
+    /// LayerNorm: shifted mean and variance, gamma and beta.
+    Layer,
+    /// RMSNorm: the mean square alone (no shift, no mean), gamma; beta is never given.
+    Rms,
+}
+
 /// Checks a LayerNorm call on a tensor of `len` values; returns the number of rows.
 pub(crate) fn validate(
     len: usize,

@@ -4,12 +4,13 @@
 
 pub(crate) mod batch_norm;
 pub(crate) mod layer_norm;
+pub(crate) mod rms_norm;
 
 use std::time::Duration;
 
 use crate::NormError;
 use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use layer_norm::LayerNorm;
+use layer_norm::{LayerNorm, RowNorm};
 
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -23,13 +24,15 @@ pub struct Timing {
 /// mask, `y.len() == x.len()`); a backend only computes, or reports a device failure. The ops
 /// are async: the GPU awaits its readbacks, and the CPU fallback finishes on the first poll.
 pub(crate) trait Backend: Send + Sync {
-    /// LayerNorm of every `features`-long row of `x` into `y`.
+    /// LayerNorm (or, as `kind` says, RMSNorm with `opts.beta` None) of every `features`-long
+    /// row of `x` into `y`.
     async fn layer_norm(
         &self,
         x: &[f32],
         y: &mut [f32],
         features: usize,
         opts: &LayerNorm<'_>,
+        kind: RowNorm,
     ) -> Result<Timing, NormError>;
 
     /// BatchNorm training: batch statistics over the counted positions, then `y`.

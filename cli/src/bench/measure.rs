@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gpunorm::{wgpu, BatchNorm, LayerNorm, NormError, Normalizer, RunningStats, Timing};
+use gpunorm::{wgpu, BatchNorm, LayerNorm, NormError, Normalizer, RmsNorm, RunningStats, Timing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,6 +28,7 @@ pub struct Op {
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     LayerNorm,
+    RmsNorm,
     Train,
     Eval,
 }
@@ -38,6 +39,7 @@ impl Op {
         let alloc = name.ends_with("_alloc");
         let kind = match name.trim_end_matches("_alloc") {
             "layer_norm" => Kind::LayerNorm,
+            "rms_norm" => Kind::RmsNorm,
             "batch_norm_train" => Kind::Train,
             "batch_norm_eval" => Kind::Eval,
             other => unreachable!("op {other} was checked by the argument parser"),
@@ -48,6 +50,7 @@ impl Op {
     pub fn name(&self) -> String {
         let base = match self.kind {
             Kind::LayerNorm => "layer_norm",
+            Kind::RmsNorm => "rms_norm",
             Kind::Train => "batch_norm_train",
             Kind::Eval => "batch_norm_eval",
         };
@@ -62,12 +65,18 @@ impl Op {
         y: &mut [f32],
         features: usize,
     ) -> Result<(Duration, Timing), NormError> {
-        let (ln, bn) = (LayerNorm::default(), BatchNorm::default());
+        let (ln, rms, bn) = (
+            LayerNorm::default(),
+            RmsNorm::default(),
+            BatchNorm::default(),
+        );
         let stats = RunningStats::new(features);
         let t = Instant::now();
         let timing = match (self.kind, self.alloc) {
             (Kind::LayerNorm, false) => norm.layer_norm_into(x, features, &ln, y)?,
             (Kind::LayerNorm, true) => drop_timed(norm.layer_norm(x, features, &ln)?),
+            (Kind::RmsNorm, false) => norm.rms_norm_into(x, features, &rms, y)?,
+            (Kind::RmsNorm, true) => drop_timed(norm.rms_norm(x, features, &rms)?),
             (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,
             (Kind::Train, true) => drop_timed(norm.batch_norm_train(x, features, &bn)?),
             (Kind::Eval, false) => norm.batch_norm_eval_into(x, features, &bn, &stats, y)?,

@@ -25,6 +25,8 @@ use measure::Op;
 pub const OPS: &[&str] = &[
     "layer_norm",
     "layer_norm_alloc",
+    "rms_norm",
+    "rms_norm_alloc",
     "batch_norm_train",
     "batch_norm_train_alloc",
     "batch_norm_eval",
