@@ -25,7 +25,7 @@
 // multiple of 4 (every load and store moves a vec4), f32 elements otherwise; SUBGROUP for the
 // subgroup workgroup sum (see gpunorm::reduce); RMS for RMSNorm.
 
-#import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA}
+#import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_ACCUMULATE}
 #import gpunorm::reduce::{Invocation, workgroup_sum}
 
 const T: u32 = #{T}u;
@@ -301,18 +301,12 @@ fn looped_stats(inv: Invocation, base: u32, s: f32) -> vec3<f32> {
     return vec3<f32>(shift, mean_d, workgroup_sum(inv, sq) / count);
 }
 
-@compute @workgroup_size(WG)
-fn layer_norm(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    inv: Invocation,
-) {
-    let row = wid.y * groups.x + wid.x;
-    if row >= params.rows {
-        return;
-    }
+// The statistics of the row at `base` by the whole workgroup, each pass reading the row again:
+// (shift, mean_d, rstd, s), where s is the power of two the row was scaled by (1 for rows in
+// range) and the others are those of the scaled row, so its centred values are x * s - shift -
+// mean_d. Every thread of the workgroup must call it (it has barriers).
+fn looped_moments(inv: Invocation, base: u32) -> vec4<f32> {
     let n = params.features / W;
-    let base = row * n;
     let count = f32(params.features);
 
 #ifdef RMS
@@ -347,19 +341,157 @@ fn layer_norm(
     let var_ = workgroup_sum(inv, sq) / count;
 #endif
 
-    // One row per workgroup: every thread takes the same branch, so the rare path's sums (with
-    // barriers) run in uniform control flow.
+    // Every thread has the same sums (uniform), so all take the same branch, and the rare
+    // path's sums (with barriers) run in uniform control flow.
     let s = rescale(total, var_);
     if s != 1.0 {
         let stats = looped_stats(inv, base, s);
-        let rstd = inverseSqrt(stats.z + params.eps * s * s);
-        for (var i = inv.lid; i < n; i += WG) {
-            store(base, i, x[base + i] * s - stats.x - stats.y, rstd);
-        }
+        return vec4<f32>(stats.x, stats.y, inverseSqrt(stats.z + params.eps * s * s), s);
+    }
+    return vec4<f32>(shift, mean_d, inverseSqrt(var_ + params.eps), 1.0);
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    inv: Invocation,
+) {
+    let row = wid.y * groups.x + wid.x;
+    if row >= params.rows {
         return;
     }
-    let rstd = inverseSqrt(var_ + params.eps);
+    let n = params.features / W;
+    let base = row * n;
+    let m = looped_moments(inv, base);
+    // x * 1.0 is x exactly: rows in range get the bits they always had.
     for (var i = inv.lid; i < n; i += WG) {
-        store(base, i, x[base + i] - shift - mean_d, rstd);
+        store(base, i, x[base + i] * m.w - m.x - m.y, m.z);
     }
+}
+
+// ---- Backward -----------------------------------------------------------------------------
+//
+// dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd per row, with g = dy * gamma and xhat the
+// normalized x (RMSNorm: no mean(g) term, xhat = x * rrms); dgamma and dbeta sum dy * xhat and dy
+// over the rows. Three kernels, recorded in one pass:
+// - `layer_norm_backward`: one workgroup per row (the looped forward's statistics, then the two
+//   sums), writes dx into `y` and the row's moments into `row_moments`;
+// - `layer_norm_backward_columns`: each thread one column (a vec4 of them with VEC4) over a tile
+//   of TILE_ROWS rows, into `partials`;
+// - `layer_norm_backward_merge`: each thread one column, adding the tiles' partials in order
+//   into `grads` (or onto it, for the host's later chunks: FLAG_ACCUMULATE).
+// No atomics: every sum has a fixed order, so gradients repeat bit for bit.
+
+// Rows of one tile of column sums.
+const TILE_ROWS: u32 = 64u;
+
+@group(0) @binding(5) var<storage, read> dy: array<V>;
+// (shift, mean_d, rstd, s) of each row, as `looped_moments` gives them.
+@group(0) @binding(6) var<storage, read_write> row_moments: array<vec4<f32>>;
+// Per tile of rows: dgamma's partial for each column, then dbeta's.
+@group(0) @binding(7) var<storage, read_write> partials: array<V>;
+// dgamma for each column, then dbeta.
+@group(0) @binding(8) var<storage, read_write> grads: array<V>;
+
+fn gamma_at(i: u32) -> V {
+    if (params.flags & FLAG_GAMMA) != 0u {
+        return gamma[i];
+    }
+    return V(1.0);
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    inv: Invocation,
+) {
+    let row = wid.y * groups.x + wid.x;
+    if row >= params.rows {
+        return;
+    }
+    let n = params.features / W;
+    let base = row * n;
+    let count = f32(params.features);
+    let m = looped_moments(inv, base);
+
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var i = inv.lid; i < n; i += WG) {
+        let h = (x[base + i] * m.w - m.x - m.y) * m.z;
+        let g = dy[base + i] * gamma_at(i);
+        sg += hsum(g);
+        sgx += hsum(g * h);
+    }
+#ifdef RMS
+    let mean_g = 0.0;
+#else
+    let mean_g = workgroup_sum(inv, sg) / count;
+#endif
+    let mean_gx = workgroup_sum(inv, sgx) / count;
+    // The rstd of the unscaled row: that of the row scaled by s, times s.
+    let rstd = m.z * m.w;
+    for (var i = inv.lid; i < n; i += WG) {
+        let h = (x[base + i] * m.w - m.x - m.y) * m.z;
+        let g = dy[base + i] * gamma_at(i);
+        y[base + i] = (g - mean_g - h * mean_gx) * rstd;
+    }
+    if inv.lid == 0u {
+        row_moments[row] = m;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm_backward_columns(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n = params.features / W;
+    let blocks = (n + WG - 1u) / WG;
+    let tiles = (params.rows + TILE_ROWS - 1u) / TILE_ROWS;
+    let group = wid.y * groups.x + wid.x;
+    let tile = group / blocks;
+    let i = (group % blocks) * WG + lid;
+    if tile >= tiles || i >= n {
+        return;
+    }
+    var dg = V(0.0);
+    var db = V(0.0);
+    for (var r = tile * TILE_ROWS; r < min(tile * TILE_ROWS + TILE_ROWS, params.rows); r++) {
+        let m = row_moments[r];
+        let h = (x[r * n + i] * m.w - m.x - m.y) * m.z;
+        let d = dy[r * n + i];
+        dg += d * h;
+        db += d;
+    }
+    partials[tile * 2u * n + i] = dg;
+    partials[tile * 2u * n + n + i] = db;
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm_backward_merge(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n = params.features / W;
+    let i = (wid.y * groups.x + wid.x) * WG + lid;
+    if i >= n {
+        return;
+    }
+    let tiles = (params.rows + TILE_ROWS - 1u) / TILE_ROWS;
+    var dg = V(0.0);
+    var db = V(0.0);
+    for (var t = 0u; t < tiles; t++) {
+        dg += partials[t * 2u * n + i];
+        db += partials[t * 2u * n + n + i];
+    }
+    if (params.flags & FLAG_ACCUMULATE) != 0u {
+        dg += grads[i];
+        db += grads[n + i];
+    }
+    grads[i] = dg;
+    grads[n + i] = db;
 }

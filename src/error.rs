@@ -22,6 +22,18 @@ pub enum NormError {
         features: usize,
     },
 
+    /// A second tensor of an op (the upstream gradient `dy`, a residual) does not have one value
+    /// per value of x.
+    #[error("{name} has {len} values but x has {expected}; pass one {name} value per value of x")]
+    OperandLength {
+        /// Which tensor.
+        name: &'static str,
+        /// Its length.
+        len: usize,
+        /// The length of x.
+        expected: usize,
+    },
+
     /// A per-feature parameter (gamma, beta, running mean or variance) has the wrong length.
     #[error(
         "{name} has {len} values but there are {features} features; pass one value per feature"

@@ -61,8 +61,8 @@ pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, RunningStats,
 };
-pub use ops::layer_norm::LayerNorm;
-pub use ops::rms_norm::RmsNorm;
+pub use ops::layer_norm::{LayerNorm, LayerNormGrads};
+pub use ops::rms_norm::{RmsNorm, RmsNormGrads};
 pub use ops::Timing;
 
 /// The README's example, compiled and run as a doctest so it cannot go stale.

@@ -13,8 +13,8 @@ use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::RowNorm;
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
-    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, NormError, RmsNorm,
-    RunningStats, Timing,
+    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, LayerNormGrads, NormError,
+    RmsNorm, RmsNormGrads, RunningStats, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -45,6 +45,25 @@ impl Engine {
         match self {
             Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind).await,
             Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind).await,
+        }
+    }
+
+    async fn layer_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        features: usize,
+        (opts, kind): (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        match self {
+            Engine::Cpu(cpu) => {
+                cpu.layer_norm_backward(x_dy, dx, features, opts, kind)
+                    .await
+            }
+            Engine::Gpu(ctx) => {
+                ctx.layer_norm_backward(x_dy, dx, features, opts, kind)
+                    .await
+            }
         }
     }
 
@@ -386,6 +405,80 @@ impl Normalizer {
         check_output(x, y)?;
         let (opts, kind) = opts.as_row_norm();
         self.engine.layer_norm(x, y, features, (&opts, kind)).await
+    }
+
+    /// The gradients of [`Normalizer::layer_norm`] with respect to x, gamma and beta, given the
+    /// upstream gradient `dy` (one value per value of x). The statistics are recomputed from `x`
+    /// (shifted, as the forward computes them). With g = dy · gamma and xhat the normalized
+    /// row, dx = (g − mean(g) − xhat · mean(g · xhat)) / sqrt(var + eps) per row; `dgamma` and
+    /// `dbeta` (always `features` values: the gradients of a gamma of ones and a beta of zeros
+    /// where none is given) sum dy · xhat and dy over the rows, in a fixed order, so GPU results
+    /// repeat bit for bit.
+    ///
+    /// Errors as [`Normalizer::layer_norm`] does, and when `dy.len() != x.len()`
+    /// ([`NormError::OperandLength`]).
+    pub fn layer_norm_backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<LayerNormGrads, NormError> {
+        let work = self.layer_norm_backward_async(x, dy, features, opts);
+        self.block("layer_norm_backward", work)
+    }
+
+    /// [`Normalizer::layer_norm_backward`], awaited.
+    pub async fn layer_norm_backward_async(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<LayerNormGrads, NormError> {
+        layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
+        let mut dx = new_output(x.len());
+        let op = (opts, RowNorm::Layer);
+        let (dgamma, dbeta, _) = self
+            .engine
+            .layer_norm_backward((x, dy), &mut dx, features, op)
+            .await?;
+        Ok(LayerNormGrads { dx, dgamma, dbeta })
+    }
+
+    /// The gradients of [`Normalizer::rms_norm`] with respect to x and gamma, given the upstream
+    /// gradient `dy`. With g = dy · gamma and xhat = x / sqrt(mean(x²) + eps),
+    /// dx = (g − xhat · mean(g · xhat)) / sqrt(mean(x²) + eps) per row; `dgamma` (always
+    /// `features` values) sums dy · xhat over the rows, in a fixed order.
+    ///
+    /// Errors as [`Normalizer::rms_norm`] does, and when `dy.len() != x.len()`.
+    pub fn rms_norm_backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<RmsNormGrads, NormError> {
+        let work = self.rms_norm_backward_async(x, dy, features, opts);
+        self.block("rms_norm_backward", work)
+    }
+
+    /// [`Normalizer::rms_norm_backward`], awaited.
+    pub async fn rms_norm_backward_async(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<RmsNormGrads, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
+        let mut dx = new_output(x.len());
+        let (dgamma, _, _) = self
+            .engine
+            .layer_norm_backward((x, dy), &mut dx, features, (&opts, kind))
+            .await?;
+        Ok(RmsNormGrads { dx, dgamma })
     }
 
     /// BatchNorm in training mode on a features-last `[rows, features]` tensor (a transformer's

@@ -41,6 +41,72 @@ pub fn rms_norm(x: &[f32], features: usize, opts: &RmsNorm<'_>) -> Vec<f64> {
     y
 }
 
+/// The gradients of [`layer_norm`] for the upstream gradient `dy`: (dx, dgamma, dbeta), in f64.
+/// Per row, with xhat = (x − mean) / sqrt(var + eps) and g = dy · gamma:
+/// dx = (g − mean(g) − xhat · mean(g · xhat)) / sqrt(var + eps); dgamma and dbeta sum dy · xhat
+/// and dy over the rows (the gradients of a gamma of ones and a beta of zeros where none is
+/// given). Same arguments as
+/// [`Normalizer::layer_norm_backward`](crate::Normalizer::layer_norm_backward).
+pub fn layer_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    row_backward(x, dy, features, (opts.eps, opts.gamma), true)
+}
+
+/// The gradients of [`rms_norm`] for the upstream gradient `dy`: (dx, dgamma), in f64. Per
+/// row, with xhat = x / sqrt(mean(x²) + eps) and g = dy · gamma:
+/// dx = (g − xhat · mean(g · xhat)) / sqrt(mean(x²) + eps); dgamma sums dy · xhat over the rows.
+pub fn rms_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    features: usize,
+    opts: &RmsNorm<'_>,
+) -> (Vec<f64>, Vec<f64>) {
+    let (dx, dgamma, _) = row_backward(x, dy, features, (opts.eps, opts.gamma), false);
+    (dx, dgamma)
+}
+
+/// LayerNorm's backward (`centred`) or RMSNorm's.
+fn row_backward(
+    x: &[f32],
+    dy: &[f32],
+    features: usize,
+    (eps, gamma): (f32, Option<&[f32]>),
+    centred: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n = features as f64;
+    let mut dx = Vec::with_capacity(x.len());
+    let (mut dgamma, mut dbeta) = (vec![0.0; features], vec![0.0; features]);
+    for (row, dy) in x.chunks_exact(features).zip(dy.chunks_exact(features)) {
+        let mean = if centred {
+            row.iter().map(|&v| v as f64).sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv_std = 1.0 / (var + eps as f64).sqrt();
+        let xhat: Vec<f64> = row.iter().map(|&v| (v as f64 - mean) * inv_std).collect();
+        let g: Vec<f64> = (0..features)
+            .map(|c| dy[c] as f64 * gamma.map_or(1.0, |g| g[c] as f64))
+            .collect();
+        let mean_g = if centred {
+            g.iter().sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let mean_gx = g.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / n;
+        for c in 0..features {
+            dx.push((g[c] - mean_g - xhat[c] * mean_gx) * inv_std);
+            dgamma[c] += dy[c] as f64 * xhat[c];
+            dbeta[c] += dy[c] as f64;
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
 /// Per-feature statistics over the rows of a `[rows, features]` tensor where `mask` (if given)
 /// is true: (mean, biased variance, counted rows).
 pub fn column_stats(

@@ -46,7 +46,7 @@ fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
 
 /// Rows of 1, 3, 768 and 4097 features (scalar and vec4 kernels, held and looped), ordinary
 /// data and offset data with a tiny spread, with and without gamma and beta; RMSNorm on the same
-/// rows (the same kernels, built with RMS).
+/// rows (the same kernels, built with RMS); both backward passes on the ordinary rows.
 async fn check_layer_norm(norm: &Normalizer) {
     for (rows, features) in [(5, 1), (7, 3), (33, 768), (3, 4097)] {
         for (mean, spread) in [(0.0, 1.0), (1e4, 1e-2)] {
@@ -81,6 +81,40 @@ async fn check_layer_norm(norm: &Normalizer) {
                 err < 1e-4,
                 "RMSNorm {rows}x{features} mean {mean}: error {err:e}"
             );
+
+            // The backward passes, on ordinary rows (tests/backward.rs holds the hard cases).
+            if mean == 0.0 {
+                let dy = data(rows * features, 0.0, 1.0, 5);
+                let opts = LayerNorm {
+                    gamma: Some(&gamma),
+                    ..Default::default()
+                };
+                let got = norm
+                    .layer_norm_backward_async(&x, &dy, features, &opts)
+                    .await
+                    .unwrap();
+                let (dx, dgamma, dbeta) = reference::layer_norm_backward(&x, &dy, features, &opts);
+                for (what, err) in [
+                    ("dx", max_error(&got.dx, &dx)),
+                    ("dgamma", max_error(&got.dgamma, &dgamma)),
+                    ("dbeta", max_error(&got.dbeta, &dbeta)),
+                ] {
+                    assert!(
+                        err < 1e-4,
+                        "LayerNorm {what} {rows}x{features}: error {err:e}"
+                    );
+                }
+                let got = norm
+                    .rms_norm_backward_async(&x, &dy, features, &rms)
+                    .await
+                    .unwrap();
+                let (dx, dgamma) = reference::rms_norm_backward(&x, &dy, features, &rms);
+                let err = max_error(&got.dx, &dx).max(max_error(&got.dgamma, &dgamma));
+                assert!(
+                    err < 1e-4,
+                    "RMSNorm backward {rows}x{features}: error {err:e}"
+                );
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
 // Threads per workgroup.
 const WG: u32 = #{WG}u;
 
-// Params.flags: multiply by gamma; add beta; read the mask (BatchNorm).
+// Params.flags: multiply by gamma; add beta; read the mask (BatchNorm); add onto the gradients
+// of earlier chunks (LayerNorm backward).
 const FLAG_GAMMA: u32 = #{FLAG_GAMMA}u;
 const FLAG_BETA: u32 = #{FLAG_BETA}u;
 const FLAG_MASK: u32 = #{FLAG_MASK}u;
+const FLAG_ACCUMULATE: u32 = #{FLAG_ACCUMULATE}u;

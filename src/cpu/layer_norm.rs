@@ -153,6 +153,122 @@ fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) {
     }
 }
 
+/// At most this many blocks of rows in a backward pass: each keeps its own f64 partial sums of
+/// dgamma and dbeta, added in block order at the end.
+const MAX_BACKWARD_BLOCKS: usize = 64;
+
+/// The backward pass of LayerNorm (or RMSNorm, as `kind` says) over every row: `dx` (same
+/// length as `x`), and the column sums (dgamma, dbeta). Rows run in parallel in blocks whose
+/// size depends on the shape alone, and the blocks' partial sums are added in order, so the
+/// result does not depend on the thread count.
+pub(crate) fn backward(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    features: usize,
+    opts: &LayerNorm<'_>,
+    kind: RowNorm,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / features;
+    let block_rows = rows_per_task(features).max(rows.div_ceil(MAX_BACKWARD_BLOCKS));
+    let block = block_rows * features;
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .map(|(dxb, (xb, dyb))| {
+            let mut sums = (vec![0f64; features], vec![0f64; features]);
+            for (dxr, (xr, dyr)) in dxb
+                .chunks_exact_mut(features)
+                .zip(xb.chunks_exact(features).zip(dyb.chunks_exact(features)))
+            {
+                backward_row((xr, dyr), dxr, (opts, kind), (&mut sums.0, &mut sums.1));
+            }
+            sums
+        })
+        .collect();
+    let (mut dgamma, mut dbeta) = (vec![0f64; features], vec![0f64; features]);
+    for (g, b) in partials {
+        dgamma.iter_mut().zip(g).for_each(|(t, v)| *t += v);
+        dbeta.iter_mut().zip(b).for_each(|(t, v)| *t += v);
+    }
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f32s(dgamma), f32s(dbeta))
+}
+
+/// One row's dx, and its dy · xhat and dy added to the column sums. The statistics are the
+/// forward's (shifted, f64 blocks); with g = dy · gamma, dx = (g − mean(g) − xhat · mean(g ·
+/// xhat)) · rstd, where RMSNorm has no shift, no mean and no mean(g) term.
+fn backward_row(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    (dgamma, dbeta): (&mut [f64], &mut [f64]),
+) {
+    let n = x.len() as f64;
+    let (shift, mean_d) = match kind {
+        RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
+        RowNorm::Rms => (0.0, 0.0),
+    };
+    let var = sum_sq_centered(x, shift, mean_d, &[]) / n;
+    if stats_out_of_range(mean_d as f64, var, opts.eps) {
+        return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
+    }
+    let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
+    let xhat = |c: usize| ((x[c] - shift) - mean_d) * rstd;
+    let g = |c: usize| opts.gamma.map_or(dy[c], |gamma| dy[c] * gamma[c]);
+    // Σ g and Σ g · xhat, in f32 over blocks of 512 and in f64 across them.
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    for start in (0..x.len()).step_by(512) {
+        let (mut a, mut b) = (0f32, 0f32);
+        for c in start..(start + 512).min(x.len()) {
+            a += g(c);
+            b += g(c) * xhat(c);
+        }
+        sum_g += a as f64;
+        sum_gx += b as f64;
+    }
+    let mean_g = match kind {
+        RowNorm::Layer => (sum_g / n) as f32,
+        RowNorm::Rms => 0.0,
+    };
+    let mean_gx = (sum_gx / n) as f32;
+    for c in 0..x.len() {
+        let h = xhat(c);
+        dx[c] = (g(c) - mean_g - h * mean_gx) * rstd;
+        dgamma[c] += (dy[c] * h) as f64;
+        dbeta[c] += dy[c] as f64;
+    }
+}
+
+/// [`backward_row`] for a row whose f32 statistics leave f32's range, in f64 throughout (as
+/// [`row_in_f64`]).
+#[cold]
+fn backward_row_in_f64(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    (dgamma, dbeta): (&mut [f64], &mut [f64]),
+) {
+    let n = x.len() as f64;
+    let mean = match kind {
+        RowNorm::Layer => x.iter().map(|&v| v as f64).sum::<f64>() / n,
+        RowNorm::Rms => 0.0,
+    };
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let rstd = 1.0 / (var + opts.eps as f64).sqrt();
+    let xhat = |c: usize| (x[c] as f64 - mean) * rstd;
+    let g = |c: usize| dy[c] as f64 * opts.gamma.map_or(1.0, |g| g[c] as f64);
+    let mean_g = match kind {
+        RowNorm::Layer => (0..x.len()).map(g).sum::<f64>() / n,
+        RowNorm::Rms => 0.0,
+    };
+    let mean_gx = (0..x.len()).map(|c| g(c) * xhat(c)).sum::<f64>() / n;
+    for c in 0..x.len() {
+        dx[c] = ((g(c) - mean_g - xhat(c) * mean_gx) * rstd) as f32;
+        dgamma[c] += dy[c] as f64 * xhat(c);
+        dbeta[c] += dy[c] as f64;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,18 @@ impl Backend for Cpu {
         Ok(Timing::default())
     }
 
+    async fn layer_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        kind: RowNorm,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        let (dgamma, dbeta) = layer_norm::backward(x_dy, dx, features, opts, kind);
+        Ok((dgamma, dbeta, Timing::default()))
+    }
+
     async fn batch_norm_train(
         &self,
         x: &[f32],

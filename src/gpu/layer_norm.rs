@@ -32,8 +32,47 @@ const LOOPED: KernelDef = KernelDef {
     entry: "layer_norm",
     slots: SLOTS,
 };
+/// The backward pass: dx per row (params, x, dx, gamma, dy, row moments), the column sums over
+/// tiles of rows (params, x, dy, row moments, partials), and their merge (params, partials,
+/// gradients).
+const BACKWARD: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm_backward",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::ReadWrite(2),
+        Slot::Read(3),
+        Slot::Read(5),
+        Slot::ReadWrite(6),
+    ],
+};
+const BACKWARD_COLUMNS: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm_backward_columns",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(5),
+        Slot::ReadWrite(6),
+        Slot::ReadWrite(7),
+    ],
+};
+const BACKWARD_MERGE: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm_backward_merge",
+    slots: &[Slot::Uniform(0), Slot::ReadWrite(7), Slot::ReadWrite(8)],
+};
+/// Rows of one tile of the backward's column sums (`TILE_ROWS` in the shader).
+const TILE_ROWS: usize = 64;
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 2] = [&HELD, &LOOPED];
+pub(crate) const KERNELS: [&KernelDef; 5] = [
+    &HELD,
+    &LOOPED,
+    &BACKWARD,
+    &BACKWARD_COLUMNS,
+    &BACKWARD_MERGE,
+];
 
 // Keep in sync with `Params` in shaders/layer_norm.wgsl (a test compares the two).
 #[repr(C)]
@@ -296,6 +335,174 @@ pub(crate) async fn run(
     Ok(Timing {
         kernel: timer::total(&timer),
     })
+}
+
+/// The backward pass of LayerNorm (or RMSNorm) of host rows on the GPU: dx into `dx`, and the
+/// column sums (dgamma, dbeta). Chunks of whole rows go through in turn, each uploaded with its
+/// dy, run through the three backward kernels in one pass and its dx read back; the column sums
+/// stay on the device, each chunk adding onto the last, and are read once at the end.
+pub(crate) async fn backward(
+    ctx: &GpuContext,
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    features: usize,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+    use wgpu::BufferUsages as U;
+    let rows = x.len() / features;
+    if rows == 0 {
+        return Ok((vec![0.0; features], vec![0.0; features], Timing::default()));
+    }
+    ctx.check_storage_buffers(Slot::storage_count(BACKWARD.slots), "layer_norm_backward")?;
+    let (rms, vec4, subgroup) = (
+        kind == RowNorm::Rms,
+        features.is_multiple_of(4),
+        ctx.subgroups,
+    );
+    let defs = [
+        ("RMS", Def::Flag(rms)),
+        ("VEC4", Def::Flag(vec4)),
+        ("SUBGROUP", Def::Flag(subgroup)),
+        ("T", Def::U32(WG)),
+        ("K", Def::U32(1)),
+    ];
+    let mut pipelines = Vec::new();
+    for kernel in [&BACKWARD, &BACKWARD_COLUMNS, &BACKWARD_MERGE] {
+        let label = format!(
+            "{} {} {} {}",
+            kernel.entry,
+            if rms { "rms" } else { "layer" },
+            if vec4 { "vec4" } else { "f32" },
+            if subgroup { "subgroup" } else { "tree" }
+        );
+        pipelines.push(ctx.pipeline(&label, kernel, &defs).await?);
+    }
+    let [rows_kernel, columns_kernel, merge_kernel] = &pipelines[..] else {
+        unreachable!("three kernels")
+    };
+    // One workgroup per row, and each row's moments (16 bytes) in one binding.
+    let max_groups = ctx.max_groups().saturating_pow(2);
+    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
+    let chunk_rows = max_rows(ctx, features)?
+        .min(max_groups)
+        .min(moments_rows)
+        .min(rows);
+    let chunk = chunk_rows * features;
+    let n = if vec4 { features / 4 } else { features };
+    let blocks = n.div_ceil(WG as usize);
+    let grads_bytes = (2 * features * 4) as u64;
+    let bufs = ctx
+        .scoped("layer_norm_backward", || {
+            let bytes = (chunk * 4) as u64;
+            let tiles = chunk_rows.div_ceil(TILE_ROWS) as u64;
+            let storage =
+                |label, bytes, extra| ctx.buffer(label, bytes, U::STORAGE | extra, Lifetime::Call);
+            (
+                storage("layer_norm_backward x", bytes, U::COPY_DST),
+                storage("layer_norm_backward dy", bytes, U::COPY_DST),
+                storage("layer_norm_backward dx", bytes, U::COPY_SRC | U::COPY_DST),
+                storage(
+                    "layer_norm_backward row moments",
+                    chunk_rows as u64 * 16,
+                    U::empty(),
+                ),
+                storage(
+                    "layer_norm_backward partials",
+                    tiles * grads_bytes,
+                    U::empty(),
+                ),
+                storage("layer_norm_backward grads", grads_bytes, U::COPY_SRC),
+                transfer::readback_buffer(ctx, bytes),
+                ctx.buffer_with(
+                    "layer_norm_backward gamma",
+                    bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
+                    U::STORAGE,
+                ),
+                PassTimer::new(ctx),
+            )
+        })
+        .await?;
+    let (xb, dyb, dxb, moments, partials, grads, staging, gamma, mut timer) = bufs;
+    for (k, ((x, dy), dx)) in x
+        .chunks(chunk)
+        .zip(dy.chunks(chunk))
+        .zip(dx.chunks_mut(chunk))
+        .enumerate()
+    {
+        let (x_up, dy_up) = (
+            transfer::stage(ctx, x).await?,
+            transfer::stage(ctx, dy).await?,
+        );
+        let chunk_rows = x.len() / features;
+        ctx.scoped("layer_norm_backward", || {
+            let accumulate = if k > 0 { flags::ACCUMULATE } else { 0 };
+            let params = LayerNormParams {
+                rows: chunk_rows as u32,
+                features: features as u32,
+                eps: opts.eps,
+                flags: flags::of(opts.gamma.is_some(), false, false) | accumulate,
+            };
+            let params = ctx.buffer_with(
+                "layer_norm_backward params",
+                bytemuck::bytes_of(&params),
+                U::UNIFORM,
+            );
+            let mut encoder = ctx.encoder("layer_norm_backward");
+            x_up.record(&mut encoder, &xb);
+            dy_up.record(&mut encoder, &dyb);
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("layer_norm_backward"),
+                    timestamp_writes: timer.as_ref().map(|t| t.writes()),
+                });
+                let groups = [chunk_rows, chunk_rows.div_ceil(TILE_ROWS) * blocks, blocks];
+                let bindings: [&[&wgpu::Buffer]; 3] = [
+                    &[&params, &xb, &dxb, &gamma, &dyb, &moments],
+                    &[&params, &xb, &dyb, &moments, &partials],
+                    &[&params, &partials, &grads],
+                ];
+                for ((pipeline, buffers), groups) in [rows_kernel, columns_kernel, merge_kernel]
+                    .into_iter()
+                    .zip(bindings)
+                    .zip(groups)
+                {
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, &pipeline.bind(ctx.device(), buffers), &[]);
+                    let (gx, gy) = grid(groups, ctx.max_groups());
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
+            }
+            if let Some(t) = &timer {
+                t.resolve(&mut encoder);
+            }
+            encoder.copy_buffer_to_buffer(&dxb, 0, &staging, 0, (x.len() * 4) as u64);
+            ctx.queue().submit([encoder.finish()]);
+        })
+        .await?;
+        transfer::read_into(ctx, &staging, dx).await?;
+        if let Some(t) = &mut timer {
+            t.collect().await?;
+        }
+    }
+    let grads_staging = ctx
+        .scoped("layer_norm_backward", || {
+            let staging = transfer::readback_buffer(ctx, grads_bytes);
+            let mut encoder = ctx.encoder("layer_norm_backward gradients");
+            encoder.copy_buffer_to_buffer(&grads, 0, &staging, 0, grads_bytes);
+            ctx.queue().submit([encoder.finish()]);
+            staging
+        })
+        .await?;
+    let mut both = vec![0f32; 2 * features];
+    transfer::read_into(ctx, &grads_staging, &mut both).await?;
+    let dbeta = both.split_off(features);
+    Ok((
+        both,
+        dbeta,
+        Timing {
+            kernel: timer::total(&timer),
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -31,6 +31,18 @@ impl Backend for GpuContext {
             .await
     }
 
+    async fn layer_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        kind: RowNorm,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        let op = layer_norm::backward(self, x_dy, dx, features, (opts, kind));
+        self.call(op).await
+    }
+
     async fn batch_norm_train(
         &self,
         x: &[f32],

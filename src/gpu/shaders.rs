@@ -26,6 +26,8 @@ pub(crate) mod flags {
     pub const BETA: u32 = 2;
     /// Read the mask (BatchNorm).
     pub const MASK: u32 = 4;
+    /// Add onto the gradients of earlier chunks (LayerNorm backward).
+    pub const ACCUMULATE: u32 = 8;
 
     /// The flags of an op's optional inputs.
     pub fn of(gamma: bool, beta: bool, mask: bool) -> u32 {
@@ -141,12 +143,13 @@ pub(crate) enum Def {
 }
 
 /// The shader defs every module gets: the numbers `gpunorm::common` names.
-fn common_defs() -> [(&'static str, Def); 4] {
+fn common_defs() -> [(&'static str, Def); 5] {
     [
         ("WG", Def::U32(WG)),
         ("FLAG_GAMMA", Def::U32(flags::GAMMA)),
         ("FLAG_BETA", Def::U32(flags::BETA)),
         ("FLAG_MASK", Def::U32(flags::MASK)),
+        ("FLAG_ACCUMULATE", Def::U32(flags::ACCUMULATE)),
     ]
 }
 

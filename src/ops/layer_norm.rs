@@ -1,6 +1,6 @@
 //! LayerNorm: its options and the checks of a call.
 
-use super::{check_eps, check_param, rows_of};
+use super::{check_eps, check_operand, check_param, rows_of};
 use crate::NormError;
 
 /// Options for [`Normalizer::layer_norm`](crate::Normalizer::layer_norm).
@@ -29,6 +29,30 @@ impl Default for LayerNorm<'_> {
             beta: None,
         }
     }
+}
+
+/// The gradients of LayerNorm, from
+/// [`Normalizer::layer_norm_backward`](crate::Normalizer::layer_norm_backward).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormGrads {
+    /// The gradient of x: one value per value of x.
+    pub dx: Vec<f32>,
+    /// The gradient of gamma, one value per feature (of a gamma of ones where none was given).
+    pub dgamma: Vec<f32>,
+    /// The gradient of beta, one value per feature (of a beta of zeros where none was given).
+    pub dbeta: Vec<f32>,
+}
+
+/// Checks a backward call on x and dy of `len` and `dy_len` values; returns the number of rows.
+pub(crate) fn validate_backward(
+    len: usize,
+    dy_len: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<usize, NormError> {
+    let rows = validate(len, features, opts)?;
+    check_operand("dy", dy_len, len)?;
+    Ok(rows)
 }
 
 /// What the row kernels of both backends compute over each row.

@@ -35,6 +35,17 @@ pub(crate) trait Backend: Send + Sync {
         kind: RowNorm,
     ) -> Result<Timing, NormError>;
 
+    /// The backward pass of LayerNorm (or RMSNorm, as `kind` says): dx into `dx`, and the
+    /// column sums (dgamma, dbeta). `dy` and `dx` have one value per value of `x`.
+    async fn layer_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        kind: RowNorm,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError>;
+
     /// BatchNorm training: batch statistics over the counted positions, then `y`.
     async fn batch_norm_train(
         &self,
@@ -132,6 +143,23 @@ const TINY_VAR: f64 = 1.0 / (1u128 << 100) as f64;
 /// or infinity. Both backends redo such rows or columns another way.
 pub(crate) fn stats_out_of_range(mean: f64, var: f64, eps: f32) -> bool {
     !(mean.is_finite() && var.is_finite()) || (var < TINY_VAR && (eps as f64) < TINY_VAR * 2e7)
+}
+
+/// A second tensor of an op (`dy`, a residual) has one value per value of x.
+pub(crate) fn check_operand(
+    name: &'static str,
+    len: usize,
+    expected: usize,
+) -> Result<(), NormError> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(NormError::OperandLength {
+            name,
+            len,
+            expected,
+        })
+    }
 }
 
 /// An `*_into` output has one value per input value.

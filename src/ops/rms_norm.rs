@@ -42,6 +42,16 @@ impl<'a> RmsNorm<'a> {
     }
 }
 
+/// The gradients of RMSNorm, from
+/// [`Normalizer::rms_norm_backward`](crate::Normalizer::rms_norm_backward).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmsNormGrads {
+    /// The gradient of x: one value per value of x.
+    pub dx: Vec<f32>,
+    /// The gradient of gamma, one value per feature (of a gamma of ones where none was given).
+    pub dgamma: Vec<f32>,
+}
+
 /// Checks an RMSNorm call on a tensor of `len` values; returns the number of rows.
 pub(crate) fn validate(
     len: usize,

@@ -29,6 +29,8 @@ pub struct Op {
 enum Kind {
     LayerNorm,
     RmsNorm,
+    LayerNormBackward,
+    RmsNormBackward,
     Train,
     Eval,
 }
@@ -40,6 +42,8 @@ impl Op {
         let kind = match name.trim_end_matches("_alloc") {
             "layer_norm" => Kind::LayerNorm,
             "rms_norm" => Kind::RmsNorm,
+            "layer_norm_backward" => Kind::LayerNormBackward,
+            "rms_norm_backward" => Kind::RmsNormBackward,
             "batch_norm_train" => Kind::Train,
             "batch_norm_eval" => Kind::Eval,
             other => unreachable!("op {other} was checked by the argument parser"),
@@ -51,13 +55,26 @@ impl Op {
         let base = match self.kind {
             Kind::LayerNorm => "layer_norm",
             Kind::RmsNorm => "rms_norm",
+            Kind::LayerNormBackward => "layer_norm_backward",
+            Kind::RmsNormBackward => "rms_norm_backward",
             Kind::Train => "batch_norm_train",
             Kind::Eval => "batch_norm_eval",
         };
         format!("{base}{}", if self.alloc { "_alloc" } else { "" })
     }
 
-    /// One call, timed end to end.
+    /// Bytes the op must move at least: x in and y out, twice the tensor; a backward pass reads
+    /// x and dy and writes dx, three times.
+    pub fn bytes(&self, shape: (usize, usize)) -> f64 {
+        let passes = match self.kind {
+            Kind::LayerNormBackward | Kind::RmsNormBackward => 3,
+            _ => 2,
+        };
+        (passes * shape.0 * shape.1 * 4) as f64
+    }
+
+    /// One call, timed end to end. A backward pass takes x as its dy too, and returns new
+    /// vectors (it has no `_into` form yet).
     fn call(
         &self,
         norm: &Normalizer,
@@ -77,6 +94,10 @@ impl Op {
             (Kind::LayerNorm, true) => drop_timed(norm.layer_norm(x, features, &ln)?),
             (Kind::RmsNorm, false) => norm.rms_norm_into(x, features, &rms, y)?,
             (Kind::RmsNorm, true) => drop_timed(norm.rms_norm(x, features, &rms)?),
+            (Kind::LayerNormBackward, _) => {
+                drop_timed(norm.layer_norm_backward(x, x, features, &ln)?)
+            }
+            (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
             (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,
             (Kind::Train, true) => drop_timed(norm.batch_norm_train(x, features, &bn)?),
             (Kind::Eval, false) => norm.batch_norm_eval_into(x, features, &bn, &stats, y)?,
@@ -104,7 +125,7 @@ pub fn op(
 ) -> CliResult<Record> {
     let mut y = error::filled(x.len(), 1f32, "the output")?;
     let (seconds, kernel) = median(reps, || op.call(norm, x, &mut y, shape.1))?;
-    let bytes = op_bytes(shape);
+    let bytes = op.bytes(shape);
     Ok(Record {
         op: op.name(),
         shape: label(shape),

@@ -20,13 +20,15 @@ use serde::Serialize;
 use crate::error::{CliError, CliResult};
 use measure::Op;
 
-/// The ops a sweep can run: the `*_into` forms into a reused buffer, and `*_alloc`, the forms
-/// that return a new `Vec` each call.
+/// The ops a sweep can run: the `*_into` forms into a reused buffer, `*_alloc`, the forms
+/// that return a new `Vec` each call, and the backward passes (new `Vec`s, dy = x).
 pub const OPS: &[&str] = &[
     "layer_norm",
     "layer_norm_alloc",
     "rms_norm",
     "rms_norm_alloc",
+    "layer_norm_backward",
+    "rms_norm_backward",
     "batch_norm_train",
     "batch_norm_train_alloc",
     "batch_norm_eval",
@@ -229,9 +231,10 @@ fn print_header(norm: &Normalizer, reps: usize) {
         norm.describe(),
         rayon::current_num_threads()
     );
-    println!("  GB/s counts input read once + output written once. % ceil: CPU rows against the");
-    println!("  single-thread memcpy, GPU kernel times against the copy kernel, both of this run.");
-    println!("  *_alloc ops return a new Vec per call; the others write into a reused buffer.");
+    println!("  GB/s counts input read once + output written once (backward: x and dy read, dx");
+    println!("  written). % ceil: CPU rows against the single-thread memcpy, GPU kernel times");
+    println!("  against the copy kernel, both of this run. *_alloc ops return a new Vec per call,");
+    println!("  as the backward ops do; the others write into a reused buffer.");
     println!(
         "  {:<22} {:>12} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
         "op", "shape", "backend", "ms", "GB/s", "% ceil", "kernel ms", "kern GB/s", "% ceil"

@@ -1,0 +1,300 @@
+//! The backward passes of LayerNorm and RMSNorm on every backend: the f64 references against
+//! central differences of the f64 forwards, then each backend against the references (row
+//! lengths, gamma, offset rows, magnitudes past f32's range, NaN, chunks, bad input, bitwise
+//! repeats). Tolerances are max |v − ref| / max(1, |ref|) for dgamma and dbeta; for dx, whose
+//! elements are differences of terms as large as the row's gradients, the error is measured
+//! against the row's largest: max |dx − ref| / max(1, max |ref in the row|) (`dx_error`).
+
+mod common;
+
+use common::{data, gpu, max_err, ordinary};
+use gpunorm::{reference, LayerNorm, NormError, Normalizer, RmsNorm};
+
+/// Ordinary data: f32 rounding of a few operations per value, and of sums over rows.
+const TOL: f64 = 1e-4;
+/// Rows with mean 1e4 and spread 1e-2, as the forward's bound for them.
+const TOL_OFFSET: f64 = 1e-3;
+
+/// Σ y · w of a forward output, the loss whose gradient with dy = w the backward computes.
+fn loss(y: &[f64], w: &[f32]) -> f64 {
+    y.iter().zip(w).map(|(y, &w)| y * w as f64).sum()
+}
+
+/// The derivative of `f` at `v` by central differences. The step is taken in f32 and measured
+/// after rounding, so the quotient has only the O(h²) error of the method.
+fn derivative(v: f32, f: impl Fn(f32) -> f64) -> f64 {
+    let h = v.abs().max(1.0) * 2f32.powi(-9);
+    let (up, down) = (v + h, v - h);
+    (f(up) - f(down)) / (up as f64 - down as f64)
+}
+
+/// Every gradient the references give matches central differences of the f64 forwards, for
+/// LayerNorm (x, gamma, beta) and RMSNorm (x, gamma), to 1e-5 of its size.
+#[test]
+fn the_references_match_central_differences() {
+    let (rows, features) = (3, 5);
+    let x = ordinary(rows * features, 1);
+    let w = ordinary(rows * features, 2);
+    let gamma = data(features, 1.0, 0.5, 3);
+    let beta = data(features, 0.0, 0.5, 4);
+    let close = |what: &str, numeric: f64, analytic: f64| {
+        let err = (numeric - analytic).abs() / analytic.abs().max(1.0);
+        assert!(err < 1e-5, "{what}: numeric {numeric} analytic {analytic}");
+    };
+
+    let ln = |x: &[f32], g: &[f32], b: &[f32]| {
+        let opts = LayerNorm {
+            gamma: Some(g),
+            beta: Some(b),
+            ..Default::default()
+        };
+        loss(&reference::layer_norm(x, features, &opts), &w)
+    };
+    let opts = LayerNorm {
+        gamma: Some(&gamma),
+        beta: Some(&beta),
+        ..Default::default()
+    };
+    let (dx, dgamma, dbeta) = reference::layer_norm_backward(&x, &w, features, &opts);
+    for i in 0..x.len() {
+        let numeric = derivative(x[i], |v| {
+            let mut x = x.clone();
+            x[i] = v;
+            ln(&x, &gamma, &beta)
+        });
+        close(&format!("LayerNorm dx[{i}]"), numeric, dx[i]);
+    }
+    for c in 0..features {
+        let numeric = derivative(gamma[c], |v| {
+            let mut g = gamma.clone();
+            g[c] = v;
+            ln(&x, &g, &beta)
+        });
+        close(&format!("LayerNorm dgamma[{c}]"), numeric, dgamma[c]);
+        let numeric = derivative(beta[c], |v| {
+            let mut b = beta.clone();
+            b[c] = v;
+            ln(&x, &gamma, &b)
+        });
+        close(&format!("LayerNorm dbeta[{c}]"), numeric, dbeta[c]);
+    }
+
+    let rms = |x: &[f32], g: &[f32]| {
+        let opts = RmsNorm {
+            gamma: Some(g),
+            ..Default::default()
+        };
+        loss(&reference::rms_norm(x, features, &opts), &w)
+    };
+    let opts = RmsNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    let (dx, dgamma) = reference::rms_norm_backward(&x, &w, features, &opts);
+    for i in 0..x.len() {
+        let numeric = derivative(x[i], |v| {
+            let mut x = x.clone();
+            x[i] = v;
+            rms(&x, &gamma)
+        });
+        close(&format!("RMSNorm dx[{i}]"), numeric, dx[i]);
+    }
+    for c in 0..features {
+        let numeric = derivative(gamma[c], |v| {
+            let mut g = gamma.clone();
+            g[c] = v;
+            rms(&x, &g)
+        });
+        close(&format!("RMSNorm dgamma[{c}]"), numeric, dgamma[c]);
+    }
+}
+
+/// The error of dx against its reference, row by row against the row's largest gradient: in
+/// f32, dx = (g − mean(g) − xhat · mean(g · xhat)) · rstd carries an absolute error of a few
+/// ulps of that scale, so an element that nearly cancels cannot be held to its own size. A NaN
+/// where the reference has none (or the reverse) counts as infinite.
+fn dx_error(dx: &[f32], reference: &[f64], features: usize) -> f64 {
+    let mut worst = 0f64;
+    for (got, want) in dx.chunks(features).zip(reference.chunks(features)) {
+        let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
+        for (&g, &r) in got.iter().zip(want) {
+            let e = match (g.is_nan(), r.is_nan()) {
+                (true, true) => 0.0,
+                (false, false) => (g as f64 - r).abs() / scale,
+                _ => f64::INFINITY,
+            };
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+/// The error of a backend's LayerNorm gradients against the reference: (dx, dgamma, dbeta).
+fn ln_errors(norm: &Normalizer, x: &[f32], dy: &[f32], f: usize, o: &LayerNorm) -> [f64; 3] {
+    let got = norm.layer_norm_backward(x, dy, f, o).expect("valid input");
+    let (dx, dgamma, dbeta) = reference::layer_norm_backward(x, dy, f, o);
+    assert_eq!((got.dgamma.len(), got.dbeta.len()), (f, f));
+    [
+        dx_error(&got.dx, &dx, f),
+        max_err(&got.dgamma, &dgamma),
+        max_err(&got.dbeta, &dbeta),
+    ]
+}
+
+/// The error of a backend's RMSNorm gradients against the reference: (dx, dgamma).
+fn rms_errors(norm: &Normalizer, x: &[f32], dy: &[f32], f: usize, o: &RmsNorm) -> [f64; 2] {
+    let got = norm.rms_norm_backward(x, dy, f, o).expect("valid input");
+    let (dx, dgamma) = reference::rms_norm_backward(x, dy, f, o);
+    assert_eq!(got.dgamma.len(), f);
+    [dx_error(&got.dx, &dx, f), max_err(&got.dgamma, &dgamma)]
+}
+
+per_backend! {
+    /// Row lengths from 1 to 65537 (the GPU's f32 and vec4 kernels), ordinary and offset rows,
+    /// without and with gamma (and beta, which the gradients do not depend on).
+    fn every_row_length_matches_the_reference(name, norm) {
+        for &features in &[1, 2, 3, 4, 5, 127, 768, 4097, 65537] {
+            let rows = if features > 10_000 { 2 } else { 37 };
+            let gamma = data(features, 1.0, 0.5, 5);
+            let beta = data(features, 0.0, 0.5, 6);
+            let dy = ordinary(rows * features, 7);
+            for (what, x, tol) in [
+                ("ordinary", ordinary(rows * features, features as u64), TOL),
+                ("mean 1e4 spread 1e-2", data(rows * features, 1e4, 1e-2, 8), TOL_OFFSET),
+            ] {
+                for (g, b) in [(None, None), (Some(&gamma[..]), Some(&beta[..]))] {
+                    let opts = LayerNorm { gamma: g, beta: b, ..Default::default() };
+                    let err = ln_errors(norm, &x, &dy, features, &opts);
+                    assert!(
+                        err.iter().all(|&e| e < tol),
+                        "{name}: LayerNorm {features} features, {what}, gamma {}: {err:?}",
+                        g.is_some()
+                    );
+                    let opts = RmsNorm { gamma: g, ..Default::default() };
+                    let err = rms_errors(norm, &x, &dy, features, &opts);
+                    assert!(
+                        err.iter().all(|&e| e < TOL),
+                        "{name}: RMSNorm {features} features, {what}, gamma {}: {err:?}",
+                        g.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
+
+per_backend! {
+    /// Rows whose statistics leave f32's range (spreads of 1e20, values near 3e38, values near
+    /// 1e-22 with eps 0) give the reference's gradients: both backends redo them (the CPU in
+    /// f64, the GPU scaled by a power of two).
+    fn rows_past_the_range_of_f32_statistics(name, norm) {
+        let mut failed = Vec::new();
+        for features in [7, 300, 4096] {
+            let dy = ordinary(3 * features, 9);
+            for (what, x, eps) in [
+                ("spread 1e20", data(3 * features, 0.0, 1e20, 1), 1e-5),
+                ("near 3e38", data(3 * features, 3e38, 1e36, 2), 1e-5),
+                ("spread 1e-22, eps 0", data(3 * features, 0.0, 1e-22, 3), 0.0),
+            ] {
+                let err = ln_errors(norm, &x, &dy, features, &LayerNorm { eps, ..Default::default() });
+                if err.iter().any(|&e| e >= TOL) {
+                    failed.push(format!("LayerNorm {what}, {features}: {err:?}"));
+                }
+                let err = rms_errors(norm, &x, &dy, features, &RmsNorm { eps, gamma: None });
+                if err.iter().any(|&e| e >= TOL) {
+                    failed.push(format!("RMSNorm {what}, {features}: {err:?}"));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "{name}:\n{}", failed.join("\n"));
+    }
+}
+
+per_backend! {
+    /// A NaN in x makes its own row's dx NaN and leaves the other rows' dx alone.
+    fn a_nan_poisons_only_its_own_row(name, norm) {
+        for &features in &[3, 8, 4097] {
+            let mut x = ordinary(4 * features, 5);
+            x[features + 1] = f32::NAN;
+            let dy = ordinary(4 * features, 6);
+            let got = norm.layer_norm_backward(&x, &dy, features, &LayerNorm::default()).unwrap();
+            let (dx, _, _) = reference::layer_norm_backward(&x, &dy, features, &LayerNorm::default());
+            assert!(got.dx[features..2 * features].iter().all(|v| v.is_nan()), "{name}");
+            for row in [0, 2, 3] {
+                let range = row * features..(row + 1) * features;
+                let err = dx_error(&got.dx[range.clone()], &dx[range], features);
+                assert!(err < TOL, "{name}: {features} features, row {row}: {err:e}");
+            }
+        }
+    }
+}
+
+per_backend! {
+    fn bad_input_is_an_error(name, norm) {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let ln = LayerNorm::default();
+        assert_eq!(
+            norm.layer_norm_backward(&x, &x[..5], 3, &ln),
+            Err(NormError::OperandLength { name: "dy", len: 5, expected: 6 }),
+            "{name}"
+        );
+        assert_eq!(
+            norm.rms_norm_backward(&x, &[0.0; 7], 3, &RmsNorm::default()),
+            Err(NormError::OperandLength { name: "dy", len: 7, expected: 6 }),
+            "{name}"
+        );
+        let gamma = [1.0f32; 2];
+        let opts = LayerNorm { gamma: Some(&gamma), ..ln };
+        assert!(
+            matches!(
+                norm.layer_norm_backward(&x, &x, 3, &opts),
+                Err(NormError::ParamLength { name: "gamma", .. })
+            ),
+            "{name}"
+        );
+        assert_eq!(norm.layer_norm_backward(&x, &x, 0, &ln), Err(NormError::ZeroFeatures));
+        let eps = RmsNorm { eps: -1.0, gamma: None };
+        assert!(matches!(norm.rms_norm_backward(&x, &x, 3, &eps), Err(NormError::InvalidEps(_))));
+        let empty = norm.layer_norm_backward(&[], &[], 3, &ln).unwrap();
+        assert_eq!((empty.dx.len(), empty.dgamma, empty.dbeta), (0, vec![0.0; 3], vec![0.0; 3]));
+    }
+}
+
+per_backend! {
+    /// Enough rows to run in several chunks where bindings are small (CI runs this file again
+    /// with 1 MiB bindings): the column sums add up across chunks.
+    fn gradients_add_up_across_chunks(name, norm) {
+        let (rows, features) = (700, 1000);
+        let x = ordinary(rows * features, 11);
+        let dy = ordinary(rows * features, 12);
+        let gamma = data(features, 1.0, 0.5, 13);
+        let opts = LayerNorm { gamma: Some(&gamma), ..Default::default() };
+        let err = ln_errors(norm, &x, &dy, features, &opts);
+        assert!(err.iter().all(|&e| e < TOL), "{name}: {err:?}");
+    }
+}
+
+#[test]
+fn repeated_gpu_gradients_are_bitwise_identical() {
+    let Some(norm) = gpu() else { return };
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for &features in &[7, 1024] {
+        let x = ordinary(300 * features, 14);
+        let dy = ordinary(300 * features, 15);
+        let a = norm
+            .layer_norm_backward(&x, &dy, features, &LayerNorm::default())
+            .unwrap();
+        for _ in 0..2 {
+            let b = norm
+                .layer_norm_backward(&x, &dy, features, &LayerNorm::default())
+                .unwrap();
+            assert_eq!(bits(&a.dx), bits(&b.dx), "{features} features: dx");
+            assert_eq!(
+                bits(&a.dgamma),
+                bits(&b.dgamma),
+                "{features} features: dgamma"
+            );
+            assert_eq!(bits(&a.dbeta), bits(&b.dbeta), "{features} features: dbeta");
+        }
+    }
+}
