@@ -23,7 +23,8 @@
 // Shader defs (src/gpu/layer_norm.rs picks them): T, threads per row (a power of two, at most
 // WG); K, elements each thread holds in `layer_norm_held`; VEC4 for rows whose length is a
 // multiple of 4 (every load and store moves a vec4), f32 elements otherwise; SUBGROUP for the
-// subgroup workgroup sum (see gpunorm::reduce); RMS for RMSNorm.
+// subgroup workgroup sum (see gpunorm::reduce); RMS for RMSNorm; ADD for the fused residual
+// add (the rows are x + residual, and the sum is written out too).
 
 #import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_ACCUMULATE}
 #import gpunorm::reduce::{Invocation, workgroup_sum}
@@ -77,6 +78,22 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<V>;
 @group(0) @binding(3) var<storage, read> gamma: array<V>;
 @group(0) @binding(4) var<storage, read> beta: array<V>;
+
+#ifdef ADD
+// The fused residual add: the rows normalized are x + residual, rounded to f32 once, and that
+// sum is written out too (the new residual stream).
+@group(0) @binding(9) var<storage, read> residual: array<V>;
+@group(0) @binding(10) var<storage, read_write> sum_out: array<V>;
+#endif
+
+// Element i of the rows normalized: x, or x + residual (ADD), the same bits at every read.
+fn load(i: u32) -> V {
+#ifdef ADD
+    return x[i] + residual[i];
+#else
+    return x[i];
+#endif
+}
 
 // Element i of the row starting at `base`, normalized from its centred value c = x - shift - mean.
 fn store(base: u32, i: u32, c: V, rstd: f32) {
@@ -163,12 +180,12 @@ fn serial_stats(base: u32, s: f32) -> vec3<f32> {
     let shift = 0.0;
     let mean_d = 0.0;
 #else
-    let shift = first(x[base]) * s;
+    let shift = first(load(base)) * s;
     var sum = 0.0;
     for (var run = 0u; run < n; run += RUN) {
         var part = 0.0;
         for (var i = run; i < min(run + RUN, n); i++) {
-            part += hsum(x[base + i] * s - shift);
+            part += hsum(load(base + i) * s - shift);
         }
         sum += part;
     }
@@ -178,7 +195,7 @@ fn serial_stats(base: u32, s: f32) -> vec3<f32> {
     for (var run = 0u; run < n; run += RUN) {
         var part = 0.0;
         for (var i = run; i < min(run + RUN, n); i++) {
-            let c = x[base + i] * s - shift - mean_d;
+            let c = load(base + i) * s - shift - mean_d;
             part += hsum(c * c);
         }
         sq += part;
@@ -205,7 +222,7 @@ fn layer_norm_held(
     var shift = 0.0;
 #ifndef RMS
     if live {
-        shift = first(x[base]);
+        shift = first(load(base));
     }
 #endif
     let count = f32(params.features);
@@ -215,9 +232,17 @@ fn layer_norm_held(
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
         if live && i < n {
-            held[j] = x[base + i];
+            held[j] = load(base + i);
         }
     }
+#ifdef ADD
+    for (var j = 0u; j < K; j++) {
+        let i = lane + j * T;
+        if live && i < n {
+            sum_out[base + i] = held[j];
+        }
+    }
+#endif
 #ifdef RMS
     // The flag rides on the sum of squares: a flagged thread adds at least 2^110, past what
     // values under 2^50 can reach in most rows (rows that do reach it are redone, also exactly).
@@ -260,7 +285,7 @@ fn layer_norm_held(
         for (var j = 0u; j < K; j++) {
             let i = lane + j * T;
             if i < n {
-                held[j] = x[base + i] * s - stats.x - stats.y;
+                held[j] = load(base + i) * s - stats.x - stats.y;
             }
         }
         var_ = stats.z;
@@ -285,17 +310,17 @@ fn looped_stats(inv: Invocation, base: u32, s: f32) -> vec3<f32> {
     let shift = 0.0;
     let mean_d = 0.0;
 #else
-    let shift = first(x[base]) * s;
+    let shift = first(load(base)) * s;
     var sum = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
-        sum += hsum(x[base + i] * s - shift);
+        sum += hsum(load(base + i) * s - shift);
     }
     let mean_d = workgroup_sum(inv, sum) / count;
 #endif
 
     var sq = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
-        let c = x[base + i] * s - shift - mean_d;
+        let c = load(base + i) * s - shift - mean_d;
         sq += hsum(c * c);
     }
     return vec3<f32>(shift, mean_d, workgroup_sum(inv, sq) / count);
@@ -315,18 +340,18 @@ fn looped_moments(inv: Invocation, base: u32) -> vec4<f32> {
     var sq = 0.0;
     var big = false;
     for (var i = inv.lid; i < n; i += WG) {
-        let v = x[base + i];
+        let v = load(base + i);
         sq += hsum(v * v);
         big = big || too_big(v);
     }
     let total = workgroup_sum(inv, flagged(sq, big));
     let var_ = total / count;
 #else
-    let shift = first(x[base]);
+    let shift = first(load(base));
     var sum = 0.0;
     var big = abs(shift) > BIG_SHIFT;
     for (var i = inv.lid; i < n; i += WG) {
-        let d = x[base + i] - shift;
+        let d = load(base + i) - shift;
         sum += hsum(d);
         big = big || too_big(d);
     }
@@ -335,7 +360,7 @@ fn looped_moments(inv: Invocation, base: u32) -> vec4<f32> {
 
     var sq = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
-        let c = x[base + i] - shift - mean_d;
+        let c = load(base + i) - shift - mean_d;
         sq += hsum(c * c);
     }
     let var_ = workgroup_sum(inv, sq) / count;
@@ -366,7 +391,11 @@ fn layer_norm(
     let m = looped_moments(inv, base);
     // x * 1.0 is x exactly: rows in range get the bits they always had.
     for (var i = inv.lid; i < n; i += WG) {
-        store(base, i, x[base + i] * m.w - m.x - m.y, m.z);
+        let v = load(base + i);
+#ifdef ADD
+        sum_out[base + i] = v;
+#endif
+        store(base, i, v * m.w - m.x - m.y, m.z);
     }
 }
 

@@ -61,7 +61,7 @@ pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, RunningStats,
 };
-pub use ops::layer_norm::{LayerNorm, LayerNormGrads};
+pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads};
 pub use ops::rms_norm::{RmsNorm, RmsNormGrads};
 pub use ops::Timing;
 

@@ -10,11 +10,11 @@ use crate::cpu::Cpu;
 use crate::gpu::tensor::{self, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
-    BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm, LayerNormGrads, NormError,
-    RmsNorm, RmsNormGrads, RunningStats, Timing,
+    AddNormOutput, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm,
+    LayerNormGrads, NormError, RmsNorm, RmsNormGrads, RunningStats, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -41,10 +41,11 @@ impl Engine {
         y: &mut [f32],
         features: usize,
         (opts, kind): (&LayerNorm<'_>, RowNorm),
+        add: FusedAdd<'_>,
     ) -> Result<Timing, NormError> {
         match self {
-            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind).await,
-            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind).await,
+            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind, add).await,
+            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind, add).await,
         }
     }
 
@@ -308,7 +309,9 @@ impl Normalizer {
         layer_norm::validate(x.len(), features, opts)?;
         let mut y = new_output(x.len());
         let op = (opts, RowNorm::Layer);
-        self.engine.layer_norm(x, &mut y, features, op).await?;
+        self.engine
+            .layer_norm(x, &mut y, features, op, None)
+            .await?;
         Ok(y)
     }
 
@@ -336,7 +339,7 @@ impl Normalizer {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
         let op = (opts, RowNorm::Layer);
-        self.engine.layer_norm(x, y, features, op).await
+        self.engine.layer_norm(x, y, features, op, None).await
     }
 
     /// RMSNorm of every `features`-long row of `x` (row-major): y = x / sqrt(mean(x²) + eps) ·
@@ -375,7 +378,7 @@ impl Normalizer {
         let mut y = new_output(x.len());
         let (opts, kind) = opts.as_row_norm();
         self.engine
-            .layer_norm(x, &mut y, features, (&opts, kind))
+            .layer_norm(x, &mut y, features, (&opts, kind), None)
             .await?;
         Ok(y)
     }
@@ -404,7 +407,78 @@ impl Normalizer {
         rms_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
         let (opts, kind) = opts.as_row_norm();
-        self.engine.layer_norm(x, y, features, (&opts, kind)).await
+        let op = (&opts, kind);
+        self.engine.layer_norm(x, y, features, op, None).await
+    }
+
+    /// The fused residual add of a transformer block: `sum` = x + residual (each value rounded
+    /// to f32 once: the new residual stream) and `y` = LayerNorm of `sum`'s rows, in one pass
+    /// over memory (each row is added, written and normalized while in cache).
+    ///
+    /// Errors as [`Normalizer::layer_norm`] does, and when `residual.len() != x.len()`
+    /// ([`NormError::OperandLength`]).
+    pub fn add_layer_norm(
+        &self,
+        x: &[f32],
+        residual: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<AddNormOutput, NormError> {
+        let work = self.add_layer_norm_async(x, residual, features, opts);
+        self.block("add_layer_norm", work)
+    }
+
+    /// [`Normalizer::add_layer_norm`], awaited.
+    pub async fn add_layer_norm_async(
+        &self,
+        x: &[f32],
+        residual: &[f32],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<AddNormOutput, NormError> {
+        self.add_norm(x, residual, features, (opts, RowNorm::Layer))
+            .await
+    }
+
+    /// [`Normalizer::add_layer_norm`] with RMSNorm: `sum` = x + residual and `y` = RMSNorm of
+    /// `sum`'s rows, in one pass over memory. Errors as [`Normalizer::rms_norm`] does, and when
+    /// `residual.len() != x.len()`.
+    pub fn add_rms_norm(
+        &self,
+        x: &[f32],
+        residual: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<AddNormOutput, NormError> {
+        let work = self.add_rms_norm_async(x, residual, features, opts);
+        self.block("add_rms_norm", work)
+    }
+
+    /// [`Normalizer::add_rms_norm`], awaited.
+    pub async fn add_rms_norm_async(
+        &self,
+        x: &[f32],
+        residual: &[f32],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<AddNormOutput, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        self.add_norm(x, residual, features, (&opts, kind)).await
+    }
+
+    async fn add_norm(
+        &self,
+        x: &[f32],
+        residual: &[f32],
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<AddNormOutput, NormError> {
+        layer_norm::validate(x.len(), features, op.0)?;
+        crate::ops::check_operand("residual", residual.len(), x.len())?;
+        let (mut sum, mut y) = (new_output(x.len()), new_output(x.len()));
+        let add = Some((residual, &mut sum[..]));
+        self.engine.layer_norm(x, &mut y, features, op, add).await?;
+        Ok(AddNormOutput { sum, y })
     }
 
     /// The gradients of [`Normalizer::layer_norm`] with respect to x, gamma and beta, given the

@@ -46,7 +46,8 @@ fn data(n: usize, mean: f32, spread: f32, seed: u64) -> Vec<f32> {
 
 /// Rows of 1, 3, 768 and 4097 features (scalar and vec4 kernels, held and looped), ordinary
 /// data and offset data with a tiny spread, with and without gamma and beta; RMSNorm on the same
-/// rows (the same kernels, built with RMS); both backward passes on the ordinary rows.
+/// rows (the same kernels, built with RMS); both backward passes and the fused residual add on
+/// the ordinary rows.
 async fn check_layer_norm(norm: &Normalizer) {
     for (rows, features) in [(5, 1), (7, 3), (33, 768), (3, 4097)] {
         for (mean, spread) in [(0.0, 1.0), (1e4, 1e-2)] {
@@ -113,6 +114,23 @@ async fn check_layer_norm(norm: &Normalizer) {
                 assert!(
                     err < 1e-4,
                     "RMSNorm backward {rows}x{features}: error {err:e}"
+                );
+
+                // The fused residual add: the sum bit for bit, y against the reference.
+                let out = norm
+                    .add_layer_norm_async(&x, &dy, features, &opts)
+                    .await
+                    .unwrap();
+                let sum: Vec<f32> = x.iter().zip(&dy).map(|(a, b)| a + b).collect();
+                assert!(out
+                    .sum
+                    .iter()
+                    .zip(&sum)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()));
+                let err = max_error(&out.y, &reference::layer_norm(&sum, features, &opts));
+                assert!(
+                    err < 1e-4,
+                    "add_layer_norm {rows}x{features}: error {err:e}"
                 );
             }
         }

@@ -9,30 +9,44 @@ use super::{
     multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
     write_out, PREFETCH_DISTANCE,
 };
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::stats_out_of_range;
 use crate::LayerNorm;
 
 /// Normalizes every `features`-long row of `x` into `y` (same length; input already validated).
+/// With `add` (the residual and the sum's output), each row is x + residual, written to the sum
+/// and normalized while in cache: one pass over memory.
 pub(crate) fn layer_norm(
     x: &[f32],
     y: &mut [f32],
     features: usize,
-    opts: &LayerNorm<'_>,
-    kind: RowNorm,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    add: FusedAdd<'_>,
 ) {
     let block = rows_per_task(features) * features;
     let stream = should_stream(y.len());
-    y.par_chunks_mut(block)
-        .zip(x.par_chunks(block))
-        .for_each(|(yb, xb)| {
-            rows(xb, yb, features, (opts, kind), stream);
-            stream_fence();
-        });
+    let op = (opts, kind);
+    match add {
+        None => y
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(yb, xb)| {
+                rows(xb, yb, features, op, (stream, None));
+                stream_fence();
+            }),
+        Some((residual, sum)) => y
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .zip(residual.par_chunks(block).zip(sum.par_chunks_mut(block)))
+            .for_each(|((yb, xb), (rb, sb))| {
+                rows(xb, yb, features, op, (stream, Some((rb, sb))));
+                stream_fence();
+            }),
+    }
 }
 
 multiversion! {
-    fn rows(x: &[f32], y: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), stream: bool) => rows_body
+    fn rows(x: &[f32], y: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), out: (bool, FusedAdd<'_>)) => rows_body
 }
 
 #[inline(always)]
@@ -41,7 +55,7 @@ fn rows_body(
     y: &mut [f32],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
-    stream: bool,
+    (stream, mut add): (bool, FusedAdd<'_>),
 ) {
     // Prefetch a row's worth of values at least PREFETCH_DISTANCE ahead: one row is too close
     // when rows are short.
@@ -53,6 +67,18 @@ fn rows_body(
     {
         let lo = (r * features + distance).min(x.len());
         let hi = (lo + features).min(x.len());
+        let span = r * features..(r + 1) * features;
+        // The fused add: the row normalized is x + residual, rounded once and written out.
+        let xr: &[f32] = match &mut add {
+            None => xr,
+            Some((residual, sum)) => {
+                let out = &mut sum[span.clone()];
+                for ((o, &a), &b) in out.iter_mut().zip(xr).zip(&residual[span]) {
+                    *o = a + b;
+                }
+                out
+            }
+        };
         match kind {
             RowNorm::Layer => row(xr, yr, opts, &x[lo..hi], stream),
             RowNorm::Rms => rms_row(xr, yr, opts, &x[lo..hi], stream),
@@ -295,8 +321,8 @@ mod tests {
                 let mut wide = vec![0f32; x.len()];
                 let mut base = vec![1f32; x.len()];
                 let op = (&opts, kind);
-                rows(&x, &mut wide, features, op, stream);
-                rows_body(&x, &mut base, features, op, stream);
+                rows(&x, &mut wide, features, op, (stream, None));
+                rows_body(&x, &mut base, features, op, (stream, None));
                 crate::cpu::stream_fence();
                 assert!(
                     wide.iter()

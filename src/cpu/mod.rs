@@ -13,7 +13,7 @@ mod layer_norm;
 pub(crate) use batch_norm::redo_columns_in_f64;
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -31,8 +31,9 @@ impl Backend for Cpu {
         features: usize,
         opts: &LayerNorm<'_>,
         kind: RowNorm,
+        add: FusedAdd<'_>,
     ) -> Result<Timing, NormError> {
-        layer_norm::layer_norm(x, y, features, opts, kind);
+        layer_norm::layer_norm(x, y, features, (opts, kind), add);
         Ok(Timing::default())
     }
 

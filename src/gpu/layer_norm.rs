@@ -11,7 +11,7 @@ use super::pool::Lifetime;
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::{LayerNorm, NormError, Timing};
 
 /// The two entry points, with the bindings both use: params, x, y, gamma, beta.
@@ -31,6 +31,24 @@ const LOOPED: KernelDef = KernelDef {
     source: Source::LayerNorm,
     entry: "layer_norm",
     slots: SLOTS,
+};
+/// Built with ADD (the fused residual add): also the residual and the sum written out.
+const ADD_SLOTS: &[Slot] = &[
+    Slot::Uniform(0),
+    Slot::Read(1),
+    Slot::ReadWrite(2),
+    Slot::Read(3),
+    Slot::Read(4),
+    Slot::Read(9),
+    Slot::ReadWrite(10),
+];
+const HELD_ADD: KernelDef = KernelDef {
+    slots: ADD_SLOTS,
+    ..HELD
+};
+const LOOPED_ADD: KernelDef = KernelDef {
+    slots: ADD_SLOTS,
+    ..LOOPED
 };
 /// The backward pass: dx per row (params, x, dx, gamma, dy, row moments), the column sums over
 /// tiles of rows (params, x, dy, row moments, partials), and their merge (params, partials,
@@ -65,13 +83,16 @@ const BACKWARD_MERGE: KernelDef = KernelDef {
 };
 /// Rows of one tile of the backward's column sums (`TILE_ROWS` in the shader).
 const TILE_ROWS: usize = 64;
+/// Every kernel, and whether it is built with ADD.
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 5] = [
-    &HELD,
-    &LOOPED,
-    &BACKWARD,
-    &BACKWARD_COLUMNS,
-    &BACKWARD_MERGE,
+pub(crate) const KERNELS: [(&KernelDef, bool); 7] = [
+    (&HELD, false),
+    (&LOOPED, false),
+    (&HELD_ADD, true),
+    (&LOOPED_ADD, true),
+    (&BACKWARD, false),
+    (&BACKWARD_COLUMNS, false),
+    (&BACKWARD_MERGE, false),
 ];
 
 // Keep in sync with `Params` in shaders/layer_norm.wgsl (a test compares the two).
@@ -92,6 +113,8 @@ const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
 struct Kernel {
     /// RMSNorm (the shader def RMS) rather than LayerNorm.
     rms: bool,
+    /// The fused residual add (the shader def ADD).
+    add: bool,
     vec4: bool,
     subgroup: bool,
     /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
@@ -108,7 +131,7 @@ impl Kernel {
     /// longer rows use the looped kernel, one workgroup per row. On the H100, holding 32 vec4s
     /// per thread ran a 2048×32768 batch at 2662 GB/s against 1458 for the looped kernel, and
     /// changed nothing at the shorter standard shapes (BENCHMARKS.md).
-    fn for_features(ctx: &GpuContext, features: usize, kind: RowNorm) -> Kernel {
+    fn for_features(ctx: &GpuContext, features: usize, (kind, add): (RowNorm, bool)) -> Kernel {
         let vec4 = features.is_multiple_of(4);
         let n = if vec4 { features / 4 } else { features };
         let wg = WG as usize;
@@ -121,6 +144,7 @@ impl Kernel {
         };
         Kernel {
             rms: kind == RowNorm::Rms,
+            add,
             vec4,
             subgroup: ctx.subgroups,
             per_row,
@@ -129,10 +153,11 @@ impl Kernel {
     }
 
     fn def(&self) -> &'static KernelDef {
-        if self.held > 0 {
-            &HELD
-        } else {
-            &LOOPED
+        match (self.held > 0, self.add) {
+            (true, false) => &HELD,
+            (false, false) => &LOOPED,
+            (true, true) => &HELD_ADD,
+            (false, true) => &LOOPED_ADD,
         }
     }
 
@@ -148,7 +173,8 @@ impl Kernel {
     /// The pipeline cache key, also the label a GPU debugger shows.
     fn label(&self) -> String {
         format!(
-            "{} {} {} t{} k{}",
+            "{}{} {} {} t{} k{}",
+            if self.add { "add_" } else { "" },
             if self.rms { "rms_norm" } else { "layer_norm" },
             if self.vec4 { "vec4" } else { "f32" },
             if self.subgroup { "subgroup" } else { "tree" },
@@ -160,6 +186,7 @@ impl Kernel {
     async fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
         let defs = [
             ("RMS", Def::Flag(self.rms)),
+            ("ADD", Def::Flag(self.add)),
             ("VEC4", Def::Flag(self.vec4)),
             ("SUBGROUP", Def::Flag(self.subgroup)),
             ("T", Def::U32(self.per_row)),
@@ -175,15 +202,20 @@ pub(crate) struct Prepared {
     pipeline: Arc<Pipeline>,
 }
 
-/// Picks the kernel of `kind` for rows `features` wide and builds its pipeline (once per
-/// context).
+/// Picks the kernel of `kind` (with the fused residual add where `add`) for rows `features`
+/// wide and builds its pipeline (once per context).
 pub(crate) async fn prepare(
     ctx: &GpuContext,
     features: usize,
-    kind: RowNorm,
+    op: (RowNorm, bool),
 ) -> Result<Prepared, NormError> {
-    ctx.check_storage_buffers(Slot::storage_count(SLOTS), "layer_norm")?;
-    let kernel = Kernel::for_features(ctx, features, kind);
+    let kernel = Kernel::for_features(ctx, features, op);
+    let what = if kernel.add {
+        "add_layer_norm"
+    } else {
+        "layer_norm"
+    };
+    ctx.check_storage_buffers(Slot::storage_count(kernel.def().slots), what)?;
     let pipeline = kernel.pipeline(ctx).await?;
     Ok(Prepared { kernel, pipeline })
 }
@@ -202,7 +234,7 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
         });
     }
     // Both kinds share their size classes.
-    let kernel = Kernel::for_features(ctx, features, RowNorm::Layer);
+    let kernel = Kernel::for_features(ctx, features, (RowNorm::Layer, false));
     let max_groups = ctx.max_groups();
     // Saturating: on 32-bit targets (wasm) a 65535² grid overflows usize.
     let grid_rows = max_groups
@@ -214,11 +246,13 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
         .min(u32::MAX as usize / features))
 }
 
-/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, both from offset 0.
+/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, both from offset 0, and
+/// for the fused add the residual it reads and the sum it writes.
 pub(crate) struct Rows<'a> {
     pub x: &'a wgpu::Buffer,
     pub y: &'a wgpu::Buffer,
     pub rows: usize,
+    pub add: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
 }
 
 /// Records LayerNorm of `io` as one compute pass of `encoder`, with the kernel [`prepare`]d for
@@ -252,7 +286,12 @@ pub(crate) fn record(
         bytemuck::cast_slice(opts.beta.unwrap_or(&[])),
         U::STORAGE,
     );
-    let bind_group = pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta]);
+    let bind_group = match io.add {
+        None => pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta]),
+        Some((r, sum)) => {
+            pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta, r, sum])
+        }
+    };
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("layer_norm"),
         timestamp_writes: timer.map(|t| t.writes()),
@@ -263,7 +302,8 @@ pub(crate) fn record(
     pass.dispatch_workgroups(gx, gy, 1);
 }
 
-/// Runs LayerNorm (or RMSNorm, as `kind` says) of host rows on the GPU into `y`. Tensors larger
+/// Runs LayerNorm (or RMSNorm, as `kind` says) of host rows on the GPU into `y`; with `add`
+/// (the residual and the sum's output), of x + residual, writing that sum too. Tensors larger
 /// than one binding go through in chunks of whole rows, each uploaded, normalized and read back
 /// in turn.
 pub(crate) async fn run(
@@ -272,6 +312,7 @@ pub(crate) async fn run(
     y: &mut [f32],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
+    mut add: FusedAdd<'_>,
 ) -> Result<Timing, NormError> {
     use wgpu::BufferUsages as U;
     let rows = x.len() / features;
@@ -280,36 +321,44 @@ pub(crate) async fn run(
     }
     let chunk = max_rows(ctx, features)?.min(rows) * features;
     let bytes = (chunk * 4) as u64;
-    let prepared = prepare(ctx, features, kind).await?;
-    let (input, output, staging, mut timer) = ctx
+    let prepared = prepare(ctx, features, (kind, add.is_some())).await?;
+    // One input and one output buffer, and with the fused add another of each.
+    let buffers = usize::from(add.is_some()) + 1;
+    let (inputs, outputs, stagings, mut timer) = ctx
         .scoped("layer_norm", || {
-            let input = ctx.buffer(
-                "layer_norm x",
-                bytes,
-                U::STORAGE | U::COPY_DST,
-                Lifetime::Call,
-            );
-            let output = ctx.buffer(
-                "layer_norm y",
-                bytes,
-                U::STORAGE | U::COPY_SRC | U::COPY_DST,
-                Lifetime::Call,
-            );
-            let staging = transfer::readback_buffer(ctx, bytes);
-            (input, output, staging, PassTimer::new(ctx))
+            let make = |label, usage| -> Vec<_> {
+                (0..buffers)
+                    .map(|_| ctx.buffer(label, bytes, usage, Lifetime::Call))
+                    .collect()
+            };
+            let inputs = make("layer_norm input", U::STORAGE | U::COPY_DST);
+            let outputs = make("layer_norm output", U::STORAGE | U::COPY_SRC | U::COPY_DST);
+            let stagings = (0..buffers)
+                .map(|_| transfer::readback_buffer(ctx, bytes))
+                .collect::<Vec<_>>();
+            (inputs, outputs, stagings, PassTimer::new(ctx))
         })
         .await?;
-    for (x, y) in x.chunks(chunk).zip(y.chunks_mut(chunk)) {
-        let upload = transfer::stage(ctx, x).await?;
+    for (k, (x, y)) in x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate() {
+        let span = k * chunk..k * chunk + x.len();
+        let mut uploads = vec![transfer::stage(ctx, x).await?];
+        if let Some((residual, _)) = &add {
+            uploads.push(transfer::stage(ctx, &residual[span.clone()]).await?);
+        }
         ctx.scoped("layer_norm", || {
             #[cfg(debug_assertions)]
-            super::poison(ctx, &output, x.len());
+            for output in &outputs {
+                super::poison(ctx, output, x.len());
+            }
             let mut encoder = ctx.encoder("layer_norm");
-            upload.record(&mut encoder, &input);
+            for (upload, input) in uploads.iter().zip(&inputs) {
+                upload.record(&mut encoder, input);
+            }
             let io = Rows {
-                x: &input,
-                y: &output,
+                x: &inputs[0],
+                y: &outputs[0],
                 rows: x.len() / features,
+                add: (buffers == 2).then(|| (&*inputs[1], &*outputs[1])),
             };
             record(
                 ctx,
@@ -323,11 +372,16 @@ pub(crate) async fn run(
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
-            encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, (x.len() * 4) as u64);
+            for (output, staging) in outputs.iter().zip(&stagings) {
+                encoder.copy_buffer_to_buffer(output, 0, staging, 0, (x.len() * 4) as u64);
+            }
             ctx.queue().submit([encoder.finish()]);
         })
         .await?;
-        transfer::read_into(ctx, &staging, y).await?;
+        transfer::read_into(ctx, &stagings[0], y).await?;
+        if let Some((_, sum)) = &mut add {
+            transfer::read_into(ctx, &stagings[1], &mut sum[span]).await?;
+        }
         if let Some(t) = &mut timer {
             t.collect().await?;
         }

@@ -14,7 +14,7 @@ mod transfer;
 pub(crate) use context::{describe_adapter, GpuContext};
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -26,8 +26,9 @@ impl Backend for GpuContext {
         features: usize,
         opts: &LayerNorm<'_>,
         kind: RowNorm,
+        add: FusedAdd<'_>,
     ) -> Result<Timing, NormError> {
-        self.call(layer_norm::run(self, x, y, features, (opts, kind)))
+        self.call(layer_norm::run(self, x, y, features, (opts, kind), add))
             .await
     }
 
@@ -157,14 +158,22 @@ mod tests {
                 ] {
                     let mut y = vec![0f32; x.len()];
                     let ln = LayerNorm::default();
-                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &ln, RowNorm::Layer))
-                        .unwrap();
+                    pollster::block_on(ctx.layer_norm(
+                        &x,
+                        &mut y,
+                        features,
+                        &ln,
+                        RowNorm::Layer,
+                        None,
+                    ))
+                    .unwrap();
                     let err = reference::max_error(&y, &reference::layer_norm(&x, features, &ln));
                     assert!(err < tol, "{tuning:?} LN {rows}x{features}: {err:e}");
 
                     let rms = RmsNorm::default();
                     let (opts, kind) = rms.as_row_norm();
-                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &opts, kind)).unwrap();
+                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &opts, kind, None))
+                        .unwrap();
                     let err = reference::max_error(&y, &reference::rms_norm(&x, features, &rms));
                     assert!(err < tol, "{tuning:?} RMS {rows}x{features}: {err:e}");
 

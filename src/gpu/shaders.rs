@@ -295,7 +295,8 @@ impl Pipeline {
 }
 
 /// Every (kernel, defs) the host may build, for the tests: each size class and width of
-/// LayerNorm and RMSNorm with both reductions, and every BatchNorm kernel.
+/// LayerNorm and RMSNorm (with and without the fused add, and backward) with both reductions,
+/// and every BatchNorm kernel.
 #[cfg(test)]
 pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def)>)> {
     use crate::gpu::{batch_norm, layer_norm};
@@ -309,15 +310,16 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
         for vec4 in [false, true] {
             for subgroup in [false, true] {
                 for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)] {
-                    let defs = vec![
-                        ("RMS", Def::Flag(rms)),
-                        ("VEC4", Def::Flag(vec4)),
-                        ("SUBGROUP", Def::Flag(subgroup)),
-                        ("T", Def::U32(t)),
-                        ("K", Def::U32(k)),
-                    ];
-                    for kernel in layer_norm::KERNELS {
-                        all.push((kernel, defs.clone()));
+                    for (kernel, add) in layer_norm::KERNELS {
+                        let defs = vec![
+                            ("RMS", Def::Flag(rms)),
+                            ("ADD", Def::Flag(add)),
+                            ("VEC4", Def::Flag(vec4)),
+                            ("SUBGROUP", Def::Flag(subgroup)),
+                            ("T", Def::U32(t)),
+                            ("K", Def::U32(k)),
+                        ];
+                        all.push((kernel, defs));
                     }
                 }
             }

@@ -146,7 +146,7 @@ pub(crate) async fn layer_norm(
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    let prepared = layer_norm::prepare(ctx, features, RowNorm::Layer).await?;
+    let prepared = layer_norm::prepare(ctx, features, (RowNorm::Layer, false)).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features));
         if rows > 0 {
@@ -155,6 +155,7 @@ pub(crate) async fn layer_norm(
                 x: &x.buffer,
                 y: &y.buffer,
                 rows,
+                add: None,
             };
             layer_norm::record(ctx, &mut encoder, io, features, &prepared, opts, None);
             ctx.queue().submit([encoder.finish()]);
@@ -226,9 +227,14 @@ pub(crate) async fn encode_layer_norm(
     if rows == 0 {
         return Ok(());
     }
-    let prepared = layer_norm::prepare(ctx, features, RowNorm::Layer).await?;
+    let prepared = layer_norm::prepare(ctx, features, (RowNorm::Layer, false)).await?;
     ctx.scoped("encode_layer_norm", || {
-        let io = Rows { x, y, rows };
+        let io = Rows {
+            x,
+            y,
+            rows,
+            add: None,
+        };
         layer_norm::record(ctx, encoder, io, features, &prepared, opts, None)
     })
     .await

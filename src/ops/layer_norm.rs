@@ -43,6 +43,16 @@ pub struct LayerNormGrads {
     pub dbeta: Vec<f32>,
 }
 
+/// What [`Normalizer::add_layer_norm`](crate::Normalizer::add_layer_norm) and
+/// [`Normalizer::add_rms_norm`](crate::Normalizer::add_rms_norm) return.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddNormOutput {
+    /// x + residual, each value rounded to f32 once: the new residual stream.
+    pub sum: Vec<f32>,
+    /// The normalization of `sum`'s rows.
+    pub y: Vec<f32>,
+}
+
 /// Checks a backward call on x and dy of `len` and `dy_len` values; returns the number of rows.
 pub(crate) fn validate_backward(
     len: usize,
@@ -54,6 +64,9 @@ pub(crate) fn validate_backward(
     check_operand("dy", dy_len, len)?;
     Ok(rows)
 }
+
+/// The fused residual add of a row op: the residual, and the output for x + residual.
+pub(crate) type FusedAdd<'a> = Option<(&'a [f32], &'a mut [f32])>;
 
 /// What the row kernels of both backends compute over each row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::NormError;
 use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use layer_norm::{LayerNorm, RowNorm};
+use layer_norm::{FusedAdd, LayerNorm, RowNorm};
 
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -25,7 +25,8 @@ pub struct Timing {
 /// are async: the GPU awaits its readbacks, and the CPU fallback finishes on the first poll.
 pub(crate) trait Backend: Send + Sync {
     /// LayerNorm (or, as `kind` says, RMSNorm with `opts.beta` None) of every `features`-long
-    /// row of `x` into `y`.
+    /// row of `x` into `y`; with `add` (a residual and an output for the sum, both as long as
+    /// `x`), of the rows of x + residual, the sum written out too.
     async fn layer_norm(
         &self,
         x: &[f32],
@@ -33,6 +34,7 @@ pub(crate) trait Backend: Send + Sync {
         features: usize,
         opts: &LayerNorm<'_>,
         kind: RowNorm,
+        add: FusedAdd<'_>,
     ) -> Result<Timing, NormError>;
 
     /// The backward pass of LayerNorm (or RMSNorm, as `kind` says): dx into `dx`, and the

@@ -31,6 +31,7 @@ enum Kind {
     RmsNorm,
     LayerNormBackward,
     RmsNormBackward,
+    AddLayerNorm,
     Train,
     Eval,
 }
@@ -44,6 +45,7 @@ impl Op {
             "rms_norm" => Kind::RmsNorm,
             "layer_norm_backward" => Kind::LayerNormBackward,
             "rms_norm_backward" => Kind::RmsNormBackward,
+            "add_layer_norm" => Kind::AddLayerNorm,
             "batch_norm_train" => Kind::Train,
             "batch_norm_eval" => Kind::Eval,
             other => unreachable!("op {other} was checked by the argument parser"),
@@ -57,6 +59,7 @@ impl Op {
             Kind::RmsNorm => "rms_norm",
             Kind::LayerNormBackward => "layer_norm_backward",
             Kind::RmsNormBackward => "rms_norm_backward",
+            Kind::AddLayerNorm => "add_layer_norm",
             Kind::Train => "batch_norm_train",
             Kind::Eval => "batch_norm_eval",
         };
@@ -64,17 +67,19 @@ impl Op {
     }
 
     /// Bytes the op must move at least: x in and y out, twice the tensor; a backward pass reads
-    /// x and dy and writes dx, three times.
+    /// x and dy and writes dx, three times; the fused add reads x and the residual and writes
+    /// the sum and y, four times.
     pub fn bytes(&self, shape: (usize, usize)) -> f64 {
         let passes = match self.kind {
             Kind::LayerNormBackward | Kind::RmsNormBackward => 3,
+            Kind::AddLayerNorm => 4,
             _ => 2,
         };
         (passes * shape.0 * shape.1 * 4) as f64
     }
 
-    /// One call, timed end to end. A backward pass takes x as its dy too, and returns new
-    /// vectors (it has no `_into` form yet).
+    /// One call, timed end to end. A backward pass takes x as its dy too, the fused add as its
+    /// residual, and both return new vectors (they have no `_into` form yet).
     fn call(
         &self,
         norm: &Normalizer,
@@ -98,6 +103,7 @@ impl Op {
                 drop_timed(norm.layer_norm_backward(x, x, features, &ln)?)
             }
             (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
+            (Kind::AddLayerNorm, _) => drop_timed(norm.add_layer_norm(x, x, features, &ln)?),
             (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,
             (Kind::Train, true) => drop_timed(norm.batch_norm_train(x, features, &bn)?),
             (Kind::Eval, false) => norm.batch_norm_eval_into(x, features, &bn, &stats, y)?,

@@ -21,7 +21,8 @@ use crate::error::{CliError, CliResult};
 use measure::Op;
 
 /// The ops a sweep can run: the `*_into` forms into a reused buffer, `*_alloc`, the forms
-/// that return a new `Vec` each call, and the backward passes (new `Vec`s, dy = x).
+/// that return a new `Vec` each call, the backward passes (new `Vec`s, dy = x) and the fused
+/// add (new `Vec`s, residual = x).
 pub const OPS: &[&str] = &[
     "layer_norm",
     "layer_norm_alloc",
@@ -29,6 +30,7 @@ pub const OPS: &[&str] = &[
     "rms_norm_alloc",
     "layer_norm_backward",
     "rms_norm_backward",
+    "add_layer_norm",
     "batch_norm_train",
     "batch_norm_train_alloc",
     "batch_norm_eval",
@@ -232,9 +234,14 @@ fn print_header(norm: &Normalizer, reps: usize) {
         rayon::current_num_threads()
     );
     println!("  GB/s counts input read once + output written once (backward: x and dy read, dx");
-    println!("  written). % ceil: CPU rows against the single-thread memcpy, GPU kernel times");
-    println!("  against the copy kernel, both of this run. *_alloc ops return a new Vec per call,");
-    println!("  as the backward ops do; the others write into a reused buffer.");
+    println!(
+        "  written; add_layer_norm: x and residual read, sum and y written). % ceil: CPU rows"
+    );
+    println!(
+        "  against the single-thread memcpy, GPU kernel times against the copy kernel, both of"
+    );
+    println!("  this run. *_alloc ops return a new Vec per call, as the backward and add ops do;");
+    println!("  the others write into a reused buffer.");
     println!(
         "  {:<22} {:>12} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
         "op", "shape", "backend", "ms", "GB/s", "% ceil", "kernel ms", "kern GB/s", "% ceil"
