@@ -897,7 +897,35 @@ impl Normalizer {
     ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("layer_norm_gpu")?;
         let rows = layer_norm::validate(x.len(), features, opts)?;
-        ctx.call(tensor::layer_norm(ctx, x, rows, features, opts))
+        let op = (opts, RowNorm::Layer);
+        ctx.call(tensor::layer_norm(ctx, x, rows, features, op))
+            .await
+    }
+
+    /// [`Normalizer::rms_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
+    /// host and nothing waits, so ops chain. Same errors as `rms_norm`, plus
+    /// [`NormError::NotGpu`] on the CPU fallback.
+    pub fn rms_norm_gpu(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuTensor, NormError> {
+        let work = self.rms_norm_gpu_async(x, features, opts);
+        self.block("rms_norm_gpu", work)
+    }
+
+    /// [`Normalizer::rms_norm_gpu`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn rms_norm_gpu_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("rms_norm_gpu")?;
+        let rows = rms_norm::validate(x.len(), features, opts)?;
+        let (opts, kind) = opts.as_row_norm();
+        ctx.call(tensor::layer_norm(ctx, x, rows, features, (&opts, kind)))
             .await
     }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{gpu, max_err, ordinary};
-use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, RunningStats};
+use gpunorm::{reference, BatchNorm, LayerNorm, NormError, Normalizer, RmsNorm, RunningStats};
 
 /// Same kernel, same input: the device path and the host path agree bit for bit.
 #[test]
@@ -36,6 +36,40 @@ fn chained_device_ops_match_the_host_path() {
     assert!(max_err(&host_once, &r) < 1e-4);
     // The input tensor is untouched.
     assert_eq!(norm.download(&t).unwrap(), x);
+}
+
+/// RMSNorm on a GPU tensor gives the host path's bits, chains after LayerNorm without a round
+/// trip, and refuses a tensor of another row width.
+#[test]
+fn rms_norm_on_gpu_tensors_matches_the_host_path() {
+    let Some(norm) = gpu() else { return };
+    let features = 256;
+    let x = ordinary(40 * features, 3);
+    let t = norm.upload_rows(&x, features).unwrap();
+    let rms = RmsNorm::default();
+    let y = norm.rms_norm_gpu(&t, features, &rms).unwrap();
+    assert_eq!(
+        norm.download(&y).unwrap(),
+        norm.rms_norm(&x, features, &rms).unwrap()
+    );
+    let ln = norm
+        .layer_norm_gpu(&t, features, &LayerNorm::default())
+        .unwrap();
+    let chained = norm.rms_norm_gpu(&ln, features, &rms).unwrap();
+    let host = norm
+        .layer_norm(&x, features, &LayerNorm::default())
+        .unwrap();
+    assert_eq!(
+        norm.download(&chained).unwrap(),
+        norm.rms_norm(&host, features, &rms).unwrap()
+    );
+    assert_eq!(
+        norm.rms_norm_gpu(&t, 128, &rms).map(|_| ()),
+        Err(NormError::TensorShape {
+            features: 256,
+            given: 128
+        })
+    );
 }
 
 /// Large uploads and downloads are copied in pieces on several threads: every value comes back

@@ -133,20 +133,20 @@ pub(crate) async fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec
     Ok(out)
 }
 
-/// LayerNorm of a tensor of `rows` rows into a new tensor, without waiting.
+/// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor, without waiting.
 pub(crate) async fn layer_norm(
     ctx: &GpuContext,
     x: &GpuTensor,
     rows: usize,
     features: usize,
-    opts: &LayerNorm<'_>,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<GpuTensor, NormError> {
     x.check_owner(ctx, "x")?;
     x.check_features(features)?;
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    let prepared = layer_norm::prepare(ctx, features, (RowNorm::Layer, false)).await?;
+    let prepared = layer_norm::prepare(ctx, features, (kind, false)).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features));
         if rows > 0 {
