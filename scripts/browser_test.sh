@@ -26,5 +26,6 @@ export WASM_BINDGEN_TEST_TIMEOUT=300
 export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
 cargo test --target wasm32-unknown-unknown --test web
 
-bash scripts/build_web.sh
+# The page in the dev profile: what the tests above built serves it, no release build.
+bash scripts/build_web.sh --dev
 python3 scripts/page_test.py
