@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::{
     multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
-    write_out, PREFETCH_DISTANCE,
+    write_out, BLOCK, LANES, PREFETCH_DISTANCE,
 };
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::stats_out_of_range;
@@ -202,12 +202,8 @@ pub(crate) fn backward(
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .map(|(dxb, (xb, dyb))| {
             let mut sums = (vec![0f64; features], vec![0f64; features]);
-            for (dxr, (xr, dyr)) in dxb
-                .chunks_exact_mut(features)
-                .zip(xb.chunks_exact(features).zip(dyb.chunks_exact(features)))
-            {
-                backward_row((xr, dyr), dxr, (opts, kind), (&mut sums.0, &mut sums.1));
-            }
+            let op = (opts, kind);
+            backward_rows((xb, dyb), dxb, features, op, (&mut sums.0, &mut sums.1));
             sums
         })
         .collect();
@@ -220,9 +216,31 @@ pub(crate) fn backward(
     (f32s(dgamma), f32s(dbeta))
 }
 
+multiversion! {
+    fn backward_rows(x_dy: (&[f32], &[f32]), dx: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), sums: (&mut [f64], &mut [f64])) => backward_rows_body
+}
+
+#[inline(always)]
+fn backward_rows_body(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    features: usize,
+    op: (&LayerNorm<'_>, RowNorm),
+    (dgamma, dbeta): (&mut [f64], &mut [f64]),
+) {
+    for (dxr, (xr, dyr)) in dx
+        .chunks_exact_mut(features)
+        .zip(x.chunks_exact(features).zip(dy.chunks_exact(features)))
+    {
+        backward_row((xr, dyr), dxr, op, (&mut *dgamma, &mut *dbeta));
+    }
+}
+
 /// One row's dx, and its dy · xhat and dy added to the column sums. The statistics are the
 /// forward's (shifted, f64 blocks); with g = dy · gamma, dx = (g − mean(g) − xhat · mean(g ·
-/// xhat)) · rstd, where RMSNorm has no shift, no mean and no mean(g) term.
+/// xhat)) · rstd, where RMSNorm has no shift, no mean and no mean(g) term. Two passes over the
+/// row in cache after the statistics: the sums, then dx and the column sums.
+#[inline(always)]
 fn backward_row(
     (x, dy): (&[f32], &[f32]),
     dx: &mut [f32],
@@ -239,16 +257,13 @@ fn backward_row(
         return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
     }
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
-    let xhat = |c: usize| ((x[c] - shift) - mean_d) * rstd;
-    let g = |c: usize| opts.gamma.map_or(dy[c], |gamma| dy[c] * gamma[c]);
-    // Σ g and Σ g · xhat, in f32 over blocks of 512 and in f64 across them.
+    let xhat = |v: f32| ((v - shift) - mean_d) * rstd;
+    // Σ g and Σ g · xhat: f32 in 16 lanes over blocks of 512, f64 across blocks.
     let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-    for start in (0..x.len()).step_by(512) {
-        let (mut a, mut b) = (0f32, 0f32);
-        for c in start..(start + 512).min(x.len()) {
-            a += g(c);
-            b += g(c) * xhat(c);
-        }
+    for start in (0..x.len()).step_by(BLOCK) {
+        let span = start..(start + BLOCK).min(x.len());
+        let gamma = opts.gamma.map(|g| &g[span.clone()]);
+        let (a, b) = sums_g_gx(&x[span.clone()], &dy[span], gamma, xhat);
         sum_g += a as f64;
         sum_gx += b as f64;
     }
@@ -257,12 +272,74 @@ fn backward_row(
         RowNorm::Rms => 0.0,
     };
     let mean_gx = (sum_gx / n) as f32;
-    for c in 0..x.len() {
-        let h = xhat(c);
-        dx[c] = (g(c) - mean_g - h * mean_gx) * rstd;
-        dgamma[c] += (dy[c] * h) as f64;
-        dbeta[c] += dy[c] as f64;
+    let columns = dgamma.iter_mut().zip(dbeta.iter_mut());
+    let out = dx.iter_mut().zip(x.iter().zip(dy)).zip(columns);
+    match opts.gamma {
+        None => {
+            for ((d, (&v, &dy)), (dg, db)) in out {
+                let h = xhat(v);
+                *d = (dy - mean_g - h * mean_gx) * rstd;
+                *dg += (dy * h) as f64;
+                *db += dy as f64;
+            }
+        }
+        Some(gamma) => {
+            for (((d, (&v, &dy)), (dg, db)), &gm) in out.zip(gamma) {
+                let h = xhat(v);
+                *d = (dy * gm - mean_g - h * mean_gx) * rstd;
+                *dg += (dy * h) as f64;
+                *db += dy as f64;
+            }
+        }
     }
+}
+
+/// (Σ g, Σ g · xhat(x)) over one block of at most `BLOCK` values, g = dy · gamma, in 16
+/// independent f32 lanes (so they vectorise) folded pairwise in a fixed order.
+#[inline(always)]
+fn sums_g_gx(
+    x: &[f32],
+    dy: &[f32],
+    gamma: Option<&[f32]>,
+    xhat: impl Fn(f32) -> f32,
+) -> (f32, f32) {
+    let mut scaled = [0f32; BLOCK];
+    let g: &[f32] = match gamma {
+        None => dy,
+        Some(gamma) => {
+            for ((s, &d), &gm) in scaled.iter_mut().zip(dy).zip(gamma) {
+                *s = d * gm;
+            }
+            &scaled[..dy.len()]
+        }
+    };
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let mut add = |xs: &[f32], gs: &[f32]| {
+        for ((a, b), (&v, &g)) in a.iter_mut().zip(b.iter_mut()).zip(xs.iter().zip(gs)) {
+            *a += g;
+            *b += g * xhat(v);
+        }
+    };
+    let (xs, gs) = (x.chunks_exact(LANES), g.chunks_exact(LANES));
+    let tail = (xs.remainder(), gs.remainder());
+    for (xs, gs) in xs.zip(gs) {
+        add(xs, gs);
+    }
+    add(tail.0, tail.1);
+    (fold(a), fold(b))
+}
+
+/// The lanes of a sum added pairwise, in a fixed order.
+#[inline(always)]
+fn fold(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
 }
 
 /// [`backward_row`] for a row whose f32 statistics leave f32's range, in f64 throughout (as

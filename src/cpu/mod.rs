@@ -79,11 +79,11 @@ impl Backend for Cpu {
     }
 }
 
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 /// Values (16 KiB) between the data a pass reads from memory and the data it prefetches.
 pub(crate) const PREFETCH_DISTANCE: usize = 4096;
 /// Values summed in f32 before the partial sum moves to f64.
-const BLOCK: usize = 512;
+pub(crate) const BLOCK: usize = 512;
 
 /// Defines `$name`, which runs the `#[inline(always)]` function `$body` with the same arguments,
 /// compiled for AVX2 where the CPU has it (detected at run time, cached by std) and for the
