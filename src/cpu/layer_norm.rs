@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::{
-    multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
+    fold, multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
     write_out, BLOCK, LANES, PREFETCH_DISTANCE,
 };
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
@@ -327,19 +327,6 @@ fn sums_g_gx(
     }
     add(tail.0, tail.1);
     (fold(a), fold(b))
-}
-
-/// The lanes of a sum added pairwise, in a fixed order.
-#[inline(always)]
-fn fold(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-        width /= 2;
-    }
-    acc[0]
 }
 
 /// [`backward_row`] for a row whose f32 statistics leave f32's range, in f64 throughout (as

@@ -179,7 +179,12 @@ fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     for (a, &v) in acc.iter_mut().zip(tail) {
         *a += f(v);
     }
-    // A fixed pairwise fold of the lanes.
+    fold(acc)
+}
+
+/// The lanes of a sum added pairwise, in a fixed order.
+#[inline(always)]
+pub(crate) fn fold(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
     while width > 0 {
         for i in 0..width {
