@@ -232,3 +232,108 @@ fn apply(
     }
     y[i] = v;
 }
+
+// ---- Backward (training) -----------------------------------------------------------------
+//
+// With the statistics of the forward (the passes above, run again on x) and xhat = (x - mean) *
+// rstd: dbeta = Σ dy and dgamma = Σ dy * xhat over the counted positions, and
+// dx = gamma * rstd * (dy - dbeta / N - xhat * dgamma / N) on them, 0 on masked ones. Masked
+// positions are skipped, never multiplied by 0, so whatever they hold changes nothing else.
+//   backward_partial: per (column tile, row tile) as stats_partial, (Σ dy, Σ dy * xhat) into
+//                     partials[row tile, c].xy;
+//   backward_merge:   one thread per column adds the chunk's row tiles, in order, onto
+//                     columns[channels + c].zw (zeroed by the host before the first chunk);
+//   backward_apply:   dx, one thread per (position, column), as apply.
+
+@group(0) @binding(6) var<storage, read> dy: array<f32>;
+
+fn rstd_of(st: vec4<f32>) -> f32 {
+    return inverseSqrt(st.z / st.w + params.eps);
+}
+
+@compute @workgroup_size(WG)
+fn backward_partial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = wid.y * groups.x + wid.x;
+    if group >= params.col_tiles * params.row_tiles {
+        return;
+    }
+    let col_tile = group % params.col_tiles;
+    let row_tile = group / params.col_tiles;
+    let tc = lid % params.tile_cols;
+    let tr = lid / params.tile_cols;
+    let c = col_tile * params.tile_cols + tc;
+    let live = c < params.channels;
+    let begin = row_tile * params.rows_per_tile;
+    let end = min(begin + params.rows_per_tile, params.positions);
+
+    var s1 = 0.0;
+    var s2 = 0.0;
+    if live {
+        let st = columns[c];
+        let r = rstd_of(st);
+        for (var p = begin + tr; p < end; p += params.tile_rows) {
+            if counted(p) {
+                let i = index_of(p, c);
+                let d = dy[i];
+                s1 += d;
+                s2 += d * (((x[i] - st.x) - st.y) * r);
+            }
+        }
+    }
+    let t1 = column_sum(lid, s1);
+    let t2 = column_sum(lid, s2);
+    if live && tr == 0u {
+        partials[row_tile * params.channels + c] = vec4<f32>(t1, t2, 0.0, 0.0);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn backward_merge(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    let affine = columns[params.channels + c];
+    var acc = affine.zw;
+    for (var t = 0u; t < params.row_tiles; t++) {
+        acc += partials[t * params.channels + c].xy;
+    }
+    columns[params.channels + c] = vec4<f32>(affine.xy, acc);
+}
+
+@compute @workgroup_size(WG)
+fn backward_apply(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = (wid.y * groups.x + wid.x) * WG + lid;
+    let plane = params.spatial * params.channels;
+    if e >= params.positions * params.channels {
+        return;
+    }
+    let c = (e % plane) / params.spatial;
+    let p = (e / plane) * params.spatial + e % params.spatial;
+    let i = index_of(p, c);
+    if !counted(p) {
+        y[i] = 0.0;
+        return;
+    }
+    let st = columns[c];
+    let r = rstd_of(st);
+    let affine = columns[params.channels + c];
+    var g = r;
+    if (params.flags & FLAG_GAMMA) != 0u {
+        g = g * affine.x;
+    }
+    let h = ((x[i] - st.x) - st.y) * r;
+    y[i] = g * ((dy[i] - affine.z / st.w) - h * (affine.w / st.w));
+}

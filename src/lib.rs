@@ -59,7 +59,8 @@ pub use error::NormError;
 pub use gpu::tensor::GpuTensor;
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
-    mask_from_lengths, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, RunningStats,
+    mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
+    RunningStats,
 };
 pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads};
 pub use ops::rms_norm::{RmsNorm, RmsNormGrads};

@@ -13,8 +13,8 @@ use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
-    AddNormOutput, BatchNorm, BatchNormOutput, BatchStats, ChannelsFirst, LayerNorm,
-    LayerNormGrads, NormError, RmsNorm, RmsNormGrads, RunningStats, Timing,
+    AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
+    LayerNorm, LayerNormGrads, NormError, RmsNorm, RmsNormGrads, RunningStats, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -79,6 +79,26 @@ impl Engine {
         match self {
             Engine::Cpu(cpu) => cpu.batch_norm_train(x, y, shape, opts, counted).await,
             Engine::Gpu(ctx) => ctx.batch_norm_train(x, y, shape, opts, counted).await,
+        }
+    }
+
+    async fn batch_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: batch_norm::Counted,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        match self {
+            Engine::Cpu(cpu) => {
+                cpu.batch_norm_backward(x_dy, dx, shape, opts, counted)
+                    .await
+            }
+            Engine::Gpu(ctx) => {
+                ctx.batch_norm_backward(x_dy, dx, shape, opts, counted)
+                    .await
+            }
         }
     }
 
@@ -771,6 +791,109 @@ impl Normalizer {
     ) -> Result<Vec<f32>, NormError> {
         self.eval_alloc(x, &Shape::named(x.len(), shape)?, opts, stats)
             .await
+    }
+
+    /// The gradients of [`Normalizer::batch_norm_train`] on a features-last tensor with respect
+    /// to x, gamma and beta, given the upstream gradient `dy` (one value per value of x): the
+    /// gradient through the batch statistics (biased variance), as PyTorch's training-mode
+    /// BatchNorm computes it. The statistics are recomputed from `x`. Per feature over the N
+    /// counted rows, with xhat the normalized x: `dbeta` = Σ dy, `dgamma` = Σ dy · xhat, and
+    /// dx = gamma / sqrt(var + eps) · (dy − dbeta / N − xhat · dgamma / N). With a mask, masked
+    /// rows get dx = 0 and add nothing to the sums: whatever they hold in x or dy changes no
+    /// other output, bit for bit. `dgamma` and `dbeta` always have one value per feature.
+    ///
+    /// Errors as [`Normalizer::batch_norm_train`] does, and when `dy.len() != x.len()`.
+    pub fn batch_norm_backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let work = self.batch_norm_backward_async(x, dy, features, opts);
+        self.block("batch_norm_backward", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward`], awaited.
+    pub async fn batch_norm_backward_async(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.backward(x, dy, &shape, opts).await
+    }
+
+    /// [`Normalizer::batch_norm_backward`] on a channels-first `[batch, channels, spatial]`
+    /// tensor (as [`Normalizer::batch_norm_train_channels_first`]): per-channel gradients over
+    /// batch × spatial.
+    pub fn batch_norm_backward_channels_first(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let work = self.batch_norm_backward_channels_first_async(x, dy, channels, spatial, opts);
+        self.block("batch_norm_backward_channels_first", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_channels_first`], awaited.
+    pub async fn batch_norm_backward_channels_first_async(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        channels: usize,
+        spatial: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let shape = Shape::channels_first(x.len(), channels, spatial)?;
+        self.backward(x, dy, &shape, opts).await
+    }
+
+    /// [`Normalizer::batch_norm_backward_channels_first`] with the shape named (see
+    /// [`Normalizer::batch_norm_train_nchw`]).
+    pub fn batch_norm_backward_nchw(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let work = self.batch_norm_backward_nchw_async(x, dy, shape, opts);
+        self.block("batch_norm_backward_nchw", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_nchw`], awaited.
+    pub async fn batch_norm_backward_nchw_async(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        self.backward(x, dy, &Shape::named(x.len(), shape)?, opts)
+            .await
+    }
+
+    async fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<BatchNormGrads, NormError> {
+        let counted = batch_norm::validate_training(shape, opts)?;
+        crate::ops::check_operand("dy", dy.len(), x.len())?;
+        let mut dx = new_output(x.len());
+        let (dgamma, dbeta, _) = self
+            .engine
+            .batch_norm_backward((x, dy), &mut dx, shape, opts, counted)
+            .await?;
+        Ok(BatchNormGrads { dx, dgamma, dbeta })
     }
 
     async fn train_alloc(

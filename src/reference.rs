@@ -107,6 +107,45 @@ fn row_backward(
     (dx, dgamma, dbeta)
 }
 
+/// The gradients of BatchNorm training (statistics of the batch, biased variance) on a
+/// features-last `[rows, features]` tensor for the upstream gradient `dy`: (dx, dgamma, dbeta),
+/// in f64. Per feature over the N counted rows, with xhat = (x − mean) / sqrt(var + eps):
+/// dbeta = Σ dy, dgamma = Σ dy · xhat, and dx = gamma / sqrt(var + eps) · (dy − dbeta / N −
+/// xhat · dgamma / N) on counted rows, 0 on masked ones. Same arguments as
+/// [`Normalizer::batch_norm_backward`](crate::Normalizer::batch_norm_backward).
+pub fn batch_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    features: usize,
+    opts: &BatchNorm<'_>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, var, count) = column_stats(x, features, opts.mask);
+    let counted = |r: usize| opts.mask.is_none_or(|m| m[r]);
+    let n = count as f64;
+    let inv_std: Vec<f64> = var
+        .iter()
+        .map(|v| 1.0 / (v + opts.eps as f64).sqrt())
+        .collect();
+    let xhat = |r: usize, c: usize| (x[r * features + c] as f64 - mean[c]) * inv_std[c];
+    let rows = x.len() / features;
+    let (mut dgamma, mut dbeta) = (vec![0.0; features], vec![0.0; features]);
+    for r in (0..rows).filter(|&r| counted(r)) {
+        for c in 0..features {
+            dbeta[c] += dy[r * features + c] as f64;
+            dgamma[c] += dy[r * features + c] as f64 * xhat(r, c);
+        }
+    }
+    let mut dx = vec![0.0; x.len()];
+    for r in (0..rows).filter(|&r| counted(r)) {
+        for c in 0..features {
+            let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
+            let d = dy[r * features + c] as f64 - dbeta[c] / n - xhat(r, c) * dgamma[c] / n;
+            dx[r * features + c] = g * inv_std[c] * d;
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
 /// Per-feature statistics over the rows of a `[rows, features]` tensor where `mask` (if given)
 /// is true: (mean, biased variance, counted rows).
 pub fn column_stats(

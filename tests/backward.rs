@@ -1,4 +1,4 @@
-//! The backward passes of LayerNorm and RMSNorm on every backend: the f64 references against
+//! The backward passes of LayerNorm, RMSNorm and BatchNorm training on every backend: the f64 references against
 //! central differences of the f64 forwards, then each backend against the references (row
 //! lengths, gamma, offset rows, magnitudes past f32's range, NaN, chunks, bad input, bitwise
 //! repeats). Tolerances are max |v − ref| / max(1, |ref|) for dgamma and dbeta; for dx, whose
@@ -8,7 +8,7 @@
 mod common;
 
 use common::{data, gpu, max_err, ordinary};
-use gpunorm::{reference, LayerNorm, NormError, Normalizer, RmsNorm};
+use gpunorm::{reference, BatchNorm, ChannelsFirst, LayerNorm, NormError, Normalizer, RmsNorm};
 
 /// Ordinary data: f32 rounding of a few operations per value, and of sums over rows.
 const TOL: f64 = 1e-4;
@@ -296,5 +296,197 @@ fn repeated_gpu_gradients_are_bitwise_identical() {
             );
             assert_eq!(bits(&a.dbeta), bits(&b.dbeta), "{features} features: dbeta");
         }
+    }
+}
+
+// ---- BatchNorm training's backward pass --------------------------------------------------
+
+/// The reference's BatchNorm gradients match central differences of the f64 forward (the
+/// output of `reference::batch_norm_train`, batch statistics included), with a mask.
+#[test]
+fn the_batch_norm_reference_matches_central_differences() {
+    let (rows, features) = (6, 3);
+    let x = ordinary(rows * features, 21);
+    let w = ordinary(rows * features, 22);
+    let gamma = data(features, 1.0, 0.5, 23);
+    let beta = data(features, 0.0, 0.5, 24);
+    let mask = [true, true, false, true, true, true];
+    let loss = |x: &[f32], g: &[f32], b: &[f32]| {
+        let opts = BatchNorm {
+            gamma: Some(g),
+            beta: Some(b),
+            mask: Some(&mask),
+            ..Default::default()
+        };
+        self::loss(&reference::batch_norm_train(x, features, &opts).0, &w)
+    };
+    let opts = BatchNorm {
+        gamma: Some(&gamma),
+        beta: Some(&beta),
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let (dx, dgamma, dbeta) = reference::batch_norm_backward(&x, &w, features, &opts);
+    let close = |what: String, numeric: f64, analytic: f64| {
+        let err = (numeric - analytic).abs() / analytic.abs().max(1.0);
+        assert!(err < 1e-5, "{what}: numeric {numeric} analytic {analytic}");
+    };
+    for i in 0..x.len() {
+        let numeric = derivative(x[i], |v| {
+            let mut x = x.clone();
+            x[i] = v;
+            loss(&x, &gamma, &beta)
+        });
+        close(format!("dx[{i}]"), numeric, dx[i]);
+    }
+    for c in 0..features {
+        let numeric = derivative(gamma[c], |v| {
+            let mut g = gamma.clone();
+            g[c] = v;
+            loss(&x, &g, &beta)
+        });
+        close(format!("dgamma[{c}]"), numeric, dgamma[c]);
+        let numeric = derivative(beta[c], |v| {
+            let mut b = beta.clone();
+            b[c] = v;
+            loss(&x, &gamma, &b)
+        });
+        close(format!("dbeta[{c}]"), numeric, dbeta[c]);
+    }
+}
+
+/// A backend's BatchNorm gradients against the reference: (dx, dgamma, dbeta) errors. dx is
+/// held to its feature's largest gradient, measured over the whole tensor's rows here.
+fn bn_errors(norm: &Normalizer, x: &[f32], dy: &[f32], f: usize, o: &BatchNorm) -> [f64; 3] {
+    let got = norm.batch_norm_backward(x, dy, f, o).expect("valid input");
+    let (dx, dgamma, dbeta) = reference::batch_norm_backward(x, dy, f, o);
+    assert_eq!((got.dgamma.len(), got.dbeta.len()), (f, f));
+    [
+        dx_error(&got.dx, &dx, x.len()),
+        max_err(&got.dgamma, &dgamma),
+        max_err(&got.dbeta, &dbeta),
+    ]
+}
+
+per_backend! {
+    /// Features-last shapes across the statistics kernels' tilings, with a mask and gamma,
+    /// on ordinary and offset data, and enough rows to chunk at 1 MiB bindings (CI).
+    fn batch_norm_gradients_match_the_reference(name, norm) {
+        for &(rows, features) in &[(64, 3), (300, 16), (97, 768), (1000, 5), (3000, 100)] {
+            let dy = ordinary(rows * features, 31);
+            let mask: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+            let gamma = data(features, 1.0, 0.5, 32);
+            let opts = BatchNorm { mask: Some(&mask), gamma: Some(&gamma), ..Default::default() };
+            for (what, x, tol) in [
+                ("ordinary", ordinary(rows * features, 33), TOL),
+                ("mean 1e4 spread 1e-2", data(rows * features, 1e4, 1e-2, 34), TOL_OFFSET),
+            ] {
+                let err = bn_errors(norm, &x, &dy, features, &opts);
+                assert!(
+                    err.iter().all(|&e| e < tol),
+                    "{name}: {rows}x{features} {what}: {err:?}"
+                );
+            }
+            let err = bn_errors(norm, &ordinary(rows * features, 35), &dy, features, &BatchNorm::default());
+            assert!(err.iter().all(|&e| e < TOL), "{name}: {rows}x{features} unmasked: {err:?}");
+        }
+    }
+}
+
+per_backend! {
+    /// Channels-first tensors: the same gradients as their features-last transpose.
+    fn batch_norm_channels_first_gradients(name, norm) {
+        for &(batch, channels, spatial) in &[(2, 3, 4), (4, 16, 49), (3, 5, 1)] {
+            let len = batch * channels * spatial;
+            let (x, dy) = (ordinary(len, 41), ordinary(len, 42));
+            let mask: Vec<bool> = (0..batch * spatial).map(|p| p % 5 != 1).collect();
+            let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
+            let got = norm.batch_norm_backward_channels_first(&x, &dy, channels, spatial, &opts).unwrap();
+            let named = ChannelsFirst { batch, channels, spatial };
+            assert_eq!(norm.batch_norm_backward_nchw(&x, &dy, named, &opts).unwrap(), got);
+            let last = |v: &[f32]| reference::channels_first_to_last(v, channels, spatial);
+            let (dx, dgamma, dbeta) =
+                reference::batch_norm_backward(&last(&x), &last(&dy), channels, &opts);
+            let dx = reference::channels_last_to_first(&dx, channels, spatial);
+            let err = [dx_error(&got.dx, &dx, len), max_err(&got.dgamma, &dgamma), max_err(&got.dbeta, &dbeta)];
+            assert!(err.iter().all(|&e| e < TOL), "{name}: {batch}x{channels}x{spatial}: {err:?}");
+        }
+    }
+}
+
+per_backend! {
+    /// Masked rows get dx = 0 and add nothing: whatever they hold (here NaN and 1e30 against
+    /// zeros) changes no other output, bit for bit.
+    fn padded_rows_change_nothing_else(name, norm) {
+        let (rows, features) = (40, 12);
+        let mask: Vec<bool> = (0..rows).map(|r| r % 4 != 0).collect();
+        let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
+        let (mut x, mut dy) = (ordinary(rows * features, 51), ordinary(rows * features, 52));
+        let bits = |g: &gpunorm::BatchNormGrads| {
+            [&g.dx, &g.dgamma, &g.dbeta].map(|v| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        for r in (0..rows).filter(|r| !mask[*r]) {
+            x[r * features..(r + 1) * features].fill(0.0);
+            dy[r * features..(r + 1) * features].fill(0.0);
+        }
+        let clean = norm.batch_norm_backward(&x, &dy, features, &opts).unwrap();
+        for r in (0..rows).filter(|r| !mask[*r]) {
+            x[r * features..(r + 1) * features].fill(f32::NAN);
+            dy[r * features..(r + 1) * features].fill(1e30);
+        }
+        let padded = norm.batch_norm_backward(&x, &dy, features, &opts).unwrap();
+        assert_eq!(bits(&clean), bits(&padded), "{name}");
+        assert!(padded.dx.chunks(features).enumerate().all(|(r, row)| mask[r] || row.iter().all(|&v| v == 0.0)));
+    }
+}
+
+per_backend! {
+    /// Columns whose statistics leave f32's range give the reference's gradients too.
+    fn batch_norm_columns_past_the_range_of_f32(name, norm) {
+        let (rows, features) = (200, 6);
+        let x = data(rows * features, 0.0, 1e20, 61);
+        let dy = ordinary(rows * features, 62);
+        let err = bn_errors(norm, &x, &dy, features, &BatchNorm::default());
+        assert!(err.iter().all(|&e| e < TOL), "{name}: {err:?}");
+    }
+}
+
+per_backend! {
+    fn batch_norm_backward_refuses_bad_input(name, norm) {
+        let x = [1.0f32; 6];
+        assert_eq!(
+            norm.batch_norm_backward(&x, &[0.0; 4], 3, &BatchNorm::default()),
+            Err(NormError::OperandLength { name: "dy", len: 4, expected: 6 }),
+            "{name}"
+        );
+        let mask = [false, false];
+        let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
+        assert!(
+            matches!(norm.batch_norm_backward(&x, &x, 3, &opts), Err(NormError::EmptyBatch { .. })),
+            "{name}"
+        );
+        assert!(matches!(
+            norm.batch_norm_backward_channels_first(&x, &x, 4, 1, &BatchNorm::default()),
+            Err(NormError::LengthNotMultiple { .. })
+        ));
+    }
+}
+
+#[test]
+fn repeated_gpu_batch_norm_gradients_are_bitwise_identical() {
+    let Some(norm) = gpu() else { return };
+    let (rows, features) = (500, 64);
+    let (x, dy) = (ordinary(rows * features, 71), ordinary(rows * features, 72));
+    let a = norm
+        .batch_norm_backward(&x, &dy, features, &BatchNorm::default())
+        .unwrap();
+    for _ in 0..2 {
+        let b = norm
+            .batch_norm_backward(&x, &dy, features, &BatchNorm::default())
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.dx), bits(&b.dx));
+        assert_eq!(bits(&a.dgamma), bits(&b.dgamma));
+        assert_eq!(bits(&a.dbeta), bits(&b.dbeta));
     }
 }

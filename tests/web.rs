@@ -137,8 +137,9 @@ async fn check_layer_norm(norm: &Normalizer) {
     }
 }
 
-/// Training with a padding mask (statistics, masked rows 0), then eval with running statistics
-/// updated from it, on features-last tensors of both BatchNorm kernel families (features % 4).
+/// Training with a padding mask (statistics, masked rows 0), its backward pass, then eval with
+/// running statistics updated from it, on features-last tensors of both BatchNorm kernel
+/// families (features % 4).
 async fn check_batch_norm(norm: &Normalizer) {
     for (rows, features) in [(64, 3), (300, 16), (97, 768)] {
         let x = data(rows * features, 5.0, 2.0, rows as u64);
@@ -178,6 +179,24 @@ async fn check_batch_norm(norm: &Normalizer) {
         let expected = reference::batch_norm_apply(&x, features, &mean, &var, &opts);
         let err = max_error(&y, &expected);
         assert!(err < 1e-4, "eval {rows}x{features}: error {err:e}");
+
+        // The backward pass through the batch statistics, with the mask.
+        let dy = data(rows * features, 0.0, 1.0, 6);
+        let got = norm
+            .batch_norm_backward_async(&x, &dy, features, &opts)
+            .await
+            .unwrap();
+        let (dx, dgamma, dbeta) = reference::batch_norm_backward(&x, &dy, features, &opts);
+        for (what, err) in [
+            ("dx", max_error(&got.dx, &dx)),
+            ("dgamma", max_error(&got.dgamma, &dgamma)),
+            ("dbeta", max_error(&got.dbeta, &dbeta)),
+        ] {
+            assert!(
+                err < 1e-4,
+                "backward {what} {rows}x{features}: error {err:e}"
+            );
+        }
     }
 }
 

@@ -50,6 +50,103 @@ pub(crate) fn train(
     (mean, var)
 }
 
+/// The backward pass of training: dx into `dx` (0 on masked positions) and the per-channel sums
+/// (dgamma = Σ dy · xhat, dbeta = Σ dy) over the counted positions. The statistics are the
+/// forward's (columns out of f32's range taken in f64 straight from x); the sums and dx run in
+/// f64, over blocks of batch items fixed by the shape and added in block order, so the result
+/// does not depend on the thread count. Masked positions are skipped, never multiplied by 0:
+/// whatever they hold changes nothing else.
+pub(crate) fn backward(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    (first, count): (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let (shift, mean_d, mut var) = stats(x, shape, opts.mask, first);
+    let mut mean: Vec<f64> = (0..c).map(|ch| shift[ch] as f64 + mean_d[ch]).collect();
+    for ch in 0..c {
+        if stats_out_of_range(mean_d[ch], var[ch], opts.eps) {
+            (mean[ch], var[ch]) = column_in_f64(x, shape, opts.mask, ch);
+        }
+    }
+    let rstd: Vec<f64> = var
+        .iter()
+        .map(|v| 1.0 / (v + opts.eps as f64).sqrt())
+        .collect();
+    let counted = |p: usize| opts.mask.is_none_or(|m| m[p]);
+    let item = c * s;
+    let block = (TASK_VALUES / item).max(1) * item;
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+        .par_chunks(block)
+        .zip(dy.par_chunks(block))
+        .enumerate()
+        .map(|(b, (xb, db))| {
+            let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+            for (i, (xi, di)) in xb.chunks(item).zip(db.chunks(item)).enumerate() {
+                let n = b * block / item + i;
+                for ch in 0..c {
+                    for sp in (0..s).filter(|&sp| counted(n * s + sp)) {
+                        let (v, d) = (xi[ch * s + sp] as f64, di[ch * s + sp] as f64);
+                        s1[ch] += d;
+                        s2[ch] += d * (v - mean[ch]) * rstd[ch];
+                    }
+                }
+            }
+            (s1, s2)
+        })
+        .collect();
+    let (mut dbeta, mut dgamma) = (vec![0f64; c], vec![0f64; c]);
+    for (s1, s2) in partials {
+        dbeta.iter_mut().zip(s1).for_each(|(t, v)| *t += v);
+        dgamma.iter_mut().zip(s2).for_each(|(t, v)| *t += v);
+    }
+    let n_counted = count as f64;
+    dx.par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .enumerate()
+        .for_each(|(b, (dxb, (xb, db)))| {
+            let items = dxb
+                .chunks_mut(item)
+                .zip(xb.chunks(item).zip(db.chunks(item)));
+            for (i, (dxi, (xi, di))) in items.enumerate() {
+                let n = b * block / item + i;
+                for ch in 0..c {
+                    let g = opts.gamma.map_or(1.0, |g| g[ch] as f64) * rstd[ch];
+                    let (m1, m2) = (dbeta[ch] / n_counted, dgamma[ch] / n_counted);
+                    for sp in 0..s {
+                        let k = ch * s + sp;
+                        dxi[k] = if counted(n * s + sp) {
+                            let h = (xi[k] as f64 - mean[ch]) * rstd[ch];
+                            (g * (di[k] as f64 - m1 - h * m2)) as f32
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        });
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f32s(dgamma), f32s(dbeta))
+}
+
+/// The mean and biased variance of channel `ch` over the counted positions, in f64 straight
+/// from x: for the rare columns whose f32 statistics leave f32's range.
+#[cold]
+fn column_in_f64(x: &[f32], shape: &Shape, mask: Option<&[bool]>, ch: usize) -> (f64, f64) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let values = || {
+        (0..shape.positions)
+            .filter(move |&p| mask.is_none_or(|m| m[p]))
+            .map(move |p| x[((p / s) * c + ch) * s + p % s] as f64)
+    };
+    let n = values().count() as f64;
+    let mean = values().sum::<f64>() / n;
+    let var = values().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var)
+}
+
 /// Redoes `columns`, whose f32 statistics went out of f32's range (see [`stats_out_of_range`]),
 /// in f64 over the counted positions: their mean and biased variance (as f32: a variance past
 /// f32's range is inf) and their outputs in `y`. Rare, so plain strided loops. Used by both

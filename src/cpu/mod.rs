@@ -10,7 +10,7 @@
 mod batch_norm;
 mod layer_norm;
 
-pub(crate) use batch_norm::redo_columns_in_f64;
+pub(crate) use batch_norm::{backward as batch_norm_backward, redo_columns_in_f64};
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
@@ -64,6 +64,19 @@ impl Backend for Cpu {
             count: counted.count,
         };
         Ok((stats, Timing::default()))
+    }
+
+    async fn batch_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: Counted,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        let counted = (counted.first, counted.count);
+        let (dgamma, dbeta) = batch_norm::backward(x_dy, dx, shape, opts, counted);
+        Ok((dgamma, dbeta, Timing::default()))
     }
 
     async fn batch_norm_eval(

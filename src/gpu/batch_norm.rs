@@ -20,7 +20,7 @@ use super::pool::{Lifetime, Pooled};
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
-use crate::cpu::redo_columns_in_f64;
+use crate::cpu::{batch_norm_backward, redo_columns_in_f64};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::stats_out_of_range;
 use crate::{NormError, Timing};
@@ -89,8 +89,39 @@ const APPLY_ROWS: KernelDef = KernelDef {
     entry: "apply_rows",
     ..APPLY4
 };
+/// The backward pass (training): params, x, mask, partials, columns, dy for the sums over tiles;
+/// params, partials, columns to merge them; params, x, mask, columns, dx, dy for dx.
+const BACKWARD_PARTIAL: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "backward_partial",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(3),
+        Slot::ReadWrite(4),
+        Slot::Read(6),
+    ],
+};
+const BACKWARD_MERGE: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "backward_merge",
+    slots: &[Slot::Uniform(0), Slot::ReadWrite(3), Slot::ReadWrite(4)],
+};
+const BACKWARD_APPLY: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "backward_apply",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(4),
+        Slot::ReadWrite(5),
+        Slot::Read(6),
+    ],
+};
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 8] = [
+pub(crate) const KERNELS: [&KernelDef; 11] = [
     &SEED,
     &PARTIAL,
     &PARTIAL_ROWS,
@@ -99,6 +130,9 @@ pub(crate) const KERNELS: [&KernelDef; 8] = [
     &APPLY,
     &APPLY4,
     &APPLY_ROWS,
+    &BACKWARD_PARTIAL,
+    &BACKWARD_MERGE,
+    &BACKWARD_APPLY,
 ];
 
 // Keep in sync with `Params` in shaders/shared/batch_norm_params.wgsl (a test compares the two).
@@ -160,7 +194,7 @@ pub(crate) async fn train(
     opts: &BatchNorm<'_>,
     counted: Counted,
 ) -> Result<(BatchStats, Timing), NormError> {
-    let plan = Plan::new(ctx, shape, &x, opts, counted.first)?;
+    let plan = Plan::new(ctx, shape, &x, opts, (counted.first, true))?;
     let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Call, "batch_norm_train").await?;
     let statistics = run.statistics(&x).await?;
     run.apply(&x, &mut y).await?;
@@ -220,12 +254,43 @@ pub(crate) async fn eval(
     opts: &BatchNorm<'_>,
     stats: &RunningStats,
 ) -> Result<Timing, NormError> {
-    let plan = Plan::new(ctx, shape, &x, opts, 0)?;
+    let plan = Plan::new(ctx, shape, &x, opts, (0, true))?;
     let lifetime = Lifetime::waited(matches!(y, Output::Host(_)));
     let mut run = Run::new(ctx, &plan, (&x, opts), lifetime, "batch_norm_eval").await?;
     run.load_running(stats).await?;
     run.apply(&x, &mut y).await?;
     Ok(run.timing())
+}
+
+/// Runs BatchNorm training's backward pass on host tensors: dx into `dx` (0 on masked
+/// positions), and (dgamma, dbeta). Three streams over the chunks: the forward's statistics, the
+/// sums of dy and dy · xhat, and dx, all on the general kernels (`Plan` without the vec4 column
+/// kernels). Columns whose statistics leave f32's range send the call to the CPU fallback's
+/// f64 path, as the forward redoes them on the host: rare.
+pub(crate) async fn backward(
+    ctx: &GpuContext,
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+    let op = "batch_norm_backward";
+    ctx.check_storage_buffers(Slot::storage_count(BACKWARD_APPLY.slots), op)?;
+    let input = Input::Host(x);
+    let plan = Plan::new(ctx, shape, &input, opts, (counted.first, false))?;
+    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
+    let (mean, var) = run.statistics(&input).await?.read(ctx).await?;
+    if (0..shape.channels).any(|c| stats_out_of_range(mean[c] as f64, var[c] as f64, opts.eps)) {
+        let counted = (counted.first, counted.count);
+        let (dgamma, dbeta) = batch_norm_backward((x, dy), dx, shape, opts, counted);
+        return Ok((dgamma, dbeta, run.timing()));
+    }
+    run.set_dy(dy, opts).await?;
+    run.backward_sums(&input).await?;
+    run.apply(&input, &mut Output::Host(dx)).await?;
+    let (dgamma, dbeta) = run.read_gradients().await?;
+    Ok((dgamma, dbeta, run.timing()))
 }
 
 /// How a tensor is cut into chunks and tiled.
@@ -256,7 +321,7 @@ impl Plan {
         shape: &Shape,
         x: &Input<'_>,
         opts: &BatchNorm<'_>,
-        first: usize,
+        (first, vec4_rows): (usize, bool),
     ) -> Result<Plan, NormError> {
         let (c, s) = (shape.channels, shape.spatial);
         let limit = ctx.max_binding_bytes();
@@ -265,7 +330,7 @@ impl Plan {
             .step_by(width)
             .map(|b| b..(b + width).min(c))
             .collect();
-        let rows = ctx.tuning.bn_rows && s == 1 && c.is_multiple_of(4);
+        let rows = vec4_rows && ctx.tuning.bn_rows && s == 1 && c.is_multiple_of(4);
         let item = c * s;
         let items = chunk_items(ctx, item)?;
         let len = x.len();
@@ -527,6 +592,25 @@ struct Run<'a> {
     /// The chunk's mask as u32 words (a 16-byte placeholder without a mask).
     mask_buffer: Pooled<'a>,
     timer: Option<PassTimer<'a>>,
+    /// The backward pass's upstream gradient, its buffer, and which chunk that holds.
+    dy: Option<(&'a [f32], Pooled<'a>)>,
+    dy_resident: Option<usize>,
+}
+
+/// Writes (gamma, beta, 0, 0) per column into the second half of each block's columns buffer.
+fn write_affine(ctx: &GpuContext, plan: &Plan, columns: &[Pooled<'_>], opts: &BatchNorm<'_>) {
+    for (block, buffer) in plan.blocks.iter().zip(columns) {
+        let affine: Vec<[f32; 4]> = block
+            .clone()
+            .map(|i| {
+                let g = opts.gamma.map_or(1.0, |g| g[i]);
+                [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+            })
+            .collect();
+        let half = block.len() as u64 * COLUMN_BYTES;
+        ctx.queue()
+            .write_buffer(buffer, half, bytemuck::cast_slice(&affine));
+    }
 }
 
 /// A chunk's input and mask in staging buffers ([`Run::stage`]), to copy in before its kernels.
@@ -534,6 +618,7 @@ struct Run<'a> {
 struct Staged<'a> {
     x: Option<transfer::Staged<'a>>,
     mask: Option<transfer::Staged<'a>>,
+    dy: Option<transfer::Staged<'a>>,
 }
 
 impl<'a> Run<'a> {
@@ -576,18 +661,7 @@ impl<'a> Run<'a> {
             // Each block's second half: (gamma, beta, 0, 0) per column, read only where either
             // is given.
             if opts.gamma.is_some() || opts.beta.is_some() {
-                for (block, buffer) in plan.blocks.iter().zip(&columns) {
-                    let affine: Vec<[f32; 4]> = block
-                        .clone()
-                        .map(|i| {
-                            let g = opts.gamma.map_or(1.0, |g| g[i]);
-                            [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
-                        })
-                        .collect();
-                    let half = block.len() as u64 * COLUMN_BYTES;
-                    ctx.queue()
-                        .write_buffer(buffer, half, bytemuck::cast_slice(&affine));
-                }
+                write_affine(ctx, plan, &columns, opts);
             }
             let input = matches!(x, Input::Host(_)).then(|| {
                 ctx.buffer(
@@ -617,6 +691,8 @@ impl<'a> Run<'a> {
                 } else {
                     None
                 },
+                dy: None,
+                dy_resident: None,
             }
         })
         .await
@@ -650,10 +726,15 @@ impl<'a> Run<'a> {
     /// it is not on the device yet, for [`Run::record_staged`] to copy in.
     async fn stage(&mut self, x: &Input<'a>, i: usize) -> Result<Staged<'a>, NormError> {
         let mut staged = Staged::default();
+        let chunk = self.plan.chunks[i].clone();
+        let dy = self.dy.as_ref().map(|(dy, _)| *dy);
+        if let Some(dy) = dy.filter(|_| self.dy_resident != Some(i)) {
+            staged.dy = Some(transfer::stage(self.ctx, &dy[chunk.clone()]).await?);
+            self.dy_resident = Some(i);
+        }
         if self.resident == Some(i) {
             return Ok(staged);
         }
-        let chunk = self.plan.chunks[i].clone();
         let c = self.plan.shape.channels;
         if let Input::Host(x) = x {
             staged.x = Some(transfer::stage(self.ctx, &x[chunk.clone()]).await?);
@@ -677,6 +758,9 @@ impl<'a> Run<'a> {
         }
         if let Some(words) = &staged.mask {
             words.record(encoder, &self.mask_buffer);
+        }
+        if let (Some(data), Some((_, buffer))) = (&staged.dy, &self.dy) {
+            data.record(encoder, buffer);
         }
     }
 
@@ -814,14 +898,126 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// Makes this run a backward pass with upstream gradient `dy`: its buffer, and the columns'
+    /// (gamma, beta, 0, 0) written whatever the options, so the sums in `.zw` start at 0.
+    async fn set_dy(&mut self, dy: &'a [f32], opts: &BatchNorm<'_>) -> Result<(), NormError> {
+        use wgpu::BufferUsages as U;
+        let ctx = self.ctx;
+        let bytes = (self.plan.chunks[0].len() * 4) as u64;
+        let buffer = ctx
+            .scoped(self.op, || {
+                write_affine(ctx, self.plan, &self.columns, opts);
+                ctx.buffer(
+                    "batch_norm_backward dy",
+                    bytes,
+                    U::STORAGE | U::COPY_DST,
+                    Lifetime::Call,
+                )
+            })
+            .await?;
+        self.dy = Some((dy, buffer));
+        Ok(())
+    }
+
+    /// The backward pass's sums, (dgamma, dbeta) per column: each block's `.w` and `.z`.
+    async fn read_gradients(&self) -> Result<(Vec<f32>, Vec<f32>), NormError> {
+        let ctx = self.ctx;
+        let c = self.plan.shape.channels;
+        let staging = ctx
+            .scoped(self.op, || {
+                let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
+                let mut encoder = ctx.encoder("batch_norm_backward gradients");
+                for (block, columns) in self.plan.blocks.iter().zip(&self.columns) {
+                    let (at, len) = (block.start as u64, block.len() as u64);
+                    let half = len * COLUMN_BYTES;
+                    encoder.copy_buffer_to_buffer(columns, half, &staging, at * COLUMN_BYTES, half);
+                }
+                ctx.queue().submit([encoder.finish()]);
+                staging
+            })
+            .await?;
+        let mut cols = vec![[0f32; 4]; c];
+        transfer::read_into(ctx, &staging, &mut cols).await?;
+        Ok((
+            cols.iter().map(|q| q[3]).collect(),
+            cols.iter().map(|q| q[2]).collect(),
+        ))
+    }
+
+    /// The backward pass's column sums, chunk by chunk from the one on the device: per chunk and
+    /// block, (Σ dy, Σ dy · xhat) over row tiles, added in order onto the columns' `.zw`.
+    async fn backward_sums(&mut self, x: &Input<'a>) -> Result<(), NormError> {
+        use wgpu::BufferUsages as U;
+        let ctx = self.ctx;
+        let (partial, merge) = (
+            self.pipeline(&BACKWARD_PARTIAL).await?,
+            self.pipeline(&BACKWARD_MERGE).await?,
+        );
+        let partials = ctx
+            .scoped(self.op, || {
+                ctx.buffer(
+                    "batch_norm_backward partials",
+                    (self.plan.max_row_tiles() * self.plan.block_width()) as u64 * COLUMN_BYTES,
+                    U::STORAGE,
+                    Lifetime::Call,
+                )
+            })
+            .await?;
+        let first = self.resident.unwrap_or(0);
+        let order: Vec<usize> = std::iter::once(first)
+            .chain((0..self.plan.chunks.len()).filter(|&i| i != first))
+            .collect();
+        for i in order {
+            let staged = self.stage(x, i).await?;
+            let run = &*self;
+            let dy = &run.dy.as_ref().expect("set by backward").1;
+            ctx.scoped(self.op, || {
+                let mut encoder = ctx.encoder("batch_norm_backward sums");
+                run.record_staged(&mut encoder, &staged);
+                {
+                    let xb = run.x_buffer(x);
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("batch_norm_backward sums"),
+                        timestamp_writes: run.timer.as_ref().map(|t| t.writes()),
+                    });
+                    for (b, (block, columns)) in
+                        run.plan.blocks.iter().zip(&run.columns).enumerate()
+                    {
+                        let p = &run.params[i][b];
+                        let tiles = &run.plan.params[i][b];
+                        pass.set_pipeline(&partial.pipeline);
+                        let buffers: [&wgpu::Buffer; 6] =
+                            [p, xb, &run.mask_buffer, &partials, columns, dy];
+                        pass.set_bind_group(0, &partial.bind(ctx.device(), &buffers), &[]);
+                        let groups = (tiles.col_tiles * tiles.row_tiles) as usize;
+                        let (gx, gy) = grid(groups, ctx.max_groups());
+                        pass.dispatch_workgroups(gx, gy, 1);
+                        pass.set_pipeline(&merge.pipeline);
+                        let group = merge.bind(ctx.device(), &[p, &partials, columns]);
+                        pass.set_bind_group(0, &group, &[]);
+                        let (gx, gy) = grid(block.len().div_ceil(WG as usize), ctx.max_groups());
+                        pass.dispatch_workgroups(gx, gy, 1);
+                    }
+                }
+                run.submit(encoder);
+            })
+            .await?;
+            self.collect_time().await?;
+        }
+        Ok(())
+    }
+
     /// The elementwise pass, chunk by chunk, starting with the chunk already on the device.
     async fn apply(&mut self, x: &Input<'a>, y: &mut Output<'_>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
-        let kernel = match (self.plan.rows, self.plan.by4) {
-            (true, _) => &APPLY_ROWS,
-            (false, true) => &APPLY4,
-            (false, false) => &APPLY,
+        // With dy set, the backward pass's dx (general kernels only: see `backward`).
+        let backward = self.dy.is_some();
+        let kernel = match (backward, self.plan.rows, self.plan.by4) {
+            (true, _, _) => &BACKWARD_APPLY,
+            (false, true, _) => &APPLY_ROWS,
+            (false, false, true) => &APPLY4,
+            (false, false, false) => &APPLY,
         };
         let apply = self.pipeline(kernel).await?;
         let bytes = (self.plan.chunks[0].len() * 4) as u64;
@@ -867,16 +1063,18 @@ impl<'a> Run<'a> {
                     pass.set_pipeline(&apply.pipeline);
                     // Every block of the chunk, so that its whole output is there to read back.
                     for (b, columns) in run.columns.iter().enumerate() {
-                        let group = apply.bind(
-                            ctx.device(),
-                            &[&run.params[i][b], xb, &run.mask_buffer, columns, yb],
-                        );
+                        let mut buffers: Vec<&wgpu::Buffer> =
+                            vec![&run.params[i][b], xb, &run.mask_buffer, columns, yb];
+                        if let Some((_, dy)) = &run.dy {
+                            buffers.push(dy);
+                        }
+                        let group = apply.bind(ctx.device(), &buffers);
                         pass.set_bind_group(0, &group, &[]);
                         let p = &run.plan.params[i][b];
                         let groups = if run.plan.rows {
                             (p.col_tiles * p.row_tiles) as usize
                         } else {
-                            let per_thread = if run.plan.by4 { 4 } else { 1 };
+                            let per_thread = if run.plan.by4 && !backward { 4 } else { 1 };
                             (p.positions as usize * p.channels as usize)
                                 .div_ceil(WG as usize * per_thread)
                         };

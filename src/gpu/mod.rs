@@ -57,6 +57,18 @@ impl Backend for GpuContext {
             .await
     }
 
+    async fn batch_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: Counted,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        let op = batch_norm::backward(self, x_dy, dx, shape, opts, counted);
+        self.call(op).await
+    }
+
     async fn batch_norm_eval(
         &self,
         x: &[f32],

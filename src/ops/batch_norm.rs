@@ -170,6 +170,18 @@ pub struct ChannelsFirst {
     pub spatial: usize,
 }
 
+/// The gradients of BatchNorm training, from
+/// [`Normalizer::batch_norm_backward`](crate::Normalizer::batch_norm_backward).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNormGrads {
+    /// The gradient of x: one value per value of x, 0 on masked positions.
+    pub dx: Vec<f32>,
+    /// The gradient of gamma, one value per channel (of a gamma of ones where none was given).
+    pub dgamma: Vec<f32>,
+    /// The gradient of beta, one value per channel (of a beta of zeros where none was given).
+    pub dbeta: Vec<f32>,
+}
+
 /// A BatchNorm tensor seen as [batch, channels, spatial]; features-last is spatial = 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Shape {

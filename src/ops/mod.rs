@@ -58,6 +58,17 @@ pub(crate) trait Backend: Send + Sync {
         counted: Counted,
     ) -> Result<(BatchStats, Timing), NormError>;
 
+    /// BatchNorm training's backward pass: dx into `dx` (0 on masked positions) and the
+    /// per-channel (dgamma, dbeta) over the counted positions.
+    async fn batch_norm_backward(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: Counted,
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError>;
+
     /// BatchNorm eval: one elementwise pass with the running statistics.
     async fn batch_norm_eval(
         &self,

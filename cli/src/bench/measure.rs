@@ -32,6 +32,7 @@ enum Kind {
     LayerNormBackward,
     RmsNormBackward,
     AddLayerNorm,
+    BatchNormBackward,
     Train,
     Eval,
 }
@@ -46,6 +47,7 @@ impl Op {
             "layer_norm_backward" => Kind::LayerNormBackward,
             "rms_norm_backward" => Kind::RmsNormBackward,
             "add_layer_norm" => Kind::AddLayerNorm,
+            "batch_norm_backward" => Kind::BatchNormBackward,
             "batch_norm_train" => Kind::Train,
             "batch_norm_eval" => Kind::Eval,
             other => unreachable!("op {other} was checked by the argument parser"),
@@ -60,6 +62,7 @@ impl Op {
             Kind::LayerNormBackward => "layer_norm_backward",
             Kind::RmsNormBackward => "rms_norm_backward",
             Kind::AddLayerNorm => "add_layer_norm",
+            Kind::BatchNormBackward => "batch_norm_backward",
             Kind::Train => "batch_norm_train",
             Kind::Eval => "batch_norm_eval",
         };
@@ -71,7 +74,7 @@ impl Op {
     /// the sum and y, four times.
     pub fn bytes(&self, shape: (usize, usize)) -> f64 {
         let passes = match self.kind {
-            Kind::LayerNormBackward | Kind::RmsNormBackward => 3,
+            Kind::LayerNormBackward | Kind::RmsNormBackward | Kind::BatchNormBackward => 3,
             Kind::AddLayerNorm => 4,
             _ => 2,
         };
@@ -104,6 +107,9 @@ impl Op {
             }
             (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
             (Kind::AddLayerNorm, _) => drop_timed(norm.add_layer_norm(x, x, features, &ln)?),
+            (Kind::BatchNormBackward, _) => {
+                drop_timed(norm.batch_norm_backward(x, x, features, &bn)?)
+            }
             (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,
             (Kind::Train, true) => drop_timed(norm.batch_norm_train(x, features, &bn)?),
             (Kind::Eval, false) => norm.batch_norm_eval_into(x, features, &bn, &stats, y)?,

@@ -31,6 +31,7 @@ pub const OPS: &[&str] = &[
     "layer_norm_backward",
     "rms_norm_backward",
     "add_layer_norm",
+    "batch_norm_backward",
     "batch_norm_train",
     "batch_norm_train_alloc",
     "batch_norm_eval",
