@@ -7,7 +7,7 @@
 # (BENCHMARKS.md lists them), e.g. GPUNORM_SUBGROUPS=0 or GPUNORM_BN_ROWS=0,GPUNORM_BN_TILES=8192.
 # Writes into OUTDIR (at most 8 files come back from the device tool):
 #   bench.txt, bench.json, bench.svg  the sweep with the defaults on the GPU, all shapes in one
-#                                     process, and the small-batch cost
+#                                     process, the small-batch cost, and the training ops
 #   torch.txt                         PyTorch on the same card, for same-run ratios
 #   tests.txt                         the GPU tests, with GPUNORM_REQUIRE_GPU=1
 #   variants.txt                      GPU kernel times of the defaults and of each variant, each
@@ -38,6 +38,9 @@ monitor=$!
 step 30 "$out/bench.txt" "$dev/gpunorm" info
 step 200 "$out/bench.txt" "$dev/gpunorm" bench ${GPU_ONLY:+--gpu-only} --shapes "$shapes" \
     --small-batch --json "$out/bench.json" --plot "$out/bench.svg"
+# The training ops (issue 10), end to end (their allocating forms report no kernel time).
+step 150 "$out/bench.txt" "$dev/gpunorm" bench --gpu-only --reps 3 --shapes "$vshapes" \
+    --ops rms_norm,layer_norm_backward,rms_norm_backward,add_layer_norm,batch_norm_backward
 # The decode-shaped rows of --small-batch too: PyTorch's time for them is its launch cost.
 step 60 "$out/torch.txt" python3 "$dev/torch_anchor.py" ${shapes//,/ } 1x4096 8x4096
 gunzip -f "$dev"/tests/*.gz 2>/dev/null
