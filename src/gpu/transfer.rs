@@ -25,12 +25,16 @@ pub(crate) async fn stage<'a, T: bytemuck::Pod>(
 ) -> Result<Staged<'a>, NormError> {
     use wgpu::BufferUsages as U;
     let bytes = std::mem::size_of_val(data) as u64;
-    let buffer = ctx.buffer(
-        "gpunorm upload",
-        bytes,
-        U::MAP_WRITE | U::COPY_SRC,
-        Lifetime::Call,
-    );
+    let buffer = ctx
+        .scoped("staging an upload", || {
+            ctx.buffer(
+                "gpunorm upload",
+                bytes,
+                U::MAP_WRITE | U::COPY_SRC,
+                Lifetime::Call,
+            )
+        })
+        .await?;
     if !buffer.is_new {
         let slice = buffer.slice(..);
         map_slice(ctx, slice, wgpu::MapMode::Write, "mapping an upload buffer").await?;
