@@ -75,26 +75,24 @@ pub(crate) fn backward(
         .iter()
         .map(|v| 1.0 / (v + opts.eps as f64).sqrt())
         .collect();
-    let counted = |p: usize| opts.mask.is_none_or(|m| m[p]);
     let item = c * s;
     let block = (TASK_VALUES / item).max(1) * item;
+    let mask = opts.mask;
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
         .par_chunks(block)
         .zip(dy.par_chunks(block))
         .enumerate()
         .map(|(b, (xb, db))| {
-            let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-            for (i, (xi, di)) in xb.chunks(item).zip(db.chunks(item)).enumerate() {
-                let n = b * block / item + i;
-                for ch in 0..c {
-                    for sp in (0..s).filter(|&sp| counted(n * s + sp)) {
-                        let (v, d) = (xi[ch * s + sp] as f64, di[ch * s + sp] as f64);
-                        s1[ch] += d;
-                        s2[ch] += d * (v - mean[ch]) * rstd[ch];
-                    }
-                }
-            }
-            (s1, s2)
+            let mut sums = (vec![0f64; c], vec![0f64; c]);
+            let p0 = b * block / item * s;
+            let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
+            backward_sums(
+                (xb, db),
+                (shape, m),
+                (&mean, &rstd),
+                (&mut sums.0, &mut sums.1),
+            );
+            sums
         })
         .collect();
     let (mut dbeta, mut dgamma) = (vec![0f64; c], vec![0f64; c]);
@@ -102,33 +100,130 @@ pub(crate) fn backward(
         dbeta.iter_mut().zip(s1).for_each(|(t, v)| *t += v);
         dgamma.iter_mut().zip(s2).for_each(|(t, v)| *t += v);
     }
+    // dx = a · (dy − m1 − (x − mean) · b) per channel: a = gamma · rstd, m1 = dbeta / N,
+    // b = rstd · dgamma / N.
     let n_counted = count as f64;
+    let coef: Vec<[f64; 4]> = (0..c)
+        .map(|ch| {
+            let g = opts.gamma.map_or(1.0, |g| g[ch] as f64);
+            let m2 = dgamma[ch] / n_counted;
+            [mean[ch], g * rstd[ch], dbeta[ch] / n_counted, rstd[ch] * m2]
+        })
+        .collect();
     dx.par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .enumerate()
         .for_each(|(b, (dxb, (xb, db)))| {
-            let items = dxb
-                .chunks_mut(item)
-                .zip(xb.chunks(item).zip(db.chunks(item)));
-            for (i, (dxi, (xi, di))) in items.enumerate() {
-                let n = b * block / item + i;
-                for ch in 0..c {
-                    let g = opts.gamma.map_or(1.0, |g| g[ch] as f64) * rstd[ch];
-                    let (m1, m2) = (dbeta[ch] / n_counted, dgamma[ch] / n_counted);
-                    for sp in 0..s {
-                        let k = ch * s + sp;
-                        dxi[k] = if counted(n * s + sp) {
-                            let h = (xi[k] as f64 - mean[ch]) * rstd[ch];
-                            (g * (di[k] as f64 - m1 - h * m2)) as f32
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-            }
+            let p0 = b * block / item * s;
+            let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
+            backward_dx((xb, db), dxb, (shape, m), &coef);
         });
     let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
     (f32s(dgamma), f32s(dbeta))
+}
+
+multiversion! {
+    fn backward_sums(x_dy: (&[f32], &[f32]), layout: (&Shape, Option<&[bool]>), stats: (&[f64], &[f64]), sums: (&mut [f64], &mut [f64])) => backward_sums_body
+}
+
+/// (Σ dy, Σ dy · xhat) per channel over the counted positions of whole batch items, added onto
+/// `sums`: features-last row by row across the columns, channels-first channel run by run, so
+/// the inner loop runs over contiguous values either way.
+#[inline(always)]
+fn backward_sums_body(
+    (x, dy): (&[f32], &[f32]),
+    (shape, mask): (&Shape, Option<&[bool]>),
+    (mean, rstd): (&[f64], &[f64]),
+    (s1, s2): (&mut [f64], &mut [f64]),
+) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let counted = |p: usize| mask.is_none_or(|m| m[p]);
+    if s == 1 {
+        for (r, (xr, dr)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).enumerate() {
+            if !counted(r) {
+                continue;
+            }
+            let sums = s1.iter_mut().zip(s2.iter_mut());
+            let stats = mean.iter().zip(rstd);
+            for ((a, b), ((&v, &d), (&m, &r))) in sums.zip(xr.iter().zip(dr).zip(stats)) {
+                let d = d as f64;
+                *a += d;
+                *b += d * ((v as f64 - m) * r);
+            }
+        }
+        return;
+    }
+    for (n, (xi, di)) in x
+        .chunks_exact(c * s)
+        .zip(dy.chunks_exact(c * s))
+        .enumerate()
+    {
+        for ch in 0..c {
+            let run = ch * s..(ch + 1) * s;
+            let (m, r) = (mean[ch], rstd[ch]);
+            let (mut a, mut b) = (0f64, 0f64);
+            for (sp, (&v, &d)) in xi[run.clone()].iter().zip(&di[run]).enumerate() {
+                if counted(n * s + sp) {
+                    let d = d as f64;
+                    a += d;
+                    b += d * ((v as f64 - m) * r);
+                }
+            }
+            s1[ch] += a;
+            s2[ch] += b;
+        }
+    }
+}
+
+multiversion! {
+    fn backward_dx(x_dy: (&[f32], &[f32]), dx: &mut [f32], layout: (&Shape, Option<&[bool]>), coef: &[[f64; 4]]) => backward_dx_body
+}
+
+/// dx of whole batch items from each channel's (mean, a, m1, b): a · (dy − m1 − (x − mean) · b)
+/// on counted positions, 0 on masked ones.
+#[inline(always)]
+fn backward_dx_body(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    (shape, mask): (&Shape, Option<&[bool]>),
+    coef: &[[f64; 4]],
+) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let counted = |p: usize| mask.is_none_or(|m| m[p]);
+    let one = |v: f32, d: f32, [m, a, m1, b]: [f64; 4]| {
+        (a * ((d as f64 - m1) - (v as f64 - m) * b)) as f32
+    };
+    if s == 1 {
+        let rows = dx
+            .chunks_exact_mut(c)
+            .zip(x.chunks_exact(c).zip(dy.chunks_exact(c)));
+        for (r, (out, (xr, dr))) in rows.enumerate() {
+            if !counted(r) {
+                out.fill(0.0);
+                continue;
+            }
+            for ((o, (&v, &d)), &k) in out.iter_mut().zip(xr.iter().zip(dr)).zip(coef) {
+                *o = one(v, d, k);
+            }
+        }
+        return;
+    }
+    let items = dx
+        .chunks_exact_mut(c * s)
+        .zip(x.chunks_exact(c * s).zip(dy.chunks_exact(c * s)));
+    for (n, (out, (xi, di))) in items.enumerate() {
+        for (ch, &k) in coef.iter().enumerate() {
+            let run = ch * s..(ch + 1) * s;
+            let values = xi[run.clone()].iter().zip(&di[run.clone()]);
+            for (sp, (o, (&v, &d))) in out[run].iter_mut().zip(values).enumerate() {
+                *o = if counted(n * s + sp) {
+                    one(v, d, k)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
 }
 
 /// The mean and biased variance of channel `ch` over the counted positions, in f64 straight
