@@ -75,6 +75,29 @@ fn column_sum(lid: u32, value: f32) -> f32 {
     return total;
 }
 
+// Where one thread of a (column tile, row tile) workgroup works (stats_partial and
+// backward_partial): its column, its row within the tile (threads are tile_cols x tile_rows), and
+// the tile's positions [begin, end).
+struct Tile {
+    column: u32,
+    row: u32,
+    row_tile: u32,
+    begin: u32,
+    end: u32,
+}
+
+fn tile_of(group: u32, lid: u32) -> Tile {
+    let row_tile = group / params.col_tiles;
+    let begin = row_tile * params.rows_per_tile;
+    return Tile(
+        (group % params.col_tiles) * params.tile_cols + lid % params.tile_cols,
+        lid / params.tile_cols,
+        row_tile,
+        begin,
+        min(begin + params.rows_per_tile, params.positions),
+    );
+}
+
 @compute @workgroup_size(WG)
 fn stats_seed(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -97,14 +120,9 @@ fn stats_partial(
     if group >= params.col_tiles * params.row_tiles {
         return;
     }
-    let col_tile = group % params.col_tiles;
-    let row_tile = group / params.col_tiles;
-    let tc = lid % params.tile_cols;
-    let tr = lid / params.tile_cols;
-    let c = col_tile * params.tile_cols + tc;
+    let t = tile_of(group, lid);
+    let c = t.column;
     let live = c < params.channels;
-    let begin = row_tile * params.rows_per_tile;
-    let end = min(begin + params.rows_per_tile, params.positions);
 
     var shift = 0.0;
     if live {
@@ -113,7 +131,7 @@ fn stats_partial(
     var count = 0.0;
     var sum = 0.0;
     if live {
-        for (var p = begin + tr; p < end; p += params.tile_rows) {
+        for (var p = t.begin + t.row; p < t.end; p += params.tile_rows) {
             if counted(p) {
                 sum += x[index_of(p, c)] - shift;
                 count += 1.0;
@@ -125,7 +143,7 @@ fn stats_partial(
 
     var sq = 0.0;
     if live {
-        for (var p = begin + tr; p < end; p += params.tile_rows) {
+        for (var p = t.begin + t.row; p < t.end; p += params.tile_rows) {
             if counted(p) {
                 let d = x[index_of(p, c)] - shift - mean_d;
                 sq += d * d;
@@ -133,8 +151,8 @@ fn stats_partial(
         }
     }
     let m2 = column_sum(lid, sq);
-    if live && tr == 0u {
-        partials[row_tile * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
+    if live && t.row == 0u {
+        partials[t.row_tile * params.channels + c] = vec4<f32>(n, mean_d, m2, 0.0);
     }
 }
 
@@ -261,21 +279,16 @@ fn backward_partial(
     if group >= params.col_tiles * params.row_tiles {
         return;
     }
-    let col_tile = group % params.col_tiles;
-    let row_tile = group / params.col_tiles;
-    let tc = lid % params.tile_cols;
-    let tr = lid / params.tile_cols;
-    let c = col_tile * params.tile_cols + tc;
+    let t = tile_of(group, lid);
+    let c = t.column;
     let live = c < params.channels;
-    let begin = row_tile * params.rows_per_tile;
-    let end = min(begin + params.rows_per_tile, params.positions);
 
     var s1 = 0.0;
     var s2 = 0.0;
     if live {
         let st = columns[c];
         let r = rstd_of(st);
-        for (var p = begin + tr; p < end; p += params.tile_rows) {
+        for (var p = t.begin + t.row; p < t.end; p += params.tile_rows) {
             if counted(p) {
                 let i = index_of(p, c);
                 let d = dy[i];
@@ -286,8 +299,8 @@ fn backward_partial(
     }
     let t1 = column_sum(lid, s1);
     let t2 = column_sum(lid, s2);
-    if live && tr == 0u {
-        partials[row_tile * params.channels + c] = vec4<f32>(t1, t2, 0.0, 0.0);
+    if live && t.row == 0u {
+        partials[t.row_tile * params.channels + c] = vec4<f32>(t1, t2, 0.0, 0.0);
     }
 }
 
