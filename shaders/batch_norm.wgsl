@@ -259,8 +259,8 @@ fn apply(
 // positions are skipped, never multiplied by 0, so whatever they hold changes nothing else.
 //   backward_partial: per (column tile, row tile) as stats_partial, (Σ dy, Σ dy * xhat) into
 //                     partials[row tile, c].xy;
-//   backward_merge:   one thread per column adds the chunk's row tiles, in order, onto
-//                     columns[channels + c].zw (zeroed by the host before the first chunk);
+//   backward_merge:   one thread per column adds the chunk's row tiles, in order and in blocks
+//                     of 32, onto columns[channels + c].zw (zeroed by the host first);
 //   backward_apply:   dx, one thread per (position, column), as apply.
 
 @group(0) @binding(6) var<storage, read> dy: array<f32>;
@@ -315,11 +315,17 @@ fn backward_merge(
         return;
     }
     let affine = columns[params.channels + c];
-    var acc = affine.zw;
-    for (var t = 0u; t < params.row_tiles; t++) {
-        acc += partials[t * params.channels + c].xy;
+    // In blocks of 32 tiles, then the blocks, in order: the rounding error grows with 32 plus
+    // the number of blocks, not with every tile.
+    var acc = vec2<f32>(0.0);
+    for (var t0 = 0u; t0 < params.row_tiles; t0 += 32u) {
+        var block = vec2<f32>(0.0);
+        for (var t = t0; t < min(t0 + 32u, params.row_tiles); t++) {
+            block += partials[t * params.channels + c].xy;
+        }
+        acc += block;
     }
-    columns[params.channels + c] = vec4<f32>(affine.xy, acc);
+    columns[params.channels + c] = vec4<f32>(affine.xy, affine.zw + acc);
 }
 
 @compute @workgroup_size(WG)

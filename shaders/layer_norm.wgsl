@@ -408,12 +408,13 @@ fn layer_norm(
 //   sums), writes dx into `y` and the row's moments into `row_moments`;
 // - `layer_norm_backward_columns`: each thread one column (a vec4 of them with VEC4) over a tile
 //   of TILE_ROWS rows, into `partials`;
-// - `layer_norm_backward_merge`: each thread one column, adding the tiles' partials in order
-//   into `grads` (or onto it, for the host's later chunks: FLAG_ACCUMULATE).
+// - `layer_norm_backward_merge`: each thread one column, adding the tiles' partials in order, in
+//   blocks of 32, into `grads` (or onto it, for the host's later chunks: FLAG_ACCUMULATE).
 // No atomics: every sum has a fixed order, so gradients repeat bit for bit.
 
-// Rows of one tile of column sums.
+// Rows of one tile of column sums, and tiles of one block of the merge.
 const TILE_ROWS: u32 = 64u;
+const MERGE_BLOCK: u32 = 32u;
 
 @group(0) @binding(5) var<storage, read> dy: array<V>;
 // (shift, mean_d, rstd, s) of each row, as `looped_moments` gives them.
@@ -511,11 +512,19 @@ fn layer_norm_backward_merge(
         return;
     }
     let tiles = (params.rows + TILE_ROWS - 1u) / TILE_ROWS;
+    // Two levels, blocks of MERGE_BLOCK tiles and then the blocks, in order: the rounding
+    // error grows with MERGE_BLOCK + tiles / MERGE_BLOCK additions, not with every tile.
     var dg = V(0.0);
     var db = V(0.0);
-    for (var t = 0u; t < tiles; t++) {
-        dg += partials[t * 2u * n + i];
-        db += partials[t * 2u * n + n + i];
+    for (var t0 = 0u; t0 < tiles; t0 += MERGE_BLOCK) {
+        var bg = V(0.0);
+        var bb = V(0.0);
+        for (var t = t0; t < min(t0 + MERGE_BLOCK, tiles); t++) {
+            bg += partials[t * 2u * n + i];
+            bb += partials[t * 2u * n + n + i];
+        }
+        dg += bg;
+        db += bb;
     }
     if (params.flags & FLAG_ACCUMULATE) != 0u {
         dg += grads[i];

@@ -274,6 +274,44 @@ per_backend! {
     }
 }
 
+per_backend! {
+    /// dbeta over many rows of same-signed gradients, the worst case for the rounding of a sum,
+    /// stays within 4e-7 of the reference (a few ulps of f32): the GPU adds its 2048 (LayerNorm)
+    /// or 1024 (BatchNorm) tile partials in blocks of 32 (2.3e-7 and 5e-8 on llvmpipe), where
+    /// adding them one after another erred by 7.7e-7 and 5.3e-7. dgamma over the same rows, with a zero-mean dy, within TOL. (With a
+    /// same-signed dy, BatchNorm's dgamma = Σ dy · xhat nearly cancels, and its error is that of
+    /// the mean times the row count, in any f32 implementation.)
+    fn column_sums_over_many_rows_stay_accurate(name, norm) {
+        let (rows, features) = (131_072, 4);
+        let x = ordinary(rows * features, 81);
+        let (ones, zero_mean) = (data(rows * features, 1.0, 0.1, 82), ordinary(rows * features, 83));
+        let ln = LayerNorm::default();
+        let bn = BatchNorm::default();
+        let dbeta = [
+            max_err(
+                &norm.layer_norm_backward(&x, &ones, features, &ln).unwrap().dbeta,
+                &reference::layer_norm_backward(&x, &ones, features, &ln).2,
+            ),
+            max_err(
+                &norm.batch_norm_backward(&x, &ones, features, &bn).unwrap().dbeta,
+                &reference::batch_norm_backward(&x, &ones, features, &bn).2,
+            ),
+        ];
+        assert!(dbeta.iter().all(|&e| e < 4e-7), "{name}: dbeta (LayerNorm, BatchNorm): {dbeta:?}");
+        let dgamma = [
+            max_err(
+                &norm.layer_norm_backward(&x, &zero_mean, features, &ln).unwrap().dgamma,
+                &reference::layer_norm_backward(&x, &zero_mean, features, &ln).1,
+            ),
+            max_err(
+                &norm.batch_norm_backward(&x, &zero_mean, features, &bn).unwrap().dgamma,
+                &reference::batch_norm_backward(&x, &zero_mean, features, &bn).1,
+            ),
+        ];
+        assert!(dgamma.iter().all(|&e| e < TOL), "{name}: dgamma (LayerNorm, BatchNorm): {dgamma:?}");
+    }
+}
+
 #[test]
 fn repeated_gpu_gradients_are_bitwise_identical() {
     let Some(norm) = gpu() else { return };

@@ -1,5 +1,5 @@
-//! `gpunorm check`: LayerNorm, RMSNorm and BatchNorm of a large random batch against the f64
-//! reference, with CPU-fallback and GPU times.
+//! `gpunorm check`: LayerNorm, RMSNorm, LayerNorm's backward pass and BatchNorm of a large
+//! random batch against the f64 reference, with CPU-fallback and GPU times.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 /// One backend's run of one op: its error against the reference, and its times.
 struct Case {
     error: f64,
-    stats_error: Option<f64>,
+    /// The error of what else the op returns, and what that is.
+    stats_error: Option<(&'static str, f64)>,
     wall: Duration,
     timing: Timing,
 }
@@ -70,6 +71,31 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
     drop(r);
 
     println!(
+        "check: LayerNorm backward of the same batch (a random dy; x and dy read, dx written)"
+    );
+    let mut dy = error::filled(n, 0f32, "the upstream gradient")?;
+    dy.iter_mut()
+        .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
+    let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&x, &dy, features, &ln);
+    let mut run_backward = |nz: &Normalizer| -> Result<Case, NormError> {
+        nz.layer_norm_backward(warm, &dy[..warm.len()], features, &ln)?;
+        let start = Instant::now();
+        let grads = nz.layer_norm_backward(&x, &dy, features, &ln)?;
+        let wall = start.elapsed();
+        let sums = reference::max_error(&grads.dgamma, &rdgamma)
+            .max(reference::max_error(&grads.dbeta, &rdbeta));
+        Ok(Case {
+            error: reference::max_error(&grads.dx, &rdx),
+            stats_error: Some(("dgamma and dbeta", sums)),
+            wall,
+            timing: Timing::default(),
+        })
+    };
+    let backward = (run_backward(&cpu)?, gpu.map(&mut run_backward).transpose()?);
+    report(backward.0, backward.1, gb * 1.5);
+    drop((rdx, dy));
+
+    println!(
         "check: BatchNorm (training) of the same batch, statistics per feature over {rows} rows"
     );
     let bn = BatchNorm {
@@ -87,7 +113,7 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
             reference::max_error(&stats.mean, &mean).max(reference::max_error(&stats.var, &var));
         Ok(Case {
             error: reference::max_error(&y, &r),
-            stats_error: Some(stats_error),
+            stats_error: Some(("statistics", stats_error)),
             wall,
             timing,
         })
@@ -143,7 +169,7 @@ fn report(cpu: Case, gpu: Option<Case>, gb: f64) {
 fn line(backend: &str, c: &Case, gb: f64) {
     let stats = c
         .stats_error
-        .map_or(String::new(), |e| format!(" (statistics {e:.2e})"));
+        .map_or(String::new(), |(what, e)| format!(" ({what} {e:.2e})"));
     println!(
         "  {:<13} max error {:.2e}{stats}, {:>9.2} ms end to end ({:.1} GB/s)",
         format!("{backend}:"),
