@@ -53,6 +53,23 @@ fn index_of(p: u32, c: u32) -> u32 {
     return ((p / s) * params.stride + params.col_base + c) * s + p % s;
 }
 
+// The (position, column of the block) of element e in the order of x (apply, backward_apply).
+struct Element {
+    position: u32,
+    column: u32,
+}
+
+fn element_of(e: u32) -> Element {
+    let plane = params.spatial * params.channels;
+    let column = (e % plane) / params.spatial;
+    return Element((e / plane) * params.spatial + e % params.spatial, column);
+}
+
+// 1 / sqrt(var + eps) of a column's (shift, mean_d, M2, count).
+fn rstd_of(st: vec4<f32>) -> f32 {
+    return inverseSqrt(st.z / st.w + params.eps);
+}
+
 fn counted(p: u32) -> bool {
     return (params.flags & FLAG_MASK) == 0u || mask[p] != 0u;
 }
@@ -226,19 +243,18 @@ fn apply(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let e = (wid.y * groups.x + wid.x) * WG + lid;
-    let plane = params.spatial * params.channels;
     if e >= params.positions * params.channels {
         return;
     }
-    let c = (e % plane) / params.spatial;
-    let p = (e / plane) * params.spatial + e % params.spatial;
-    let i = index_of(p, c);
-    if !counted(p) {
+    let el = element_of(e);
+    let c = el.column;
+    let i = index_of(el.position, c);
+    if !counted(el.position) {
         y[i] = 0.0;
         return;
     }
     let st = columns[c];
-    var v = ((x[i] - st.x) - st.y) * inverseSqrt(st.z / st.w + params.eps);
+    var v = ((x[i] - st.x) - st.y) * rstd_of(st);
     if (params.flags & (FLAG_GAMMA | FLAG_BETA)) != 0u {
         let affine = columns[params.channels + c];
         if (params.flags & FLAG_GAMMA) != 0u {
@@ -264,10 +280,6 @@ fn apply(
 //   backward_apply:   dx, one thread per (position, column), as apply.
 
 @group(0) @binding(6) var<storage, read> dy: array<f32>;
-
-fn rstd_of(st: vec4<f32>) -> f32 {
-    return inverseSqrt(st.z / st.w + params.eps);
-}
 
 @compute @workgroup_size(WG)
 fn backward_partial(
@@ -335,14 +347,13 @@ fn backward_apply(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let e = (wid.y * groups.x + wid.x) * WG + lid;
-    let plane = params.spatial * params.channels;
     if e >= params.positions * params.channels {
         return;
     }
-    let c = (e % plane) / params.spatial;
-    let p = (e / plane) * params.spatial + e % params.spatial;
-    let i = index_of(p, c);
-    if !counted(p) {
+    let el = element_of(e);
+    let c = el.column;
+    let i = index_of(el.position, c);
+    if !counted(el.position) {
         y[i] = 0.0;
         return;
     }
