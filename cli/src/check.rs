@@ -70,17 +70,37 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
     report(run_rms(&cpu)?, gpu.map(&mut run_rms).transpose()?, gb);
     drop(r);
 
+    check_backward((&cpu, gpu), (&x, warm), features, &ln, &mut rng)?;
+
+    let bn = BatchNorm {
+        gamma: Some(&gamma),
+        beta: Some(&beta),
+        ..Default::default()
+    };
+    check_batch_norm((&cpu, gpu), (&x, warm, &mut y), rows, features, &bn)?;
+    println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
+    Ok(())
+}
+
+/// LayerNorm's backward pass of `x` with a random dy, on each backend, against the reference.
+fn check_backward(
+    (cpu, gpu): (&Normalizer, Option<&Normalizer>),
+    (x, warm): (&[f32], &[f32]),
+    features: usize,
+    ln: &LayerNorm<'_>,
+    rng: &mut StdRng,
+) -> CliResult<()> {
     println!(
         "check: LayerNorm backward of the same batch (a random dy; x and dy read, dx written)"
     );
-    let mut dy = error::filled(n, 0f32, "the upstream gradient")?;
+    let mut dy = error::filled(x.len(), 0f32, "the upstream gradient")?;
     dy.iter_mut()
         .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
-    let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&x, &dy, features, &ln);
+    let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(x, &dy, features, ln);
     let mut run_backward = |nz: &Normalizer| -> Result<Case, NormError> {
-        nz.layer_norm_backward(warm, &dy[..warm.len()], features, &ln)?;
+        nz.layer_norm_backward(warm, &dy[..warm.len()], features, ln)?;
         let start = Instant::now();
-        let grads = nz.layer_norm_backward(&x, &dy, features, &ln)?;
+        let grads = nz.layer_norm_backward(x, &dy, features, ln)?;
         let wall = start.elapsed();
         let sums = reference::max_error(&grads.dgamma, &rdgamma)
             .max(reference::max_error(&grads.dbeta, &rdbeta));
@@ -91,35 +111,40 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
             timing: Timing::default(),
         })
     };
-    let backward = (run_backward(&cpu)?, gpu.map(&mut run_backward).transpose()?);
-    report(backward.0, backward.1, gb * 1.5);
-    drop((rdx, dy));
+    let backward = (run_backward(cpu)?, gpu.map(&mut run_backward).transpose()?);
+    report(backward.0, backward.1, (3 * x.len() * 4) as f64 / 1e9);
+    Ok(())
+}
 
+/// BatchNorm training of `x` into `y` on each backend, output and statistics against the
+/// reference.
+fn check_batch_norm(
+    (cpu, gpu): (&Normalizer, Option<&Normalizer>),
+    (x, warm, y): (&[f32], &[f32], &mut [f32]),
+    rows: usize,
+    features: usize,
+    bn: &BatchNorm<'_>,
+) -> CliResult<()> {
+    let gb = (2 * x.len() * 4) as f64 / 1e9;
     println!(
         "check: BatchNorm (training) of the same batch, statistics per feature over {rows} rows"
     );
-    let bn = BatchNorm {
-        gamma: Some(&gamma),
-        beta: Some(&beta),
-        ..Default::default()
-    };
-    let (r, mean, var, _) = reference::batch_norm_train(&x, features, &bn);
+    let (r, mean, var, _) = reference::batch_norm_train(x, features, bn);
     let mut run_bn = |nz: &Normalizer| -> Result<Case, NormError> {
-        nz.batch_norm_train(warm, features, &bn)?;
+        nz.batch_norm_train(warm, features, bn)?;
         let start = Instant::now();
-        let (stats, timing) = nz.batch_norm_train_into(&x, features, &bn, &mut y)?;
+        let (stats, timing) = nz.batch_norm_train_into(x, features, bn, y)?;
         let wall = start.elapsed();
         let stats_error =
             reference::max_error(&stats.mean, &mean).max(reference::max_error(&stats.var, &var));
         Ok(Case {
-            error: reference::max_error(&y, &r),
+            error: reference::max_error(y, &r),
             stats_error: Some(("statistics", stats_error)),
             wall,
             timing,
         })
     };
-    report(run_bn(&cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
-    println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
+    report(run_bn(cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
     Ok(())
 }
 
