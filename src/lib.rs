@@ -56,7 +56,7 @@ pub mod reference;
 pub use wgpu;
 
 pub use error::NormError;
-pub use gpu::tensor::GpuTensor;
+pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,

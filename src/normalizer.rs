@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use crate::cpu::Cpu;
-use crate::gpu::tensor::{self, GpuTensor};
+use crate::gpu::tensor::{self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
@@ -1021,8 +1021,10 @@ impl Normalizer {
         let ctx = self.context("layer_norm_gpu")?;
         let rows = layer_norm::validate(x.len(), features, opts)?;
         let op = (opts, RowNorm::Layer);
-        ctx.call(tensor::layer_norm(ctx, x, rows, features, op))
-            .await
+        let (y, _) = ctx
+            .call(tensor::layer_norm(ctx, (x, None), rows, features, op))
+            .await?;
+        Ok(y)
     }
 
     /// [`Normalizer::rms_norm`] on a GPU tensor, into a new GPU tensor; nothing crosses to the
@@ -1048,8 +1050,161 @@ impl Normalizer {
         let ctx = self.context("rms_norm_gpu")?;
         let rows = rms_norm::validate(x.len(), features, opts)?;
         let (opts, kind) = opts.as_row_norm();
-        ctx.call(tensor::layer_norm(ctx, x, rows, features, (&opts, kind)))
+        let op = (&opts, kind);
+        let (y, _) = ctx
+            .call(tensor::layer_norm(ctx, (x, None), rows, features, op))
+            .await?;
+        Ok(y)
+    }
+
+    /// [`Normalizer::add_layer_norm`] on GPU tensors, into new GPU tensors, without waiting.
+    /// Same errors as `add_layer_norm`, plus [`NormError::NotGpu`] on the CPU fallback.
+    pub fn add_layer_norm_gpu(
+        &self,
+        x: &GpuTensor,
+        residual: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuAddNormOutput, NormError> {
+        let work = self.add_layer_norm_gpu_async(x, residual, features, opts);
+        self.block("add_layer_norm_gpu", work)
+    }
+
+    /// [`Normalizer::add_layer_norm_gpu`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn add_layer_norm_gpu_async(
+        &self,
+        x: &GpuTensor,
+        residual: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuAddNormOutput, NormError> {
+        let op = (opts, RowNorm::Layer);
+        self.add_norm_gpu("add_layer_norm_gpu", (x, residual), features, op)
             .await
+    }
+
+    /// [`Normalizer::add_rms_norm`] on GPU tensors, into new GPU tensors, without waiting.
+    /// Same errors as `add_rms_norm`, plus [`NormError::NotGpu`] on the CPU fallback.
+    pub fn add_rms_norm_gpu(
+        &self,
+        x: &GpuTensor,
+        residual: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuAddNormOutput, NormError> {
+        let work = self.add_rms_norm_gpu_async(x, residual, features, opts);
+        self.block("add_rms_norm_gpu", work)
+    }
+
+    /// [`Normalizer::add_rms_norm_gpu`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn add_rms_norm_gpu_async(
+        &self,
+        x: &GpuTensor,
+        residual: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuAddNormOutput, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        self.add_norm_gpu("add_rms_norm_gpu", (x, residual), features, (&opts, kind))
+            .await
+    }
+
+    async fn add_norm_gpu(
+        &self,
+        name: &'static str,
+        (x, residual): (&GpuTensor, &GpuTensor),
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<GpuAddNormOutput, NormError> {
+        let ctx = self.context(name)?;
+        let rows = layer_norm::validate(x.len(), features, op.0)?;
+        crate::ops::check_operand("residual", residual.len(), x.len())?;
+        let io = (x, Some(residual));
+        let (y, sum) = ctx
+            .call(tensor::layer_norm(ctx, io, rows, features, op))
+            .await?;
+        let sum = sum.expect("made with a residual");
+        Ok(GpuAddNormOutput { sum, y })
+    }
+
+    /// [`Normalizer::layer_norm_backward`] on GPU tensors: dx, dgamma and dbeta in new GPU
+    /// tensors, recorded in one submission without waiting, so a training step stays on the
+    /// device. Same errors as `layer_norm_backward`, plus [`NormError::NotGpu`] on the CPU
+    /// fallback.
+    pub fn layer_norm_backward_gpu(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let work = self.layer_norm_backward_gpu_async(x, dy, features, opts);
+        self.block("layer_norm_backward_gpu", work)
+    }
+
+    /// [`Normalizer::layer_norm_backward_gpu`], awaited (as
+    /// [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn layer_norm_backward_gpu_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let op = (opts, RowNorm::Layer);
+        self.backward_gpu("layer_norm_backward_gpu", (x, dy), features, op)
+            .await
+    }
+
+    /// [`Normalizer::rms_norm_backward`] on GPU tensors: dx and dgamma in new GPU tensors,
+    /// without waiting. Same errors as `rms_norm_backward`, plus [`NormError::NotGpu`].
+    pub fn rms_norm_backward_gpu(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuRmsNormGrads, NormError> {
+        let work = self.rms_norm_backward_gpu_async(x, dy, features, opts);
+        self.block("rms_norm_backward_gpu", work)
+    }
+
+    /// [`Normalizer::rms_norm_backward_gpu`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn rms_norm_backward_gpu_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuRmsNormGrads, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        let op = (&opts, kind);
+        let grads = self
+            .backward_gpu("rms_norm_backward_gpu", (x, dy), features, op)
+            .await?;
+        Ok(GpuRmsNormGrads {
+            dx: grads.dx,
+            dgamma: grads.dgamma,
+        })
+    }
+
+    async fn backward_gpu(
+        &self,
+        name: &'static str,
+        (x, dy): (&GpuTensor, &GpuTensor),
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<GpuGrads, NormError> {
+        let ctx = self.context(name)?;
+        let rows = layer_norm::validate_backward(x.len(), dy.len(), features, op.0)?;
+        ctx.call(tensor::layer_norm_backward(
+            ctx,
+            (x, dy),
+            rows,
+            features,
+            op,
+        ))
+        .await
     }
 
     /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the
@@ -1077,6 +1232,37 @@ impl Normalizer {
         let counted = batch_norm::validate_training(&shape, opts)?;
         ctx.call(tensor::batch_norm_train(ctx, x, &shape, opts, counted))
             .await
+    }
+
+    /// [`Normalizer::batch_norm_backward`] on GPU tensors (features-last): dx, dgamma and dbeta
+    /// in new GPU tensors. It waits for the GPU, as `batch_norm_train_gpu` does: the batch
+    /// statistics are checked on the host (columns out of f32's range go through the f64 path).
+    /// Same errors as `batch_norm_backward`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_backward_gpu(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let work = self.batch_norm_backward_gpu_async(x, dy, features, opts);
+        self.block("batch_norm_backward_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_gpu`], awaited.
+    pub async fn batch_norm_backward_gpu_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let ctx = self.context("batch_norm_backward_gpu")?;
+        let shape = Shape::features_last(x.len(), features)?;
+        let counted = batch_norm::validate_training(&shape, opts)?;
+        crate::ops::check_operand("dy", dy.len(), x.len())?;
+        let op = tensor::batch_norm_backward(ctx, (x, dy), &shape, opts, counted);
+        ctx.call(op).await
     }
 
     /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,

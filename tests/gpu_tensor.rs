@@ -390,3 +390,194 @@ fn batch_norm_on_device_tensors_matches_the_host_path() {
         Err(NormError::NotGpu(_))
     ));
 }
+
+/// The training ops on device tensors: the same kernels as the host path, so the same bits,
+/// each checked against the f64 reference too, and chained with no host round trip.
+#[test]
+fn training_ops_on_device_tensors_match_the_host_path() {
+    let Some(norm) = gpu() else { return };
+    // A vec4 width and an f32 one.
+    for (rows, features) in [(50, 300), (70, 13)] {
+        let x = ordinary(rows * features, 11);
+        let r = ordinary(rows * features, 12);
+        let dy = ordinary(rows * features, 13);
+        let gamma = common::data(features, 1.0, 0.5, 14);
+        let ln = LayerNorm {
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let rms = RmsNorm {
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let (xt, rt, dyt) = (
+            norm.upload_rows(&x, features).unwrap(),
+            norm.upload(&r).unwrap(),
+            norm.upload(&dy).unwrap(),
+        );
+        let down = |t: &gpunorm::GpuTensor| norm.download(t).unwrap();
+
+        // The fused add: the sum rounded once, as on the host, and its norm.
+        let add = norm.add_layer_norm_gpu(&xt, &rt, features, &ln).unwrap();
+        let host = norm.add_layer_norm(&x, &r, features, &ln).unwrap();
+        let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+        assert_eq!(
+            (down(&add.sum), down(&add.y)),
+            (sum.clone(), host.y.clone())
+        );
+        // Tolerance as in tests/add_norm.rs.
+        assert!(max_err(&host.y, &reference::layer_norm(&sum, features, &ln)) < 1e-4);
+        let add = norm.add_rms_norm_gpu(&xt, &rt, features, &rms).unwrap();
+        let host = norm.add_rms_norm(&x, &r, features, &rms).unwrap();
+        assert_eq!(
+            (down(&add.sum), down(&add.y)),
+            (sum.clone(), host.y.clone())
+        );
+        assert!(max_err(&host.y, &reference::rms_norm(&sum, features, &rms)) < 1e-4);
+
+        // The backward passes, on x and on the fused add's sum, still on the device.
+        let grads = norm
+            .layer_norm_backward_gpu(&xt, &dyt, features, &ln)
+            .unwrap();
+        let host = norm.layer_norm_backward(&x, &dy, features, &ln).unwrap();
+        assert_eq!(
+            (down(&grads.dx), down(&grads.dgamma), down(&grads.dbeta)),
+            (host.dx.clone(), host.dgamma.clone(), host.dbeta.clone())
+        );
+        assert_eq!(grads.dgamma.features(), Some(features));
+        // dx and the column sums are O(1) to O(rows) here: tolerances as in tests/backward.rs.
+        let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&x, &dy, features, &ln);
+        assert!(max_err(&host.dx, &rdx) < 1e-4);
+        assert!(max_err(&host.dgamma, &rdgamma) < 1e-4 && max_err(&host.dbeta, &rdbeta) < 1e-4);
+        let again = norm
+            .layer_norm_backward_gpu(&xt, &dyt, features, &ln)
+            .unwrap();
+        assert_eq!(down(&again.dx), host.dx, "repeats bit for bit");
+        assert_eq!(down(&again.dgamma), host.dgamma, "repeats bit for bit");
+
+        let grads = norm
+            .rms_norm_backward_gpu(&add.sum, &dyt, features, &rms)
+            .unwrap();
+        let host = norm.rms_norm_backward(&sum, &dy, features, &rms).unwrap();
+        assert_eq!(
+            (down(&grads.dx), down(&grads.dgamma)),
+            (host.dx.clone(), host.dgamma.clone())
+        );
+        let (rdx, rdgamma) = reference::rms_norm_backward(&sum, &dy, features, &rms);
+        assert!(max_err(&host.dx, &rdx) < 1e-4 && max_err(&host.dgamma, &rdgamma) < 1e-4);
+
+        // BatchNorm's backward with a mask: masked rows get dx = 0.
+        let mask: Vec<bool> = (0..rows).map(|i| i % 5 != 2).collect();
+        let bn = BatchNorm {
+            mask: Some(&mask),
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let grads = norm
+            .batch_norm_backward_gpu(&xt, &dyt, features, &bn)
+            .unwrap();
+        let host = norm.batch_norm_backward(&x, &dy, features, &bn).unwrap();
+        assert_eq!(
+            (down(&grads.dx), down(&grads.dgamma), down(&grads.dbeta)),
+            (host.dx.clone(), host.dgamma.clone(), host.dbeta.clone())
+        );
+        assert!(host.dx[2 * features..3 * features]
+            .iter()
+            .all(|&v| v == 0.0));
+        let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(&x, &dy, features, &bn);
+        assert!(max_err(&host.dx, &rdx) < 1e-4);
+        assert!(max_err(&host.dgamma, &rdgamma) < 1e-4 && max_err(&host.dbeta, &rdbeta) < 1e-4);
+    }
+
+    // Columns whose statistics leave f32's range take the f64 path, on the device's copies.
+    let (rows, features) = (200, 6);
+    let x = common::data(rows * features, 0.0, 1e20, 61);
+    let dy = ordinary(rows * features, 62);
+    let (xt, dyt) = (norm.upload(&x).unwrap(), norm.upload(&dy).unwrap());
+    let bn = BatchNorm::default();
+    let grads = norm
+        .batch_norm_backward_gpu(&xt, &dyt, features, &bn)
+        .unwrap();
+    let host = norm.batch_norm_backward(&x, &dy, features, &bn).unwrap();
+    assert_eq!(norm.download(&grads.dx).unwrap(), host.dx);
+    // dx is about 1e-20 here: held to its largest value (as in tests/backward.rs).
+    let (rdx, _, _) = reference::batch_norm_backward(&x, &dy, features, &bn);
+    let scale = rdx.iter().fold(0f64, |m, r| m.max(r.abs()));
+    let worst = host
+        .dx
+        .iter()
+        .zip(&rdx)
+        .fold(0f64, |m, (&g, r)| m.max((g as f64 - r).abs()));
+    assert!(scale > 0.0 && worst / scale < 1e-4, "{worst} / {scale}");
+}
+
+/// The training ops on device tensors refuse what their host forms refuse, and what only a
+/// device tensor can get wrong: another Normalizer's tensor, another row width.
+#[test]
+fn training_ops_on_device_tensors_check_their_input() {
+    let Some(norm) = gpu() else { return };
+    let (ln, rms) = (LayerNorm::default(), RmsNorm::default());
+    let x = norm.upload_rows(&ordinary(12, 1), 4).unwrap();
+    let short = norm.upload(&[1.0; 8]).unwrap();
+    let wide = norm.upload_rows(&[1.0; 12], 6).unwrap();
+    let operand = |r: Result<(), NormError>, name| {
+        assert!(
+            matches!(r, Err(NormError::OperandLength { name: n, len: 8, expected: 12 }) if n == name),
+            "{r:?}"
+        )
+    };
+    operand(
+        norm.layer_norm_backward_gpu(&x, &short, 4, &ln).map(|_| ()),
+        "dy",
+    );
+    operand(
+        norm.rms_norm_backward_gpu(&x, &short, 4, &rms).map(|_| ()),
+        "dy",
+    );
+    operand(
+        norm.batch_norm_backward_gpu(&x, &short, 4, &BatchNorm::default())
+            .map(|_| ()),
+        "dy",
+    );
+    operand(
+        norm.add_layer_norm_gpu(&x, &short, 4, &ln).map(|_| ()),
+        "residual",
+    );
+    operand(
+        norm.add_rms_norm_gpu(&x, &short, 4, &rms).map(|_| ()),
+        "residual",
+    );
+    assert_eq!(
+        norm.add_layer_norm_gpu(&x, &wide, 4, &ln).map(|_| ()),
+        Err(NormError::TensorShape {
+            features: 6,
+            given: 4
+        })
+    );
+    let gamma = [1.0; 3];
+    let bad = LayerNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.layer_norm_backward_gpu(&x, &x, 4, &bad),
+        Err(NormError::ParamLength { .. })
+    ));
+    let other = Normalizer::gpu().unwrap();
+    let foreign = other.upload(&[1.0; 12]).unwrap();
+    assert!(matches!(
+        norm.layer_norm_backward_gpu(&x, &foreign, 4, &ln),
+        Err(NormError::InvalidBuffer { name: "dy", .. })
+    ));
+    assert!(matches!(
+        Normalizer::cpu().layer_norm_backward_gpu(&x, &x, 4, &ln),
+        Err(NormError::NotGpu(_))
+    ));
+    // An empty batch: no rows, gradients of zeros.
+    let empty = norm.upload(&[]).unwrap();
+    let grads = norm
+        .layer_norm_backward_gpu(&empty, &empty, 3, &ln)
+        .unwrap();
+    assert!(norm.download(&grads.dx).unwrap().is_empty());
+    assert_eq!(norm.download(&grads.dbeta).unwrap(), [0.0; 3]);
+}

@@ -262,35 +262,64 @@ pub(crate) async fn eval(
     Ok(run.timing())
 }
 
-/// Runs BatchNorm training's backward pass on host tensors: dx into `dx` (0 on masked
-/// positions), and (dgamma, dbeta). Three streams over the chunks: the forward's statistics, the
-/// sums of dy and dy · xhat, and dx, all on the general kernels (`Plan` without the vec4 column
-/// kernels). Columns whose statistics leave f32's range send the call to the CPU fallback's
-/// f64 path, as the forward redoes them on the host: rare.
+/// Runs BatchNorm training's backward pass: dx into `dx` (0 on masked positions), and
+/// (dgamma, dbeta). Three streams over the chunks of host tensors (device ones are one chunk):
+/// the forward's statistics, the sums of dy and dy · xhat, and dx, all on the general kernels
+/// (`Plan` without the vec4 column kernels). Columns whose statistics leave f32's range send
+/// the call to the CPU fallback's f64 path, as the forward redoes them on the host: rare.
 pub(crate) async fn backward(
     ctx: &GpuContext,
-    (x, dy): (&[f32], &[f32]),
-    dx: &mut [f32],
+    (x, dy): (Input<'_>, Input<'_>),
+    mut dx: Output<'_>,
     shape: &Shape,
     opts: &BatchNorm<'_>,
     counted: Counted,
 ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
     let op = "batch_norm_backward";
     ctx.check_storage_buffers(Slot::storage_count(BACKWARD_APPLY.slots), op)?;
-    let input = Input::Host(x);
-    let plan = Plan::new(ctx, shape, &input, opts, (counted.first, false))?;
-    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
-    let (mean, var) = run.statistics(&input).await?.read(ctx).await?;
+    let plan = Plan::new(ctx, shape, &x, opts, (counted.first, false))?;
+    let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Call, op).await?;
+    let (mean, var) = run.statistics(&x).await?.read(ctx).await?;
     if (0..shape.channels).any(|c| stats_out_of_range(mean[c] as f64, var[c] as f64, opts.eps)) {
-        let counted = (counted.first, counted.count);
-        let (dgamma, dbeta) = batch_norm_backward((x, dy), dx, shape, opts, counted);
+        let (dgamma, dbeta) =
+            backward_in_f64(ctx, (&x, &dy), &mut dx, shape, opts, counted).await?;
         return Ok((dgamma, dbeta, run.timing()));
     }
     run.set_dy(dy, opts).await?;
-    run.backward_sums(&input).await?;
-    run.apply(&input, &mut Output::Host(dx)).await?;
+    run.backward_sums(&x).await?;
+    run.apply(&x, &mut dx).await?;
     let (dgamma, dbeta) = run.read_gradients().await?;
     Ok((dgamma, dbeta, run.timing()))
+}
+
+/// The backward pass on the CPU fallback's f64 path, for statistics out of f32's range: on the
+/// host slices, or on copies of device tensors with dx written back.
+async fn backward_in_f64(
+    ctx: &GpuContext,
+    (x, dy): (&Input<'_>, &Input<'_>),
+    dx: &mut Output<'_>,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+) -> Result<(Vec<f32>, Vec<f32>), NormError> {
+    let counted = (counted.first, counted.count);
+    match (x, dy, dx) {
+        (Input::Host(x), Input::Host(dy), Output::Host(dx)) => {
+            Ok(batch_norm_backward((x, dy), dx, shape, opts, counted))
+        }
+        (Input::Device(xb, len), Input::Device(dyb, _), Output::Device(dxb)) => {
+            let (mut xh, mut dyh, mut dxh) = (vec![0f32; *len], vec![0f32; *len], vec![0f32; *len]);
+            transfer::download(ctx, xb, &mut xh).await?;
+            transfer::download(ctx, dyb, &mut dyh).await?;
+            let grads = batch_norm_backward((&xh, &dyh), &mut dxh, shape, opts, counted);
+            ctx.scoped("batch_norm_backward", || {
+                ctx.queue().write_buffer(dxb, 0, bytemuck::cast_slice(&dxh))
+            })
+            .await?;
+            Ok(grads)
+        }
+        _ => unreachable!("host inputs go with host outputs, device ones with device ones"),
+    }
 }
 
 /// How a tensor is cut into chunks and tiled.
@@ -592,8 +621,9 @@ struct Run<'a> {
     /// The chunk's mask as u32 words (a 16-byte placeholder without a mask).
     mask_buffer: Pooled<'a>,
     timer: Option<PassTimer<'a>>,
-    /// The backward pass's upstream gradient, its buffer, and which chunk that holds.
-    dy: Option<(&'a [f32], Pooled<'a>)>,
+    /// The backward pass's upstream gradient, its buffer where it comes from the host, and which
+    /// chunk that holds.
+    dy: Option<(Input<'a>, Option<Pooled<'a>>)>,
     dy_resident: Option<usize>,
 }
 
@@ -727,7 +757,10 @@ impl<'a> Run<'a> {
     async fn stage(&mut self, x: &Input<'a>, i: usize) -> Result<Staged<'a>, NormError> {
         let mut staged = Staged::default();
         let chunk = self.plan.chunks[i].clone();
-        let dy = self.dy.as_ref().map(|(dy, _)| *dy);
+        let dy = match &self.dy {
+            Some((Input::Host(dy), _)) => Some(*dy),
+            _ => None,
+        };
         if let Some(dy) = dy.filter(|_| self.dy_resident != Some(i)) {
             staged.dy = Some(transfer::stage(self.ctx, &dy[chunk.clone()]).await?);
             self.dy_resident = Some(i);
@@ -759,8 +792,16 @@ impl<'a> Run<'a> {
         if let Some(words) = &staged.mask {
             words.record(encoder, &self.mask_buffer);
         }
-        if let (Some(data), Some((_, buffer))) = (&staged.dy, &self.dy) {
+        if let (Some(data), Some((_, Some(buffer)))) = (&staged.dy, &self.dy) {
             data.record(encoder, buffer);
+        }
+    }
+
+    /// The buffer the backward kernels read dy from.
+    fn dy_buffer(&self) -> Option<&wgpu::Buffer> {
+        match self.dy.as_ref()? {
+            (Input::Device(buffer, _), _) => Some(buffer),
+            (Input::Host(_), buffer) => buffer.as_deref(),
         }
     }
 
@@ -900,19 +941,22 @@ impl<'a> Run<'a> {
 
     /// Makes this run a backward pass with upstream gradient `dy`: its buffer, and the columns'
     /// (gamma, beta, 0, 0) written whatever the options, so the sums in `.zw` start at 0.
-    async fn set_dy(&mut self, dy: &'a [f32], opts: &BatchNorm<'_>) -> Result<(), NormError> {
+    async fn set_dy(&mut self, dy: Input<'a>, opts: &BatchNorm<'_>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
         let bytes = (self.plan.chunks[0].len() * 4) as u64;
+        let host = matches!(dy, Input::Host(_));
         let buffer = ctx
             .scoped(self.op, || {
                 write_affine(ctx, self.plan, &self.columns, opts);
-                ctx.buffer(
-                    "batch_norm_backward dy",
-                    bytes,
-                    U::STORAGE | U::COPY_DST,
-                    Lifetime::Call,
-                )
+                host.then(|| {
+                    ctx.buffer(
+                        "batch_norm_backward dy",
+                        bytes,
+                        U::STORAGE | U::COPY_DST,
+                        Lifetime::Call,
+                    )
+                })
             })
             .await?;
         self.dy = Some((dy, buffer));
@@ -970,7 +1014,7 @@ impl<'a> Run<'a> {
         for i in order {
             let staged = self.stage(x, i).await?;
             let run = &*self;
-            let dy = &run.dy.as_ref().expect("set by backward").1;
+            let dy = run.dy_buffer().expect("set by backward");
             ctx.scoped(self.op, || {
                 let mut encoder = ctx.encoder("batch_norm_backward sums");
                 run.record_staged(&mut encoder, &staged);
@@ -1065,7 +1109,7 @@ impl<'a> Run<'a> {
                     for (b, columns) in run.columns.iter().enumerate() {
                         let mut buffers: Vec<&wgpu::Buffer> =
                             vec![&run.params[i][b], xb, &run.mask_buffer, columns, yb];
-                        if let Some((_, dy)) = &run.dy {
+                        if let Some(dy) = run.dy_buffer() {
                             buffers.push(dy);
                         }
                         let group = apply.bind(ctx.device(), &buffers);

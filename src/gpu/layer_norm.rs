@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::context::GpuContext;
-use super::pool::Lifetime;
+use super::pool::{Lifetime, Pooled};
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
@@ -391,6 +391,176 @@ pub(crate) async fn run(
     })
 }
 
+/// The three backward kernels for rows `features` wide, ready to [`record_backward`].
+pub(crate) struct Backward {
+    rows: Arc<Pipeline>,
+    columns: Arc<Pipeline>,
+    merge: Arc<Pipeline>,
+    /// Workgroups across a row's columns (256 elements each).
+    blocks: usize,
+    /// Rows one dispatch may cover: one workgroup per row, and each row's moments (16 bytes)
+    /// in one binding.
+    max_rows: usize,
+}
+
+/// Picks the backward kernels of `kind` for rows `features` wide and builds their pipelines
+/// (once per context).
+pub(crate) async fn prepare_backward(
+    ctx: &GpuContext,
+    features: usize,
+    kind: RowNorm,
+) -> Result<Backward, NormError> {
+    ctx.check_storage_buffers(Slot::storage_count(BACKWARD.slots), "layer_norm_backward")?;
+    let (rms, vec4, subgroup) = (
+        kind == RowNorm::Rms,
+        features.is_multiple_of(4),
+        ctx.subgroups,
+    );
+    let defs = [
+        ("RMS", Def::Flag(rms)),
+        ("VEC4", Def::Flag(vec4)),
+        ("SUBGROUP", Def::Flag(subgroup)),
+        ("T", Def::U32(WG)),
+        ("K", Def::U32(1)),
+    ];
+    let pipeline = |kernel: &'static KernelDef| {
+        let label = format!(
+            "{} {} {} {}",
+            kernel.entry,
+            if rms { "rms" } else { "layer" },
+            if vec4 { "vec4" } else { "f32" },
+            if subgroup { "subgroup" } else { "tree" }
+        );
+        async move { ctx.pipeline(&label, kernel, &defs).await }
+    };
+    let (rows, columns, merge) = (
+        pipeline(&BACKWARD).await?,
+        pipeline(&BACKWARD_COLUMNS).await?,
+        pipeline(&BACKWARD_MERGE).await?,
+    );
+    let n = if vec4 { features / 4 } else { features };
+    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
+    Ok(Backward {
+        rows,
+        columns,
+        merge,
+        blocks: n.div_ceil(WG as usize),
+        max_rows: max_rows(ctx, features)?
+            .min(ctx.max_groups().saturating_pow(2))
+            .min(moments_rows),
+    })
+}
+
+impl Backward {
+    /// Rows one [`record_backward`] may cover.
+    pub(crate) fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+}
+
+/// The device buffers of one backward dispatch over `rows` rows from offset 0: the inputs and
+/// dx, and the scratch [`BackwardScratch`] holds.
+pub(crate) struct BackwardRows<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub dy: &'a wgpu::Buffer,
+    pub dx: &'a wgpu::Buffer,
+    pub rows: usize,
+}
+
+/// The backward pass's buffers besides its tensors: each row's moments, the column sums of
+/// each tile of rows, the gradients (dgamma then dbeta, `features` values each) and gamma.
+pub(crate) struct BackwardScratch<'a> {
+    moments: Pooled<'a>,
+    partials: Pooled<'a>,
+    pub grads: Pooled<'a>,
+    gamma: wgpu::Buffer,
+}
+
+impl<'a> BackwardScratch<'a> {
+    /// Scratch for up to `rows` rows `features` wide (`COPY_SRC` on the gradients).
+    pub(crate) fn new(
+        ctx: &'a GpuContext,
+        rows: usize,
+        features: usize,
+        gamma: Option<&[f32]>,
+        lifetime: Lifetime,
+    ) -> BackwardScratch<'a> {
+        use wgpu::BufferUsages as U;
+        let grads_bytes = (2 * features * 4) as u64;
+        let tiles = rows.div_ceil(TILE_ROWS) as u64;
+        let storage = |label, bytes, extra| ctx.buffer(label, bytes, U::STORAGE | extra, lifetime);
+        BackwardScratch {
+            moments: storage(
+                "layer_norm_backward row moments",
+                rows as u64 * 16,
+                U::empty(),
+            ),
+            partials: storage(
+                "layer_norm_backward partials",
+                tiles * grads_bytes,
+                U::empty(),
+            ),
+            grads: storage("layer_norm_backward grads", grads_bytes, U::COPY_SRC),
+            gamma: ctx.buffer_with(
+                "layer_norm_backward gamma",
+                bytemuck::cast_slice(gamma.unwrap_or(&[])),
+                U::STORAGE,
+            ),
+        }
+    }
+}
+
+/// Records the backward pass of `io` as one compute pass of `encoder`: dx, then the column sums
+/// of dy · xhat and dy into `scratch.grads`, added onto what it holds where `accumulate`. The
+/// rows must fit one dispatch ([`Backward::max_rows`]) and `scratch`.
+pub(crate) fn record_backward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    (io, scratch): (BackwardRows<'_>, &BackwardScratch<'_>),
+    features: usize,
+    (prepared, opts): (&Backward, &LayerNorm<'_>),
+    accumulate: bool,
+    timer: Option<&PassTimer>,
+) {
+    use wgpu::BufferUsages as U;
+    let params = LayerNormParams {
+        rows: io.rows as u32,
+        features: features as u32,
+        eps: opts.eps,
+        flags: flags::of(opts.gamma.is_some(), false, false)
+            | if accumulate { flags::ACCUMULATE } else { 0 },
+    };
+    let params = ctx.buffer_with(
+        "layer_norm_backward params",
+        bytemuck::bytes_of(&params),
+        U::UNIFORM,
+    );
+    let BackwardScratch {
+        moments,
+        partials,
+        grads,
+        gamma,
+    } = scratch;
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("layer_norm_backward"),
+        timestamp_writes: timer.map(|t| t.writes()),
+    });
+    let blocks = prepared.blocks;
+    let groups = [io.rows, io.rows.div_ceil(TILE_ROWS) * blocks, blocks];
+    let bindings: [&[&wgpu::Buffer]; 3] = [
+        &[&params, io.x, io.dx, gamma, io.dy, moments],
+        &[&params, io.x, io.dy, moments, partials],
+        &[&params, partials, grads],
+    ];
+    let kernels = [&prepared.rows, &prepared.columns, &prepared.merge];
+    for ((pipeline, buffers), groups) in kernels.into_iter().zip(bindings).zip(groups) {
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &pipeline.bind(ctx.device(), buffers), &[]);
+        let (gx, gy) = grid(groups, ctx.max_groups());
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+}
+
 /// The backward pass of LayerNorm (or RMSNorm) of host rows on the GPU: dx into `dx`, and the
 /// column sums (dgamma, dbeta). Chunks of whole rows go through in turn, each uploaded with its
 /// dy, run through the three backward kernels in one pass and its dx read back; the column sums
@@ -407,76 +577,26 @@ pub(crate) async fn backward(
     if rows == 0 {
         return Ok((vec![0.0; features], vec![0.0; features], Timing::default()));
     }
-    ctx.check_storage_buffers(Slot::storage_count(BACKWARD.slots), "layer_norm_backward")?;
-    let (rms, vec4, subgroup) = (
-        kind == RowNorm::Rms,
-        features.is_multiple_of(4),
-        ctx.subgroups,
-    );
-    let defs = [
-        ("RMS", Def::Flag(rms)),
-        ("VEC4", Def::Flag(vec4)),
-        ("SUBGROUP", Def::Flag(subgroup)),
-        ("T", Def::U32(WG)),
-        ("K", Def::U32(1)),
-    ];
-    let mut pipelines = Vec::new();
-    for kernel in [&BACKWARD, &BACKWARD_COLUMNS, &BACKWARD_MERGE] {
-        let label = format!(
-            "{} {} {} {}",
-            kernel.entry,
-            if rms { "rms" } else { "layer" },
-            if vec4 { "vec4" } else { "f32" },
-            if subgroup { "subgroup" } else { "tree" }
-        );
-        pipelines.push(ctx.pipeline(&label, kernel, &defs).await?);
-    }
-    let [rows_kernel, columns_kernel, merge_kernel] = &pipelines[..] else {
-        unreachable!("three kernels")
-    };
-    // One workgroup per row, and each row's moments (16 bytes) in one binding.
-    let max_groups = ctx.max_groups().saturating_pow(2);
-    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
-    let chunk_rows = max_rows(ctx, features)?
-        .min(max_groups)
-        .min(moments_rows)
-        .min(rows);
+    let prepared = prepare_backward(ctx, features, kind).await?;
+    let chunk_rows = prepared.max_rows().min(rows);
     let chunk = chunk_rows * features;
-    let n = if vec4 { features / 4 } else { features };
-    let blocks = n.div_ceil(WG as usize);
     let grads_bytes = (2 * features * 4) as u64;
     let bufs = ctx
         .scoped("layer_norm_backward", || {
             let bytes = (chunk * 4) as u64;
-            let tiles = chunk_rows.div_ceil(TILE_ROWS) as u64;
             let storage =
-                |label, bytes, extra| ctx.buffer(label, bytes, U::STORAGE | extra, Lifetime::Call);
+                |label, extra| ctx.buffer(label, bytes, U::STORAGE | extra, Lifetime::Call);
             (
-                storage("layer_norm_backward x", bytes, U::COPY_DST),
-                storage("layer_norm_backward dy", bytes, U::COPY_DST),
-                storage("layer_norm_backward dx", bytes, U::COPY_SRC | U::COPY_DST),
-                storage(
-                    "layer_norm_backward row moments",
-                    chunk_rows as u64 * 16,
-                    U::empty(),
-                ),
-                storage(
-                    "layer_norm_backward partials",
-                    tiles * grads_bytes,
-                    U::empty(),
-                ),
-                storage("layer_norm_backward grads", grads_bytes, U::COPY_SRC),
+                storage("layer_norm_backward x", U::COPY_DST),
+                storage("layer_norm_backward dy", U::COPY_DST),
+                storage("layer_norm_backward dx", U::COPY_SRC | U::COPY_DST),
+                BackwardScratch::new(ctx, chunk_rows, features, opts.gamma, Lifetime::Call),
                 transfer::readback_buffer(ctx, bytes),
-                ctx.buffer_with(
-                    "layer_norm_backward gamma",
-                    bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
-                    U::STORAGE,
-                ),
                 PassTimer::new(ctx),
             )
         })
         .await?;
-    let (xb, dyb, dxb, moments, partials, grads, staging, gamma, mut timer) = bufs;
+    let (xb, dyb, dxb, scratch, staging, mut timer) = bufs;
     for (k, ((x, dy), dx)) in x
         .chunks(chunk)
         .zip(dy.chunks(chunk))
@@ -487,45 +607,26 @@ pub(crate) async fn backward(
             transfer::stage(ctx, x).await?,
             transfer::stage(ctx, dy).await?,
         );
-        let chunk_rows = x.len() / features;
         ctx.scoped("layer_norm_backward", || {
-            let accumulate = if k > 0 { flags::ACCUMULATE } else { 0 };
-            let params = LayerNormParams {
-                rows: chunk_rows as u32,
-                features: features as u32,
-                eps: opts.eps,
-                flags: flags::of(opts.gamma.is_some(), false, false) | accumulate,
-            };
-            let params = ctx.buffer_with(
-                "layer_norm_backward params",
-                bytemuck::bytes_of(&params),
-                U::UNIFORM,
-            );
             let mut encoder = ctx.encoder("layer_norm_backward");
             x_up.record(&mut encoder, &xb);
             dy_up.record(&mut encoder, &dyb);
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("layer_norm_backward"),
-                    timestamp_writes: timer.as_ref().map(|t| t.writes()),
-                });
-                let groups = [chunk_rows, chunk_rows.div_ceil(TILE_ROWS) * blocks, blocks];
-                let bindings: [&[&wgpu::Buffer]; 3] = [
-                    &[&params, &xb, &dxb, &gamma, &dyb, &moments],
-                    &[&params, &xb, &dyb, &moments, &partials],
-                    &[&params, &partials, &grads],
-                ];
-                for ((pipeline, buffers), groups) in [rows_kernel, columns_kernel, merge_kernel]
-                    .into_iter()
-                    .zip(bindings)
-                    .zip(groups)
-                {
-                    pass.set_pipeline(&pipeline.pipeline);
-                    pass.set_bind_group(0, &pipeline.bind(ctx.device(), buffers), &[]);
-                    let (gx, gy) = grid(groups, ctx.max_groups());
-                    pass.dispatch_workgroups(gx, gy, 1);
-                }
-            }
+            let io = BackwardRows {
+                x: &xb,
+                dy: &dyb,
+                dx: &dxb,
+                rows: x.len() / features,
+            };
+            let op = (&prepared, opts);
+            record_backward(
+                ctx,
+                &mut encoder,
+                (io, &scratch),
+                features,
+                op,
+                k > 0,
+                timer.as_ref(),
+            );
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
@@ -542,7 +643,7 @@ pub(crate) async fn backward(
         .scoped("layer_norm_backward", || {
             let staging = transfer::readback_buffer(ctx, grads_bytes);
             let mut encoder = ctx.encoder("layer_norm_backward gradients");
-            encoder.copy_buffer_to_buffer(&grads, 0, &staging, 0, grads_bytes);
+            encoder.copy_buffer_to_buffer(&scratch.grads, 0, &staging, 0, grads_bytes);
             ctx.queue().submit([encoder.finish()]);
             staging
         })

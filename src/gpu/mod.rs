@@ -65,7 +65,9 @@ impl Backend for GpuContext {
         opts: &BatchNorm<'_>,
         counted: Counted,
     ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
-        let op = batch_norm::backward(self, x_dy, dx, shape, opts, counted);
+        use batch_norm::{Input, Output};
+        let io = ((Input::Host(x_dy.0), Input::Host(x_dy.1)), Output::Host(dx));
+        let op = batch_norm::backward(self, io.0, io.1, shape, opts, counted);
         self.call(op).await
     }
 

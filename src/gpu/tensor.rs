@@ -1,10 +1,12 @@
 //! Tensors that live on the GPU, and ops recorded on buffers callers own: the device side of
 //! `Normalizer::upload`, `download`, the `*_gpu` ops and `encode_layer_norm`. Inputs arrive
 //! validated; these functions check what only the device can tell (ownership, usage, sizes).
+//! Every op records into one submission and returns without waiting, but BatchNorm's training
+//! forms, which read their statistics back.
 
 use super::batch_norm::{self, Input, Output};
 use super::context::GpuContext;
-use super::layer_norm::{self, Rows};
+use super::layer_norm::{self, BackwardRows, BackwardScratch, Rows};
 use super::pool::Lifetime;
 use super::transfer;
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
@@ -99,6 +101,42 @@ impl GpuTensor {
     }
 }
 
+/// The gradients of LayerNorm or BatchNorm on GPU tensors, from
+/// [`Normalizer::layer_norm_backward_gpu`](crate::Normalizer::layer_norm_backward_gpu) and
+/// [`Normalizer::batch_norm_backward_gpu`](crate::Normalizer::batch_norm_backward_gpu): the
+/// device twin of [`LayerNormGrads`](crate::LayerNormGrads).
+#[derive(Debug, Clone)]
+pub struct GpuGrads {
+    /// The gradient of x, shaped as x.
+    pub dx: GpuTensor,
+    /// The gradient of gamma: one row of `features` values (of a gamma of ones where none was
+    /// given).
+    pub dgamma: GpuTensor,
+    /// The gradient of beta: one row of `features` values.
+    pub dbeta: GpuTensor,
+}
+
+/// The gradients of RMSNorm on GPU tensors, from
+/// [`Normalizer::rms_norm_backward_gpu`](crate::Normalizer::rms_norm_backward_gpu).
+#[derive(Debug, Clone)]
+pub struct GpuRmsNormGrads {
+    /// The gradient of x, shaped as x.
+    pub dx: GpuTensor,
+    /// The gradient of gamma: one row of `features` values.
+    pub dgamma: GpuTensor,
+}
+
+/// The fused residual add on GPU tensors, from
+/// [`Normalizer::add_layer_norm_gpu`](crate::Normalizer::add_layer_norm_gpu) and
+/// [`Normalizer::add_rms_norm_gpu`](crate::Normalizer::add_rms_norm_gpu).
+#[derive(Debug, Clone)]
+pub struct GpuAddNormOutput {
+    /// x + residual, each value rounded to f32 once: the new residual stream.
+    pub sum: GpuTensor,
+    /// The normalization of `sum`'s rows.
+    pub y: GpuTensor,
+}
+
 /// Copies `data` into a new GPU tensor of rows `features` wide where given, without waiting for
 /// the copy.
 pub(crate) async fn upload(
@@ -133,34 +171,95 @@ pub(crate) async fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec
     Ok(out)
 }
 
-/// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor, without waiting.
+/// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor, without waiting; with a
+/// residual, of x + residual, that sum written to a new tensor too (returned second).
 pub(crate) async fn layer_norm(
     ctx: &GpuContext,
-    x: &GpuTensor,
+    (x, residual): (&GpuTensor, Option<&GpuTensor>),
     rows: usize,
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
-) -> Result<GpuTensor, NormError> {
-    x.check_owner(ctx, "x")?;
-    x.check_features(features)?;
+) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
+    check_operands(
+        ctx,
+        features,
+        [Some((x, "x")), residual.map(|r| (r, "residual"))],
+    )?;
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    let prepared = layer_norm::prepare(ctx, features, (kind, false)).await?;
+    let prepared = layer_norm::prepare(ctx, features, (kind, residual.is_some())).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features));
+        let sum = residual.map(|_| GpuTensor::new(ctx, x.len, Some(features)));
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
             let io = Rows {
                 x: &x.buffer,
                 y: &y.buffer,
                 rows,
-                add: None,
+                add: residual
+                    .zip(sum.as_ref())
+                    .map(|(r, s)| (&r.buffer, &s.buffer)),
             };
             layer_norm::record(ctx, &mut encoder, io, features, &prepared, opts, None);
             ctx.queue().submit([encoder.finish()]);
         }
-        y
+        (y, sum)
+    })
+    .await
+}
+
+/// The backward pass of LayerNorm (or RMSNorm) on tensors of `rows` rows: (dx, dgamma, dbeta)
+/// in new tensors, recorded in one submission, without waiting.
+pub(crate) async fn layer_norm_backward(
+    ctx: &GpuContext,
+    (x, dy): (&GpuTensor, &GpuTensor),
+    rows: usize,
+    features: usize,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+) -> Result<GpuGrads, NormError> {
+    check_operands(ctx, features, [Some((x, "x")), Some((dy, "dy"))])?;
+    let prepared = layer_norm::prepare_backward(ctx, features, kind).await?;
+    if rows > prepared.max_rows() {
+        return Err(too_large(ctx, x.len));
+    }
+    ctx.scoped("layer_norm_backward_gpu", || {
+        let grads = GpuGrads {
+            dx: GpuTensor::new(ctx, x.len, Some(features)),
+            dgamma: GpuTensor::new(ctx, features, Some(features)),
+            dbeta: GpuTensor::new(ctx, features, Some(features)),
+        };
+        let mut encoder = ctx.encoder("layer_norm_backward_gpu");
+        if rows > 0 {
+            let scratch = BackwardScratch::new(ctx, rows, features, opts.gamma, Lifetime::Detached);
+            let io = BackwardRows {
+                x: &x.buffer,
+                dy: &dy.buffer,
+                dx: &grads.dx.buffer,
+                rows,
+            };
+            let op = (&prepared, opts);
+            layer_norm::record_backward(
+                ctx,
+                &mut encoder,
+                (io, &scratch),
+                features,
+                op,
+                false,
+                None,
+            );
+            // The merge writes (dgamma, dbeta) side by side.
+            let bytes = (features * 4) as u64;
+            encoder.copy_buffer_to_buffer(&scratch.grads, 0, &grads.dgamma.buffer, 0, bytes);
+            encoder.copy_buffer_to_buffer(&scratch.grads, bytes, &grads.dbeta.buffer, 0, bytes);
+        } else {
+            // Sums over no rows.
+            encoder.clear_buffer(&grads.dgamma.buffer, 0, None);
+            encoder.clear_buffer(&grads.dbeta.buffer, 0, None);
+        }
+        ctx.queue().submit([encoder.finish()]);
+        grads
     })
     .await
 }
@@ -173,8 +272,7 @@ pub(crate) async fn batch_norm_train(
     opts: &BatchNorm<'_>,
     counted: Counted,
 ) -> Result<(GpuTensor, BatchStats), NormError> {
-    x.check_owner(ctx, "x")?;
-    x.check_features(shape.channels)?;
+    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
     let y = ctx
         .scoped("batch_norm_train_gpu", || {
             GpuTensor::new(ctx, x.len, Some(shape.channels))
@@ -185,6 +283,36 @@ pub(crate) async fn batch_norm_train(
     Ok((y, stats))
 }
 
+/// BatchNorm training's backward pass on tensors into new ones; waits, for the statistics (and
+/// the gradients, which come back to the host and go up again as tensors: two rows of
+/// `channels` values).
+pub(crate) async fn batch_norm_backward(
+    ctx: &GpuContext,
+    (x, dy): (&GpuTensor, &GpuTensor),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+) -> Result<GpuGrads, NormError> {
+    check_operands(ctx, shape.channels, [Some((x, "x")), Some((dy, "dy"))])?;
+    let dx = ctx
+        .scoped("batch_norm_backward_gpu", || {
+            GpuTensor::new(ctx, x.len, Some(shape.channels))
+        })
+        .await?;
+    let inputs = (
+        Input::Device(&x.buffer, x.len),
+        Input::Device(&dy.buffer, dy.len),
+    );
+    let output = Output::Device(&dx.buffer);
+    let (dgamma, dbeta, _) =
+        batch_norm::backward(ctx, inputs, output, shape, opts, counted).await?;
+    Ok(GpuGrads {
+        dx,
+        dgamma: upload(ctx, &dgamma, Some(shape.channels)).await?,
+        dbeta: upload(ctx, &dbeta, Some(shape.channels)).await?,
+    })
+}
+
 /// BatchNorm eval of a tensor into a new one, without waiting.
 pub(crate) async fn batch_norm_eval(
     ctx: &GpuContext,
@@ -193,8 +321,7 @@ pub(crate) async fn batch_norm_eval(
     opts: &BatchNorm<'_>,
     stats: &RunningStats,
 ) -> Result<GpuTensor, NormError> {
-    x.check_owner(ctx, "x")?;
-    x.check_features(shape.channels)?;
+    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
     let y = ctx
         .scoped("batch_norm_eval_gpu", || {
             GpuTensor::new(ctx, x.len, Some(shape.channels))
@@ -238,6 +365,20 @@ pub(crate) async fn encode_layer_norm(
         layer_norm::record(ctx, encoder, io, features, &prepared, opts, None)
     })
     .await
+}
+
+/// Refuses operand tensors (those given, with their argument names) of another context or of
+/// another row width.
+fn check_operands<const N: usize>(
+    ctx: &GpuContext,
+    features: usize,
+    tensors: [Option<(&GpuTensor, &'static str)>; N],
+) -> Result<(), NormError> {
+    for (tensor, name) in tensors.into_iter().flatten() {
+        tensor.check_owner(ctx, name)?;
+        tensor.check_features(features)?;
+    }
+    Ok(())
 }
 
 /// Checks that a caller's buffers can carry `len` values of a `features`-wide tensor in one
