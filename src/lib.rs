@@ -56,6 +56,7 @@ pub mod reference;
 pub use wgpu;
 
 pub use error::NormError;
+pub use gpu::encode::Encode;
 pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{

@@ -7,6 +7,7 @@
 use std::future::Future;
 
 use crate::cpu::Cpu;
+use crate::gpu::encode::{self, Encode};
 use crate::gpu::tensor::{self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
@@ -1331,10 +1332,63 @@ impl Normalizer {
         let ctx = self.context("encode_layer_norm")?;
         layer_norm::validate(len, features, opts)?;
         let io = (x, y);
-        ctx.call(tensor::encode_layer_norm(
+        ctx.call(encode::encode_layer_norm(
             ctx, encoder, io, len, features, opts,
         ))
         .await
+    }
+
+    /// Records `op` (any op of the LayerNorm family: forward, fused add or backward) into the
+    /// caller's `encoder`, on spans of the caller's buffers, with gamma and beta on the device
+    /// too; the caller submits it. Nothing is uploaded but one small uniform, and nothing waits.
+    /// [`Encode`] lists what each span must satisfy; a call that fails records nothing.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), gpunorm::NormError> {
+    /// use gpunorm::{wgpu, Encode, Normalizer};
+    /// let norm = Normalizer::gpu()?;
+    /// let (device, queue) = norm.wgpu().unwrap();
+    /// let (features, rows) = (4096u64, 8u64);
+    /// let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    /// // Activations of two layers in one buffer, the weights in another.
+    /// let activations = device.create_buffer(&wgpu::BufferDescriptor {
+    ///     label: None, size: 2 * rows * features * 4, usage, mapped_at_creation: false,
+    /// });
+    /// let out = device.create_buffer(&wgpu::BufferDescriptor {
+    ///     label: None, size: rows * features * 4, usage, mapped_at_creation: false,
+    /// });
+    /// let weights = device.create_buffer(&wgpu::BufferDescriptor {
+    ///     label: None, size: features * 4, usage, mapped_at_creation: false,
+    /// });
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// let layer = rows * features * 4;
+    /// norm.encode(&mut encoder, &Encode::RmsNorm {
+    ///     x: activations.slice(layer..2 * layer),
+    ///     y: out.slice(..),
+    ///     features: features as usize,
+    ///     eps: 1e-6,
+    ///     gamma: Some(weights.slice(..)),
+    /// })?;
+    /// queue.submit([encoder.finish()]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        op: &Encode<'_>,
+    ) -> Result<(), NormError> {
+        self.block("encode", self.encode_async(encoder, op))
+    }
+
+    /// [`Normalizer::encode`], awaited (for the pipeline's first build and wgpu's error report).
+    pub async fn encode_async(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        op: &Encode<'_>,
+    ) -> Result<(), NormError> {
+        let ctx = self.context("encode")?;
+        ctx.call(encode::encode(ctx, encoder, op)).await
     }
 }
 

@@ -581,3 +581,308 @@ fn training_ops_on_device_tensors_check_their_input() {
     assert!(norm.download(&grads.dx).unwrap().is_empty());
     assert_eq!(norm.download(&grads.dbeta).unwrap(), [0.0; 3]);
 }
+
+/// Reads `range` (bytes) of a buffer back through a staging copy, waiting for the device.
+fn read_back(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+    range: std::ops::Range<u64>,
+) -> Vec<f32> {
+    let bytes = range.end - range.start;
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, range.start, &staging, 0, bytes);
+    queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    rx.recv().unwrap().unwrap();
+    let values = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
+    values
+}
+
+/// Every op of the LayerNorm family recorded into one encoder of the caller's, on spans of
+/// three shared buffers (inputs, parameters, outputs) at aligned offsets, gamma and beta on the
+/// device: the host path's bits, from one submission.
+#[test]
+fn every_row_op_records_on_spans_of_the_callers_buffers() {
+    use gpunorm::Encode;
+    let Some(norm) = gpu() else { return };
+    let (device, queue) = norm.wgpu().unwrap();
+    let align = device.limits().min_storage_buffer_offset_alignment as u64;
+    for (rows, features) in [(10, 96), (7, 13)] {
+        let n = rows * features;
+        let (x, r, dy) = (ordinary(n, 21), ordinary(n, 22), ordinary(n, 23));
+        let gamma = common::data(features, 1.0, 0.5, 24);
+        let beta = common::data(features, 0.0, 0.5, 25);
+        // Each value set at its own aligned slot of a buffer.
+        let slot = ((n * 4) as u64).next_multiple_of(align);
+        let at = |k: u64, len: usize| k * slot..k * slot + (len * 4) as u64;
+        use wgpu::BufferUsages as U;
+        let buffer = |slots: u64, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: slots * slot,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let inputs = buffer(3, U::STORAGE | U::COPY_DST);
+        let params = buffer(2, U::STORAGE | U::COPY_DST);
+        let outputs = buffer(8, U::STORAGE | U::COPY_SRC);
+        // The parameter gradients are copied in: offsets need only be multiples of 4.
+        let grads = buffer(1, U::COPY_DST | U::COPY_SRC);
+        for (k, values) in [&x, &r, &dy].into_iter().enumerate() {
+            queue.write_buffer(&inputs, at(k as u64, n).start, bytemuck::cast_slice(values));
+        }
+        queue.write_buffer(&params, 0, bytemuck::cast_slice(&gamma));
+        queue.write_buffer(&params, slot, bytemuck::cast_slice(&beta));
+        let (xs, rs, dys) = (
+            inputs.slice(at(0, n)),
+            inputs.slice(at(1, n)),
+            inputs.slice(at(2, n)),
+        );
+        let g = Some(params.slice(at(0, features)));
+        let b = Some(params.slice(at(1, features)));
+        let out = |k| outputs.slice(at(k, n));
+        let grad = |k: u64| {
+            let start = 4 + (k * features as u64 * 4);
+            grads.slice(start..start + features as u64 * 4)
+        };
+        let eps = 1e-5;
+        let ops = [
+            Encode::LayerNorm {
+                x: xs,
+                y: out(0),
+                features,
+                eps,
+                gamma: g,
+                beta: b,
+            },
+            Encode::RmsNorm {
+                x: xs,
+                y: out(1),
+                features,
+                eps,
+                gamma: g,
+            },
+            Encode::AddLayerNorm {
+                x: xs,
+                residual: rs,
+                sum: out(2),
+                y: out(3),
+                features,
+                eps,
+                gamma: g,
+                beta: b,
+            },
+            Encode::AddRmsNorm {
+                x: xs,
+                residual: rs,
+                sum: out(4),
+                y: out(5),
+                features,
+                eps,
+                gamma: g,
+            },
+            Encode::LayerNormBackward {
+                x: xs,
+                dy: dys,
+                dx: out(6),
+                dgamma: grad(0),
+                dbeta: grad(1),
+                features,
+                eps,
+                gamma: g,
+            },
+            Encode::RmsNormBackward {
+                x: xs,
+                dy: dys,
+                dx: out(7),
+                dgamma: grad(2),
+                features,
+                eps,
+                gamma: g,
+            },
+        ];
+        let mut encoder = device.create_command_encoder(&Default::default());
+        for op in &ops {
+            norm.encode(&mut encoder, op).unwrap();
+        }
+        queue.submit([encoder.finish()]);
+        let got = |k| read_back(device, queue, &outputs, at(k, n));
+        let got_grad = |k: u64| {
+            let start = 4 + (k * features as u64 * 4);
+            read_back(device, queue, &grads, start..start + features as u64 * 4)
+        };
+
+        let ln = LayerNorm {
+            eps,
+            gamma: Some(&gamma),
+            beta: Some(&beta),
+        };
+        let rms = RmsNorm {
+            eps,
+            gamma: Some(&gamma),
+        };
+        let y = norm.layer_norm(&x, features, &ln).unwrap();
+        assert_eq!(got(0), y, "{features}: LayerNorm");
+        // Tolerance as in tests/layer_norm.rs.
+        assert!(max_err(&y, &reference::layer_norm(&x, features, &ln)) < 1e-4);
+        assert_eq!(
+            got(1),
+            norm.rms_norm(&x, features, &rms).unwrap(),
+            "RmsNorm"
+        );
+        let add = norm.add_layer_norm(&x, &r, features, &ln).unwrap();
+        assert_eq!(
+            (got(2), got(3)),
+            (add.sum, add.y),
+            "{features}: AddLayerNorm"
+        );
+        let add = norm.add_rms_norm(&x, &r, features, &rms).unwrap();
+        assert_eq!((got(4), got(5)), (add.sum, add.y), "{features}: AddRmsNorm");
+        let back = norm.layer_norm_backward(&x, &dy, features, &ln).unwrap();
+        assert_eq!(
+            (got(6), got_grad(0), got_grad(1)),
+            (back.dx, back.dgamma, back.dbeta)
+        );
+        let back = norm.rms_norm_backward(&x, &dy, features, &rms).unwrap();
+        assert_eq!(
+            (got(7), got_grad(2)),
+            (back.dx, back.dgamma),
+            "{features}: RmsNormBackward"
+        );
+    }
+}
+
+/// Spans an op cannot use are refused with the argument's name before anything is recorded.
+#[test]
+fn encoded_ops_check_every_span() {
+    use gpunorm::Encode;
+    use wgpu::BufferUsages as U;
+    let Some(norm) = gpu() else { return };
+    let (device, queue) = norm.wgpu().unwrap();
+    let align = device.limits().min_storage_buffer_offset_alignment as u64;
+    // Slots of 1 KiB: a multiple of every adapter's alignment (at most 256).
+    let slot = 1024;
+    let buffer = |size, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (features, n) = (8, 64u64);
+    let a = buffer(4 * slot, U::STORAGE);
+    let b = buffer(4 * slot, U::STORAGE);
+    let copy_only = buffer(slot, U::COPY_DST);
+    let x = a.slice(..n * 4);
+    let y = b.slice(..n * 4);
+    let ln = |x, y, gamma| Encode::LayerNorm {
+        x,
+        y,
+        features,
+        eps: 1e-5,
+        gamma,
+        beta: None,
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let mut refused = |op: Encode, expected: &dyn Fn(&NormError) -> bool| {
+        let e = norm.encode(&mut encoder, &op).unwrap_err();
+        assert!(expected(&e), "{op:?}: {e}");
+    };
+    let buffer_named = |name: &'static str| move |e: &NormError| matches!(e, NormError::InvalidBuffer { name: n, .. } if *n == name);
+    // An offset off the device's alignment (256 on most adapters).
+    if align > 4 {
+        refused(ln(a.slice(4..4 + n * 4), y, None), &buffer_named("x"));
+    }
+    // The output in a buffer the op also reads.
+    refused(ln(x, a.slice(slot..slot + n * 4), None), &buffer_named("y"));
+    // gamma of the wrong length, y of the wrong length, x not whole rows, eps NaN.
+    refused(ln(x, y, Some(b.slice(2 * slot..2 * slot + 12))), &|e| {
+        matches!(
+            e,
+            NormError::ParamLength {
+                name: "gamma",
+                len: 3,
+                features: 8
+            }
+        )
+    });
+    refused(ln(x, b.slice(..n * 2), None), &|e| {
+        matches!(
+            e,
+            NormError::OperandLength {
+                name: "y",
+                len: 32,
+                expected: 64
+            }
+        )
+    });
+    refused(ln(a.slice(..36), b.slice(..36), None), &|e| {
+        matches!(
+            e,
+            NormError::LengthNotMultiple {
+                len: 9,
+                features: 8
+            }
+        )
+    });
+    refused(
+        Encode::RmsNorm {
+            x,
+            y,
+            features,
+            eps: f32::NAN,
+            gamma: None,
+        },
+        &|e| matches!(e, NormError::InvalidEps(_)),
+    );
+    // A span the kernels bind without STORAGE; dgamma without COPY_DST.
+    refused(ln(copy_only.slice(..n * 4), y, None), &buffer_named("x"));
+    let backward = |dgamma| Encode::RmsNormBackward {
+        x,
+        dy: a.slice(slot..slot + n * 4),
+        dx: y,
+        dgamma,
+        features,
+        eps: 1e-6,
+        gamma: None,
+    };
+    refused(
+        backward(b.slice(2 * slot..2 * slot + 32)),
+        &buffer_named("dgamma"),
+    );
+    // Outputs that overlap.
+    let add = Encode::AddRmsNorm {
+        x,
+        residual: x,
+        sum: y,
+        y,
+        features,
+        eps: 1e-6,
+        gamma: None,
+    };
+    refused(add, &buffer_named("y"));
+    // A copy target that is fine passes the checks (and records).
+    norm.encode(&mut encoder, &backward(copy_only.slice(4..36)))
+        .unwrap();
+    assert!(matches!(
+        Normalizer::cpu().encode(&mut encoder, &ln(x, y, None)),
+        Err(NormError::NotGpu(_))
+    ));
+    // The refused calls recorded nothing: the encoder finishes and runs cleanly.
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    queue.submit([encoder.finish()]);
+    assert!(pollster::block_on(scope.pop()).is_none());
+}

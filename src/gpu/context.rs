@@ -238,6 +238,11 @@ impl GpuContext {
         self.max_binding
     }
 
+    /// The alignment of a storage binding's offset, in bytes.
+    pub fn storage_offset_alignment(&self) -> u64 {
+        self.limits.min_storage_buffer_offset_alignment.into()
+    }
+
     /// The longest side of a dispatch grid, in workgroups.
     pub fn max_groups(&self) -> usize {
         self.limits.max_compute_workgroups_per_dimension as usize

@@ -246,13 +246,79 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
         .min(u32::MAX as usize / features))
 }
 
-/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, both from offset 0, and
-/// for the fused add the residual it reads and the sum it writes.
+/// The rows one LayerNorm dispatch reads from `x` and writes to `y`, and for the fused add the
+/// residual it reads and the sum it writes: spans of buffers, each `rows` rows long.
 pub(crate) struct Rows<'a> {
-    pub x: &'a wgpu::Buffer,
-    pub y: &'a wgpu::Buffer,
+    pub x: wgpu::BufferSlice<'a>,
+    pub y: wgpu::BufferSlice<'a>,
     pub rows: usize,
-    pub add: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+    pub add: Option<(wgpu::BufferSlice<'a>, wgpu::BufferSlice<'a>)>,
+}
+
+/// gamma or beta of a recorded op: none, host values written to the device with the op, or a
+/// span of a device buffer (`features` values).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Param<'a> {
+    None,
+    Host(&'a [f32]),
+    Device(wgpu::BufferSlice<'a>),
+}
+
+impl<'a> Param<'a> {
+    pub fn host(values: Option<&'a [f32]>) -> Param<'a> {
+        values.map_or(Param::None, Param::Host)
+    }
+
+    fn is_some(&self) -> bool {
+        !matches!(self, Param::None)
+    }
+
+    /// What a kernel binds for it: the device span, or a new buffer of the host values (a
+    /// placeholder where there are none).
+    fn bound(&self, ctx: &GpuContext, label: &str) -> Bound<'a> {
+        match *self {
+            Param::Device(span) => Bound::Span(span),
+            Param::Host(values) => Bound::Owned(ctx.buffer_with(
+                label,
+                bytemuck::cast_slice(values),
+                wgpu::BufferUsages::STORAGE,
+            )),
+            Param::None => Bound::Owned(ctx.buffer_with(label, &[], wgpu::BufferUsages::STORAGE)),
+        }
+    }
+}
+
+/// A parameter as bound: a buffer made for the op, or the caller's span.
+enum Bound<'a> {
+    Owned(wgpu::Buffer),
+    Span(wgpu::BufferSlice<'a>),
+}
+
+impl Bound<'_> {
+    fn slice(&self) -> wgpu::BufferSlice<'_> {
+        match self {
+            Bound::Owned(buffer) => buffer.slice(..),
+            Bound::Span(span) => *span,
+        }
+    }
+}
+
+/// eps, gamma and beta of a recorded op.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Affine<'a> {
+    pub eps: f32,
+    pub gamma: Param<'a>,
+    pub beta: Param<'a>,
+}
+
+impl<'a> From<&LayerNorm<'a>> for Affine<'a> {
+    fn from(opts: &LayerNorm<'a>) -> Affine<'a> {
+        Affine {
+            eps: opts.eps,
+            gamma: Param::host(opts.gamma),
+            beta: Param::host(opts.beta),
+        }
+    }
 }
 
 /// Records LayerNorm of `io` as one compute pass of `encoder`, with the kernel [`prepare`]d for
@@ -264,7 +330,7 @@ pub(crate) fn record(
     io: Rows<'_>,
     features: usize,
     prepared: &Prepared,
-    opts: &LayerNorm<'_>,
+    affine: Affine<'_>,
     timer: Option<&PassTimer>,
 ) {
     use wgpu::BufferUsages as U;
@@ -272,26 +338,17 @@ pub(crate) fn record(
     let params = LayerNormParams {
         rows: io.rows as u32,
         features: features as u32,
-        eps: opts.eps,
-        flags: flags::of(opts.gamma.is_some(), opts.beta.is_some(), false),
+        eps: affine.eps,
+        flags: flags::of(affine.gamma.is_some(), affine.beta.is_some(), false),
     };
     let params = ctx.buffer_with("layer_norm params", bytemuck::bytes_of(&params), U::UNIFORM);
-    let gamma = ctx.buffer_with(
-        "layer_norm gamma",
-        bytemuck::cast_slice(opts.gamma.unwrap_or(&[])),
-        U::STORAGE,
-    );
-    let beta = ctx.buffer_with(
-        "layer_norm beta",
-        bytemuck::cast_slice(opts.beta.unwrap_or(&[])),
-        U::STORAGE,
-    );
-    let bind_group = match io.add {
-        None => pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta]),
-        Some((r, sum)) => {
-            pipeline.bind(ctx.device(), &[&params, io.x, io.y, &gamma, &beta, r, sum])
-        }
-    };
+    let gamma = affine.gamma.bound(ctx, "layer_norm gamma");
+    let beta = affine.beta.bound(ctx, "layer_norm beta");
+    let mut slices = vec![params.slice(..), io.x, io.y, gamma.slice(), beta.slice()];
+    if let Some((r, sum)) = io.add {
+        slices.extend([r, sum]);
+    }
+    let bind_group = pipeline.bind_slices(ctx.device(), &slices);
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("layer_norm"),
         timestamp_writes: timer.map(|t| t.writes()),
@@ -354,19 +411,21 @@ pub(crate) async fn run(
             for (upload, input) in uploads.iter().zip(&inputs) {
                 upload.record(&mut encoder, input);
             }
+            let bytes = (x.len() * 4) as u64;
             let io = Rows {
-                x: &inputs[0],
-                y: &outputs[0],
+                x: inputs[0].slice(..bytes),
+                y: outputs[0].slice(..bytes),
                 rows: x.len() / features,
-                add: (buffers == 2).then(|| (&*inputs[1], &*outputs[1])),
+                add: (buffers == 2).then(|| (inputs[1].slice(..bytes), outputs[1].slice(..bytes))),
             };
+            let affine = Affine::from(opts);
             record(
                 ctx,
                 &mut encoder,
                 io,
                 features,
                 &prepared,
-                opts,
+                affine,
                 timer.as_ref(),
             );
             if let Some(t) = &timer {
@@ -439,16 +498,22 @@ pub(crate) async fn prepare_backward(
         pipeline(&BACKWARD_MERGE).await?,
     );
     let n = if vec4 { features / 4 } else { features };
-    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
     Ok(Backward {
         rows,
         columns,
         merge,
         blocks: n.div_ceil(WG as usize),
-        max_rows: max_rows(ctx, features)?
-            .min(ctx.max_groups().saturating_pow(2))
-            .min(moments_rows),
+        max_rows: backward_max_rows(ctx, features)?,
     })
+}
+
+/// Rows one backward dispatch may cover: [`max_rows`], one workgroup per row, and each row's
+/// moments (16 bytes) in one binding.
+pub(crate) fn backward_max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormError> {
+    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
+    Ok(max_rows(ctx, features)?
+        .min(ctx.max_groups().saturating_pow(2))
+        .min(moments_rows))
 }
 
 impl Backward {
@@ -458,22 +523,21 @@ impl Backward {
     }
 }
 
-/// The device buffers of one backward dispatch over `rows` rows from offset 0: the inputs and
-/// dx, and the scratch [`BackwardScratch`] holds.
+/// The spans of one backward dispatch over `rows` rows: the inputs and dx. The rest is
+/// [`BackwardScratch`].
 pub(crate) struct BackwardRows<'a> {
-    pub x: &'a wgpu::Buffer,
-    pub dy: &'a wgpu::Buffer,
-    pub dx: &'a wgpu::Buffer,
+    pub x: wgpu::BufferSlice<'a>,
+    pub dy: wgpu::BufferSlice<'a>,
+    pub dx: wgpu::BufferSlice<'a>,
     pub rows: usize,
 }
 
 /// The backward pass's buffers besides its tensors: each row's moments, the column sums of
-/// each tile of rows, the gradients (dgamma then dbeta, `features` values each) and gamma.
+/// each tile of rows, and the gradients (dgamma then dbeta, `features` values each).
 pub(crate) struct BackwardScratch<'a> {
     moments: Pooled<'a>,
     partials: Pooled<'a>,
     pub grads: Pooled<'a>,
-    gamma: wgpu::Buffer,
 }
 
 impl<'a> BackwardScratch<'a> {
@@ -482,7 +546,6 @@ impl<'a> BackwardScratch<'a> {
         ctx: &'a GpuContext,
         rows: usize,
         features: usize,
-        gamma: Option<&[f32]>,
         lifetime: Lifetime,
     ) -> BackwardScratch<'a> {
         use wgpu::BufferUsages as U;
@@ -501,11 +564,6 @@ impl<'a> BackwardScratch<'a> {
                 U::empty(),
             ),
             grads: storage("layer_norm_backward grads", grads_bytes, U::COPY_SRC),
-            gamma: ctx.buffer_with(
-                "layer_norm_backward gamma",
-                bytemuck::cast_slice(gamma.unwrap_or(&[])),
-                U::STORAGE,
-            ),
         }
     }
 }
@@ -518,7 +576,7 @@ pub(crate) fn record_backward(
     encoder: &mut wgpu::CommandEncoder,
     (io, scratch): (BackwardRows<'_>, &BackwardScratch<'_>),
     features: usize,
-    (prepared, opts): (&Backward, &LayerNorm<'_>),
+    (prepared, affine): (&Backward, Affine<'_>),
     accumulate: bool,
     timer: Option<&PassTimer>,
 ) {
@@ -526,8 +584,8 @@ pub(crate) fn record_backward(
     let params = LayerNormParams {
         rows: io.rows as u32,
         features: features as u32,
-        eps: opts.eps,
-        flags: flags::of(opts.gamma.is_some(), false, false)
+        eps: affine.eps,
+        flags: flags::of(affine.gamma.is_some(), false, false)
             | if accumulate { flags::ACCUMULATE } else { 0 },
     };
     let params = ctx.buffer_with(
@@ -539,23 +597,25 @@ pub(crate) fn record_backward(
         moments,
         partials,
         grads,
-        gamma,
     } = scratch;
+    let gamma = affine.gamma.bound(ctx, "layer_norm_backward gamma");
+    let (params, gamma) = (params.slice(..), gamma.slice());
+    let (moments, partials, grads) = (moments.slice(..), partials.slice(..), grads.slice(..));
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("layer_norm_backward"),
         timestamp_writes: timer.map(|t| t.writes()),
     });
     let blocks = prepared.blocks;
     let groups = [io.rows, io.rows.div_ceil(TILE_ROWS) * blocks, blocks];
-    let bindings: [&[&wgpu::Buffer]; 3] = [
-        &[&params, io.x, io.dx, gamma, io.dy, moments],
-        &[&params, io.x, io.dy, moments, partials],
-        &[&params, partials, grads],
+    let bindings: [&[wgpu::BufferSlice]; 3] = [
+        &[params, io.x, io.dx, gamma, io.dy, moments],
+        &[params, io.x, io.dy, moments, partials],
+        &[params, partials, grads],
     ];
     let kernels = [&prepared.rows, &prepared.columns, &prepared.merge];
-    for ((pipeline, buffers), groups) in kernels.into_iter().zip(bindings).zip(groups) {
+    for ((pipeline, slices), groups) in kernels.into_iter().zip(bindings).zip(groups) {
         pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &pipeline.bind(ctx.device(), buffers), &[]);
+        pass.set_bind_group(0, &pipeline.bind_slices(ctx.device(), slices), &[]);
         let (gx, gy) = grid(groups, ctx.max_groups());
         pass.dispatch_workgroups(gx, gy, 1);
     }
@@ -590,7 +650,7 @@ pub(crate) async fn backward(
                 storage("layer_norm_backward x", U::COPY_DST),
                 storage("layer_norm_backward dy", U::COPY_DST),
                 storage("layer_norm_backward dx", U::COPY_SRC | U::COPY_DST),
-                BackwardScratch::new(ctx, chunk_rows, features, opts.gamma, Lifetime::Call),
+                BackwardScratch::new(ctx, chunk_rows, features, Lifetime::Call),
                 transfer::readback_buffer(ctx, bytes),
                 PassTimer::new(ctx),
             )
@@ -611,13 +671,14 @@ pub(crate) async fn backward(
             let mut encoder = ctx.encoder("layer_norm_backward");
             x_up.record(&mut encoder, &xb);
             dy_up.record(&mut encoder, &dyb);
+            let bytes = (x.len() * 4) as u64;
             let io = BackwardRows {
-                x: &xb,
-                dy: &dyb,
-                dx: &dxb,
+                x: xb.slice(..bytes),
+                dy: dyb.slice(..bytes),
+                dx: dxb.slice(..bytes),
                 rows: x.len() / features,
             };
-            let op = (&prepared, opts);
+            let op = (&prepared, Affine::from(opts));
             record_backward(
                 ctx,
                 &mut encoder,

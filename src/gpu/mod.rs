@@ -4,6 +4,7 @@
 
 mod batch_norm;
 mod context;
+pub(crate) mod encode;
 mod layer_norm;
 mod pool;
 mod shaders;

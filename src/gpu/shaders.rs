@@ -271,8 +271,34 @@ impl Pipeline {
 
     /// A bind group of `buffers`, one per declared slot, in the same order.
     pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let whole: Vec<_> = buffers
+            .iter()
+            .map(|b| b.as_entire_buffer_binding())
+            .collect();
+        self.bind_spans(device, whole)
+    }
+
+    /// A bind group of spans of buffers (offset and size), one per declared slot, in order.
+    pub fn bind_slices(
+        &self,
+        device: &wgpu::Device,
+        slices: &[wgpu::BufferSlice<'_>],
+    ) -> wgpu::BindGroup {
+        let spans = slices.iter().map(|s| wgpu::BufferBinding {
+            buffer: s.buffer(),
+            offset: s.offset(),
+            size: std::num::NonZeroU64::new(s.size()),
+        });
+        self.bind_spans(device, spans.collect())
+    }
+
+    fn bind_spans(
+        &self,
+        device: &wgpu::Device,
+        spans: Vec<wgpu::BufferBinding<'_>>,
+    ) -> wgpu::BindGroup {
         assert_eq!(
-            buffers.len(),
+            spans.len(),
             self.slots.len(),
             "{}: one buffer per declared binding",
             self.label
@@ -280,10 +306,10 @@ impl Pipeline {
         let entries: Vec<_> = self
             .slots
             .iter()
-            .zip(buffers)
-            .map(|(slot, buffer)| wgpu::BindGroupEntry {
+            .zip(spans)
+            .map(|(slot, span)| wgpu::BindGroupEntry {
                 binding: slot.binding(),
-                resource: buffer.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(span),
             })
             .collect();
         device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -1,12 +1,12 @@
-//! Tensors that live on the GPU, and ops recorded on buffers callers own: the device side of
-//! `Normalizer::upload`, `download`, the `*_gpu` ops and `encode_layer_norm`. Inputs arrive
-//! validated; these functions check what only the device can tell (ownership, usage, sizes).
+//! Tensors that live on the GPU: the device side of `Normalizer::upload`, `download` and the
+//! `*_gpu` ops. Inputs arrive validated; these functions check what only the device can tell
+//! (ownership, sizes).
 //! Every op records into one submission and returns without waiting, but BatchNorm's training
 //! forms, which read their statistics back.
 
 use super::batch_norm::{self, Input, Output};
 use super::context::GpuContext;
-use super::layer_norm::{self, BackwardRows, BackwardScratch, Rows};
+use super::layer_norm::{self, Affine, BackwardRows, BackwardScratch, Rows};
 use super::pool::Lifetime;
 use super::transfer;
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
@@ -81,6 +81,11 @@ impl GpuTensor {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// The span of its values (not empty: wgpu has no empty spans).
+    fn values(&self) -> wgpu::BufferSlice<'_> {
+        self.buffer.slice(..(self.len * 4) as u64)
     }
 
     /// A new, unwritten tensor of `len` values on `ctx`.
@@ -195,14 +200,15 @@ pub(crate) async fn layer_norm(
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
             let io = Rows {
-                x: &x.buffer,
-                y: &y.buffer,
+                x: x.values(),
+                y: y.values(),
                 rows,
                 add: residual
                     .zip(sum.as_ref())
-                    .map(|(r, s)| (&r.buffer, &s.buffer)),
+                    .map(|(r, s)| (r.values(), s.values())),
             };
-            layer_norm::record(ctx, &mut encoder, io, features, &prepared, opts, None);
+            let affine = Affine::from(opts);
+            layer_norm::record(ctx, &mut encoder, io, features, &prepared, affine, None);
             ctx.queue().submit([encoder.finish()]);
         }
         (y, sum)
@@ -232,14 +238,14 @@ pub(crate) async fn layer_norm_backward(
         };
         let mut encoder = ctx.encoder("layer_norm_backward_gpu");
         if rows > 0 {
-            let scratch = BackwardScratch::new(ctx, rows, features, opts.gamma, Lifetime::Detached);
+            let scratch = BackwardScratch::new(ctx, rows, features, Lifetime::Detached);
             let io = BackwardRows {
-                x: &x.buffer,
-                dy: &dy.buffer,
-                dx: &grads.dx.buffer,
+                x: x.values(),
+                dy: dy.values(),
+                dx: grads.dx.values(),
                 rows,
             };
-            let op = (&prepared, opts);
+            let op = (&prepared, Affine::from(opts));
             layer_norm::record_backward(
                 ctx,
                 &mut encoder,
@@ -332,41 +338,6 @@ pub(crate) async fn batch_norm_eval(
     Ok(y)
 }
 
-/// Records LayerNorm of the first `len` values of the caller's `x` into the caller's `y`.
-pub(crate) async fn encode_layer_norm(
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
-    (x, y): (&wgpu::Buffer, &wgpu::Buffer),
-    len: usize,
-    features: usize,
-    opts: &LayerNorm<'_>,
-) -> Result<(), NormError> {
-    let rows = len / features;
-    check_buffers(ctx, len, features, &[("x", x), ("y", y)])?;
-    if x == y {
-        // wgpu refuses one buffer bound read-only and read-write in one dispatch, and would say
-        // so only when the caller finishes the encoder.
-        return Err(NormError::InvalidBuffer {
-            name: "y",
-            problem: "it is the same buffer as x; the output needs a buffer of its own",
-        });
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let prepared = layer_norm::prepare(ctx, features, (RowNorm::Layer, false)).await?;
-    ctx.scoped("encode_layer_norm", || {
-        let io = Rows {
-            x,
-            y,
-            rows,
-            add: None,
-        };
-        layer_norm::record(ctx, encoder, io, features, &prepared, opts, None)
-    })
-    .await
-}
-
 /// Refuses operand tensors (those given, with their argument names) of another context or of
 /// another row width.
 fn check_operands<const N: usize>(
@@ -377,35 +348,6 @@ fn check_operands<const N: usize>(
     for (tensor, name) in tensors.into_iter().flatten() {
         tensor.check_owner(ctx, name)?;
         tensor.check_features(features)?;
-    }
-    Ok(())
-}
-
-/// Checks that a caller's buffers can carry `len` values of a `features`-wide tensor in one
-/// dispatch: storage usage, sizes, and the binding limit.
-fn check_buffers(
-    ctx: &GpuContext,
-    len: usize,
-    features: usize,
-    buffers: &[(&'static str, &wgpu::Buffer)],
-) -> Result<(), NormError> {
-    let bytes = bytes_of(len);
-    if bytes == u64::MAX || len / features.max(1) > layer_norm::max_rows(ctx, features.max(1))? {
-        return Err(too_large(ctx, len));
-    }
-    for &(name, b) in buffers {
-        if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(NormError::InvalidBuffer {
-                name,
-                problem: "it lacks BufferUsages::STORAGE",
-            });
-        }
-        if b.size() < bytes {
-            return Err(NormError::InvalidBuffer {
-                name,
-                problem: "it is smaller than len f32 values",
-            });
-        }
     }
     Ok(())
 }

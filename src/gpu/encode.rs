@@ -1,0 +1,522 @@
+//! Ops recorded into a caller's command encoder on spans of the caller's buffers: the device
+//! side of `Normalizer::encode` and `encode_layer_norm`. Every span is checked before anything
+//! is recorded, so a refused call leaves the encoder as it was.
+
+use wgpu::BufferSlice;
+
+use super::context::GpuContext;
+use super::layer_norm::{self, Affine, BackwardRows, BackwardScratch, Param, Rows};
+use super::pool::Lifetime;
+use crate::ops::layer_norm::RowNorm;
+use crate::ops::{check_eps, rows_of};
+use crate::{LayerNorm, NormError};
+
+/// An op of the LayerNorm family for [`Normalizer::encode`](crate::Normalizer::encode) to
+/// record into the caller's command encoder, on spans of the caller's buffers
+/// (`buffer.slice(start..end)`); the caller submits it. Parameters on the device mean nothing is
+/// uploaded: the op records its kernels and one small uniform.
+///
+/// x's span sets the shape: `x.size() / 4` values in rows of `features`. Every other tensor
+/// span (y, residual, sum, dy, dx) holds exactly as many values, and gamma, beta, dgamma and
+/// dbeta exactly `features`. Each is checked before anything is recorded:
+/// - the spans the kernels bind (all but dgamma and dbeta) need `BufferUsages::STORAGE` and an
+///   offset that is a multiple of the device's `min_storage_buffer_offset_alignment` (256 on
+///   most adapters); dgamma and dbeta are copied into, so they need `BufferUsages::COPY_DST` and
+///   offsets that are multiples of 4;
+/// - a buffer the kernels write (y, sum, dx) holds none of the op's inputs, since wgpu binds a
+///   buffer read-only or read-write in one dispatch, not both; and no output overlaps another
+///   span of the op;
+/// - the buffers and the encoder come from this `Normalizer`'s device, which gpunorm cannot
+///   check (see [`Normalizer::encode_layer_norm`](crate::Normalizer::encode_layer_norm)).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Encode<'a> {
+    /// LayerNorm of x's rows into y, as [`Normalizer::layer_norm`](crate::Normalizer::layer_norm).
+    LayerNorm {
+        /// The input rows.
+        x: BufferSlice<'a>,
+        /// The output, shaped as x.
+        y: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// Added to the variance; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+        /// Per-feature shift, or None for 0.
+        beta: Option<BufferSlice<'a>>,
+    },
+    /// RMSNorm of x's rows into y, as [`Normalizer::rms_norm`](crate::Normalizer::rms_norm).
+    RmsNorm {
+        /// The input rows.
+        x: BufferSlice<'a>,
+        /// The output, shaped as x.
+        y: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// Added to the mean square; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+    },
+    /// sum = x + residual and y = LayerNorm of sum's rows, in one pass, as
+    /// [`Normalizer::add_layer_norm`](crate::Normalizer::add_layer_norm).
+    AddLayerNorm {
+        /// The input rows.
+        x: BufferSlice<'a>,
+        /// Added to x.
+        residual: BufferSlice<'a>,
+        /// x + residual, rounded to f32 once.
+        sum: BufferSlice<'a>,
+        /// The LayerNorm of sum.
+        y: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// Added to the variance; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+        /// Per-feature shift, or None for 0.
+        beta: Option<BufferSlice<'a>>,
+    },
+    /// sum = x + residual and y = RMSNorm of sum's rows, in one pass, as
+    /// [`Normalizer::add_rms_norm`](crate::Normalizer::add_rms_norm).
+    AddRmsNorm {
+        /// The input rows.
+        x: BufferSlice<'a>,
+        /// Added to x.
+        residual: BufferSlice<'a>,
+        /// x + residual, rounded to f32 once.
+        sum: BufferSlice<'a>,
+        /// The RMSNorm of sum.
+        y: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// Added to the mean square; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+    },
+    /// The gradients of LayerNorm given dy, as
+    /// [`Normalizer::layer_norm_backward`](crate::Normalizer::layer_norm_backward).
+    LayerNormBackward {
+        /// The forward's input rows.
+        x: BufferSlice<'a>,
+        /// The upstream gradient, shaped as x.
+        dy: BufferSlice<'a>,
+        /// The gradient of x, shaped as x.
+        dx: BufferSlice<'a>,
+        /// The gradient of gamma: `features` values.
+        dgamma: BufferSlice<'a>,
+        /// The gradient of beta: `features` values.
+        dbeta: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// The forward's eps.
+        eps: f32,
+        /// The forward's gamma, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+    },
+    /// The gradients of RMSNorm given dy, as
+    /// [`Normalizer::rms_norm_backward`](crate::Normalizer::rms_norm_backward).
+    RmsNormBackward {
+        /// The forward's input rows.
+        x: BufferSlice<'a>,
+        /// The upstream gradient, shaped as x.
+        dy: BufferSlice<'a>,
+        /// The gradient of x, shaped as x.
+        dx: BufferSlice<'a>,
+        /// The gradient of gamma: `features` values.
+        dgamma: BufferSlice<'a>,
+        /// Values per row.
+        features: usize,
+        /// The forward's eps.
+        eps: f32,
+        /// The forward's gamma, or None for 1.
+        gamma: Option<BufferSlice<'a>>,
+    },
+}
+
+/// How an op uses a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// A tensor the kernels read.
+    Read,
+    /// A tensor the kernels write.
+    Write,
+    /// A per-feature parameter the kernels read.
+    Param,
+    /// A per-feature gradient copied in after the kernels.
+    Copy,
+}
+
+/// Every op in one form: the row kernels' operands, by role.
+struct Lowered<'a> {
+    name: &'static str,
+    kind: RowNorm,
+    features: usize,
+    affine: Affine<'a>,
+    x: BufferSlice<'a>,
+    /// y, or dx for the backward pass.
+    out: (&'static str, BufferSlice<'a>),
+    /// The fused add's residual and sum.
+    add: Option<(BufferSlice<'a>, BufferSlice<'a>)>,
+    /// The backward pass's dy, dgamma and dbeta (LayerNorm's only).
+    backward: Option<(BufferSlice<'a>, BufferSlice<'a>, Option<BufferSlice<'a>>)>,
+}
+
+impl<'a> Lowered<'a> {
+    fn of(op: &Encode<'a>) -> Lowered<'a> {
+        let device = |p: Option<BufferSlice<'a>>| p.map_or(Param::None, Param::Device);
+        let affine = |eps, gamma, beta| Affine {
+            eps,
+            gamma: device(gamma),
+            beta: device(beta),
+        };
+        let lowered = |name, kind, features, affine, x, out| Lowered {
+            name,
+            kind,
+            features,
+            affine,
+            x,
+            out,
+            add: None,
+            backward: None,
+        };
+        use RowNorm::{Layer, Rms};
+        match *op {
+            Encode::LayerNorm {
+                x,
+                y,
+                features,
+                eps,
+                gamma,
+                beta,
+            } => lowered(
+                "encode LayerNorm",
+                Layer,
+                features,
+                affine(eps, gamma, beta),
+                x,
+                ("y", y),
+            ),
+            Encode::RmsNorm {
+                x,
+                y,
+                features,
+                eps,
+                gamma,
+            } => lowered(
+                "encode RmsNorm",
+                Rms,
+                features,
+                affine(eps, gamma, None),
+                x,
+                ("y", y),
+            ),
+            Encode::AddLayerNorm {
+                x,
+                residual,
+                sum,
+                y,
+                features,
+                eps,
+                gamma,
+                beta,
+            } => Lowered {
+                add: Some((residual, sum)),
+                ..lowered(
+                    "encode AddLayerNorm",
+                    Layer,
+                    features,
+                    affine(eps, gamma, beta),
+                    x,
+                    ("y", y),
+                )
+            },
+            Encode::AddRmsNorm {
+                x,
+                residual,
+                sum,
+                y,
+                features,
+                eps,
+                gamma,
+            } => Lowered {
+                add: Some((residual, sum)),
+                ..lowered(
+                    "encode AddRmsNorm",
+                    Rms,
+                    features,
+                    affine(eps, gamma, None),
+                    x,
+                    ("y", y),
+                )
+            },
+            Encode::LayerNormBackward {
+                x,
+                dy,
+                dx,
+                dgamma,
+                dbeta,
+                features,
+                eps,
+                gamma,
+            } => Lowered {
+                backward: Some((dy, dgamma, Some(dbeta))),
+                ..lowered(
+                    "encode LayerNormBackward",
+                    Layer,
+                    features,
+                    affine(eps, gamma, None),
+                    x,
+                    ("dx", dx),
+                )
+            },
+            Encode::RmsNormBackward {
+                x,
+                dy,
+                dx,
+                dgamma,
+                features,
+                eps,
+                gamma,
+            } => Lowered {
+                backward: Some((dy, dgamma, None)),
+                ..lowered(
+                    "encode RmsNormBackward",
+                    Rms,
+                    features,
+                    affine(eps, gamma, None),
+                    x,
+                    ("dx", dx),
+                )
+            },
+        }
+    }
+
+    /// Every span with its argument name and use.
+    fn spans(&self) -> Vec<(&'static str, BufferSlice<'a>, Use)> {
+        let mut spans = vec![
+            ("x", self.x, Use::Read),
+            (self.out.0, self.out.1, Use::Write),
+        ];
+        for (name, param) in [("gamma", self.affine.gamma), ("beta", self.affine.beta)] {
+            if let Param::Device(span) = param {
+                spans.push((name, span, Use::Param));
+            }
+        }
+        if let Some((residual, sum)) = self.add {
+            spans.extend([("residual", residual, Use::Read), ("sum", sum, Use::Write)]);
+        }
+        if let Some((dy, dgamma, dbeta)) = self.backward {
+            spans.extend([("dy", dy, Use::Read), ("dgamma", dgamma, Use::Copy)]);
+            spans.extend(dbeta.map(|dbeta| ("dbeta", dbeta, Use::Copy)));
+        }
+        spans
+    }
+
+    /// Checks every span; returns the number of rows.
+    fn check(&self, ctx: &GpuContext) -> Result<usize, NormError> {
+        check_eps(self.affine.eps)?;
+        let values = |name, span: BufferSlice<'_>| {
+            if span.size().is_multiple_of(4) {
+                Ok(usize::try_from(span.size() / 4).unwrap_or(usize::MAX))
+            } else {
+                Err(NormError::InvalidBuffer {
+                    name,
+                    problem: "its size is not a whole number of f32 values",
+                })
+            }
+        };
+        let len = values("x", self.x)?;
+        let rows = rows_of(len, self.features)?;
+        let spans = self.spans();
+        for &(name, span, usage) in &spans {
+            let (needs, what, align) = match usage {
+                Use::Copy => (wgpu::BufferUsages::COPY_DST, "COPY_DST", 4),
+                _ => (
+                    wgpu::BufferUsages::STORAGE,
+                    "STORAGE",
+                    ctx.storage_offset_alignment(),
+                ),
+            };
+            if !span.buffer().usage().contains(needs) {
+                return Err(NormError::InvalidBuffer {
+                    name,
+                    problem: if what == "STORAGE" {
+                        "it lacks BufferUsages::STORAGE"
+                    } else {
+                        "it lacks BufferUsages::COPY_DST (the gradients are copied in)"
+                    },
+                });
+            }
+            if !span.offset().is_multiple_of(align) {
+                return Err(NormError::InvalidBuffer {
+                    name,
+                    problem: if usage == Use::Copy {
+                        "its offset is not a multiple of 4"
+                    } else {
+                        "its offset is not a multiple of the device's \
+                         min_storage_buffer_offset_alignment"
+                    },
+                });
+            }
+            let n = values(name, span)?;
+            match usage {
+                Use::Read | Use::Write => crate::ops::check_operand(name, n, len)?,
+                Use::Param | Use::Copy if n != self.features => {
+                    return Err(NormError::ParamLength {
+                        name,
+                        len: n,
+                        features: self.features,
+                    })
+                }
+                _ => {}
+            }
+        }
+        for &(name, span, usage) in &spans {
+            for &(other, theirs, their_use) in &spans {
+                if other == name || span.buffer() != theirs.buffer() {
+                    continue;
+                }
+                if usage == Use::Write && matches!(their_use, Use::Read | Use::Param) {
+                    return Err(NormError::InvalidBuffer {
+                        name,
+                        problem: "its buffer also holds an input of this op; wgpu binds a \
+                                  buffer read-only or read-write in one dispatch, not both",
+                    });
+                }
+                let overlap = span.offset() < theirs.offset() + theirs.size()
+                    && theirs.offset() < span.offset() + span.size();
+                if matches!(usage, Use::Write | Use::Copy) && overlap {
+                    return Err(NormError::InvalidBuffer {
+                        name,
+                        problem: "it overlaps another span of this op",
+                    });
+                }
+            }
+        }
+        let max_rows = if self.backward.is_some() {
+            layer_norm::backward_max_rows(ctx, self.features)?
+        } else {
+            layer_norm::max_rows(ctx, self.features)?
+        };
+        if rows > max_rows {
+            return Err(NormError::TooLarge {
+                what: "a tensor recorded into a caller's encoder (one dispatch)",
+                needed: self.x.size(),
+                limit: (max_rows * self.features * 4) as u64,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+/// Records `op` into `encoder` after checking its spans.
+pub(crate) async fn encode(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    op: &Encode<'_>,
+) -> Result<(), NormError> {
+    let op = Lowered::of(op);
+    let rows = op.check(ctx)?;
+    record(ctx, encoder, &op, rows).await
+}
+
+/// Records checked spans of `rows` rows.
+async fn record(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    op: &Lowered<'_>,
+    rows: usize,
+) -> Result<(), NormError> {
+    let features = op.features;
+    let Some((dy, dgamma, dbeta)) = op.backward else {
+        let prepared = layer_norm::prepare(ctx, features, (op.kind, op.add.is_some())).await?;
+        return ctx
+            .scoped(op.name, || {
+                let io = Rows {
+                    x: op.x,
+                    y: op.out.1,
+                    rows,
+                    add: op.add,
+                };
+                layer_norm::record(ctx, encoder, io, features, &prepared, op.affine, None)
+            })
+            .await;
+    };
+    let prepared = layer_norm::prepare_backward(ctx, features, op.kind).await?;
+    ctx.scoped(op.name, || {
+        let scratch = BackwardScratch::new(ctx, rows, features, Lifetime::Detached);
+        let io = BackwardRows {
+            x: op.x,
+            dy,
+            dx: op.out.1,
+            rows,
+        };
+        let kernels = (&prepared, op.affine);
+        layer_norm::record_backward(ctx, encoder, (io, &scratch), features, kernels, false, None);
+        // The merge writes (dgamma, dbeta) side by side.
+        let bytes = (features * 4) as u64;
+        let grads = &scratch.grads;
+        encoder.copy_buffer_to_buffer(grads, 0, dgamma.buffer(), dgamma.offset(), bytes);
+        if let Some(dbeta) = dbeta {
+            encoder.copy_buffer_to_buffer(grads, bytes, dbeta.buffer(), dbeta.offset(), bytes);
+        }
+    })
+    .await
+}
+
+/// Records LayerNorm of the first `len` values of the caller's `x` into the caller's `y`, with
+/// the host's gamma and beta.
+pub(crate) async fn encode_layer_norm(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    (x, y): (&wgpu::Buffer, &wgpu::Buffer),
+    len: usize,
+    features: usize,
+    opts: &LayerNorm<'_>,
+) -> Result<(), NormError> {
+    let rows = len / features;
+    let bytes = len.checked_mul(4).map_or(u64::MAX, |b| b as u64);
+    if bytes == u64::MAX || rows > layer_norm::max_rows(ctx, features.max(1))? {
+        return Err(NormError::TooLarge {
+            what: "a tensor recorded into a caller's encoder (one dispatch)",
+            needed: bytes,
+            limit: ctx.max_binding_bytes(),
+        });
+    }
+    for (name, b) in [("x", x), ("y", y)] {
+        if b.size() < bytes {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: "it is smaller than len f32 values",
+            });
+        }
+    }
+    if rows == 0 {
+        // Checked as a span would be, with nothing to record.
+        for (name, b) in [("x", x), ("y", y)] {
+            if !b.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(NormError::InvalidBuffer {
+                    name,
+                    problem: "it lacks BufferUsages::STORAGE",
+                });
+            }
+        }
+        return Ok(());
+    }
+    let op = Lowered {
+        name: "encode_layer_norm",
+        kind: RowNorm::Layer,
+        features,
+        affine: Affine::from(opts),
+        x: x.slice(..bytes),
+        out: ("y", y.slice(..bytes)),
+        add: None,
+        backward: None,
+    };
+    let rows = op.check(ctx)?;
+    record(ctx, encoder, &op, rows).await
+}
