@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 
 mod cpu;
+mod element;
 mod error;
 mod gpu;
 mod normalizer;
@@ -55,6 +56,10 @@ pub mod reference;
 /// ([`Normalizer::from_wgpu`]) or buffers ([`Normalizer::encode_layer_norm`]).
 pub use wgpu;
 
+/// The half-precision types gpunorm's ops take beside f32: `half::f16` and `half::bf16`.
+pub use half;
+
+pub use element::Element;
 pub use error::NormError;
 pub use gpu::encode::Encode;
 pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};

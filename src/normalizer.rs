@@ -7,6 +7,7 @@
 use std::future::Future;
 
 use crate::cpu::Cpu;
+use crate::element::OutputOf;
 use crate::gpu::encode::{self, Encode};
 use crate::gpu::tensor::{self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
@@ -14,7 +15,7 @@ use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
-    AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
+    AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst, Element,
     LayerNorm, LayerNormGrads, NormError, RmsNorm, RmsNormGrads, RunningStats, Timing,
 };
 
@@ -311,56 +312,63 @@ impl Normalizer {
     /// It returns a new `Vec`; in a loop, [`Normalizer::layer_norm_into`] into a buffer you
     /// reuse is faster: a fresh output costs the operating system a page fault and a zeroed page
     /// for every page of it, every call.
-    pub fn layer_norm(
+    pub fn layer_norm<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         self.block("layer_norm", self.layer_norm_async(x, features, opts))
     }
 
     /// [`Normalizer::layer_norm`], awaited.
-    pub async fn layer_norm_async(
+    pub async fn layer_norm_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
+        let x = T::widen(x);
         let mut y = new_output(x.len());
         let op = (opts, RowNorm::Layer);
         self.engine
-            .layer_norm(x, &mut y, features, op, None)
+            .layer_norm(&x, &mut y, features, op, None)
             .await?;
-        Ok(y)
+        Ok(T::narrow(y))
     }
 
     /// [`Normalizer::layer_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
     /// x.len()`; returns where the time went.
-    pub fn layer_norm_into(
+    pub fn layer_norm_into<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         let work = self.layer_norm_into_async(x, features, opts, y);
         self.block("layer_norm_into", work)
     }
 
     /// [`Normalizer::layer_norm_into`], awaited.
-    pub async fn layer_norm_into_async(
+    pub async fn layer_norm_into_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
+        let (x, mut y) = (T::widen(x), OutputOf::new(y));
         let op = (opts, RowNorm::Layer);
-        self.engine.layer_norm(x, y, features, op, None).await
+        let timing = self
+            .engine
+            .layer_norm(&x, y.values(), features, op, None)
+            .await?;
+        y.finish();
+        Ok(timing)
     }
 
     /// RMSNorm of every `features`-long row of `x` (row-major): y = x / sqrt(mean(x²) + eps) ·
@@ -379,57 +387,64 @@ impl Normalizer {
     /// assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 1.1314).abs() < 1e-4);
     /// # Ok::<(), gpunorm::NormError>(())
     /// ```
-    pub fn rms_norm(
+    pub fn rms_norm<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         self.block("rms_norm", self.rms_norm_async(x, features, opts))
     }
 
     /// [`Normalizer::rms_norm`], awaited.
-    pub async fn rms_norm_async(
+    pub async fn rms_norm_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         rms_norm::validate(x.len(), features, opts)?;
+        let x = T::widen(x);
         let mut y = new_output(x.len());
         let (opts, kind) = opts.as_row_norm();
         self.engine
-            .layer_norm(x, &mut y, features, (&opts, kind), None)
+            .layer_norm(&x, &mut y, features, (&opts, kind), None)
             .await?;
-        Ok(y)
+        Ok(T::narrow(y))
     }
 
     /// [`Normalizer::rms_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
     /// x.len()`; returns where the time went.
-    pub fn rms_norm_into(
+    pub fn rms_norm_into<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         let work = self.rms_norm_into_async(x, features, opts, y);
         self.block("rms_norm_into", work)
     }
 
     /// [`Normalizer::rms_norm_into`], awaited.
-    pub async fn rms_norm_into_async(
+    pub async fn rms_norm_into_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         rms_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
+        let (x, mut y) = (T::widen(x), OutputOf::new(y));
         let (opts, kind) = opts.as_row_norm();
         let op = (&opts, kind);
-        self.engine.layer_norm(x, y, features, op, None).await
+        let timing = self
+            .engine
+            .layer_norm(&x, y.values(), features, op, None)
+            .await?;
+        y.finish();
+        Ok(timing)
     }
 
     /// The fused residual add of a transformer block: `sum` = x + residual (each value rounded
@@ -438,25 +453,25 @@ impl Normalizer {
     ///
     /// Errors as [`Normalizer::layer_norm`] does, and when `residual.len() != x.len()`
     /// ([`NormError::OperandLength`]).
-    pub fn add_layer_norm(
+    pub fn add_layer_norm<T: Element>(
         &self,
-        x: &[f32],
-        residual: &[f32],
+        x: &[T],
+        residual: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<AddNormOutput, NormError> {
+    ) -> Result<AddNormOutput<T>, NormError> {
         let work = self.add_layer_norm_async(x, residual, features, opts);
         self.block("add_layer_norm", work)
     }
 
     /// [`Normalizer::add_layer_norm`], awaited.
-    pub async fn add_layer_norm_async(
+    pub async fn add_layer_norm_async<T: Element>(
         &self,
-        x: &[f32],
-        residual: &[f32],
+        x: &[T],
+        residual: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<AddNormOutput, NormError> {
+    ) -> Result<AddNormOutput<T>, NormError> {
         self.add_norm(x, residual, features, (opts, RowNorm::Layer))
             .await
     }
@@ -464,42 +479,48 @@ impl Normalizer {
     /// [`Normalizer::add_layer_norm`] with RMSNorm: `sum` = x + residual and `y` = RMSNorm of
     /// `sum`'s rows, in one pass over memory. Errors as [`Normalizer::rms_norm`] does, and when
     /// `residual.len() != x.len()`.
-    pub fn add_rms_norm(
+    pub fn add_rms_norm<T: Element>(
         &self,
-        x: &[f32],
-        residual: &[f32],
+        x: &[T],
+        residual: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<AddNormOutput, NormError> {
+    ) -> Result<AddNormOutput<T>, NormError> {
         let work = self.add_rms_norm_async(x, residual, features, opts);
         self.block("add_rms_norm", work)
     }
 
     /// [`Normalizer::add_rms_norm`], awaited.
-    pub async fn add_rms_norm_async(
+    pub async fn add_rms_norm_async<T: Element>(
         &self,
-        x: &[f32],
-        residual: &[f32],
+        x: &[T],
+        residual: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<AddNormOutput, NormError> {
+    ) -> Result<AddNormOutput<T>, NormError> {
         let (opts, kind) = opts.as_row_norm();
         self.add_norm(x, residual, features, (&opts, kind)).await
     }
 
-    async fn add_norm(
+    async fn add_norm<T: Element>(
         &self,
-        x: &[f32],
-        residual: &[f32],
+        x: &[T],
+        residual: &[T],
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
-    ) -> Result<AddNormOutput, NormError> {
+    ) -> Result<AddNormOutput<T>, NormError> {
         layer_norm::validate(x.len(), features, op.0)?;
         crate::ops::check_operand("residual", residual.len(), x.len())?;
+        let (x, residual) = (T::widen(x), T::widen(residual));
         let (mut sum, mut y) = (new_output(x.len()), new_output(x.len()));
-        let add = Some((residual, &mut sum[..]));
-        self.engine.layer_norm(x, &mut y, features, op, add).await?;
-        Ok(AddNormOutput { sum, y })
+        let add = Some((&residual[..], &mut sum[..]));
+        self.engine
+            .layer_norm(&x, &mut y, features, op, add)
+            .await?;
+        Ok(AddNormOutput {
+            sum: T::narrow(sum),
+            y: T::narrow(y),
+        })
     }
 
     /// The gradients of [`Normalizer::layer_norm`] with respect to x, gamma and beta, given the
@@ -512,32 +533,34 @@ impl Normalizer {
     ///
     /// Errors as [`Normalizer::layer_norm`] does, and when `dy.len() != x.len()`
     /// ([`NormError::OperandLength`]).
-    pub fn layer_norm_backward(
+    pub fn layer_norm_backward<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<LayerNormGrads, NormError> {
+    ) -> Result<LayerNormGrads<T>, NormError> {
         let work = self.layer_norm_backward_async(x, dy, features, opts);
         self.block("layer_norm_backward", work)
     }
 
     /// [`Normalizer::layer_norm_backward`], awaited.
-    pub async fn layer_norm_backward_async(
+    pub async fn layer_norm_backward_async<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &LayerNorm<'_>,
-    ) -> Result<LayerNormGrads, NormError> {
+    ) -> Result<LayerNormGrads<T>, NormError> {
         layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
+        let (x, dy) = (T::widen(x), T::widen(dy));
         let mut dx = new_output(x.len());
         let op = (opts, RowNorm::Layer);
         let (dgamma, dbeta, _) = self
             .engine
-            .layer_norm_backward((x, dy), &mut dx, features, op)
+            .layer_norm_backward((&x, &dy), &mut dx, features, op)
             .await?;
+        let dx = T::narrow(dx);
         Ok(LayerNormGrads { dx, dgamma, dbeta })
     }
 
@@ -547,32 +570,34 @@ impl Normalizer {
     /// `features` values) sums dy · xhat over the rows, in a fixed order.
     ///
     /// Errors as [`Normalizer::rms_norm`] does, and when `dy.len() != x.len()`.
-    pub fn rms_norm_backward(
+    pub fn rms_norm_backward<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<RmsNormGrads, NormError> {
+    ) -> Result<RmsNormGrads<T>, NormError> {
         let work = self.rms_norm_backward_async(x, dy, features, opts);
         self.block("rms_norm_backward", work)
     }
 
     /// [`Normalizer::rms_norm_backward`], awaited.
-    pub async fn rms_norm_backward_async(
+    pub async fn rms_norm_backward_async<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &RmsNorm<'_>,
-    ) -> Result<RmsNormGrads, NormError> {
+    ) -> Result<RmsNormGrads<T>, NormError> {
         let (opts, kind) = opts.as_row_norm();
         layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
+        let (x, dy) = (T::widen(x), T::widen(dy));
         let mut dx = new_output(x.len());
         let (dgamma, _, _) = self
             .engine
-            .layer_norm_backward((x, dy), &mut dx, features, (&opts, kind))
+            .layer_norm_backward((&x, &dy), &mut dx, features, (&opts, kind))
             .await?;
+        let dx = T::narrow(dx);
         Ok(RmsNormGrads { dx, dgamma })
     }
 
@@ -584,47 +609,47 @@ impl Normalizer {
     /// Errors, with nothing computed, on zero features, a length that is not a multiple of
     /// `features`, an empty batch, a mask without one entry per row or with every row masked
     /// out, gamma or beta without one value per feature, and eps NaN, infinite or negative.
-    pub fn batch_norm_train(
+    pub fn batch_norm_train<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let work = self.batch_norm_train_async(x, features, opts);
         self.block("batch_norm_train", work)
     }
 
     /// [`Normalizer::batch_norm_train`], awaited.
-    pub async fn batch_norm_train_async(
+    pub async fn batch_norm_train_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let shape = Shape::features_last(x.len(), features)?;
         self.train_alloc(x, &shape, opts).await
     }
 
     /// [`Normalizer::batch_norm_train`] into a buffer the caller owns, `y.len() == x.len()`;
     /// returns the batch statistics and where the time went.
-    pub fn batch_norm_train_into(
+    pub fn batch_norm_train_into<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<(BatchStats, Timing), NormError> {
         let work = self.batch_norm_train_into_async(x, features, opts, y);
         self.block("batch_norm_train_into", work)
     }
 
     /// [`Normalizer::batch_norm_train_into`], awaited.
-    pub async fn batch_norm_train_into_async(
+    pub async fn batch_norm_train_into_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<(BatchStats, Timing), NormError> {
         let shape = Shape::features_last(x.len(), features)?;
         self.train(x, &shape, opts, y).await
@@ -634,50 +659,50 @@ impl Normalizer {
     /// statistics, y = (x − running_mean) / sqrt(running_var + eps) · gamma + beta; masked rows
     /// are written as 0. Errors as [`Normalizer::batch_norm_train`] does, and when the running
     /// statistics do not have one mean and one variance (>= 0) per feature.
-    pub fn batch_norm_eval(
+    pub fn batch_norm_eval<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         let work = self.batch_norm_eval_async(x, features, opts, stats);
         self.block("batch_norm_eval", work)
     }
 
     /// [`Normalizer::batch_norm_eval`], awaited.
-    pub async fn batch_norm_eval_async(
+    pub async fn batch_norm_eval_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         let shape = Shape::features_last(x.len(), features)?;
         self.eval_alloc(x, &shape, opts, stats).await
     }
 
     /// [`Normalizer::batch_norm_eval`] into a buffer the caller owns, `y.len() == x.len()`.
-    pub fn batch_norm_eval_into(
+    pub fn batch_norm_eval_into<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         let work = self.batch_norm_eval_into_async(x, features, opts, stats, y);
         self.block("batch_norm_eval_into", work)
     }
 
     /// [`Normalizer::batch_norm_eval_into`], awaited.
-    pub async fn batch_norm_eval_into_async(
+    pub async fn batch_norm_eval_into_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         let shape = Shape::features_last(x.len(), features)?;
         self.eval(x, &shape, opts, stats, y).await
@@ -687,51 +712,51 @@ impl Normalizer {
     /// with spatial = H·W, or NCL), what CNN users hand to BatchNorm2d: statistics per channel
     /// over batch × spatial. `opts.mask`, if given, has one entry per (batch, spatial) position,
     /// batch-major. Errors as [`Normalizer::batch_norm_train`] does, and on `spatial` 0.
-    pub fn batch_norm_train_channels_first(
+    pub fn batch_norm_train_channels_first<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let work = self.batch_norm_train_channels_first_async(x, channels, spatial, opts);
         self.block("batch_norm_train_channels_first", work)
     }
 
     /// [`Normalizer::batch_norm_train_channels_first`], awaited.
-    pub async fn batch_norm_train_channels_first_async(
+    pub async fn batch_norm_train_channels_first_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let shape = Shape::channels_first(x.len(), channels, spatial)?;
         self.train_alloc(x, &shape, opts).await
     }
 
     /// BatchNorm in eval mode on a channels-first `[batch, channels, spatial]` tensor.
-    pub fn batch_norm_eval_channels_first(
+    pub fn batch_norm_eval_channels_first<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         let work = self.batch_norm_eval_channels_first_async(x, channels, spatial, opts, stats);
         self.block("batch_norm_eval_channels_first", work)
     }
 
     /// [`Normalizer::batch_norm_eval_channels_first`], awaited.
-    pub async fn batch_norm_eval_channels_first_async(
+    pub async fn batch_norm_eval_channels_first_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         let shape = Shape::channels_first(x.len(), channels, spatial)?;
         self.eval_alloc(x, &shape, opts, stats).await
     }
@@ -748,48 +773,48 @@ impl Normalizer {
     /// assert_eq!(out.mean.len(), 3);
     /// # Ok::<(), gpunorm::NormError>(())
     /// ```
-    pub fn batch_norm_train_nchw(
+    pub fn batch_norm_train_nchw<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let work = self.batch_norm_train_nchw_async(x, shape, opts);
         self.block("batch_norm_train_nchw", work)
     }
 
     /// [`Normalizer::batch_norm_train_nchw`], awaited.
-    pub async fn batch_norm_train_nchw_async(
+    pub async fn batch_norm_train_nchw_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         self.train_alloc(x, &Shape::named(x.len(), shape)?, opts)
             .await
     }
 
     /// [`Normalizer::batch_norm_eval_channels_first`] with the shape named (see
     /// [`Normalizer::batch_norm_train_nchw`]).
-    pub fn batch_norm_eval_nchw(
+    pub fn batch_norm_eval_nchw<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         let work = self.batch_norm_eval_nchw_async(x, shape, opts, stats);
         self.block("batch_norm_eval_nchw", work)
     }
 
     /// [`Normalizer::batch_norm_eval_nchw`], awaited.
-    pub async fn batch_norm_eval_nchw_async(
+    pub async fn batch_norm_eval_nchw_async<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
         self.eval_alloc(x, &Shape::named(x.len(), shape)?, opts, stats)
             .await
     }
@@ -804,25 +829,25 @@ impl Normalizer {
     /// other output, bit for bit. `dgamma` and `dbeta` always have one value per feature.
     ///
     /// Errors as [`Normalizer::batch_norm_train`] does, and when `dy.len() != x.len()`.
-    pub fn batch_norm_backward(
+    pub fn batch_norm_backward<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let work = self.batch_norm_backward_async(x, dy, features, opts);
         self.block("batch_norm_backward", work)
     }
 
     /// [`Normalizer::batch_norm_backward`], awaited.
-    pub async fn batch_norm_backward_async(
+    pub async fn batch_norm_backward_async<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         features: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let shape = Shape::features_last(x.len(), features)?;
         self.backward(x, dy, &shape, opts).await
     }
@@ -830,131 +855,149 @@ impl Normalizer {
     /// [`Normalizer::batch_norm_backward`] on a channels-first `[batch, channels, spatial]`
     /// tensor (as [`Normalizer::batch_norm_train_channels_first`]): per-channel gradients over
     /// batch × spatial.
-    pub fn batch_norm_backward_channels_first(
+    pub fn batch_norm_backward_channels_first<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let work = self.batch_norm_backward_channels_first_async(x, dy, channels, spatial, opts);
         self.block("batch_norm_backward_channels_first", work)
     }
 
     /// [`Normalizer::batch_norm_backward_channels_first`], awaited.
-    pub async fn batch_norm_backward_channels_first_async(
+    pub async fn batch_norm_backward_channels_first_async<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         channels: usize,
         spatial: usize,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let shape = Shape::channels_first(x.len(), channels, spatial)?;
         self.backward(x, dy, &shape, opts).await
     }
 
     /// [`Normalizer::batch_norm_backward_channels_first`] with the shape named (see
     /// [`Normalizer::batch_norm_train_nchw`]).
-    pub fn batch_norm_backward_nchw(
+    pub fn batch_norm_backward_nchw<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let work = self.batch_norm_backward_nchw_async(x, dy, shape, opts);
         self.block("batch_norm_backward_nchw", work)
     }
 
     /// [`Normalizer::batch_norm_backward_nchw`], awaited.
-    pub async fn batch_norm_backward_nchw_async(
+    pub async fn batch_norm_backward_nchw_async<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         shape: ChannelsFirst,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         self.backward(x, dy, &Shape::named(x.len(), shape)?, opts)
             .await
     }
 
-    async fn backward(
+    async fn backward<T: Element>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[T],
+        dy: &[T],
         shape: &Shape,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormGrads, NormError> {
+    ) -> Result<BatchNormGrads<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         crate::ops::check_operand("dy", dy.len(), x.len())?;
+        let (x, dy) = (T::widen(x), T::widen(dy));
         let mut dx = new_output(x.len());
         let (dgamma, dbeta, _) = self
             .engine
-            .batch_norm_backward((x, dy), &mut dx, shape, opts, counted)
+            .batch_norm_backward((&x, &dy), &mut dx, shape, opts, counted)
             .await?;
+        let dx = T::narrow(dx);
         Ok(BatchNormGrads { dx, dgamma, dbeta })
     }
 
-    async fn train_alloc(
+    async fn train_alloc<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: &Shape,
         opts: &BatchNorm<'_>,
-    ) -> Result<BatchNormOutput, NormError> {
+    ) -> Result<BatchNormOutput<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
+        let x = T::widen(x);
         let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
-            .batch_norm_train(x, &mut y, shape, opts, counted)
+            .batch_norm_train(&x, &mut y, shape, opts, counted)
             .await?;
         Ok(BatchNormOutput {
-            y,
+            y: T::narrow(y),
             mean: stats.mean,
             var: stats.var,
             count: stats.count,
         })
     }
 
-    async fn train(
+    async fn train<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: &Shape,
         opts: &BatchNorm<'_>,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<(BatchStats, Timing), NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         check_output(x, y)?;
-        self.engine
-            .batch_norm_train(x, y, shape, opts, counted)
-            .await
+        let (x, mut y) = (T::widen(x), OutputOf::new(y));
+        let stats = self
+            .engine
+            .batch_norm_train(&x, y.values(), shape, opts, counted)
+            .await?;
+        y.finish();
+        Ok(stats)
     }
 
-    async fn eval_alloc(
+    async fn eval_alloc<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: &Shape,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-    ) -> Result<Vec<f32>, NormError> {
+    ) -> Result<Vec<T>, NormError> {
+        batch_norm::validate(shape, opts)?;
+        batch_norm::validate_stats(shape, stats)?;
+        let x = T::widen(x);
         let mut y = new_output(x.len());
-        self.eval(x, shape, opts, stats, &mut y).await?;
-        Ok(y)
+        self.engine
+            .batch_norm_eval(&x, &mut y, shape, opts, stats)
+            .await?;
+        Ok(T::narrow(y))
     }
 
-    async fn eval(
+    async fn eval<T: Element>(
         &self,
-        x: &[f32],
+        x: &[T],
         shape: &Shape,
         opts: &BatchNorm<'_>,
         stats: &RunningStats,
-        y: &mut [f32],
+        y: &mut [T],
     ) -> Result<Timing, NormError> {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
         check_output(x, y)?;
-        self.engine.batch_norm_eval(x, y, shape, opts, stats).await
+        let (x, mut y) = (T::widen(x), OutputOf::new(y));
+        let timing = self
+            .engine
+            .batch_norm_eval(&x, y.values(), shape, opts, stats)
+            .await?;
+        y.finish();
+        Ok(timing)
     }
 
     /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and

@@ -69,7 +69,7 @@ per_backend! {
             Err(NormError::LengthNotMultiple { len: 6, features: 4 }),
             "{name}"
         );
-        let empty = norm.add_layer_norm(&[], &[], 3, &LayerNorm::default()).unwrap();
+        let empty = norm.add_layer_norm::<f32>(&[], &[], 3, &LayerNorm::default()).unwrap();
         assert!(empty.sum.is_empty() && empty.y.is_empty(), "{name}");
     }
 }

@@ -255,7 +255,7 @@ per_backend! {
         assert_eq!(norm.layer_norm_backward(&x, &x, 0, &ln), Err(NormError::ZeroFeatures));
         let eps = RmsNorm { eps: -1.0, gamma: None };
         assert!(matches!(norm.rms_norm_backward(&x, &x, 3, &eps), Err(NormError::InvalidEps(_))));
-        let empty = norm.layer_norm_backward(&[], &[], 3, &ln).unwrap();
+        let empty = norm.layer_norm_backward::<f32>(&[], &[], 3, &ln).unwrap();
         assert_eq!((empty.dx.len(), empty.dgamma, empty.dbeta), (0, vec![0.0; 3], vec![0.0; 3]));
     }
 }

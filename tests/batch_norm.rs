@@ -660,7 +660,7 @@ per_backend! {
         let train = norm.batch_norm_train(&x, 8, &opts).unwrap_err();
         assert!(train.to_string().contains("batch statistics"), "{name}: {train}");
         let empty = norm
-            .batch_norm_eval(&[], 8, &BatchNorm::default(), &RunningStats::new(8))
+            .batch_norm_eval::<f32>(&[], 8, &BatchNorm::default(), &RunningStats::new(8))
             .unwrap_err();
         assert!(!empty.to_string().contains("statistics"), "{name}: {empty}");
     }

@@ -278,7 +278,7 @@ per_backend! {
 per_backend! {
     fn empty_input_gives_empty_output(name, norm) {
         assert_eq!(
-            norm.layer_norm(&[], 3, &LayerNorm::default()),
+            norm.layer_norm::<f32>(&[], 3, &LayerNorm::default()),
             Ok(vec![]),
             "{name}"
         );

@@ -162,7 +162,7 @@ per_backend! {
             "{name}"
         );
         assert_eq!(y, [7.0; 5], "{name}: a refused call writes nothing");
-        assert_eq!(norm.rms_norm(&[], 3, &opts), Ok(vec![]), "{name}: empty input");
+        assert_eq!(norm.rms_norm::<f32>(&[], 3, &opts), Ok(vec![]), "{name}: empty input");
     }
 }
 

@@ -41,9 +41,9 @@ impl Default for BatchNorm<'_> {
 
 /// What BatchNorm training returns: the output and the batch statistics it used.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchNormOutput {
+pub struct BatchNormOutput<T = f32> {
     /// Normalized tensor, same layout as the input; masked positions are 0.
-    pub y: Vec<f32>,
+    pub y: Vec<T>,
     /// Per-feature mean over the counted positions.
     pub mean: Vec<f32>,
     /// Per-feature biased variance over the counted positions.
@@ -90,7 +90,7 @@ impl RunningStats {
     ///
     /// Errors, leaving the statistics unchanged, when the batch counted fewer than 2 positions,
     /// its feature count differs, or momentum is not in [0, 1].
-    pub fn update(&mut self, out: &BatchNormOutput) -> Result<(), NormError> {
+    pub fn update<T>(&mut self, out: &BatchNormOutput<T>) -> Result<(), NormError> {
         self.fold(&out.mean, &out.var, out.count)
     }
 
@@ -173,9 +173,9 @@ pub struct ChannelsFirst {
 /// The gradients of BatchNorm training, from
 /// [`Normalizer::batch_norm_backward`](crate::Normalizer::batch_norm_backward).
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchNormGrads {
+pub struct BatchNormGrads<T = f32> {
     /// The gradient of x: one value per value of x, 0 on masked positions.
-    pub dx: Vec<f32>,
+    pub dx: Vec<T>,
     /// The gradient of gamma, one value per channel (of a gamma of ones where none was given).
     pub dgamma: Vec<f32>,
     /// The gradient of beta, one value per channel (of a beta of zeros where none was given).

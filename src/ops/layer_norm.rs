@@ -34,9 +34,9 @@ impl Default for LayerNorm<'_> {
 /// The gradients of LayerNorm, from
 /// [`Normalizer::layer_norm_backward`](crate::Normalizer::layer_norm_backward).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LayerNormGrads {
+pub struct LayerNormGrads<T = f32> {
     /// The gradient of x: one value per value of x.
-    pub dx: Vec<f32>,
+    pub dx: Vec<T>,
     /// The gradient of gamma, one value per feature (of a gamma of ones where none was given).
     pub dgamma: Vec<f32>,
     /// The gradient of beta, one value per feature (of a beta of zeros where none was given).
@@ -46,11 +46,12 @@ pub struct LayerNormGrads {
 /// What [`Normalizer::add_layer_norm`](crate::Normalizer::add_layer_norm) and
 /// [`Normalizer::add_rms_norm`](crate::Normalizer::add_rms_norm) return.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AddNormOutput {
-    /// x + residual, each value rounded to f32 once: the new residual stream.
-    pub sum: Vec<f32>,
-    /// The normalization of `sum`'s rows.
-    pub y: Vec<f32>,
+pub struct AddNormOutput<T = f32> {
+    /// x + residual, each value rounded to `T` once: the new residual stream.
+    pub sum: Vec<T>,
+    /// The normalization of the rows of x + residual (of `sum`'s rows; for half types, of the
+    /// sum before its rounding to `T`).
+    pub y: Vec<T>,
 }
 
 /// Checks a backward call on x and dy of `len` and `dy_len` values; returns the number of rows.

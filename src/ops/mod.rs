@@ -176,7 +176,7 @@ pub(crate) fn check_operand(
 }
 
 /// An `*_into` output has one value per input value.
-pub(crate) fn check_output(x: &[f32], y: &[f32]) -> Result<(), NormError> {
+pub(crate) fn check_output<X, Y>(x: &[X], y: &[Y]) -> Result<(), NormError> {
     if y.len() == x.len() {
         Ok(())
     } else {

@@ -45,9 +45,9 @@ impl<'a> RmsNorm<'a> {
 /// The gradients of RMSNorm, from
 /// [`Normalizer::rms_norm_backward`](crate::Normalizer::rms_norm_backward).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RmsNormGrads {
+pub struct RmsNormGrads<T = f32> {
     /// The gradient of x: one value per value of x.
-    pub dx: Vec<f32>,
+    pub dx: Vec<T>,
     /// The gradient of gamma, one value per feature (of a gamma of ones where none was given).
     pub dgamma: Vec<f32>,
 }

@@ -1,0 +1,149 @@
+//! The element types of the host-slice ops: `f32`, and the half-precision `half::f16` and
+//! `half::bf16`, stored in half and computed in f32.
+//!
+//! A half tensor is widened to f32 on the way in and each output rounded to its type once on
+//! the way out: every statistic and every sum is accumulated in f32 (with the same shifted
+//! two-pass as f32 tensors), so a row whose sum passes f16's largest value (65504) normalizes
+//! as well as any other. Conversions run on every core, with `half`'s vectorised slice
+//! conversions (F16C where the CPU has it). gamma, beta, masks, running statistics and the
+//! parameter gradients stay f32, as in PyTorch's mixed-precision norms.
+
+use std::borrow::Cow;
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Values per task of a parallel conversion.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+mod sealed {
+    use std::borrow::Cow;
+
+    /// The conversions the ops need; private, so only gpunorm's types are [`Element`]s.
+    pub trait Sealed: Sized {
+        /// The values as f32: borrowed where they already are.
+        fn widen(values: &[Self]) -> Cow<'_, [f32]>;
+        /// f32 values rounded to this type, each once.
+        fn narrow(values: Vec<f32>) -> Vec<Self>;
+        /// The slice itself where it is f32, or back unchanged.
+        fn as_f32(values: &mut [Self]) -> Result<&mut [f32], &mut [Self]>;
+        /// `src` rounded into `dst` (of the same length).
+        fn narrow_into(src: &[f32], dst: &mut [Self]);
+    }
+}
+
+pub(crate) use sealed::Sealed;
+
+/// An element type of gpunorm's host-slice ops: `f32`, [`half::f16`] or [`half::bf16`] (as
+/// `gpunorm::half::{f16, bf16}`). Sealed: gpunorm implements it for these three alone.
+///
+/// Every host-slice op (`layer_norm`, `rms_norm`, the BatchNorm forms, the backward passes and
+/// the fused add) takes `&[T]` and returns tensors of `T`. The statistics inside are f32
+/// whatever `T` is, and each output is rounded to `T` once; an output past `T`'s range becomes
+/// ±infinity, never NaN.
+///
+/// ```
+/// use gpunorm::half::f16;
+/// use gpunorm::{LayerNorm, Normalizer};
+/// let x: Vec<f16> = [1.0f32, 2.0, 3.0].iter().map(|&v| f16::from_f32(v)).collect();
+/// let y: Vec<f16> = Normalizer::cpu().layer_norm(&x, 3, &LayerNorm::default())?;
+/// assert!((y[2].to_f32() - 1.2247).abs() < 2e-3);
+/// # Ok::<(), gpunorm::NormError>(())
+/// ```
+pub trait Element:
+    Sealed + Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static
+{
+    /// The type's name: "f32", "f16" or "bf16".
+    const NAME: &'static str;
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+}
+
+impl Sealed for f32 {
+    fn widen(values: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(values)
+    }
+
+    fn narrow(values: Vec<f32>) -> Vec<f32> {
+        values
+    }
+
+    fn as_f32(values: &mut [f32]) -> Result<&mut [f32], &mut [f32]> {
+        Ok(values)
+    }
+
+    fn narrow_into(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// `Element` for the two half types, through `half`'s slice conversions.
+macro_rules! half_element {
+    ($t:ty, $name:literal) => {
+        impl Element for $t {
+            const NAME: &'static str = $name;
+        }
+
+        impl Sealed for $t {
+            fn widen(values: &[$t]) -> Cow<'_, [f32]> {
+                let mut wide = crate::ops::new_output(values.len());
+                wide.par_chunks_mut(CONVERT_CHUNK)
+                    .zip(values.par_chunks(CONVERT_CHUNK))
+                    .for_each(|(w, v)| v.convert_to_f32_slice(w));
+                Cow::Owned(wide)
+            }
+
+            fn narrow(values: Vec<f32>) -> Vec<$t> {
+                let mut out = vec![<$t>::ZERO; values.len()];
+                Self::narrow_into(&values, &mut out);
+                out
+            }
+
+            fn as_f32(values: &mut [$t]) -> Result<&mut [f32], &mut [$t]> {
+                Err(values)
+            }
+
+            fn narrow_into(src: &[f32], dst: &mut [$t]) {
+                dst.par_chunks_mut(CONVERT_CHUNK)
+                    .zip(src.par_chunks(CONVERT_CHUNK))
+                    .for_each(|(d, s)| d.convert_from_f32_slice(s));
+            }
+        }
+    };
+}
+
+half_element!(f16, "f16");
+half_element!(bf16, "bf16");
+
+/// An op's output of `T` as the f32 slice the backends write: the caller's own slice where `T`
+/// is f32, else an f32 buffer rounded into it by [`OutputOf::finish`].
+pub(crate) enum OutputOf<'a, T> {
+    F32(&'a mut [f32]),
+    Staged(Vec<f32>, &'a mut [T]),
+}
+
+impl<'a, T: Element> OutputOf<'a, T> {
+    pub fn new(y: &'a mut [T]) -> OutputOf<'a, T> {
+        match T::as_f32(y) {
+            Ok(y) => OutputOf::F32(y),
+            Err(y) => OutputOf::Staged(crate::ops::new_output(y.len()), y),
+        }
+    }
+
+    pub fn values(&mut self) -> &mut [f32] {
+        match self {
+            OutputOf::F32(y) => y,
+            OutputOf::Staged(wide, _) => wide,
+        }
+    }
+
+    /// Rounds the f32 values into the caller's slice (nothing to do for f32).
+    pub fn finish(self) {
+        if let OutputOf::Staged(wide, y) = self {
+            T::narrow_into(&wide, y);
+        }
+    }
+}
