@@ -18,18 +18,20 @@ use rayon::prelude::*;
 const CONVERT_CHUNK: usize = 1 << 16;
 
 mod sealed {
-    use std::borrow::Cow;
-
     /// The conversions the ops need; private, so only gpunorm's types are [`Element`]s.
-    pub trait Sealed: Sized {
-        /// The values as f32: borrowed where they already are.
-        fn widen(values: &[Self]) -> Cow<'_, [f32]>;
-        /// f32 values rounded to this type, each once.
-        fn narrow(values: Vec<f32>) -> Vec<Self>;
+    pub trait Sealed: Sized + Copy + Send + Sync + bytemuck::Zeroable {
+        /// f32 itself, whose slices the ops use as they are.
+        const IS_F32: bool;
+        /// `src` as f32 into `dst` (of the same length), on this thread.
+        fn widen_into(src: &[Self], dst: &mut [f32]);
+        /// `src` rounded into `dst` (of the same length), each value once, on this thread.
+        fn narrow_into(src: &[f32], dst: &mut [Self]);
         /// The slice itself where it is f32, or back unchanged.
         fn as_f32(values: &mut [Self]) -> Result<&mut [f32], &mut [Self]>;
-        /// `src` rounded into `dst` (of the same length).
-        fn narrow_into(src: &[f32], dst: &mut [Self]);
+        /// The slice itself where it is f32.
+        fn as_f32_ref(values: &[Self]) -> Option<&[f32]>;
+        /// The vector itself where it is f32, or back unchanged.
+        fn from_f32_vec(values: Vec<f32>) -> Result<Vec<Self>, Vec<f32>>;
     }
 }
 
@@ -63,20 +65,26 @@ impl Element for f32 {
 }
 
 impl Sealed for f32 {
-    fn widen(values: &[f32]) -> Cow<'_, [f32]> {
-        Cow::Borrowed(values)
+    const IS_F32: bool = true;
+
+    fn widen_into(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 
-    fn narrow(values: Vec<f32>) -> Vec<f32> {
-        values
+    fn narrow_into(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 
     fn as_f32(values: &mut [f32]) -> Result<&mut [f32], &mut [f32]> {
         Ok(values)
     }
 
-    fn narrow_into(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn as_f32_ref(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+
+    fn from_f32_vec(values: Vec<f32>) -> Result<Vec<f32>, Vec<f32>> {
+        Ok(values)
     }
 }
 
@@ -88,28 +96,26 @@ macro_rules! half_element {
         }
 
         impl Sealed for $t {
-            fn widen(values: &[$t]) -> Cow<'_, [f32]> {
-                let mut wide = crate::ops::new_output(values.len());
-                wide.par_chunks_mut(CONVERT_CHUNK)
-                    .zip(values.par_chunks(CONVERT_CHUNK))
-                    .for_each(|(w, v)| v.convert_to_f32_slice(w));
-                Cow::Owned(wide)
+            const IS_F32: bool = false;
+
+            fn widen_into(src: &[$t], dst: &mut [f32]) {
+                src.convert_to_f32_slice(dst);
             }
 
-            fn narrow(values: Vec<f32>) -> Vec<$t> {
-                let mut out = vec![<$t>::ZERO; values.len()];
-                Self::narrow_into(&values, &mut out);
-                out
+            fn narrow_into(src: &[f32], dst: &mut [$t]) {
+                dst.convert_from_f32_slice(src);
             }
 
             fn as_f32(values: &mut [$t]) -> Result<&mut [f32], &mut [$t]> {
                 Err(values)
             }
 
-            fn narrow_into(src: &[f32], dst: &mut [$t]) {
-                dst.par_chunks_mut(CONVERT_CHUNK)
-                    .zip(src.par_chunks(CONVERT_CHUNK))
-                    .for_each(|(d, s)| d.convert_from_f32_slice(s));
+            fn as_f32_ref(_: &[$t]) -> Option<&[f32]> {
+                None
+            }
+
+            fn from_f32_vec(values: Vec<f32>) -> Result<Vec<$t>, Vec<f32>> {
+                Err(values)
             }
         }
     };
@@ -117,6 +123,34 @@ macro_rules! half_element {
 
 half_element!(f16, "f16");
 half_element!(bf16, "bf16");
+
+/// The values as f32: borrowed where they are f32, else converted on every core.
+pub(crate) fn widen<T: Element>(values: &[T]) -> Cow<'_, [f32]> {
+    if let Some(values) = T::as_f32_ref(values) {
+        return Cow::Borrowed(values);
+    }
+    let mut wide = crate::ops::new_output(values.len());
+    wide.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(w, v)| T::widen_into(v, w));
+    Cow::Owned(wide)
+}
+
+/// f32 values rounded to `T`, each once, on every core (the vector itself where `T` is f32).
+pub(crate) fn narrow<T: Element>(values: Vec<f32>) -> Vec<T> {
+    T::from_f32_vec(values).unwrap_or_else(|values| {
+        let mut out = crate::ops::new_output(values.len());
+        narrow_into(&values, &mut out);
+        out
+    })
+}
+
+/// `src` rounded into `dst`, on every core.
+fn narrow_into<T: Element>(src: &[f32], dst: &mut [T]) {
+    dst.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, s)| T::narrow_into(s, d));
+}
 
 /// An op's output of `T` as the f32 slice the backends write: the caller's own slice where `T`
 /// is f32, else an f32 buffer rounded into it by [`OutputOf::finish`].
@@ -143,7 +177,7 @@ impl<'a, T: Element> OutputOf<'a, T> {
     /// Rounds the f32 values into the caller's slice (nothing to do for f32).
     pub fn finish(self) {
         if let OutputOf::Staged(wide, y) = self {
-            T::narrow_into(&wide, y);
+            narrow_into(&wide, y);
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use crate::cpu::Cpu;
-use crate::element::OutputOf;
+use crate::element::{narrow, widen, OutputOf};
 use crate::gpu::encode::{self, Encode};
 use crate::gpu::tensor::{self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
 use crate::gpu::{describe_adapter, GpuContext};
@@ -49,6 +49,35 @@ impl Engine {
             Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind, add).await,
             Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind, add).await,
         }
+    }
+
+    /// [`Engine::layer_norm`] on tensors of `T`. The CPU fallback converts half tensors block
+    /// by block in cache; elsewhere they are widened whole and the outputs rounded after.
+    async fn layer_norm_of<T: Element>(
+        &self,
+        x: &[T],
+        y: &mut [T],
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+        add: Option<(&[T], &mut [T])>,
+    ) -> Result<Timing, NormError> {
+        if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
+            crate::cpu::layer_norm_of(x, y, features, op, add);
+            return Ok(Timing::default());
+        }
+        let (x, mut y) = (widen(x), OutputOf::new(y));
+        let timing = match add {
+            None => self.layer_norm(&x, y.values(), features, op, None).await?,
+            Some((residual, sum)) => {
+                let (residual, mut sum) = (widen(residual), OutputOf::new(sum));
+                let add = Some((&residual[..], sum.values()));
+                let timing = self.layer_norm(&x, y.values(), features, op, add).await?;
+                sum.finish();
+                timing
+            }
+        };
+        y.finish();
+        Ok(timing)
     }
 
     async fn layer_norm_backward(
@@ -329,13 +358,12 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<Vec<T>, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
-        let x = T::widen(x);
         let mut y = new_output(x.len());
         let op = (opts, RowNorm::Layer);
         self.engine
-            .layer_norm(&x, &mut y, features, op, None)
+            .layer_norm_of(x, &mut y, features, op, None)
             .await?;
-        Ok(T::narrow(y))
+        Ok(y)
     }
 
     /// [`Normalizer::layer_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
@@ -361,14 +389,8 @@ impl Normalizer {
     ) -> Result<Timing, NormError> {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
-        let (x, mut y) = (T::widen(x), OutputOf::new(y));
         let op = (opts, RowNorm::Layer);
-        let timing = self
-            .engine
-            .layer_norm(&x, y.values(), features, op, None)
-            .await?;
-        y.finish();
-        Ok(timing)
+        self.engine.layer_norm_of(x, y, features, op, None).await
     }
 
     /// RMSNorm of every `features`-long row of `x` (row-major): y = x / sqrt(mean(x²) + eps) ·
@@ -404,13 +426,12 @@ impl Normalizer {
         opts: &RmsNorm<'_>,
     ) -> Result<Vec<T>, NormError> {
         rms_norm::validate(x.len(), features, opts)?;
-        let x = T::widen(x);
         let mut y = new_output(x.len());
         let (opts, kind) = opts.as_row_norm();
         self.engine
-            .layer_norm(&x, &mut y, features, (&opts, kind), None)
+            .layer_norm_of(x, &mut y, features, (&opts, kind), None)
             .await?;
-        Ok(T::narrow(y))
+        Ok(y)
     }
 
     /// [`Normalizer::rms_norm`] into a buffer the caller owns (and may reuse), `y.len() ==
@@ -436,15 +457,9 @@ impl Normalizer {
     ) -> Result<Timing, NormError> {
         rms_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
-        let (x, mut y) = (T::widen(x), OutputOf::new(y));
         let (opts, kind) = opts.as_row_norm();
         let op = (&opts, kind);
-        let timing = self
-            .engine
-            .layer_norm(&x, y.values(), features, op, None)
-            .await?;
-        y.finish();
-        Ok(timing)
+        self.engine.layer_norm_of(x, y, features, op, None).await
     }
 
     /// The fused residual add of a transformer block: `sum` = x + residual (each value rounded
@@ -511,16 +526,12 @@ impl Normalizer {
     ) -> Result<AddNormOutput<T>, NormError> {
         layer_norm::validate(x.len(), features, op.0)?;
         crate::ops::check_operand("residual", residual.len(), x.len())?;
-        let (x, residual) = (T::widen(x), T::widen(residual));
         let (mut sum, mut y) = (new_output(x.len()), new_output(x.len()));
-        let add = Some((&residual[..], &mut sum[..]));
+        let add = Some((residual, &mut sum[..]));
         self.engine
-            .layer_norm(&x, &mut y, features, op, add)
+            .layer_norm_of(x, &mut y, features, op, add)
             .await?;
-        Ok(AddNormOutput {
-            sum: T::narrow(sum),
-            y: T::narrow(y),
-        })
+        Ok(AddNormOutput { sum, y })
     }
 
     /// The gradients of [`Normalizer::layer_norm`] with respect to x, gamma and beta, given the
@@ -553,14 +564,14 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<LayerNormGrads<T>, NormError> {
         layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
-        let (x, dy) = (T::widen(x), T::widen(dy));
+        let (x, dy) = (widen(x), widen(dy));
         let mut dx = new_output(x.len());
         let op = (opts, RowNorm::Layer);
         let (dgamma, dbeta, _) = self
             .engine
             .layer_norm_backward((&x, &dy), &mut dx, features, op)
             .await?;
-        let dx = T::narrow(dx);
+        let dx = narrow(dx);
         Ok(LayerNormGrads { dx, dgamma, dbeta })
     }
 
@@ -591,13 +602,13 @@ impl Normalizer {
     ) -> Result<RmsNormGrads<T>, NormError> {
         let (opts, kind) = opts.as_row_norm();
         layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
-        let (x, dy) = (T::widen(x), T::widen(dy));
+        let (x, dy) = (widen(x), widen(dy));
         let mut dx = new_output(x.len());
         let (dgamma, _, _) = self
             .engine
             .layer_norm_backward((&x, &dy), &mut dx, features, (&opts, kind))
             .await?;
-        let dx = T::narrow(dx);
+        let dx = narrow(dx);
         Ok(RmsNormGrads { dx, dgamma })
     }
 
@@ -914,13 +925,13 @@ impl Normalizer {
     ) -> Result<BatchNormGrads<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         crate::ops::check_operand("dy", dy.len(), x.len())?;
-        let (x, dy) = (T::widen(x), T::widen(dy));
+        let (x, dy) = (widen(x), widen(dy));
         let mut dx = new_output(x.len());
         let (dgamma, dbeta, _) = self
             .engine
             .batch_norm_backward((&x, &dy), &mut dx, shape, opts, counted)
             .await?;
-        let dx = T::narrow(dx);
+        let dx = narrow(dx);
         Ok(BatchNormGrads { dx, dgamma, dbeta })
     }
 
@@ -931,14 +942,14 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
-        let x = T::widen(x);
+        let x = widen(x);
         let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
             .batch_norm_train(&x, &mut y, shape, opts, counted)
             .await?;
         Ok(BatchNormOutput {
-            y: T::narrow(y),
+            y: narrow(y),
             mean: stats.mean,
             var: stats.var,
             count: stats.count,
@@ -954,7 +965,7 @@ impl Normalizer {
     ) -> Result<(BatchStats, Timing), NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         check_output(x, y)?;
-        let (x, mut y) = (T::widen(x), OutputOf::new(y));
+        let (x, mut y) = (widen(x), OutputOf::new(y));
         let stats = self
             .engine
             .batch_norm_train(&x, y.values(), shape, opts, counted)
@@ -972,12 +983,12 @@ impl Normalizer {
     ) -> Result<Vec<T>, NormError> {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
-        let x = T::widen(x);
+        let x = widen(x);
         let mut y = new_output(x.len());
         self.engine
             .batch_norm_eval(&x, &mut y, shape, opts, stats)
             .await?;
-        Ok(T::narrow(y))
+        Ok(narrow(y))
     }
 
     async fn eval<T: Element>(
@@ -991,7 +1002,7 @@ impl Normalizer {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
         check_output(x, y)?;
-        let (x, mut y) = (T::widen(x), OutputOf::new(y));
+        let (x, mut y) = (widen(x), OutputOf::new(y));
         let timing = self
             .engine
             .batch_norm_eval(&x, y.values(), shape, opts, stats)

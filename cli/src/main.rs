@@ -63,6 +63,10 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::OPS),
               default_value = "layer_norm,layer_norm_alloc,rms_norm,batch_norm_train,batch_norm_eval")]
         ops: Vec<String>,
+        /// Element type of the tensors: f32, or f16 / bf16 (statistics in f32 inside). GB/s
+        /// counts the bytes of that type.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        dtype: String,
         /// Timed runs per case (after one untimed warm-up); the median is reported.
         #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
         reps: u16,
@@ -129,6 +133,7 @@ fn run(cli: Cli) -> error::CliResult<()> {
         Some(Command::Bench {
             shapes,
             ops,
+            dtype,
             reps,
             small_batch,
             gpu_only,
@@ -140,6 +145,7 @@ fn run(cli: Cli) -> error::CliResult<()> {
             &bench::Options {
                 shapes,
                 ops,
+                dtype: bench::Dtype::parse(&dtype),
                 reps: reps as usize,
                 small_batch,
                 gpu_only,

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::stats_out_of_range;
-use crate::LayerNorm;
+use crate::{Element, LayerNorm};
 
 /// Normalizes every `features`-long row of `x` into `y` (same length; input already validated).
 /// With `add` (the residual and the sum's output), each row is x + residual, written to the sum
@@ -43,6 +43,57 @@ pub(crate) fn layer_norm(
                 stream_fence();
             }),
     }
+}
+
+/// [`layer_norm`] of half tensors: each task widens its block of rows into f32 scratch of its
+/// own (in cache), normalizes it there and rounds the outputs into `y` (and the sum): no
+/// full-size f32 copy of any tensor, and the same f32 arithmetic as f32 tensors.
+pub(crate) fn layer_norm_of<T: Element>(
+    x: &[T],
+    y: &mut [T],
+    features: usize,
+    op: (&LayerNorm<'_>, RowNorm),
+    add: Option<(&[T], &mut [T])>,
+) {
+    let block = rows_per_task(features) * features;
+    let task = |xb: &[T], yb: &mut [T], add: Option<(&[T], &mut [T])>| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let n = xb.len();
+            if scratch.len() < 4 * n {
+                scratch.resize(4 * n, 0.0);
+            }
+            let (xw, rest) = scratch.split_at_mut(n);
+            let (yw, rest) = rest.split_at_mut(n);
+            let (rw, rest) = rest.split_at_mut(n);
+            let sw = &mut rest[..n];
+            T::widen_into(xb, xw);
+            match add {
+                None => rows(xw, yw, features, op, (false, None)),
+                Some((rb, sb)) => {
+                    T::widen_into(rb, rw);
+                    rows(xw, yw, features, op, (false, Some((rw, &mut *sw))));
+                    T::narrow_into(sw, sb);
+                }
+            }
+            T::narrow_into(yw, yb);
+        })
+    };
+    match add {
+        None => y
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(yb, xb)| task(xb, yb, None)),
+        Some((residual, sum)) => y
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .zip(residual.par_chunks(block).zip(sum.par_chunks_mut(block)))
+            .for_each(|((yb, xb), (rb, sb))| task(xb, yb, Some((rb, sb)))),
+    }
+}
+
+thread_local! {
+    /// A task's f32 copies of its block of half rows ([`layer_norm_of`]).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 multiversion! {

@@ -11,6 +11,7 @@ mod batch_norm;
 mod layer_norm;
 
 pub(crate) use batch_norm::{backward as batch_norm_backward, redo_columns_in_f64};
+pub(crate) use layer_norm::layer_norm_of;
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};

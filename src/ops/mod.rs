@@ -123,13 +123,13 @@ pub(crate) fn check_param(
 /// `layer_norm` several times slower than `layer_norm_into` a reused buffer. On Linux, outputs of
 /// 4 MiB and more ask for transparent huge pages before the first touch, so each fault maps
 /// 2 MiB; the memory stays zeroed and initialized, only its page size changes.
-pub(crate) fn new_output(len: usize) -> Vec<f32> {
-    let y = vec![0f32; len];
+pub(crate) fn new_output<T: bytemuck::Zeroable>(len: usize) -> Vec<T> {
+    let y: Vec<T> = bytemuck::zeroed_vec(len);
     #[cfg(target_os = "linux")]
-    if len * 4 >= HUGE_OUTPUT {
+    if std::mem::size_of_val(&y[..]) >= HUGE_OUTPUT {
         const HUGE: usize = 2 << 20;
         let start = (y.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (y.as_ptr() as usize + len * 4) / HUGE * HUGE;
+        let end = (y.as_ptr() as usize + std::mem::size_of_val(&y[..])) / HUGE * HUGE;
         if end > start {
             // SAFETY: madvise only advises the kernel about pages inside `y`'s allocation; with
             // MADV_HUGEPAGE it changes neither their contents nor their validity. A refusal

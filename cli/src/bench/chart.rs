@@ -244,6 +244,7 @@ mod tests {
                     let gbps = 1.0 + (i * 7 + k) as f64;
                     results.push(Record {
                         op: op.to_string(),
+                        dtype: "f32",
                         shape: format!("{rows}x{features}"),
                         rows,
                         features,

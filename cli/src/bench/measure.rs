@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use gpunorm::{wgpu, BatchNorm, LayerNorm, NormError, Normalizer, RmsNorm, RunningStats, Timing};
+use gpunorm::{
+    wgpu, BatchNorm, Element, LayerNorm, NormError, Normalizer, RmsNorm, RunningStats, Timing,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -72,22 +74,22 @@ impl Op {
     /// Bytes the op must move at least: x in and y out, twice the tensor; a backward pass reads
     /// x and dy and writes dx, three times; the fused add reads x and the residual and writes
     /// the sum and y, four times.
-    pub fn bytes(&self, shape: (usize, usize)) -> f64 {
+    pub fn bytes(&self, shape: (usize, usize), element: usize) -> f64 {
         let passes = match self.kind {
             Kind::LayerNormBackward | Kind::RmsNormBackward | Kind::BatchNormBackward => 3,
             Kind::AddLayerNorm => 4,
             _ => 2,
         };
-        (passes * shape.0 * shape.1 * 4) as f64
+        (passes * shape.0 * shape.1 * element) as f64
     }
 
     /// One call, timed end to end. A backward pass takes x as its dy too, the fused add as its
     /// residual, and both return new vectors (they have no `_into` form yet).
-    fn call(
+    fn call<T: Element>(
         &self,
         norm: &Normalizer,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[T],
+        y: &mut [T],
         features: usize,
     ) -> Result<(Duration, Timing), NormError> {
         let (ln, rms, bn) = (
@@ -126,8 +128,9 @@ fn drop_timed<T>(value: T) -> Timing {
     Timing::default()
 }
 
-/// Median wall and kernel time of `op` on `norm`, as a record.
-pub fn op(
+/// Median wall and kernel time of `op` on `norm` with tensors of `T` (`x` rounded to it), as a
+/// record. Wall-clock GB/s counts `T`'s bytes, kernel GB/s f32's (the kernels compute in f32).
+pub fn op<T: Element + FromF32>(
     norm: &Normalizer,
     backend: &'static str,
     op: Op,
@@ -135,11 +138,14 @@ pub fn op(
     x: &[f32],
     reps: usize,
 ) -> CliResult<Record> {
-    let mut y = error::filled(x.len(), 1f32, "the output")?;
-    let (seconds, kernel) = median(reps, || op.call(norm, x, &mut y, shape.1))?;
-    let bytes = op.bytes(shape);
+    let x: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let mut y = error::filled(x.len(), T::from_f32(1.0), "the output")?;
+    let (seconds, kernel) = median(reps, || op.call(norm, &x, &mut y, shape.1))?;
+    let bytes = op.bytes(shape, std::mem::size_of::<T>());
+    let kernel_bytes = op.bytes(shape, 4);
     Ok(Record {
         op: op.name(),
+        dtype: T::NAME,
         shape: label(shape),
         rows: shape.0,
         features: shape.1,
@@ -147,8 +153,31 @@ pub fn op(
         seconds,
         gbps: gbps(bytes, seconds),
         kernel_seconds: kernel,
-        kernel_gbps: kernel.map(|k| gbps(bytes, k)),
+        kernel_gbps: kernel.map(|k| gbps(kernel_bytes, k)),
     })
+}
+
+/// The element types a sweep converts its f32 input to.
+pub trait FromF32 {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl FromF32 for f32 {
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl FromF32 for gpunorm::half::f16 {
+    fn from_f32(v: f32) -> Self {
+        gpunorm::half::f16::from_f32(v)
+    }
+}
+
+impl FromF32 for gpunorm::half::bf16 {
+    fn from_f32(v: f32) -> Self {
+        gpunorm::half::bf16::from_f32(v)
+    }
 }
 
 /// One untimed run, then the median wall clock and median kernel time of `reps` runs.

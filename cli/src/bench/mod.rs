@@ -41,6 +41,7 @@ pub const OPS: &[&str] = &[
 pub struct Options {
     pub shapes: Vec<(usize, usize)>,
     pub ops: Vec<String>,
+    pub dtype: Dtype,
     pub reps: usize,
     pub small_batch: bool,
     pub gpu_only: bool,
@@ -48,11 +49,41 @@ pub struct Options {
     pub plot: Option<PathBuf>,
 }
 
+/// The element type a sweep runs its ops on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    /// One of `--dtype`'s values (checked by the argument parser).
+    pub fn parse(name: &str) -> Dtype {
+        match name {
+            "f32" => Dtype::F32,
+            "f16" => Dtype::F16,
+            "bf16" => Dtype::Bf16,
+            other => unreachable!("dtype {other} was checked by the argument parser"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// One measured (op, shape, backend): median wall clock of the whole call, and median kernel
 /// time where timestamps exist.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub op: String,
+    /// The element type of x and the outputs ("f32", "f16", "bf16").
+    pub dtype: &'static str,
     pub shape: String,
     pub rows: usize,
     pub features: usize,
@@ -142,7 +173,7 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
     let gpu = norm.is_gpu().then_some(norm);
     let cpu = (!opts.gpu_only || gpu.is_none()).then_some(&fallback);
     let ops: Vec<Op> = opts.ops.iter().map(|o| Op::parse(o)).collect();
-    print_header(norm, opts.reps);
+    print_header(norm, opts.reps, opts.dtype);
     let mut progress = Progress::new(
         opts.shapes.len() * ops.len() * (cpu.is_some() as usize + gpu.is_some() as usize),
     );
@@ -162,7 +193,15 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
             let backends = [cpu.map(|c| ("cpu", c)), gpu.map(|g| ("gpu", g))];
             for (backend, nz) in backends.into_iter().flatten() {
                 progress.step(&format!("{} {} {backend}", op.name(), label(shape)));
-                let record = measure::op(nz, backend, *op, shape, &x, opts.reps)?;
+                let record = match opts.dtype {
+                    Dtype::F32 => measure::op::<f32>(nz, backend, *op, shape, &x, opts.reps)?,
+                    Dtype::F16 => {
+                        measure::op::<gpunorm::half::f16>(nz, backend, *op, shape, &x, opts.reps)?
+                    }
+                    Dtype::Bf16 => {
+                        measure::op::<gpunorm::half::bf16>(nz, backend, *op, shape, &x, opts.reps)?
+                    }
+                };
                 print_record(&record, &facts);
                 report.results.push(record);
             }
@@ -228,12 +267,19 @@ impl Progress {
     }
 }
 
-fn print_header(norm: &Normalizer, reps: usize) {
+fn print_header(norm: &Normalizer, reps: usize, dtype: Dtype) {
     println!(
-        "bench: {} | CPU fallback on {} threads | median of {reps} warm runs",
+        "bench: {} | CPU fallback on {} threads | {} tensors | median of {reps} warm runs",
         norm.describe(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        dtype.name()
     );
+    if dtype != Dtype::F32 {
+        println!(
+            "  GB/s counts {}'s bytes; kernel GB/s counts f32's, the kernels' own.",
+            dtype.name()
+        );
+    }
     println!("  GB/s counts input read once + output written once (backward: x and dy read, dx");
     println!(
         "  written; add_layer_norm: x and residual read, sum and y written). % ceil: CPU rows"
