@@ -25,6 +25,9 @@
 //                  share a position (features-last, channels % 4 == 0) or a channel
 //                  (channels-first, spatial % 4 == 0), batch_norm_apply4.wgsl does the same four
 //                  at a time, with the same bits.
+//   running_update: one thread per column folds the batch statistics into running statistics
+//                  kept on the device, (0, mean, unbiased var, 1) per column (the layout eval
+//                  reads): new = (1 - momentum) * old + momentum * batch.
 //
 // Every entry point runs WG threads per workgroup. Workgroups beyond the grid's first side use its
 // y dimension.
@@ -46,6 +49,8 @@ var<workgroup> partial: array<f32, WG>;
 // that no kernel binds more than 4 storage buffers, the least a device may offer.)
 @group(0) @binding(4) var<storage, read_write> columns: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+// Running statistics on the device, (0, mean, unbiased var, 1) per column of the whole tensor.
+@group(0) @binding(7) var<storage, read_write> running: array<vec4<f32>>;
 
 // Where (position p, column c of the block) sits in x and y.
 fn index_of(p: u32, c: u32) -> u32 {
@@ -366,4 +371,27 @@ fn backward_apply(
     }
     let h = ((x[i] - st.x) - st.y) * r;
     y[i] = g * ((dy[i] - affine.z / st.w) - h * (affine.w / st.w));
+}
+
+@compute @workgroup_size(WG)
+fn running_update(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    let st = columns[c];
+    let mean = st.x + st.y;
+    let unbiased = st.z / (st.w - 1.0);
+    let m = params.momentum;
+    let old = running[params.col_base + c];
+    running[params.col_base + c] = vec4<f32>(
+        0.0,
+        (1.0 - m) * old.y + m * mean,
+        (1.0 - m) * old.z + m * unbiased,
+        1.0,
+    );
 }

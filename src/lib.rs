@@ -62,7 +62,7 @@ pub use half;
 pub use element::Element;
 pub use error::NormError;
 pub use gpu::encode::Encode;
-pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
+pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRunningStats, GpuTensor};
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,

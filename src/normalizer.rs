@@ -9,7 +9,9 @@ use std::future::Future;
 use crate::cpu::Cpu;
 use crate::element::{narrow, widen, OutputOf};
 use crate::gpu::encode::{self, Encode};
-use crate::gpu::tensor::{self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuTensor};
+use crate::gpu::tensor::{
+    self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRunningStats, GpuTensor,
+};
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
@@ -1317,6 +1319,126 @@ impl Normalizer {
         let counted = batch_norm::validate_training(&shape, opts)?;
         crate::ops::check_operand("dy", dy.len(), x.len())?;
         let op = tensor::batch_norm_backward(ctx, (x, dy), &shape, opts, counted);
+        ctx.call(op).await
+    }
+
+    /// Running statistics uploaded to the device, for [`Normalizer::batch_norm_train_gpu_running`]
+    /// and [`Normalizer::batch_norm_eval_gpu_running`]. Errors on the CPU fallback
+    /// ([`NormError::NotGpu`]) and when the mean and variance differ in length.
+    pub fn upload_running_stats(&self, stats: &RunningStats) -> Result<GpuRunningStats, NormError> {
+        self.block(
+            "upload_running_stats",
+            self.upload_running_stats_async(stats),
+        )
+    }
+
+    /// [`Normalizer::upload_running_stats`], awaited.
+    pub async fn upload_running_stats_async(
+        &self,
+        stats: &RunningStats,
+    ) -> Result<GpuRunningStats, NormError> {
+        let ctx = self.context("upload_running_stats")?;
+        crate::ops::check_param("running var", Some(&stats.var), stats.mean.len())?;
+        ctx.call(tensor::upload_running(ctx, stats)).await
+    }
+
+    /// Reads running statistics back from the device (waits for the steps that update them).
+    pub fn download_running_stats(
+        &self,
+        stats: &GpuRunningStats,
+    ) -> Result<RunningStats, NormError> {
+        self.block(
+            "download_running_stats",
+            self.download_running_stats_async(stats),
+        )
+    }
+
+    /// [`Normalizer::download_running_stats`], awaited.
+    pub async fn download_running_stats_async(
+        &self,
+        stats: &GpuRunningStats,
+    ) -> Result<RunningStats, NormError> {
+        let ctx = self.context("download_running_stats")?;
+        ctx.call(tensor::download_running(ctx, stats)).await
+    }
+
+    /// A BatchNorm training step on a GPU tensor (features-last) that keeps everything on the
+    /// device: y in a new GPU tensor, and the batch statistics folded into `running` there
+    /// (new = (1 − momentum) · old + momentum · batch, with the unbiased batch variance, as
+    /// [`RunningStats::update`] does on the host). Nothing is read back and nothing waits, so a
+    /// training loop runs ahead of the GPU. Unlike the waiting forms, columns whose statistics
+    /// leave f32's range (spreads past about 1e19) are not redone in f64 here.
+    ///
+    /// Errors as [`Normalizer::batch_norm_train`] does, when the batch counts fewer than 2
+    /// positions ([`NormError::TooFewRows`]), when `running` has another feature count or
+    /// belongs to another `Normalizer`, on a momentum outside [0, 1], and on the CPU fallback.
+    pub fn batch_norm_train_gpu_running(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        running: &GpuRunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let work = self.batch_norm_train_gpu_running_async(x, features, opts, running);
+        self.block("batch_norm_train_gpu_running", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_gpu_running`], awaited (as
+    /// [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn batch_norm_train_gpu_running_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        running: &GpuRunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("batch_norm_train_gpu_running")?;
+        let shape = Shape::features_last(x.len(), features)?;
+        let counted = batch_norm::validate_training(&shape, opts)?;
+        if counted.count < 2 {
+            return Err(NormError::TooFewRows {
+                count: counted.count,
+            });
+        }
+        if !(0.0..=1.0).contains(&running.momentum) {
+            return Err(NormError::InvalidParam {
+                name: "momentum",
+                value: running.momentum,
+                expected: "in [0, 1]",
+                feature: None,
+            });
+        }
+        let op = tensor::batch_norm_train_running(ctx, x, &shape, (opts, counted), running);
+        ctx.call(op).await
+    }
+
+    /// [`Normalizer::batch_norm_eval_gpu`] with running statistics on the device, without
+    /// waiting. Same errors as `batch_norm_eval_gpu`, but for the checks of the statistics'
+    /// values, which are on the device (a negative or NaN variance gives NaN outputs), plus
+    /// `running` of another feature count or `Normalizer`.
+    pub fn batch_norm_eval_gpu_running(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        running: &GpuRunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let work = self.batch_norm_eval_gpu_running_async(x, features, opts, running);
+        self.block("batch_norm_eval_gpu_running", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval_gpu_running`], awaited.
+    pub async fn batch_norm_eval_gpu_running_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &BatchNorm<'_>,
+        running: &GpuRunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("batch_norm_eval_gpu_running")?;
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        let op = tensor::batch_norm_eval_running(ctx, x, &shape, opts, running);
         ctx.call(op).await
     }
 

@@ -886,3 +886,107 @@ fn encoded_ops_check_every_span() {
     queue.submit([encoder.finish()]);
     assert!(pollster::block_on(scope.pop()).is_none());
 }
+
+/// A BatchNorm training loop on the device: each step's output has the waiting form's bits,
+/// and the running statistics, folded in on the device, match the host's fold of the same
+/// batches (f32 on the device, f64 on the host: 1e-5 relative). Eval then reads them there.
+#[test]
+fn batch_norm_running_statistics_stay_on_the_device() {
+    let Some(norm) = gpu() else { return };
+    // 40000 features run in two blocks of columns at 1 MiB bindings (CI's second pass).
+    for (rows, features) in [(300, 24), (4, 40_000)] {
+        let mask: Vec<bool> = (0..rows).map(|r| r % 7 != 3).collect();
+        let gamma = common::data(features, 1.0, 0.5, 30);
+        let opts = BatchNorm {
+            mask: Some(&mask),
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let mut host = RunningStats::new(features);
+        host.momentum = 0.3;
+        let device = norm.upload_running_stats(&host).unwrap();
+        assert_eq!(device.features(), features);
+        for step in 0..4 {
+            let x = common::data(rows * features, step as f32, 1.0 + step as f32, step);
+            let t = norm.upload(&x).unwrap();
+            let y = norm
+                .batch_norm_train_gpu_running(&t, features, &opts, &device)
+                .unwrap();
+            let out = norm.batch_norm_train(&x, features, &opts).unwrap();
+            assert_eq!(norm.download(&y).unwrap(), out.y, "{features}: step {step}");
+            host.update(&out).unwrap();
+        }
+        let back = norm.download_running_stats(&device).unwrap();
+        assert_eq!(back.momentum, 0.3);
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0))
+        };
+        assert!(close(&back.mean, &host.mean), "{features}: running mean");
+        assert!(close(&back.var, &host.var), "{features}: running var");
+
+        let x = ordinary(rows * features, 40);
+        let t = norm.upload(&x).unwrap();
+        let e = norm
+            .batch_norm_eval_gpu_running(&t, features, &opts, &device)
+            .unwrap();
+        let expected = norm.batch_norm_eval(&x, features, &opts, &back).unwrap();
+        assert_eq!(norm.download(&e).unwrap(), expected, "{features}: eval");
+    }
+}
+
+/// Running statistics on the device refuse what the host's refuse, and another Normalizer's.
+#[test]
+fn device_running_statistics_check_their_input() {
+    let Some(norm) = gpu() else { return };
+    let t = norm.upload(&ordinary(40, 1)).unwrap();
+    let opts = BatchNorm::default();
+    let mut running = norm.upload_running_stats(&RunningStats::new(4)).unwrap();
+    assert!(matches!(
+        norm.batch_norm_train_gpu_running(&t, 8, &opts, &running),
+        Err(NormError::ParamLength {
+            name: "running mean",
+            len: 4,
+            features: 8
+        })
+    ));
+    let mask: Vec<bool> = (0..10).map(|r| r == 2).collect();
+    let one_row = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    assert!(matches!(
+        norm.batch_norm_train_gpu_running(&t, 4, &one_row, &running),
+        Err(NormError::TooFewRows { count: 1 })
+    ));
+    running.momentum = 1.5;
+    assert!(matches!(
+        norm.batch_norm_train_gpu_running(&t, 4, &opts, &running),
+        Err(NormError::InvalidParam {
+            name: "momentum",
+            ..
+        })
+    ));
+    let other = Normalizer::gpu().unwrap();
+    let theirs = other.upload_running_stats(&RunningStats::new(4)).unwrap();
+    assert!(matches!(
+        norm.batch_norm_eval_gpu_running(&t, 4, &opts, &theirs),
+        Err(NormError::InvalidBuffer {
+            name: "running",
+            ..
+        })
+    ));
+    let uneven = RunningStats {
+        var: vec![1.0; 3],
+        ..RunningStats::new(4)
+    };
+    assert!(matches!(
+        norm.upload_running_stats(&uneven),
+        Err(NormError::ParamLength { .. })
+    ));
+    assert!(matches!(
+        Normalizer::cpu().upload_running_stats(&RunningStats::new(4)),
+        Err(NormError::NotGpu(_))
+    ));
+}

@@ -23,7 +23,8 @@ struct Params {
     // col_base + c; every index into columns and partials is one of the block, c.
     stride: u32,
     col_base: u32,
-    pad_a: u32,
+    // The weight of the batch in a running-statistics update (running_update).
+    momentum: f32,
     pad_b: u32,
     pad_c: u32,
 }

@@ -120,8 +120,14 @@ const BACKWARD_APPLY: KernelDef = KernelDef {
         Slot::Read(6),
     ],
 };
+/// Folds a batch's statistics into running statistics on the device.
+const RUNNING_UPDATE: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "running_update",
+    slots: &[Slot::Uniform(0), Slot::ReadWrite(4), Slot::ReadWrite(7)],
+};
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 11] = [
+pub(crate) const KERNELS: [&KernelDef; 12] = [
     &SEED,
     &PARTIAL,
     &PARTIAL_ROWS,
@@ -133,6 +139,7 @@ pub(crate) const KERNELS: [&KernelDef; 11] = [
     &BACKWARD_PARTIAL,
     &BACKWARD_MERGE,
     &BACKWARD_APPLY,
+    &RUNNING_UPDATE,
 ];
 
 // Keep in sync with `Params` in shaders/shared/batch_norm_params.wgsl (a test compares the two).
@@ -152,7 +159,7 @@ struct BatchNormParams {
     first: u32,
     stride: u32,
     col_base: u32,
-    pad_a: u32,
+    momentum: f32,
     pad_b: u32,
     pad_c: u32,
 }
@@ -196,7 +203,8 @@ pub(crate) async fn train(
 ) -> Result<(BatchStats, Timing), NormError> {
     let plan = Plan::new(ctx, shape, &x, opts, (counted.first, true))?;
     let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Call, "batch_norm_train").await?;
-    let statistics = run.statistics(&x).await?;
+    run.statistics(&x).await?;
+    let statistics = run.stats_readback().await?;
     run.apply(&x, &mut y).await?;
     let (mean, var) = statistics.read(ctx).await?;
     let mut stats = BatchStats {
@@ -244,6 +252,42 @@ async fn redo_out_of_range(
     Ok(())
 }
 
+/// BatchNorm training of a device tensor into a device buffer, its batch statistics folded into
+/// `running` on the device ((0, mean, var, 1) per column) with weight `momentum`: no readback,
+/// no wait. Columns whose statistics leave f32's range are not redone in f64 here, as the
+/// waiting forms redo them (see [`train`]).
+pub(crate) async fn train_running(
+    ctx: &GpuContext,
+    (x, mut y): (Input<'_>, Output<'_>),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    counted: Counted,
+    (running, momentum): (&wgpu::Buffer, f32),
+) -> Result<(), NormError> {
+    let op = "batch_norm_train_gpu_running";
+    ctx.check_storage_buffers(Slot::storage_count(RUNNING_UPDATE.slots), op)?;
+    let plan = Plan::new(ctx, shape, &x, opts, (counted.first, true))?;
+    let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Detached, op).await?;
+    run.statistics(&x).await?;
+    run.apply(&x, &mut y).await?;
+    run.update_running(running, momentum).await
+}
+
+/// BatchNorm eval of a device tensor with running statistics on the device, without waiting.
+pub(crate) async fn eval_running(
+    ctx: &GpuContext,
+    (x, mut y): (Input<'_>, Output<'_>),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    running: &wgpu::Buffer,
+) -> Result<(), NormError> {
+    let plan = Plan::new(ctx, shape, &x, opts, (0, true))?;
+    let op = "batch_norm_eval_gpu_running";
+    let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Detached, op).await?;
+    run.load_running_device(running).await?;
+    run.apply(&x, &mut y).await
+}
+
 /// Runs BatchNorm eval with the running statistics. On device buffers it returns without
 /// waiting for the GPU.
 pub(crate) async fn eval(
@@ -279,7 +323,8 @@ pub(crate) async fn backward(
     ctx.check_storage_buffers(Slot::storage_count(BACKWARD_APPLY.slots), op)?;
     let plan = Plan::new(ctx, shape, &x, opts, (counted.first, false))?;
     let mut run = Run::new(ctx, &plan, (&x, opts), Lifetime::Call, op).await?;
-    let (mean, var) = run.statistics(&x).await?.read(ctx).await?;
+    run.statistics(&x).await?;
+    let (mean, var) = run.stats_readback().await?.read(ctx).await?;
     if (0..shape.channels).any(|c| stats_out_of_range(mean[c] as f64, var[c] as f64, opts.eps)) {
         let (dgamma, dbeta) =
             backward_in_f64(ctx, (&x, &dy), &mut dx, shape, opts, counted).await?;
@@ -570,7 +615,7 @@ impl BatchNormParams {
             first: 0,
             stride: 0,
             col_base: 0,
-            pad_a: 0,
+            momentum: 0.0,
             pad_b: 0,
             pad_c: 0,
         })
@@ -621,6 +666,8 @@ struct Run<'a> {
     /// The chunk's mask as u32 words (a 16-byte placeholder without a mask).
     mask_buffer: Pooled<'a>,
     timer: Option<PassTimer<'a>>,
+    /// How long its buffers live: `Detached` where nobody waits for the work.
+    lifetime: Lifetime,
     /// The backward pass's upstream gradient, its buffer where it comes from the host, and which
     /// chunk that holds.
     dy: Option<(Input<'a>, Option<Pooled<'a>>)>,
@@ -721,6 +768,7 @@ impl<'a> Run<'a> {
                 } else {
                     None
                 },
+                lifetime,
                 dy: None,
                 dy_resident: None,
             }
@@ -750,6 +798,63 @@ impl<'a> Run<'a> {
                 }
             })
             .await
+    }
+
+    /// Eval from running statistics on the device: each block's columns copied from
+    /// `running` ((0, mean, var, 1) per column, the layout eval reads).
+    async fn load_running_device(&mut self, running: &wgpu::Buffer) -> Result<(), NormError> {
+        let ctx = self.ctx;
+        ctx.scoped(self.op, || {
+            let mut encoder = ctx.encoder("batch_norm running statistics");
+            for (block, columns) in self.plan.blocks.iter().zip(&self.columns) {
+                let (at, len) = (block.start as u64, block.len() as u64);
+                encoder.copy_buffer_to_buffer(
+                    running,
+                    at * COLUMN_BYTES,
+                    columns,
+                    0,
+                    len * COLUMN_BYTES,
+                );
+            }
+            ctx.queue().submit([encoder.finish()]);
+        })
+        .await
+    }
+
+    /// Folds the batch statistics (after [`Run::statistics`]) into `running` on the device,
+    /// with the batch weighted by `momentum`.
+    async fn update_running(&self, running: &wgpu::Buffer, momentum: f32) -> Result<(), NormError> {
+        use wgpu::BufferUsages as U;
+        let ctx = self.ctx;
+        let update = self.pipeline(&RUNNING_UPDATE).await?;
+        ctx.scoped(self.op, || {
+            let mut encoder = ctx.encoder("batch_norm running update");
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("batch_norm running update"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&update.pipeline);
+                for (b, (block, columns)) in self.plan.blocks.iter().zip(&self.columns).enumerate()
+                {
+                    let p = BatchNormParams {
+                        momentum,
+                        ..self.plan.params[0][b]
+                    };
+                    let p =
+                        ctx.buffer_with("batch_norm params", bytemuck::bytes_of(&p), U::UNIFORM);
+                    pass.set_bind_group(
+                        0,
+                        &update.bind(ctx.device(), &[&p, columns, running]),
+                        &[],
+                    );
+                    let (gx, gy) = grid(block.len().div_ceil(WG as usize), ctx.max_groups());
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
+            }
+            ctx.queue().submit([encoder.finish()]);
+        })
+        .await
     }
 
     /// Makes chunk `i` of `x` (and its mask) the one the kernels read: stages its upload where
@@ -844,7 +949,7 @@ impl<'a> Run<'a> {
 
     /// The statistics pass, chunk by chunk: seed (first chunk only), partial tiles, merge.
     /// Returns the statistics, their copy to the host submitted.
-    async fn statistics(&mut self, x: &Input<'a>) -> Result<StatsReadback<'a>, NormError> {
+    async fn statistics(&mut self, x: &Input<'a>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
         let partial = match (self.plan.rows, self.plan.hold) {
@@ -857,14 +962,13 @@ impl<'a> Run<'a> {
             self.pipeline(partial).await?,
             self.pipeline(&MERGE).await?,
         );
-        let c = self.plan.shape.channels;
         let partials = ctx
             .scoped(self.op, || {
                 ctx.buffer(
                     "batch_norm partials",
                     (self.plan.max_row_tiles() * self.plan.block_width()) as u64 * COLUMN_BYTES,
                     U::STORAGE,
-                    Lifetime::Call,
+                    self.lifetime,
                 )
             })
             .await?;
@@ -914,7 +1018,13 @@ impl<'a> Run<'a> {
                 self.collect_time().await?;
             }
         }
-        // Each block's statistics, the first half of its columns buffer, side by side.
+        Ok(())
+    }
+
+    /// Copies each block's statistics (the first half of its columns buffer) side by side into
+    /// a staging buffer, to read once the GPU is done.
+    async fn stats_readback(&self) -> Result<StatsReadback<'a>, NormError> {
+        let (ctx, c) = (self.ctx, self.plan.shape.channels);
         let staging = ctx
             .scoped(self.op, || {
                 let staging = transfer::readback_buffer(ctx, c as u64 * COLUMN_BYTES);
@@ -1163,7 +1273,7 @@ mod tests {
             first,
             stride,
             col_base,
-            pad_a,
+            momentum,
             pad_b,
             pad_c
         });

@@ -142,6 +142,73 @@ pub struct GpuAddNormOutput {
     pub y: GpuTensor,
 }
 
+/// BatchNorm's running statistics on the device, made by
+/// [`Normalizer::upload_running_stats`](crate::Normalizer::upload_running_stats): a training
+/// step on GPU tensors ([`Normalizer::batch_norm_train_gpu_running`](crate::Normalizer::batch_norm_train_gpu_running))
+/// folds its batch statistics in on the device, and eval reads them there, so a training loop
+/// does not wait for the GPU each step.
+/// [`Normalizer::download_running_stats`](crate::Normalizer::download_running_stats) reads
+/// them back as [`RunningStats`].
+#[derive(Debug, Clone)]
+pub struct GpuRunningStats {
+    /// (0, mean, unbiased var, 1) per feature: the layout the eval kernels read.
+    columns: GpuTensor,
+    features: usize,
+    /// Weight of each new batch, in [0, 1].
+    pub momentum: f32,
+}
+
+impl GpuRunningStats {
+    /// Number of features.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Refuses statistics of another context or of another feature count.
+    fn check(&self, ctx: &GpuContext, features: usize) -> Result<(), NormError> {
+        self.columns.check_owner(ctx, "running")?;
+        if self.features != features {
+            return Err(NormError::ParamLength {
+                name: "running mean",
+                len: self.features,
+                features,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Running statistics uploaded in the layout the kernels read.
+pub(crate) async fn upload_running(
+    ctx: &GpuContext,
+    stats: &RunningStats,
+) -> Result<GpuRunningStats, NormError> {
+    let columns: Vec<f32> = stats
+        .mean
+        .iter()
+        .zip(&stats.var)
+        .flat_map(|(&m, &v)| [0.0, m, v, 1.0])
+        .collect();
+    Ok(GpuRunningStats {
+        columns: upload(ctx, &columns, None).await?,
+        features: stats.mean.len(),
+        momentum: stats.momentum,
+    })
+}
+
+/// Running statistics read back (waits for the work that updates them).
+pub(crate) async fn download_running(
+    ctx: &GpuContext,
+    stats: &GpuRunningStats,
+) -> Result<RunningStats, NormError> {
+    let columns = download(ctx, &stats.columns).await?;
+    Ok(RunningStats {
+        mean: columns.chunks_exact(4).map(|q| q[1]).collect(),
+        var: columns.chunks_exact(4).map(|q| q[2]).collect(),
+        momentum: stats.momentum,
+    })
+}
+
 /// Copies `data` into a new GPU tensor of rows `features` wide where given, without waiting for
 /// the copy.
 pub(crate) async fn upload(
@@ -317,6 +384,49 @@ pub(crate) async fn batch_norm_backward(
         dgamma: upload(ctx, &dgamma, Some(shape.channels)).await?,
         dbeta: upload(ctx, &dbeta, Some(shape.channels)).await?,
     })
+}
+
+/// BatchNorm training of a tensor into a new one, its statistics folded into `running` on the
+/// device: no readback, no wait.
+pub(crate) async fn batch_norm_train_running(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    shape: &Shape,
+    (opts, counted): (&BatchNorm<'_>, Counted),
+    running: &GpuRunningStats,
+) -> Result<GpuTensor, NormError> {
+    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    running.check(ctx, shape.channels)?;
+    let y = ctx
+        .scoped("batch_norm_train_gpu_running", || {
+            GpuTensor::new(ctx, x.len, Some(shape.channels))
+        })
+        .await?;
+    let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
+    let update = (&running.columns.buffer, running.momentum);
+    batch_norm::train_running(ctx, io, shape, opts, counted, update).await?;
+    Ok(y)
+}
+
+/// BatchNorm eval of a tensor into a new one with running statistics on the device, without
+/// waiting.
+pub(crate) async fn batch_norm_eval_running(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    running: &GpuRunningStats,
+) -> Result<GpuTensor, NormError> {
+    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    running.check(ctx, shape.channels)?;
+    let y = ctx
+        .scoped("batch_norm_eval_gpu_running", || {
+            GpuTensor::new(ctx, x.len, Some(shape.channels))
+        })
+        .await?;
+    let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
+    batch_norm::eval_running(ctx, io, shape, opts, &running.columns.buffer).await?;
+    Ok(y)
 }
 
 /// BatchNorm eval of a tensor into a new one, without waiting.
