@@ -300,6 +300,102 @@ async fn gpu_tensors_chain_on_webgpu() {
     assert!(err < 1e-4, "error {err:e}");
 }
 
+/// Training on GPU tensors in the browser: the backward pass and the fused add chained on the
+/// device, BatchNorm steps whose running statistics stay there, an op recorded on spans of
+/// buffers at an offset (WebGPU's 256-byte alignment) with gamma on the device, and a half
+/// tensor, each against the reference.
+#[wasm_bindgen_test]
+async fn training_on_gpu_tensors_on_webgpu() {
+    let Some(norm) = gpu().await else { return };
+    let (rows, features) = (40, 64);
+    let x = data(rows * features, 0.0, 1.0, 11);
+    let dy = data(rows * features, 0.0, 1.0, 12);
+    let (xt, dyt) = (
+        norm.upload_rows_async(&x, features).await.unwrap(),
+        norm.upload_async(&dy).await.unwrap(),
+    );
+    let ln = LayerNorm::default();
+    let grads = norm
+        .layer_norm_backward_gpu_async(&xt, &dyt, features, &ln)
+        .await
+        .unwrap();
+    let (rdx, rdgamma, _) = reference::layer_norm_backward(&x, &dy, features, &ln);
+    // Tolerances of tests/backward.rs (gradients of O(1), sums over 40 rows).
+    let dx = norm.download_async(&grads.dx).await.unwrap();
+    assert!(max_error(&dx, &rdx) < 1e-4);
+    let dgamma = norm.download_async(&grads.dgamma).await.unwrap();
+    assert!(max_error(&dgamma, &rdgamma) < 1e-4);
+    let add = norm
+        .add_rms_norm_gpu_async(&xt, &dyt, features, &RmsNorm::default())
+        .await
+        .unwrap();
+    let sum: Vec<f32> = x.iter().zip(&dy).map(|(a, b)| a + b).collect();
+    assert_eq!(norm.download_async(&add.sum).await.unwrap(), sum);
+    let y = norm.download_async(&add.y).await.unwrap();
+    let r = reference::rms_norm(&sum, features, &RmsNorm::default());
+    assert!(max_error(&y, &r) < 1e-4);
+
+    // BatchNorm steps with running statistics on the device, then eval from them.
+    let mut host = RunningStats::new(features);
+    let device = norm.upload_running_stats_async(&host).await.unwrap();
+    let bn = BatchNorm::default();
+    for step in 0..3u64 {
+        let x = data(rows * features, step as f32, 1.0, 20 + step);
+        let t = norm.upload_async(&x).await.unwrap();
+        let y = norm
+            .batch_norm_train_gpu_running_async(&t, features, &bn, &device)
+            .await
+            .unwrap();
+        let (ry, mean, var, count) = reference::batch_norm_train(&x, features, &bn);
+        assert!(max_error(&norm.download_async(&y).await.unwrap(), &ry) < 1e-4);
+        let out = gpunorm::BatchNormOutput {
+            y: Vec::<f32>::new(),
+            mean: mean.iter().map(|&v| v as f32).collect(),
+            var: var.iter().map(|&v| v as f32).collect(),
+            count,
+        };
+        host.update(&out).unwrap();
+    }
+    let back = norm.download_running_stats_async(&device).await.unwrap();
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-4);
+    assert!(close(&back.mean, &host.mean) && close(&back.var, &host.var));
+
+    // RMSNorm recorded on spans: x at byte 256 of a buffer, gamma on the device.
+    let gamma = data(features, 1.0, 0.5, 13);
+    let mut padded = vec![0.0f32; 64];
+    padded.extend_from_slice(&x);
+    let (input, output, weights) = (
+        norm.upload_async(&padded).await.unwrap(),
+        norm.upload_async(&vec![0.0; x.len()]).await.unwrap(),
+        norm.upload_async(&gamma).await.unwrap(),
+    );
+    let (device, queue) = norm.wgpu().unwrap();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let bytes = (x.len() * 4) as u64;
+    let op = gpunorm::Encode::RmsNorm {
+        x: input.buffer().slice(256..256 + bytes),
+        y: output.buffer().slice(..bytes),
+        features,
+        eps: 1e-6,
+        gamma: Some(weights.buffer().slice(..(features * 4) as u64)),
+    };
+    norm.encode_async(&mut encoder, &op).await.unwrap();
+    queue.submit([encoder.finish()]);
+    let y = norm.download_async(&output).await.unwrap();
+    let opts = RmsNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    assert!(max_error(&y, &reference::rms_norm(&x, features, &opts)) < 1e-4);
+
+    // A half tensor: f32 statistics inside, rounded once on the way out (2e-3 for f16).
+    let xh: Vec<gpunorm::half::f16> = x.iter().map(|&v| gpunorm::half::f16::from_f32(v)).collect();
+    let wide: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+    let y = norm.layer_norm_async(&xh, features, &ln).await.unwrap();
+    let y: Vec<f32> = y.iter().map(|v| v.to_f32()).collect();
+    assert!(max_error(&y, &reference::layer_norm(&wide, features, &ln)) < 2e-3);
+}
+
 #[wasm_bindgen_test]
 async fn bad_input_gives_errors_on_webgpu() {
     if let Some(norm) = gpu().await {
