@@ -1,5 +1,5 @@
-//! `gpunorm check`: LayerNorm, RMSNorm, LayerNorm's backward pass and BatchNorm of a large
-//! random batch against the f64 reference, with CPU-fallback and GPU times.
+//! `gpunorm check`: LayerNorm, RMSNorm, LayerNorm's backward pass, BatchNorm and its backward
+//! pass of a large random batch against the f64 reference, with CPU-fallback and GPU times.
 
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,7 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
         ..Default::default()
     };
     check_batch_norm((&cpu, gpu), (&x, warm, &mut y), rows, features, &bn)?;
+    check_batch_norm_backward((&cpu, gpu), (&x, warm), features, &bn, &mut rng)?;
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
     Ok(())
 }
@@ -145,6 +146,41 @@ fn check_batch_norm(
         })
     };
     report(run_bn(cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
+    Ok(())
+}
+
+/// BatchNorm training's backward pass of `x` with a random dy, on each backend, against the
+/// reference.
+fn check_batch_norm_backward(
+    (cpu, gpu): (&Normalizer, Option<&Normalizer>),
+    (x, warm): (&[f32], &[f32]),
+    features: usize,
+    bn: &BatchNorm<'_>,
+    rng: &mut StdRng,
+) -> CliResult<()> {
+    println!(
+        "check: BatchNorm backward of the same batch (a random dy; through the batch statistics)"
+    );
+    let mut dy = error::filled(x.len(), 0f32, "the upstream gradient")?;
+    dy.iter_mut()
+        .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
+    let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(x, &dy, features, bn);
+    let mut run = |nz: &Normalizer| -> Result<Case, NormError> {
+        nz.batch_norm_backward(warm, &dy[..warm.len()], features, bn)?;
+        let start = Instant::now();
+        let grads = nz.batch_norm_backward(x, &dy, features, bn)?;
+        let wall = start.elapsed();
+        let sums = reference::max_error(&grads.dgamma, &rdgamma)
+            .max(reference::max_error(&grads.dbeta, &rdbeta));
+        Ok(Case {
+            error: reference::max_error(&grads.dx, &rdx),
+            stats_error: Some(("dgamma and dbeta", sums)),
+            wall,
+            timing: Timing::default(),
+        })
+    };
+    let backward = (run(cpu)?, gpu.map(&mut run).transpose()?);
+    report(backward.0, backward.1, (3 * x.len() * 4) as f64 / 1e9);
     Ok(())
 }
 
