@@ -1442,6 +1442,94 @@ impl Normalizer {
         ctx.call(op).await
     }
 
+    /// [`Normalizer::batch_norm_train_nchw`] on a GPU tensor: a channels-first `[batch,
+    /// channels, spatial]` tensor into a new GPU tensor (whose row width is one batch item,
+    /// channels × spatial), and the batch statistics per channel, which come back (so this
+    /// call waits for the GPU). Same errors as `batch_norm_train_nchw`, plus
+    /// [`NormError::NotGpu`].
+    pub fn batch_norm_train_nchw_gpu(
+        &self,
+        x: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(GpuTensor, BatchStats), NormError> {
+        let work = self.batch_norm_train_nchw_gpu_async(x, shape, opts);
+        self.block("batch_norm_train_nchw_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_train_nchw_gpu`], awaited.
+    pub async fn batch_norm_train_nchw_gpu_async(
+        &self,
+        x: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<(GpuTensor, BatchStats), NormError> {
+        let ctx = self.context("batch_norm_train_nchw_gpu")?;
+        let shape = Shape::named(x.len(), shape)?;
+        let counted = batch_norm::validate_training(&shape, opts)?;
+        ctx.call(tensor::batch_norm_train(ctx, x, &shape, opts, counted))
+            .await
+    }
+
+    /// [`Normalizer::batch_norm_eval_nchw`] on a GPU tensor, into a new GPU tensor, without
+    /// waiting. Same errors as `batch_norm_eval_nchw`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_eval_nchw_gpu(
+        &self,
+        x: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let work = self.batch_norm_eval_nchw_gpu_async(x, shape, opts, stats);
+        self.block("batch_norm_eval_nchw_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_eval_nchw_gpu`], awaited.
+    pub async fn batch_norm_eval_nchw_gpu_async(
+        &self,
+        x: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("batch_norm_eval_nchw_gpu")?;
+        let shape = Shape::named(x.len(), shape)?;
+        batch_norm::validate(&shape, opts)?;
+        batch_norm::validate_stats(&shape, stats)?;
+        ctx.call(tensor::batch_norm_eval(ctx, x, &shape, opts, stats))
+            .await
+    }
+
+    /// [`Normalizer::batch_norm_backward_nchw`] on GPU tensors: dx, and dgamma and dbeta per
+    /// channel, in new GPU tensors; waits for the GPU (as `batch_norm_backward_gpu`). Same
+    /// errors as `batch_norm_backward_nchw`, plus [`NormError::NotGpu`].
+    pub fn batch_norm_backward_nchw_gpu(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let work = self.batch_norm_backward_nchw_gpu_async(x, dy, shape, opts);
+        self.block("batch_norm_backward_nchw_gpu", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_nchw_gpu`], awaited.
+    pub async fn batch_norm_backward_nchw_gpu_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        shape: ChannelsFirst,
+        opts: &BatchNorm<'_>,
+    ) -> Result<GpuGrads, NormError> {
+        let ctx = self.context("batch_norm_backward_nchw_gpu")?;
+        let shape = Shape::named(x.len(), shape)?;
+        let counted = batch_norm::validate_training(&shape, opts)?;
+        crate::ops::check_operand("dy", dy.len(), x.len())?;
+        let op = tensor::batch_norm_backward(ctx, (x, dy), &shape, opts, counted);
+        ctx.call(op).await
+    }
+
     /// [`Normalizer::batch_norm_eval`] on a GPU tensor (features-last), into a new GPU tensor,
     /// without waiting for the GPU. Same errors as `batch_norm_eval`, plus [`NormError::NotGpu`].
     pub fn batch_norm_eval_gpu(

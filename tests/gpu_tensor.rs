@@ -990,3 +990,81 @@ fn device_running_statistics_check_their_input() {
         Err(NormError::NotGpu(_))
     ));
 }
+
+/// Channels-first BatchNorm on device tensors (the named-shape forms): the host path's bits,
+/// outputs whose row width is one batch item, and a tensor of another width refused.
+#[test]
+fn channels_first_batch_norm_on_device_tensors() {
+    use gpunorm::ChannelsFirst;
+    let Some(norm) = gpu() else { return };
+    let shape = ChannelsFirst {
+        batch: 3,
+        channels: 5,
+        spatial: 49,
+    };
+    let n = 3 * 5 * 49;
+    let (x, dy) = (ordinary(n, 50), ordinary(n, 51));
+    let mask: Vec<bool> = (0..3 * 49).map(|p| p % 11 != 4).collect();
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let (xt, dyt) = (
+        norm.upload_rows(&x, 5 * 49).unwrap(),
+        norm.upload(&dy).unwrap(),
+    );
+    let (y, stats) = norm.batch_norm_train_nchw_gpu(&xt, shape, &opts).unwrap();
+    let host = norm.batch_norm_train_nchw(&x, shape, &opts).unwrap();
+    assert_eq!(norm.download(&y).unwrap(), host.y);
+    assert_eq!(
+        (stats.mean.clone(), stats.count),
+        (host.mean.clone(), host.count)
+    );
+    assert_eq!(y.features(), Some(5 * 49));
+    let last = reference::channels_first_to_last(&x, 5, 49);
+    let (ry, ..) = reference::batch_norm_train(&last, 5, &BatchNorm::default());
+    let unmasked = norm
+        .batch_norm_train_nchw(&x, shape, &BatchNorm::default())
+        .unwrap();
+    // Tolerance as in tests/batch_norm.rs.
+    assert!(max_err(&unmasked.y, &reference::channels_last_to_first(&ry, 5, 49)) < 1e-4);
+
+    let mut running = RunningStats::new(5);
+    running.update(&host).unwrap();
+    let e = norm
+        .batch_norm_eval_nchw_gpu(&xt, shape, &opts, &running)
+        .unwrap();
+    assert_eq!(
+        norm.download(&e).unwrap(),
+        norm.batch_norm_eval_nchw(&x, shape, &opts, &running)
+            .unwrap()
+    );
+    let grads = norm
+        .batch_norm_backward_nchw_gpu(&xt, &dyt, shape, &opts)
+        .unwrap();
+    let host = norm
+        .batch_norm_backward_nchw(&x, &dy, shape, &opts)
+        .unwrap();
+    assert_eq!(
+        (
+            norm.download(&grads.dx).unwrap(),
+            norm.download(&grads.dgamma).unwrap(),
+            norm.download(&grads.dbeta).unwrap()
+        ),
+        (host.dx, host.dgamma, host.dbeta)
+    );
+    // A tensor of rows of another width, and a shape that does not multiply out.
+    let wrong = norm.upload_rows(&x, 5).unwrap();
+    assert!(matches!(
+        norm.batch_norm_train_nchw_gpu(&wrong, shape, &opts),
+        Err(NormError::TensorShape {
+            features: 5,
+            given: 245
+        })
+    ));
+    let short = ChannelsFirst { batch: 2, ..shape };
+    assert!(matches!(
+        norm.batch_norm_eval_nchw_gpu(&xt, short, &opts, &running),
+        Err(NormError::ShapeLength { .. })
+    ));
+}

@@ -345,10 +345,10 @@ pub(crate) async fn batch_norm_train(
     opts: &BatchNorm<'_>,
     counted: Counted,
 ) -> Result<(GpuTensor, BatchStats), NormError> {
-    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     let y = ctx
         .scoped("batch_norm_train_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.channels))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
@@ -366,10 +366,10 @@ pub(crate) async fn batch_norm_backward(
     opts: &BatchNorm<'_>,
     counted: Counted,
 ) -> Result<GpuGrads, NormError> {
-    check_operands(ctx, shape.channels, [Some((x, "x")), Some((dy, "dy"))])?;
+    check_operands(ctx, shape.row_width(), [Some((x, "x")), Some((dy, "dy"))])?;
     let dx = ctx
         .scoped("batch_norm_backward_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.channels))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
         })
         .await?;
     let inputs = (
@@ -395,11 +395,11 @@ pub(crate) async fn batch_norm_train_running(
     (opts, counted): (&BatchNorm<'_>, Counted),
     running: &GpuRunningStats,
 ) -> Result<GpuTensor, NormError> {
-    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     running.check(ctx, shape.channels)?;
     let y = ctx
         .scoped("batch_norm_train_gpu_running", || {
-            GpuTensor::new(ctx, x.len, Some(shape.channels))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
@@ -417,11 +417,11 @@ pub(crate) async fn batch_norm_eval_running(
     opts: &BatchNorm<'_>,
     running: &GpuRunningStats,
 ) -> Result<GpuTensor, NormError> {
-    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     running.check(ctx, shape.channels)?;
     let y = ctx
         .scoped("batch_norm_eval_gpu_running", || {
-            GpuTensor::new(ctx, x.len, Some(shape.channels))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
@@ -437,10 +437,10 @@ pub(crate) async fn batch_norm_eval(
     opts: &BatchNorm<'_>,
     stats: &RunningStats,
 ) -> Result<GpuTensor, NormError> {
-    check_operands(ctx, shape.channels, [Some((x, "x"))])?;
+    check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     let y = ctx
         .scoped("batch_norm_eval_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.channels))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));

@@ -192,6 +192,12 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
+    /// Values of one batch item: a row of a features-last tensor (`channels`), or a
+    /// channels-first item (`channels × spatial`). A GPU tensor's row width.
+    pub fn row_width(&self) -> usize {
+        self.channels * self.spatial
+    }
+
     /// A `[rows, features]` tensor of `len` values.
     pub fn features_last(len: usize, features: usize) -> Result<Shape, NormError> {
         let rows = rows_of(len, features)?;
