@@ -174,6 +174,25 @@ pub enum NormError {
         problem: &'static str,
     },
 
+    /// Bytes handed to `PartialStats::from_bytes` or `PartialGrads::from_bytes` that are not
+    /// what they should be, or statistics that cannot serve the call.
+    #[error("the BatchNorm statistics cannot be used: {problem}")]
+    InvalidStats {
+        /// What is wrong with them.
+        problem: &'static str,
+    },
+
+    /// Statistics of shards, or a shard and its tensor, disagree on the number of features.
+    #[error("part {part} has {features} features but the others have {expected}; every shard must normalize the same features")]
+    ShardFeatures {
+        /// Which part (0 for the first).
+        part: usize,
+        /// Its feature count.
+        features: usize,
+        /// The others'.
+        expected: usize,
+    },
+
     /// The operation needs a GPU, and this Normalizer is the CPU fallback.
     #[error("{0} needs a GPU but this Normalizer is the CPU fallback; build it with Normalizer::gpu() or Normalizer::from_wgpu()")]
     NotGpu(&'static str),

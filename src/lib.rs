@@ -69,6 +69,7 @@ pub use ops::batch_norm::{
     RunningStats,
 };
 pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads};
+pub use ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};
 pub use ops::rms_norm::{RmsNorm, RmsNormGrads};
 pub use ops::Timing;
 

@@ -15,10 +15,12 @@ use crate::gpu::tensor::{
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
     AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst, Element,
-    LayerNorm, LayerNormGrads, NormError, RmsNorm, RmsNormGrads, RunningStats, Timing,
+    LayerNorm, LayerNormGrads, NormError, PartialGrads, PartialStats, RmsNorm, RmsNormGrads,
+    RunningStats, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -148,6 +150,95 @@ impl Engine {
             Engine::Gpu(ctx) => ctx.batch_norm_eval(x, y, shape, opts, stats).await,
         }
     }
+}
+
+/// The sharded BatchNorm steps, on either backend.
+impl Engine {
+    async fn partial_stats(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<Vec<ColumnStats>, NormError> {
+        match self {
+            Engine::Cpu(cpu) => cpu.batch_norm_stats(x, shape, opts).await,
+            Engine::Gpu(ctx) => ctx.batch_norm_stats(x, shape, opts).await,
+        }
+    }
+
+    async fn apply_stats(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<(), NormError> {
+        match self {
+            Engine::Cpu(cpu) => cpu.batch_norm_apply(x, y, shape, opts, stats).await,
+            Engine::Gpu(ctx) => ctx.batch_norm_apply(x, y, shape, opts, stats).await,
+        }
+    }
+
+    async fn partial_grads(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<Vec<ColumnGrads>, NormError> {
+        match self {
+            Engine::Cpu(cpu) => cpu.batch_norm_backward_sums(x_dy, shape, opts, stats).await,
+            Engine::Gpu(ctx) => ctx.batch_norm_backward_sums(x_dy, shape, opts, stats).await,
+        }
+    }
+
+    async fn apply_grads(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        merged: (&[ColumnStats], &[ColumnGrads]),
+    ) -> Result<(), NormError> {
+        match self {
+            Engine::Cpu(cpu) => {
+                cpu.batch_norm_backward_apply(x_dy, dx, shape, opts, merged)
+                    .await
+            }
+            Engine::Gpu(ctx) => {
+                ctx.batch_norm_backward_apply(x_dy, dx, shape, opts, merged)
+                    .await
+            }
+        }
+    }
+}
+
+/// Checks merged statistics (and sums) against a shard's shape: the same features, and
+/// positions counted.
+fn check_merged(
+    shape: &Shape,
+    stats: &PartialStats,
+    grads: Option<&PartialGrads>,
+) -> Result<(), NormError> {
+    let counts = std::iter::once(shape.channels)
+        .chain(std::iter::once(stats.features()))
+        .chain(grads.map(PartialGrads::features));
+    for (part, features) in counts.enumerate().skip(1) {
+        if features != shape.channels {
+            return Err(NormError::ShardFeatures {
+                part,
+                features,
+                expected: shape.channels,
+            });
+        }
+    }
+    if stats.count() == 0 {
+        return Err(NormError::InvalidStats {
+            problem: "they count no positions; merge every shard's statistics first",
+        });
+    }
+    Ok(())
 }
 
 /// Runs `work` to its end on this thread. Natively the GPU's waits poll the device, so this
@@ -1011,6 +1102,169 @@ impl Normalizer {
             .await?;
         y.finish();
         Ok(timing)
+    }
+
+    /// BatchNorm statistics of one shard of a batch (features-last), without normalizing it:
+    /// per feature, the count, shift, mean and M2 of its counted rows. Merge every shard's with
+    /// [`PartialStats::merge`] (the same order on every shard), then normalize each shard with
+    /// [`Normalizer::batch_norm_apply`]: SyncBatchNorm, across GPUs, processes or machines. A
+    /// shard whose rows are all masked has count 0 and still takes part.
+    ///
+    /// Errors as [`Normalizer::batch_norm_train`] does, but for a fully masked shard, which is
+    /// allowed; an empty shard (no rows) is an error.
+    ///
+    /// ```
+    /// use gpunorm::{BatchNorm, Normalizer, PartialStats};
+    /// let norm = Normalizer::cpu();
+    /// let batch: Vec<f32> = (0..8 * 3).map(|v| v as f32).collect();
+    /// let (a, b) = batch.split_at(5 * 3); // two shards of one batch
+    /// let opts = BatchNorm::default();
+    /// let parts = [norm.batch_norm_stats(a, 3, &opts)?, norm.batch_norm_stats(b, 3, &opts)?];
+    /// let merged = PartialStats::merge(&parts)?;
+    /// let y_a = norm.batch_norm_apply(a, 3, &opts, &merged)?;
+    /// let whole = norm.batch_norm_train(&batch, 3, &opts)?;
+    /// assert!(y_a.iter().zip(&whole.y).all(|(p, q)| (p - q).abs() < 1e-5));
+    /// # Ok::<(), gpunorm::NormError>(())
+    /// ```
+    pub fn batch_norm_stats<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<PartialStats, NormError> {
+        self.block(
+            "batch_norm_stats",
+            self.batch_norm_stats_async(x, features, opts),
+        )
+    }
+
+    /// [`Normalizer::batch_norm_stats`], awaited.
+    pub async fn batch_norm_stats_async<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+    ) -> Result<PartialStats, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        let columns = self.engine.partial_stats(&widen(x), &shape, opts).await?;
+        Ok(PartialStats { columns })
+    }
+
+    /// BatchNorm's output for one shard with given statistics (merged from every shard's
+    /// [`Normalizer::batch_norm_stats`]): y = (x − mean) / sqrt(var + eps) · gamma + beta,
+    /// masked rows 0. Errors as [`Normalizer::batch_norm_eval`] does, when the statistics have
+    /// another feature count ([`NormError::ShardFeatures`]) or count no position
+    /// ([`NormError::InvalidStats`]).
+    pub fn batch_norm_apply<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+    ) -> Result<Vec<T>, NormError> {
+        let work = self.batch_norm_apply_async(x, features, opts, stats);
+        self.block("batch_norm_apply", work)
+    }
+
+    /// [`Normalizer::batch_norm_apply`], awaited.
+    pub async fn batch_norm_apply_async<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+    ) -> Result<Vec<T>, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        check_merged(&shape, stats, None)?;
+        let mut y = new_output(x.len());
+        let stats = &stats.columns;
+        self.engine
+            .apply_stats(&widen(x), &mut y, &shape, opts, stats)
+            .await?;
+        Ok(narrow(y))
+    }
+
+    /// The backward pass's sums for one shard, Σ dy and Σ dy · xhat per feature over its
+    /// counted rows, given the merged statistics of the forward. Merge every shard's with
+    /// [`PartialGrads::merge`], then [`Normalizer::batch_norm_backward_apply`] gives each
+    /// shard's dx. Errors as [`Normalizer::batch_norm_apply`] does, and when `dy.len() !=
+    /// x.len()`.
+    pub fn batch_norm_backward_sums<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+    ) -> Result<PartialGrads, NormError> {
+        let work = self.batch_norm_backward_sums_async(x, dy, features, opts, stats);
+        self.block("batch_norm_backward_sums", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_sums`], awaited.
+    pub async fn batch_norm_backward_sums_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+    ) -> Result<PartialGrads, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        crate::ops::check_operand("dy", dy.len(), x.len())?;
+        check_merged(&shape, stats, None)?;
+        let (x, dy) = (widen(x), widen(dy));
+        let columns = self
+            .engine
+            .partial_grads((&x, &dy), &shape, opts, &stats.columns)
+            .await?;
+        Ok(PartialGrads { columns })
+    }
+
+    /// One shard's gradients from the merged statistics and sums: its dx (0 on masked rows), and
+    /// the whole batch's dgamma (Σ dy · xhat) and dbeta (Σ dy) from `grads`. Errors as
+    /// [`Normalizer::batch_norm_backward_sums`] does, and on sums of another feature count.
+    pub fn batch_norm_backward_apply<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+        grads: &PartialGrads,
+    ) -> Result<BatchNormGrads<T>, NormError> {
+        let work = self.batch_norm_backward_apply_async(x, dy, features, opts, stats, grads);
+        self.block("batch_norm_backward_apply", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_apply`], awaited.
+    pub async fn batch_norm_backward_apply_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        stats: &PartialStats,
+        grads: &PartialGrads,
+    ) -> Result<BatchNormGrads<T>, NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        batch_norm::validate(&shape, opts)?;
+        crate::ops::check_operand("dy", dy.len(), x.len())?;
+        check_merged(&shape, stats, Some(grads))?;
+        let (x, dy) = (widen(x), widen(dy));
+        let mut dx = new_output(x.len());
+        let merged = (&stats.columns[..], &grads.columns[..]);
+        self.engine
+            .apply_grads((&x, &dy), &mut dx, &shape, opts, merged)
+            .await?;
+        Ok(BatchNormGrads {
+            dx: narrow(dx),
+            dgamma: grads.columns.iter().map(|g| g.sum_dy_xhat as f32).collect(),
+            dbeta: grads.columns.iter().map(|g| g.sum_dy as f32).collect(),
+        })
     }
 
     /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::ops::batch_norm::{BatchNorm, RunningStats, Shape};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::stats_out_of_range;
 
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
@@ -63,7 +64,7 @@ pub(crate) fn backward(
     opts: &BatchNorm<'_>,
     (first, count): (usize, usize),
 ) -> (Vec<f32>, Vec<f32>) {
-    let (c, s) = (shape.channels, shape.spatial);
+    let c = shape.channels;
     let (shift, mean_d, mut var) = stats(x, shape, opts.mask, first);
     let mut mean: Vec<f64> = (0..c).map(|ch| shift[ch] as f64 + mean_d[ch]).collect();
     for ch in 0..c {
@@ -75,9 +76,30 @@ pub(crate) fn backward(
         .iter()
         .map(|v| 1.0 / (v + opts.eps as f64).sqrt())
         .collect();
+    let (dbeta, dgamma) = sums((x, dy), shape, opts.mask, (&mean, &rstd));
+    backward_dx_pass(
+        (x, dy),
+        dx,
+        shape,
+        opts,
+        (&mean, &rstd),
+        (&dbeta, &dgamma, count),
+    );
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f32s(dgamma), f32s(dbeta))
+}
+
+/// (Σ dy, Σ dy · xhat) per channel over the counted positions, xhat from each channel's (mean,
+/// rstd): over blocks of batch items fixed by the shape, added in block order.
+fn sums(
+    (x, dy): (&[f32], &[f32]),
+    shape: &Shape,
+    mask: Option<&[bool]>,
+    (mean, rstd): (&[f64], &[f64]),
+) -> (Vec<f64>, Vec<f64>) {
+    let (c, s) = (shape.channels, shape.spatial);
     let item = c * s;
     let block = (TASK_VALUES / item).max(1) * item;
-    let mask = opts.mask;
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
         .par_chunks(block)
         .zip(dy.par_chunks(block))
@@ -89,7 +111,7 @@ pub(crate) fn backward(
             backward_sums(
                 (xb, db),
                 (shape, m),
-                (&mean, &rstd),
+                (mean, rstd),
                 (&mut sums.0, &mut sums.1),
             );
             sums
@@ -100,8 +122,24 @@ pub(crate) fn backward(
         dbeta.iter_mut().zip(s1).for_each(|(t, v)| *t += v);
         dgamma.iter_mut().zip(s2).for_each(|(t, v)| *t += v);
     }
-    // dx = a · (dy − m1 − (x − mean) · b) per channel: a = gamma · rstd, m1 = dbeta / N,
-    // b = rstd · dgamma / N.
+    (dbeta, dgamma)
+}
+
+/// dx from each channel's (mean, rstd) and the sums over the `count` counted positions:
+/// dx = a · (dy − m1 − (x − mean) · b) per channel, a = gamma · rstd, m1 = dbeta / N,
+/// b = rstd · dgamma / N; 0 on masked positions.
+fn backward_dx_pass(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    (mean, rstd): (&[f64], &[f64]),
+    (dbeta, dgamma, count): (&[f64], &[f64], usize),
+) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let item = c * s;
+    let block = (TASK_VALUES / item).max(1) * item;
+    let mask = opts.mask;
     let n_counted = count as f64;
     let coef: Vec<[f64; 4]> = (0..c)
         .map(|ch| {
@@ -118,8 +156,139 @@ pub(crate) fn backward(
             let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
             backward_dx((xb, db), dxb, (shape, m), &coef);
         });
-    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-    (f32s(dgamma), f32s(dbeta))
+}
+
+/// A shard's statistics per column: (count, shift, mean − shift, M2) over its counted
+/// positions, each column shifted by its value at the first of them; all zero where none is
+/// counted. Columns whose f32 sums leave f32's range are taken in f64 straight from x.
+pub(crate) fn partial_stats(x: &[f32], shape: &Shape, opts: &BatchNorm<'_>) -> Vec<ColumnStats> {
+    let Some(first) = (0..shape.positions).find(|&p| opts.mask.is_none_or(|m| m[p])) else {
+        return vec![ColumnStats::default(); shape.channels];
+    };
+    let n = opts
+        .mask
+        .map_or(shape.positions, |m| m.iter().filter(|&&k| k).count()) as f64;
+    let (shift, mean_d, var) = stats(x, shape, opts.mask, first);
+    (0..shape.channels)
+        .map(|c| {
+            let (shift, mean_d, var) = if stats_out_of_range(mean_d[c], var[c], opts.eps) {
+                let (mean, var) = column_in_f64(x, shape, opts.mask, c);
+                (mean, 0.0, var)
+            } else {
+                (shift[c] as f64, mean_d[c], var[c])
+            };
+            ColumnStats {
+                count: n,
+                shift,
+                mean_d,
+                m2: var * n,
+            }
+        })
+        .collect()
+}
+
+/// Normalization with given statistics per column (a merge of shards'): y = ((x − shift) −
+/// mean_d) · rstd · gamma + beta, masked positions 0. Columns out of f32's range run in f64.
+pub(crate) fn apply_stats(
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &[ColumnStats],
+) {
+    let shift = stats.iter().map(|c| c.shift as f32).collect();
+    let center = stats.iter().map(|c| c.mean_d as f32).collect();
+    let var: Vec<f64> = stats.iter().map(ColumnStats::var).collect();
+    apply(
+        x,
+        y,
+        shape,
+        opts.mask,
+        &Columns::new(shift, center, &var, opts),
+    );
+    columns_in_f64(x, y, shape, opts, stats);
+}
+
+/// Rewrites, in f64, the outputs of the columns whose given statistics leave f32's range (the
+/// f32 apply pass cannot normalize them). Rare.
+pub(crate) fn columns_in_f64(
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &[ColumnStats],
+) {
+    let (c, s) = (shape.channels, shape.spatial);
+    for (ch, st) in stats.iter().enumerate() {
+        if !stats_out_of_range(st.mean_d, st.var(), opts.eps) {
+            continue;
+        }
+        let rstd = 1.0 / (st.var() + opts.eps as f64).sqrt();
+        let (g, b) = (
+            opts.gamma.map_or(1.0, |g| g[ch] as f64),
+            opts.beta.map_or(0.0, |b| b[ch] as f64),
+        );
+        for p in (0..shape.positions).filter(|&p| opts.mask.is_none_or(|m| m[p])) {
+            let i = ((p / s) * c + ch) * s + p % s;
+            y[i] = ((x[i] as f64 - st.mean()) * rstd * g + b) as f32;
+        }
+    }
+}
+
+/// Each channel's (mean, rstd) from given statistics, in f64.
+fn mean_rstd(stats: &[ColumnStats], eps: f32) -> (Vec<f64>, Vec<f64>) {
+    let mean = stats.iter().map(ColumnStats::mean).collect();
+    let rstd = stats
+        .iter()
+        .map(|c| 1.0 / (c.var() + eps as f64).sqrt())
+        .collect();
+    (mean, rstd)
+}
+
+/// A shard's backward sums per column, given the (merged) statistics.
+pub(crate) fn partial_grads(
+    (x, dy): (&[f32], &[f32]),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &[ColumnStats],
+) -> Vec<ColumnGrads> {
+    let (mean, rstd) = mean_rstd(stats, opts.eps);
+    let (dbeta, dgamma) = sums((x, dy), shape, opts.mask, (&mean, &rstd));
+    let n = opts
+        .mask
+        .map_or(shape.positions, |m| m.iter().filter(|&&k| k).count()) as f64;
+    dbeta
+        .iter()
+        .zip(&dgamma)
+        .map(|(&sum_dy, &sum_dy_xhat)| ColumnGrads {
+            count: n,
+            sum_dy,
+            sum_dy_xhat,
+            pad: 0.0,
+        })
+        .collect()
+}
+
+/// dx of a shard from the (merged) statistics and (merged) sums.
+pub(crate) fn apply_grads(
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    (stats, grads): (&[ColumnStats], &[ColumnGrads]),
+) {
+    let (mean, rstd) = mean_rstd(stats, opts.eps);
+    let dbeta: Vec<f64> = grads.iter().map(|g| g.sum_dy).collect();
+    let dgamma: Vec<f64> = grads.iter().map(|g| g.sum_dy_xhat).collect();
+    let count = stats.first().map_or(0.0, |c| c.count) as usize;
+    backward_dx_pass(
+        (x, dy),
+        dx,
+        shape,
+        opts,
+        (&mean, &rstd),
+        (&dbeta, &dgamma, count),
+    );
 }
 
 multiversion! {
@@ -229,7 +398,12 @@ fn backward_dx_body(
 /// The mean and biased variance of channel `ch` over the counted positions, in f64 straight
 /// from x: for the rare columns whose f32 statistics leave f32's range.
 #[cold]
-fn column_in_f64(x: &[f32], shape: &Shape, mask: Option<&[bool]>, ch: usize) -> (f64, f64) {
+pub(crate) fn column_in_f64(
+    x: &[f32],
+    shape: &Shape,
+    mask: Option<&[bool]>,
+    ch: usize,
+) -> (f64, f64) {
     let (c, s) = (shape.channels, shape.spatial);
     let values = || {
         (0..shape.positions)

@@ -10,11 +10,14 @@
 mod batch_norm;
 mod layer_norm;
 
-pub(crate) use batch_norm::{backward as batch_norm_backward, redo_columns_in_f64};
+pub(crate) use batch_norm::{
+    backward as batch_norm_backward, column_in_f64, columns_in_f64, redo_columns_in_f64,
+};
 pub(crate) use layer_norm::layer_norm_of;
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -78,6 +81,49 @@ impl Backend for Cpu {
         let counted = (counted.first, counted.count);
         let (dgamma, dbeta) = batch_norm::backward(x_dy, dx, shape, opts, counted);
         Ok((dgamma, dbeta, Timing::default()))
+    }
+
+    async fn batch_norm_stats(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<Vec<ColumnStats>, NormError> {
+        Ok(batch_norm::partial_stats(x, shape, opts))
+    }
+
+    async fn batch_norm_apply(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<(), NormError> {
+        batch_norm::apply_stats(x, y, shape, opts, stats);
+        Ok(())
+    }
+
+    async fn batch_norm_backward_sums(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<Vec<ColumnGrads>, NormError> {
+        Ok(batch_norm::partial_grads(x_dy, shape, opts, stats))
+    }
+
+    async fn batch_norm_backward_apply(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        merged: (&[ColumnStats], &[ColumnGrads]),
+    ) -> Result<(), NormError> {
+        batch_norm::apply_grads(x_dy, dx, shape, opts, merged);
+        Ok(())
     }
 
     async fn batch_norm_eval(

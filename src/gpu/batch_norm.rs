@@ -22,6 +22,7 @@ use super::timer::{self, PassTimer};
 use super::{grid, transfer};
 use crate::cpu::{batch_norm_backward, redo_columns_in_f64};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::stats_out_of_range;
 use crate::{NormError, Timing};
 
@@ -250,6 +251,141 @@ async fn redo_out_of_range(
         _ => unreachable!("host inputs go with host outputs, device ones with device ones"),
     }
     Ok(())
+}
+
+/// A shard's statistics per column, (count, shift, mean − shift, M2), from the statistics
+/// pass alone; all zero where nothing is counted. Columns out of f32's range are taken in f64
+/// on the host.
+pub(crate) async fn partial_stats(
+    ctx: &GpuContext,
+    x: &[f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+) -> Result<Vec<ColumnStats>, NormError> {
+    let counted = |p: usize| opts.mask.is_none_or(|m| m[p]);
+    let Some(first) = (0..shape.positions).find(|&p| counted(p)) else {
+        return Ok(vec![ColumnStats::default(); shape.channels]);
+    };
+    let n = (0..shape.positions).filter(|&p| counted(p)).count() as f64;
+    let input = Input::Host(x);
+    let plan = Plan::new(ctx, shape, &input, opts, (first, true))?;
+    let op = "batch_norm_stats";
+    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
+    run.statistics(&input).await?;
+    let cols = run.stats_readback().await?.read_columns(ctx).await?;
+    Ok((0..shape.channels)
+        .map(|c| {
+            let [shift, mean_d, m2, _] = cols[c];
+            let var = m2 as f64 / n;
+            if stats_out_of_range(mean_d as f64, var, opts.eps) {
+                let (mean, var) = crate::cpu::column_in_f64(x, shape, opts.mask, c);
+                return ColumnStats {
+                    count: n,
+                    shift: mean,
+                    mean_d: 0.0,
+                    m2: var * n,
+                };
+            }
+            ColumnStats {
+                count: n,
+                shift: shift as f64,
+                mean_d: mean_d as f64,
+                m2: m2 as f64,
+            }
+        })
+        .collect())
+}
+
+/// The statistics a kernel reads for given (merged) ones: (shift, mean_d, var, 1), so that
+/// M2 / count is the variance without a large count in f32.
+fn given_columns(stats: &[ColumnStats]) -> Vec<[f32; 4]> {
+    stats
+        .iter()
+        .map(|c| [c.shift as f32, c.mean_d as f32, c.var() as f32, 1.0])
+        .collect()
+}
+
+/// Normalization of host rows with given statistics: the apply pass alone. Columns out of
+/// f32's range are rewritten on the host in f64.
+pub(crate) async fn apply_stats(
+    ctx: &GpuContext,
+    x: &[f32],
+    y: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &[ColumnStats],
+) -> Result<(), NormError> {
+    let input = Input::Host(x);
+    let plan = Plan::new(ctx, shape, &input, opts, (0, true))?;
+    let op = "batch_norm_apply";
+    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
+    run.load_columns(&given_columns(stats)).await?;
+    run.apply(&input, &mut Output::Host(y)).await?;
+    crate::cpu::columns_in_f64(x, y, shape, opts, stats);
+    Ok(())
+}
+
+/// A shard's backward sums per column given the (merged) statistics: the sums pass alone.
+pub(crate) async fn partial_grads(
+    ctx: &GpuContext,
+    (x, dy): (&[f32], &[f32]),
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &[ColumnStats],
+) -> Result<Vec<ColumnGrads>, NormError> {
+    let op = "batch_norm_backward_sums";
+    ctx.check_storage_buffers(Slot::storage_count(BACKWARD_APPLY.slots), op)?;
+    let n = opts
+        .mask
+        .map_or(shape.positions, |m| m.iter().filter(|&&k| k).count()) as f64;
+    let input = Input::Host(x);
+    let plan = Plan::new(ctx, shape, &input, opts, (0, false))?;
+    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
+    run.load_columns(&given_columns(stats)).await?;
+    run.set_dy(Input::Host(dy), opts).await?;
+    run.backward_sums(&input).await?;
+    let (dgamma, dbeta) = run.read_gradients().await?;
+    Ok(dbeta
+        .iter()
+        .zip(&dgamma)
+        .map(|(&sum_dy, &sum_dy_xhat)| ColumnGrads {
+            count: n,
+            sum_dy: sum_dy as f64,
+            sum_dy_xhat: sum_dy_xhat as f64,
+            pad: 0.0,
+        })
+        .collect())
+}
+
+/// dx of host rows from the (merged) statistics and sums: the dx pass alone.
+pub(crate) async fn apply_grads(
+    ctx: &GpuContext,
+    (x, dy): (&[f32], &[f32]),
+    dx: &mut [f32],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    (stats, grads): (&[ColumnStats], &[ColumnGrads]),
+) -> Result<(), NormError> {
+    let op = "batch_norm_backward_apply";
+    ctx.check_storage_buffers(Slot::storage_count(BACKWARD_APPLY.slots), op)?;
+    let input = Input::Host(x);
+    let plan = Plan::new(ctx, shape, &input, opts, (0, false))?;
+    let mut run = Run::new(ctx, &plan, (&input, opts), Lifetime::Call, op).await?;
+    // The kernel divides the sums by the count in columns[c].w: the whole batch's, here 1 with
+    // the variance in .z, so the sums go in already divided.
+    let count = stats.first().map_or(1.0, |c| c.count);
+    let cols = given_columns(stats);
+    run.load_columns(&cols).await?;
+    run.set_dy(Input::Host(dy), opts).await?;
+    let sums: Vec<[f32; 2]> = grads
+        .iter()
+        .map(|g| [(g.sum_dy / count) as f32, (g.sum_dy_xhat / count) as f32])
+        .collect();
+    ctx.scoped(op, || {
+        write_affine_sums(ctx, &plan, &run.columns, opts, &sums)
+    })
+    .await?;
+    run.apply(&input, &mut Output::Host(dx)).await
 }
 
 /// BatchNorm training of a device tensor into a device buffer, its batch statistics folded into
@@ -634,6 +770,13 @@ struct StatsReadback<'a> {
 }
 
 impl StatsReadback<'_> {
+    /// Waits for the statistics and returns each column's (shift, mean_d, M2, count).
+    async fn read_columns(self, ctx: &GpuContext) -> Result<Vec<[f32; 4]>, NormError> {
+        let mut cols = vec![[0f32; 4]; self.channels];
+        transfer::read_into(ctx, &self.staging, &mut cols).await?;
+        Ok(cols)
+    }
+
     /// Waits for the statistics and returns (mean, biased var) per column.
     async fn read(self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>), NormError> {
         let mut cols = vec![[0f32; 4]; self.channels];
@@ -676,12 +819,25 @@ struct Run<'a> {
 
 /// Writes (gamma, beta, 0, 0) per column into the second half of each block's columns buffer.
 fn write_affine(ctx: &GpuContext, plan: &Plan, columns: &[Pooled<'_>], opts: &BatchNorm<'_>) {
+    write_affine_sums(ctx, plan, columns, opts, &[]);
+}
+
+/// Writes (gamma, beta, Σ dy, Σ dy · xhat) per column into the second half of each block's
+/// columns buffer, with the sums given (zero where `sums` is empty).
+fn write_affine_sums(
+    ctx: &GpuContext,
+    plan: &Plan,
+    columns: &[Pooled<'_>],
+    opts: &BatchNorm<'_>,
+    sums: &[[f32; 2]],
+) {
     for (block, buffer) in plan.blocks.iter().zip(columns) {
         let affine: Vec<[f32; 4]> = block
             .clone()
             .map(|i| {
                 let g = opts.gamma.map_or(1.0, |g| g[i]);
-                [g, opts.beta.map_or(0.0, |b| b[i]), 0.0, 0.0]
+                let [s1, s2] = sums.get(i).copied().unwrap_or_default();
+                [g, opts.beta.map_or(0.0, |b| b[i]), s1, s2]
             })
             .collect();
         let half = block.len() as u64 * COLUMN_BYTES;
@@ -784,17 +940,23 @@ impl<'a> Run<'a> {
 
     /// Eval: the running statistics as (0, mean, var, 1) per column.
     async fn load_running(&mut self, stats: &RunningStats) -> Result<(), NormError> {
+        let cols: Vec<[f32; 4]> = stats
+            .mean
+            .iter()
+            .zip(&stats.var)
+            .map(|(&m, &v)| [0.0, m, v, 1.0])
+            .collect();
+        self.load_columns(&cols).await
+    }
+
+    /// Given statistics, (shift, mean_d, M2, count) per column of the whole tensor, into each
+    /// block's columns.
+    async fn load_columns(&mut self, cols: &[[f32; 4]]) -> Result<(), NormError> {
         self.ctx
             .scoped(self.op, || {
                 for (block, buffer) in self.plan.blocks.iter().zip(&self.columns) {
-                    let cols: Vec<[f32; 4]> = stats.mean[block.clone()]
-                        .iter()
-                        .zip(&stats.var[block.clone()])
-                        .map(|(&m, &v)| [0.0, m, v, 1.0])
-                        .collect();
-                    self.ctx
-                        .queue()
-                        .write_buffer(buffer, 0, bytemuck::cast_slice(&cols));
+                    let part = bytemuck::cast_slice(&cols[block.clone()]);
+                    self.ctx.queue().write_buffer(buffer, 0, part);
                 }
             })
             .await

@@ -16,6 +16,7 @@ pub(crate) use context::{describe_adapter, GpuContext};
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::Backend;
 use crate::{LayerNorm, NormError, Timing};
 
@@ -69,6 +70,51 @@ impl Backend for GpuContext {
         use batch_norm::{Input, Output};
         let io = ((Input::Host(x_dy.0), Input::Host(x_dy.1)), Output::Host(dx));
         let op = batch_norm::backward(self, io.0, io.1, shape, opts, counted);
+        self.call(op).await
+    }
+
+    async fn batch_norm_stats(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<Vec<ColumnStats>, NormError> {
+        self.call(batch_norm::partial_stats(self, x, shape, opts))
+            .await
+    }
+
+    async fn batch_norm_apply(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<(), NormError> {
+        self.call(batch_norm::apply_stats(self, x, y, shape, opts, stats))
+            .await
+    }
+
+    async fn batch_norm_backward_sums(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<Vec<ColumnGrads>, NormError> {
+        self.call(batch_norm::partial_grads(self, x_dy, shape, opts, stats))
+            .await
+    }
+
+    async fn batch_norm_backward_apply(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        merged: (&[ColumnStats], &[ColumnGrads]),
+    ) -> Result<(), NormError> {
+        let op = batch_norm::apply_grads(self, x_dy, dx, shape, opts, merged);
         self.call(op).await
     }
 

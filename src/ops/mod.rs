@@ -4,6 +4,7 @@
 
 pub(crate) mod batch_norm;
 pub(crate) mod layer_norm;
+pub(crate) mod partial;
 pub(crate) mod rms_norm;
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use crate::NormError;
 use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use layer_norm::{FusedAdd, LayerNorm, RowNorm};
+use partial::{ColumnGrads, ColumnStats};
 
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -68,6 +70,43 @@ pub(crate) trait Backend: Send + Sync {
         opts: &BatchNorm<'_>,
         counted: Counted,
     ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError>;
+
+    /// A shard's BatchNorm statistics per column (count 0 where nothing is counted).
+    async fn batch_norm_stats(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+    ) -> Result<Vec<ColumnStats>, NormError>;
+
+    /// BatchNorm's elementwise pass with given statistics (merged from shards).
+    async fn batch_norm_apply(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<(), NormError>;
+
+    /// A shard's backward sums per column, given the merged statistics.
+    async fn batch_norm_backward_sums(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &[ColumnStats],
+    ) -> Result<Vec<ColumnGrads>, NormError>;
+
+    /// A shard's dx, given the merged statistics and sums.
+    async fn batch_norm_backward_apply(
+        &self,
+        x_dy: (&[f32], &[f32]),
+        dx: &mut [f32],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        merged: (&[ColumnStats], &[ColumnGrads]),
+    ) -> Result<(), NormError>;
 
     /// BatchNorm eval: one elementwise pass with the running statistics.
     async fn batch_norm_eval(
