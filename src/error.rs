@@ -193,6 +193,16 @@ pub enum NormError {
         expected: usize,
     },
 
+    /// Another MPI rank could not compute its part of a collective step (its own error says
+    /// why); every rank stops here instead of waiting for it.
+    #[error(
+        "MPI rank {rank} failed its part of the step (see that rank's error); every rank stops"
+    )]
+    RankFailed {
+        /// The first rank that failed.
+        rank: usize,
+    },
+
     /// The operation needs a GPU, and this Normalizer is the CPU fallback.
     #[error("{0} needs a GPU but this Normalizer is the CPU fallback; build it with Normalizer::gpu() or Normalizer::from_wgpu()")]
     NotGpu(&'static str),

@@ -48,6 +48,8 @@ mod cpu;
 mod element;
 mod error;
 mod gpu;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod normalizer;
 mod ops;
 pub mod reference;
