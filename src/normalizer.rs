@@ -1649,19 +1649,7 @@ impl Normalizer {
         let ctx = self.context("batch_norm_train_gpu_running")?;
         let shape = Shape::features_last(x.len(), features)?;
         let counted = batch_norm::validate_training(&shape, opts)?;
-        if counted.count < 2 {
-            return Err(NormError::TooFewRows {
-                count: counted.count,
-            });
-        }
-        if !(0.0..=1.0).contains(&running.momentum) {
-            return Err(NormError::InvalidParam {
-                name: "momentum",
-                value: running.momentum,
-                expected: "in [0, 1]",
-                feature: None,
-            });
-        }
+        batch_norm::check_fold(running.momentum, counted.count)?;
         let op = tensor::batch_norm_train_running(ctx, x, &shape, (opts, counted), running);
         ctx.call(op).await
     }

@@ -70,7 +70,17 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
     report(run_rms(&cpu)?, gpu.map(&mut run_rms).transpose()?, gb);
     drop(r);
 
-    check_backward((&cpu, gpu), (&x, warm), features, &ln, &mut rng)?;
+    check_backward(
+        (&cpu, gpu),
+        (&x, warm),
+        &mut rng,
+        "LayerNorm backward",
+        |x, dy| reference::layer_norm_backward(x, dy, features, &ln),
+        |nz, x, dy| {
+            let g = nz.layer_norm_backward(x, dy, features, &ln)?;
+            Ok((g.dx, g.dgamma, g.dbeta))
+        },
+    )?;
 
     let bn = BatchNorm {
         gamma: Some(&gamma),
@@ -78,41 +88,54 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
         ..Default::default()
     };
     check_batch_norm((&cpu, gpu), (&x, warm, &mut y), rows, features, &bn)?;
-    check_batch_norm_backward((&cpu, gpu), (&x, warm), features, &bn, &mut rng)?;
+    check_backward(
+        (&cpu, gpu),
+        (&x, warm),
+        &mut rng,
+        "BatchNorm backward (through the batch statistics)",
+        |x, dy| reference::batch_norm_backward(x, dy, features, &bn),
+        |nz, x, dy| {
+            let g = nz.batch_norm_backward(x, dy, features, &bn)?;
+            Ok((g.dx, g.dgamma, g.dbeta))
+        },
+    )?;
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
     Ok(())
 }
 
-/// LayerNorm's backward pass of `x` with a random dy, on each backend, against the reference.
+/// Gradients as a backward pass returns them: (dx, dgamma, dbeta).
+type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// A backward pass (`op`, with its `reference`) of `x` with a random dy, on each backend,
+/// against the reference.
 fn check_backward(
     (cpu, gpu): (&Normalizer, Option<&Normalizer>),
     (x, warm): (&[f32], &[f32]),
-    features: usize,
-    ln: &LayerNorm<'_>,
     rng: &mut StdRng,
+    what: &str,
+    reference: impl Fn(&[f32], &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+    op: impl Fn(&Normalizer, &[f32], &[f32]) -> Result<Grads, NormError>,
 ) -> CliResult<()> {
-    println!(
-        "check: LayerNorm backward of the same batch (a random dy; x and dy read, dx written)"
-    );
+    println!("check: {what} of the same batch (a random dy; x and dy read, dx written)");
     let mut dy = error::filled(x.len(), 0f32, "the upstream gradient")?;
     dy.iter_mut()
         .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
-    let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(x, &dy, features, ln);
-    let mut run_backward = |nz: &Normalizer| -> Result<Case, NormError> {
-        nz.layer_norm_backward(warm, &dy[..warm.len()], features, ln)?;
+    let (rdx, rdgamma, rdbeta) = reference(x, &dy);
+    let run_backward = |nz: &Normalizer| -> Result<Case, NormError> {
+        op(nz, warm, &dy[..warm.len()])?;
         let start = Instant::now();
-        let grads = nz.layer_norm_backward(x, &dy, features, ln)?;
+        let (dx, dgamma, dbeta) = op(nz, x, &dy)?;
         let wall = start.elapsed();
-        let sums = reference::max_error(&grads.dgamma, &rdgamma)
-            .max(reference::max_error(&grads.dbeta, &rdbeta));
+        let sums =
+            reference::max_error(&dgamma, &rdgamma).max(reference::max_error(&dbeta, &rdbeta));
         Ok(Case {
-            error: reference::max_error(&grads.dx, &rdx),
+            error: reference::max_error(&dx, &rdx),
             stats_error: Some(("dgamma and dbeta", sums)),
             wall,
             timing: Timing::default(),
         })
     };
-    let backward = (run_backward(cpu)?, gpu.map(&mut run_backward).transpose()?);
+    let backward = (run_backward(cpu)?, gpu.map(run_backward).transpose()?);
     report(backward.0, backward.1, (3 * x.len() * 4) as f64 / 1e9);
     Ok(())
 }
@@ -146,41 +169,6 @@ fn check_batch_norm(
         })
     };
     report(run_bn(cpu)?, gpu.map(&mut run_bn).transpose()?, gb);
-    Ok(())
-}
-
-/// BatchNorm training's backward pass of `x` with a random dy, on each backend, against the
-/// reference.
-fn check_batch_norm_backward(
-    (cpu, gpu): (&Normalizer, Option<&Normalizer>),
-    (x, warm): (&[f32], &[f32]),
-    features: usize,
-    bn: &BatchNorm<'_>,
-    rng: &mut StdRng,
-) -> CliResult<()> {
-    println!(
-        "check: BatchNorm backward of the same batch (a random dy; through the batch statistics)"
-    );
-    let mut dy = error::filled(x.len(), 0f32, "the upstream gradient")?;
-    dy.iter_mut()
-        .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
-    let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(x, &dy, features, bn);
-    let mut run = |nz: &Normalizer| -> Result<Case, NormError> {
-        nz.batch_norm_backward(warm, &dy[..warm.len()], features, bn)?;
-        let start = Instant::now();
-        let grads = nz.batch_norm_backward(x, &dy, features, bn)?;
-        let wall = start.elapsed();
-        let sums = reference::max_error(&grads.dgamma, &rdgamma)
-            .max(reference::max_error(&grads.dbeta, &rdbeta));
-        Ok(Case {
-            error: reference::max_error(&grads.dx, &rdx),
-            stats_error: Some(("dgamma and dbeta", sums)),
-            wall,
-            timing: Timing::default(),
-        })
-    };
-    let backward = (run(cpu)?, gpu.map(&mut run).transpose()?);
-    report(backward.0, backward.1, (3 * x.len() * 4) as f64 / 1e9);
     Ok(())
 }
 

@@ -104,17 +104,7 @@ impl RunningStats {
         check_param("running var", Some(&self.var), features)?;
         check_param("batch mean", Some(mean), features)?;
         check_param("batch var", Some(var), features)?;
-        if !(0.0..=1.0).contains(&self.momentum) {
-            return Err(NormError::InvalidParam {
-                name: "momentum",
-                value: self.momentum,
-                expected: "in [0, 1]",
-                feature: None,
-            });
-        }
-        if count < 2 {
-            return Err(NormError::TooFewRows { count });
-        }
+        check_fold(self.momentum, count)?;
         let m = self.momentum as f64;
         let unbias = count as f64 / (count - 1) as f64;
         for c in 0..features {
@@ -125,6 +115,23 @@ impl RunningStats {
         }
         Ok(())
     }
+}
+
+/// Checks what folding a batch into running statistics needs: a momentum in [0, 1] and a batch
+/// of at least 2 counted positions (the unbiased variance divides by count − 1).
+pub(crate) fn check_fold(momentum: f32, count: usize) -> Result<(), NormError> {
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(NormError::InvalidParam {
+            name: "momentum",
+            value: momentum,
+            expected: "in [0, 1]",
+            feature: None,
+        });
+    }
+    if count < 2 {
+        return Err(NormError::TooFewRows { count });
+    }
+    Ok(())
 }
 
 /// The row mask of a padded batch: `lengths[i]` real positions, then padding, for each of the
