@@ -8,7 +8,7 @@ strip .device/gpunorm
 mkdir -p .device/tests
 cargo test --release --no-run --workspace --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*"' | cut -d'"' -f4 |
-    grep -E '/(gpunorm|layer_norm|rms_norm|backward|add_norm|batch_norm|gpu_tensor|half|device_limits|backend_choice|properties)-' |
+    grep -E '/(gpunorm|layer_norm|rms_norm|backward|add_norm|batch_norm|gpu_tensor|half|sync_batch_norm|device_limits|backend_choice|properties)-' |
     while read -r bin; do
         name=$(basename "$bin")
         strip -o ".device/tests/$name" "$bin"
