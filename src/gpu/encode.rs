@@ -319,49 +319,11 @@ impl<'a> Lowered<'a> {
     /// Checks every span; returns the number of rows.
     fn check(&self, ctx: &GpuContext) -> Result<usize, NormError> {
         check_eps(self.affine.eps)?;
-        let values = |name, span: BufferSlice<'_>| {
-            if span.size().is_multiple_of(4) {
-                Ok(usize::try_from(span.size() / 4).unwrap_or(usize::MAX))
-            } else {
-                Err(NormError::InvalidBuffer {
-                    name,
-                    problem: "its size is not a whole number of f32 values",
-                })
-            }
-        };
         let len = values("x", self.x)?;
         let rows = rows_of(len, self.features)?;
         let spans = self.spans();
         for &(name, span, usage) in &spans {
-            let (needs, what, align) = match usage {
-                Use::Copy => (wgpu::BufferUsages::COPY_DST, "COPY_DST", 4),
-                _ => (
-                    wgpu::BufferUsages::STORAGE,
-                    "STORAGE",
-                    ctx.storage_offset_alignment(),
-                ),
-            };
-            if !span.buffer().usage().contains(needs) {
-                return Err(NormError::InvalidBuffer {
-                    name,
-                    problem: if what == "STORAGE" {
-                        "it lacks BufferUsages::STORAGE"
-                    } else {
-                        "it lacks BufferUsages::COPY_DST (the gradients are copied in)"
-                    },
-                });
-            }
-            if !span.offset().is_multiple_of(align) {
-                return Err(NormError::InvalidBuffer {
-                    name,
-                    problem: if usage == Use::Copy {
-                        "its offset is not a multiple of 4"
-                    } else {
-                        "its offset is not a multiple of the device's \
-                         min_storage_buffer_offset_alignment"
-                    },
-                });
-            }
+            check_usage(ctx, (name, span, usage))?;
             let n = values(name, span)?;
             match usage {
                 Use::Read | Use::Write => crate::ops::check_operand(name, n, len)?,
@@ -375,28 +337,7 @@ impl<'a> Lowered<'a> {
                 _ => {}
             }
         }
-        for &(name, span, usage) in &spans {
-            for &(other, theirs, their_use) in &spans {
-                if other == name || span.buffer() != theirs.buffer() {
-                    continue;
-                }
-                if usage == Use::Write && matches!(their_use, Use::Read | Use::Param) {
-                    return Err(NormError::InvalidBuffer {
-                        name,
-                        problem: "its buffer also holds an input of this op; wgpu binds a \
-                                  buffer read-only or read-write in one dispatch, not both",
-                    });
-                }
-                let overlap = span.offset() < theirs.offset() + theirs.size()
-                    && theirs.offset() < span.offset() + span.size();
-                if matches!(usage, Use::Write | Use::Copy) && overlap {
-                    return Err(NormError::InvalidBuffer {
-                        name,
-                        problem: "it overlaps another span of this op",
-                    });
-                }
-            }
-        }
+        check_disjoint(&spans)?;
         let max_rows = if self.backward.is_some() {
             layer_norm::backward_max_rows(ctx, self.features)?
         } else {
@@ -413,6 +354,81 @@ impl<'a> Lowered<'a> {
     }
 }
 
+/// The f32 values a span holds; errors where its size is not whole values.
+fn values(name: &'static str, span: BufferSlice<'_>) -> Result<usize, NormError> {
+    if span.size().is_multiple_of(4) {
+        Ok(usize::try_from(span.size() / 4).unwrap_or(usize::MAX))
+    } else {
+        Err(NormError::InvalidBuffer {
+            name,
+            problem: "its size is not a whole number of f32 values",
+        })
+    }
+}
+
+/// A span's buffer has the usage its use needs, and its offset the alignment: STORAGE and the
+/// device's storage offset alignment where a kernel binds it, COPY_DST and 4 where it is
+/// copied into.
+fn check_usage(
+    ctx: &GpuContext,
+    (name, span, usage): (&'static str, BufferSlice<'_>, Use),
+) -> Result<(), NormError> {
+    let copied = usage == Use::Copy;
+    let (needs, align) = if copied {
+        (wgpu::BufferUsages::COPY_DST, 4)
+    } else {
+        (wgpu::BufferUsages::STORAGE, ctx.storage_offset_alignment())
+    };
+    if !span.buffer().usage().contains(needs) {
+        return Err(NormError::InvalidBuffer {
+            name,
+            problem: if copied {
+                "it lacks BufferUsages::COPY_DST (the gradients are copied in)"
+            } else {
+                "it lacks BufferUsages::STORAGE"
+            },
+        });
+    }
+    if !span.offset().is_multiple_of(align) {
+        return Err(NormError::InvalidBuffer {
+            name,
+            problem: if copied {
+                "its offset is not a multiple of 4"
+            } else {
+                "its offset is not a multiple of the device's min_storage_buffer_offset_alignment"
+            },
+        });
+    }
+    Ok(())
+}
+
+/// No buffer a kernel writes holds an input of the op (wgpu binds a buffer read-only or
+/// read-write in one dispatch), and no output overlaps another span.
+fn check_disjoint(spans: &[(&'static str, BufferSlice<'_>, Use)]) -> Result<(), NormError> {
+    for &(name, span, usage) in spans {
+        for &(other, theirs, their_use) in spans {
+            if other == name || span.buffer() != theirs.buffer() {
+                continue;
+            }
+            if usage == Use::Write && matches!(their_use, Use::Read | Use::Param) {
+                return Err(NormError::InvalidBuffer {
+                    name,
+                    problem: "its buffer also holds an input of this op; wgpu binds a \
+                              buffer read-only or read-write in one dispatch, not both",
+                });
+            }
+            let overlap = span.offset() < theirs.offset() + theirs.size()
+                && theirs.offset() < span.offset() + span.size();
+            if matches!(usage, Use::Write | Use::Copy) && overlap {
+                return Err(NormError::InvalidBuffer {
+                    name,
+                    problem: "it overlaps another span of this op",
+                });
+            }
+        }
+    }
+    Ok(())
+}
 /// Records `op` into `encoder` after checking its spans.
 pub(crate) async fn encode(
     ctx: &GpuContext,
