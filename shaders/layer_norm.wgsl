@@ -22,12 +22,16 @@
 //
 // Shader defs (src/gpu/layer_norm.rs picks them): T, threads per row (a power of two, at most
 // WG); K, elements each thread holds in `layer_norm_held`; VEC4 for rows whose length is a
-// multiple of 4 (every load and store moves a vec4), f32 elements otherwise; SUBGROUP for the
-// subgroup workgroup sum (see gpunorm::reduce); RMS for RMSNorm; ADD for the fused residual
-// add (the rows are x + residual, and the sum is written out too).
+// multiple of 4 (every load and store moves a vec4), VEC2 for the other even lengths, f32
+// elements otherwise; SUBGROUP for the subgroup workgroup sum (see gpunorm::reduce); RMS for
+// RMSNorm; ADD for the fused residual add (the rows are x + residual, and the sum is written out
+// too); PACKED for half tensors (x, y, dy, residual and sum two values per u32: f16, or bf16
+// with BF16; see gpunorm::half), computed in f32 as any other. gamma, beta and the gradients
+// stay f32.
 
 #import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_ACCUMULATE}
 #import gpunorm::reduce::{Invocation, workgroup_sum}
+#import gpunorm::half::{unpack_pair, pack_pair}
 
 const T: u32 = #{T}u;
 const K: u32 = #{K}u;
@@ -38,6 +42,21 @@ const W: u32 = 4u;
 
 fn hsum(v: V) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
+}
+
+fn first(v: V) -> f32 {
+    return v.x;
+}
+
+fn too_big(v: V) -> bool {
+    return any(abs(v) > V(BIG_VALUE));
+}
+#else ifdef VEC2
+alias V = vec2<f32>;
+const W: u32 = 2u;
+
+fn hsum(v: V) -> f32 {
+    return v.x + v.y;
 }
 
 fn first(v: V) -> f32 {
@@ -64,6 +83,41 @@ fn too_big(v: V) -> bool {
 }
 #endif
 
+// E: how a V of the tensors is stored. Half tensors hold W values in W / 2 words.
+#ifdef PACKED
+#ifdef VEC4
+alias E = vec2<u32>;
+
+fn unpack(e: E) -> V {
+    return V(unpack_pair(e.x), unpack_pair(e.y));
+}
+
+fn pack(v: V) -> E {
+    return E(pack_pair(v.xy), pack_pair(v.zw));
+}
+#else
+alias E = u32;
+
+fn unpack(e: E) -> V {
+    return unpack_pair(e);
+}
+
+fn pack(v: V) -> E {
+    return pack_pair(v);
+}
+#endif
+#else
+alias E = V;
+
+fn unpack(e: E) -> V {
+    return e;
+}
+
+fn pack(v: V) -> E {
+    return v;
+}
+#endif
+
 // Keep in sync with `LayerNormParams` in src/gpu/layer_norm.rs (a test compares the two).
 struct Params {
     rows: u32,
@@ -74,24 +128,24 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read_write> y: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<E>;
+@group(0) @binding(2) var<storage, read_write> y: array<E>;
 @group(0) @binding(3) var<storage, read> gamma: array<V>;
 @group(0) @binding(4) var<storage, read> beta: array<V>;
 
 #ifdef ADD
 // The fused residual add: the rows normalized are x + residual, rounded to f32 once, and that
 // sum is written out too (the new residual stream).
-@group(0) @binding(9) var<storage, read> residual: array<V>;
-@group(0) @binding(10) var<storage, read_write> sum_out: array<V>;
+@group(0) @binding(9) var<storage, read> residual: array<E>;
+@group(0) @binding(10) var<storage, read_write> sum_out: array<E>;
 #endif
 
 // Element i of the rows normalized: x, or x + residual (ADD), the same bits at every read.
 fn load(i: u32) -> V {
 #ifdef ADD
-    return x[i] + residual[i];
+    return unpack(x[i]) + unpack(residual[i]);
 #else
-    return x[i];
+    return unpack(x[i]);
 #endif
 }
 
@@ -104,7 +158,7 @@ fn store(base: u32, i: u32, c: V, rstd: f32) {
     if (params.flags & FLAG_BETA) != 0u {
         v = v + beta[i];
     }
-    y[base + i] = v;
+    y[base + i] = pack(v);
 }
 
 var<workgroup> segment: array<f32, WG>;
@@ -239,7 +293,7 @@ fn layer_norm_held(
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
         if live && i < n {
-            sum_out[base + i] = held[j];
+            sum_out[base + i] = pack(held[j]);
         }
     }
 #endif
@@ -393,7 +447,7 @@ fn layer_norm(
     for (var i = inv.lid; i < n; i += WG) {
         let v = load(base + i);
 #ifdef ADD
-        sum_out[base + i] = v;
+        sum_out[base + i] = pack(v);
 #endif
         store(base, i, v * m.w - m.x - m.y, m.z);
     }
@@ -416,7 +470,7 @@ fn layer_norm(
 const TILE_ROWS: u32 = 64u;
 const MERGE_BLOCK: u32 = 32u;
 
-@group(0) @binding(5) var<storage, read> dy: array<V>;
+@group(0) @binding(5) var<storage, read> dy: array<E>;
 // (shift, mean_d, rstd, s) of each row, as `looped_moments` gives them.
 @group(0) @binding(6) var<storage, read_write> row_moments: array<vec4<f32>>;
 // Per tile of rows: dgamma's partial for each column, then dbeta's.
@@ -449,8 +503,8 @@ fn layer_norm_backward(
     var sg = 0.0;
     var sgx = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
-        let h = (x[base + i] * m.w - m.x - m.y) * m.z;
-        let g = dy[base + i] * gamma_at(i);
+        let h = (unpack(x[base + i]) * m.w - m.x - m.y) * m.z;
+        let g = unpack(dy[base + i]) * gamma_at(i);
         sg += hsum(g);
         sgx += hsum(g * h);
     }
@@ -463,9 +517,9 @@ fn layer_norm_backward(
     // The rstd of the unscaled row: that of the row scaled by s, times s.
     let rstd = m.z * m.w;
     for (var i = inv.lid; i < n; i += WG) {
-        let h = (x[base + i] * m.w - m.x - m.y) * m.z;
-        let g = dy[base + i] * gamma_at(i);
-        y[base + i] = (g - mean_g - h * mean_gx) * rstd;
+        let h = (unpack(x[base + i]) * m.w - m.x - m.y) * m.z;
+        let g = unpack(dy[base + i]) * gamma_at(i);
+        y[base + i] = pack((g - mean_g - h * mean_gx) * rstd);
     }
     if inv.lid == 0u {
         row_moments[row] = m;
@@ -491,8 +545,8 @@ fn layer_norm_backward_columns(
     var db = V(0.0);
     for (var r = tile * TILE_ROWS; r < min(tile * TILE_ROWS + TILE_ROWS, params.rows); r++) {
         let m = row_moments[r];
-        let h = (x[r * n + i] * m.w - m.x - m.y) * m.z;
-        let d = dy[r * n + i];
+        let h = (unpack(x[r * n + i]) * m.w - m.x - m.y) * m.z;
+        let d = unpack(dy[r * n + i]);
         dg += d * h;
         db += d;
     }

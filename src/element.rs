@@ -19,7 +19,7 @@ const CONVERT_CHUNK: usize = 1 << 16;
 
 mod sealed {
     /// The conversions the ops need; private, so only gpunorm's types are [`Element`]s.
-    pub trait Sealed: Sized + Copy + Send + Sync + bytemuck::Zeroable {
+    pub trait Sealed: Sized + Copy + Send + Sync + bytemuck::Pod {
         /// f32 itself, whose slices the ops use as they are.
         const IS_F32: bool;
         /// `src` as f32 into `dst` (of the same length), on this thread.
@@ -58,10 +58,56 @@ pub trait Element:
 {
     /// The type's name: "f32", "f16" or "bf16".
     const NAME: &'static str;
+    /// The type as a value, as a [`GpuTensor`](crate::GpuTensor) records what it holds.
+    const TYPE: ElementType;
+}
+
+/// Which [`Element`] a [`GpuTensor`](crate::GpuTensor) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElementType {
+    /// `f32`: 4 bytes a value.
+    F32,
+    /// `half::f16`: 2 bytes a value.
+    F16,
+    /// `half::bf16`: 2 bytes a value.
+    BF16,
+}
+
+impl ElementType {
+    /// Bytes of one value.
+    pub fn size(self) -> usize {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 | ElementType::BF16 => 2,
+        }
+    }
+
+    /// The type's name: "f32", "f16" or "bf16".
+    pub fn name(self) -> &'static str {
+        match self {
+            ElementType::F32 => f32::NAME,
+            ElementType::F16 => f16::NAME,
+            ElementType::BF16 => bf16::NAME,
+        }
+    }
+
+    /// Bytes of `len` values as a device buffer holds them: rounded up to whole 4-byte words
+    /// (wgpu copies and binds words), or None where that overflows.
+    pub(crate) fn buffer_bytes(self, len: usize) -> Option<u64> {
+        let bytes = len.checked_mul(self.size())?.checked_next_multiple_of(4)?;
+        u64::try_from(bytes).ok()
+    }
+}
+
+impl std::fmt::Display for ElementType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Element for f32 {
     const NAME: &'static str = "f32";
+    const TYPE: ElementType = ElementType::F32;
 }
 
 impl Sealed for f32 {
@@ -90,9 +136,10 @@ impl Sealed for f32 {
 
 /// `Element` for the two half types, through `half`'s slice conversions.
 macro_rules! half_element {
-    ($t:ty, $name:literal) => {
+    ($t:ty, $name:literal, $type:ident) => {
         impl Element for $t {
             const NAME: &'static str = $name;
+            const TYPE: ElementType = ElementType::$type;
         }
 
         impl Sealed for $t {
@@ -121,8 +168,8 @@ macro_rules! half_element {
     };
 }
 
-half_element!(f16, "f16");
-half_element!(bf16, "bf16");
+half_element!(f16, "f16", F16);
+half_element!(bf16, "bf16", BF16);
 
 /// The values as f32: borrowed where they are f32, else converted on every core.
 pub(crate) fn widen<T: Element>(values: &[T]) -> Cow<'_, [f32]> {

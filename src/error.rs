@@ -119,6 +119,17 @@ pub enum NormError {
         given: usize,
     },
 
+    /// GPU tensors of one call hold different element types.
+    #[error("GpuTensor {name} holds {found} values but x holds {expected}; every tensor of one call holds the same type (upload or download_as the other one)")]
+    ElementTypes {
+        /// The argument whose tensor differs from x.
+        name: &'static str,
+        /// What it holds.
+        found: crate::ElementType,
+        /// What x holds.
+        expected: crate::ElementType,
+    },
+
     /// A named shape's sizes do not multiply to the input's length.
     #[error("{}", shape_length(*len, *batch, *channels, *spatial))]
     ShapeLength {

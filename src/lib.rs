@@ -61,7 +61,7 @@ pub use wgpu;
 /// The half-precision types gpunorm's ops take beside f32: `half::f16` and `half::bf16`.
 pub use half;
 
-pub use element::Element;
+pub use element::{Element, ElementType};
 pub use error::NormError;
 pub use gpu::encode::Encode;
 pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRunningStats, GpuTensor};

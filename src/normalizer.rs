@@ -56,7 +56,8 @@ impl Engine {
     }
 
     /// [`Engine::layer_norm`] on tensors of `T`. The CPU fallback converts half tensors block
-    /// by block in cache; elsewhere they are widened whole and the outputs rounded after.
+    /// by block in cache, and the GPU's kernels read and write half rows of even length as they
+    /// are; half rows of odd length on the GPU are widened whole and the outputs rounded after.
     async fn layer_norm_of<T: Element>(
         &self,
         x: &[T],
@@ -65,9 +66,15 @@ impl Engine {
         op: (&LayerNorm<'_>, RowNorm),
         add: Option<(&[T], &mut [T])>,
     ) -> Result<Timing, NormError> {
-        if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
-            crate::cpu::layer_norm_of(x, y, features, op, add);
-            return Ok(Timing::default());
+        match self {
+            Engine::Cpu(_) if !T::IS_F32 => {
+                crate::cpu::layer_norm_of(x, y, features, op, add);
+                return Ok(Timing::default());
+            }
+            Engine::Gpu(ctx) if crate::gpu::reads_rows(T::TYPE, features) => {
+                return ctx.layer_norm_of(x, y, features, op, add).await;
+            }
+            _ => {}
         }
         let (x, mut y) = (widen(x), OutputOf::new(y));
         let timing = match add {
@@ -82,6 +89,32 @@ impl Engine {
         };
         y.finish();
         Ok(timing)
+    }
+
+    /// [`Engine::layer_norm_backward`] on tensors of `T`: dx, dgamma and dbeta. The GPU's
+    /// kernels read and write half rows of even length as they are; elsewhere half tensors are
+    /// widened whole and dx rounded after.
+    async fn layer_norm_backward_of<T: Element>(
+        &self,
+        (x, dy): (&[T], &[T]),
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
+        if let Engine::Gpu(ctx) = self {
+            if crate::gpu::reads_rows(T::TYPE, features) {
+                let mut dx = new_output(x.len());
+                let (dgamma, dbeta, _) = ctx
+                    .layer_norm_backward_of((x, dy), &mut dx, features, op)
+                    .await?;
+                return Ok((dx, dgamma, dbeta));
+            }
+        }
+        let (x, dy) = (widen(x), widen(dy));
+        let mut dx = new_output(x.len());
+        let (dgamma, dbeta, _) = self
+            .layer_norm_backward((&x, &dy), &mut dx, features, op)
+            .await?;
+        Ok((narrow(dx), dgamma, dbeta))
     }
 
     async fn layer_norm_backward(
@@ -657,14 +690,11 @@ impl Normalizer {
         opts: &LayerNorm<'_>,
     ) -> Result<LayerNormGrads<T>, NormError> {
         layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
-        let (x, dy) = (widen(x), widen(dy));
-        let mut dx = new_output(x.len());
         let op = (opts, RowNorm::Layer);
-        let (dgamma, dbeta, _) = self
+        let (dx, dgamma, dbeta) = self
             .engine
-            .layer_norm_backward((&x, &dy), &mut dx, features, op)
+            .layer_norm_backward_of((x, dy), features, op)
             .await?;
-        let dx = narrow(dx);
         Ok(LayerNormGrads { dx, dgamma, dbeta })
     }
 
@@ -695,13 +725,10 @@ impl Normalizer {
     ) -> Result<RmsNormGrads<T>, NormError> {
         let (opts, kind) = opts.as_row_norm();
         layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
-        let (x, dy) = (widen(x), widen(dy));
-        let mut dx = new_output(x.len());
-        let (dgamma, _, _) = self
+        let (dx, dgamma, _) = self
             .engine
-            .layer_norm_backward((&x, &dy), &mut dx, features, (&opts, kind))
+            .layer_norm_backward_of((x, dy), features, (&opts, kind))
             .await?;
-        let dx = narrow(dx);
         Ok(RmsNormGrads { dx, dgamma })
     }
 
@@ -1267,16 +1294,16 @@ impl Normalizer {
         })
     }
 
-    /// Copies `data` into a new GPU tensor. Errors on the CPU fallback ([`NormError::NotGpu`]) and
-    /// when the data exceeds one binding of this device.
+    /// Copies f32 `data` into a new GPU tensor. Errors on the CPU fallback
+    /// ([`NormError::NotGpu`]) and when the data exceeds one binding of this device.
+    /// [`Normalizer::upload_typed`] uploads f16 and bf16 values as they are.
     pub fn upload(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
         self.block("upload", self.upload_async(data))
     }
 
     /// [`Normalizer::upload`], awaited.
     pub async fn upload_async(&self, data: &[f32]) -> Result<GpuTensor, NormError> {
-        let ctx = self.context("upload")?;
-        ctx.call(tensor::upload(ctx, data, None)).await
+        self.upload_typed_async(data).await
     }
 
     /// [`Normalizer::upload`] of rows `features` wide: the tensor keeps its width, and an op
@@ -1292,18 +1319,81 @@ impl Normalizer {
         data: &[f32],
         features: usize,
     ) -> Result<GpuTensor, NormError> {
+        self.upload_rows_typed_async(data, features).await
+    }
+
+    /// Copies `data` into a new GPU tensor of its own element type ([`GpuTensor::element_type`]):
+    /// f32, or f16 and bf16 as they are, half the bytes across the bus and on the device. Ops
+    /// on it return tensors of the same type. Errors as [`Normalizer::upload`].
+    ///
+    /// ```no_run
+    /// use gpunorm::half::f16;
+    /// use gpunorm::{ElementType, LayerNorm, Normalizer};
+    /// # fn main() -> Result<(), gpunorm::NormError> {
+    /// let norm = Normalizer::gpu()?;
+    /// let x: Vec<f16> = (0..8).map(|i| f16::from_f32(i as f32)).collect();
+    /// let t = norm.upload_rows_typed(&x, 4)?;
+    /// let y = norm.layer_norm_gpu(&t, 4, &LayerNorm::default())?;
+    /// assert_eq!(y.element_type(), ElementType::F16);
+    /// let y: Vec<f16> = norm.download_as(&y)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn upload_typed<T: Element>(&self, data: &[T]) -> Result<GpuTensor, NormError> {
+        self.block("upload_typed", self.upload_typed_async(data))
+    }
+
+    /// [`Normalizer::upload_typed`], awaited.
+    pub async fn upload_typed_async<T: Element>(&self, data: &[T]) -> Result<GpuTensor, NormError> {
+        let ctx = self.context("upload")?;
+        ctx.call(tensor::upload(ctx, data, None)).await
+    }
+
+    /// [`Normalizer::upload_typed`] of rows `features` wide, as [`Normalizer::upload_rows`].
+    pub fn upload_rows_typed<T: Element>(
+        &self,
+        data: &[T],
+        features: usize,
+    ) -> Result<GpuTensor, NormError> {
+        let work = self.upload_rows_typed_async(data, features);
+        self.block("upload_rows_typed", work)
+    }
+
+    /// [`Normalizer::upload_rows_typed`], awaited.
+    pub async fn upload_rows_typed_async<T: Element>(
+        &self,
+        data: &[T],
+        features: usize,
+    ) -> Result<GpuTensor, NormError> {
         let ctx = self.context("upload_rows")?;
         crate::ops::rows_of(data.len(), features)?;
         ctx.call(tensor::upload(ctx, data, Some(features))).await
     }
 
-    /// Reads a GPU tensor back (waits for the work that writes it).
+    /// Reads a GPU tensor back as f32 (waits for the work that writes it); a half tensor moves
+    /// its own bytes and is widened on the host, exactly. [`Normalizer::download_as`] reads it
+    /// as its own type.
     pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
         self.block("download", self.download_async(tensor))
     }
 
     /// [`Normalizer::download`], awaited.
     pub async fn download_async(&self, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+        self.download_as_async(tensor).await
+    }
+
+    /// Reads a GPU tensor back as `T` (waits for the work that writes it): its values as they
+    /// are where `T` is its [`element_type`](GpuTensor::element_type), else converted on the
+    /// host (widened exactly, or rounded once to nearest). See [`Normalizer::upload_typed`].
+    pub fn download_as<T: Element>(&self, tensor: &GpuTensor) -> Result<Vec<T>, NormError> {
+        self.block("download_as", self.download_as_async(tensor))
+    }
+
+    /// [`Normalizer::download_as`], awaited.
+    pub async fn download_as_async<T: Element>(
+        &self,
+        tensor: &GpuTensor,
+    ) -> Result<Vec<T>, NormError> {
         let ctx = self.context("download")?;
         ctx.call(tensor::download(ctx, tensor)).await
     }

@@ -8,7 +8,9 @@ mod common;
 
 use common::{data, max_err, ordinary};
 use gpunorm::half::{bf16, f16};
-use gpunorm::{reference, BatchNorm, Element, LayerNorm, NormError, RmsNorm, RunningStats};
+use gpunorm::{
+    reference, BatchNorm, Element, ElementType, LayerNorm, NormError, RmsNorm, RunningStats,
+};
 
 /// A half type under test: its conversions and its tolerance.
 trait Half: Element {
@@ -68,11 +70,16 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
     let tol = T::TOL;
     for &(rows, features, mean, spread) in &[
         (37, 1, 0.5, 2.0),
+        (37, 2, 0.5, 2.0),
         (37, 3, 0.5, 2.0),
+        (30, 6, 0.5, 2.0),
         (50, 768, 0.5, 2.0),
         (9, 4097, 0.5, 2.0),
+        (5, 4098, 0.5, 2.0),
         (2, 65537, 0.5, 2.0),
+        (2, 65538, 0.5, 2.0),
         (20, 256, 100.0, 1.0),
+        (20, 258, 100.0, 1.0),
     ] {
         let at = format!("{name} {} {rows}x{features}", T::NAME);
         let (x, xw) = rounded::<T>(&data(rows * features, mean, spread, 1));
@@ -295,4 +302,204 @@ per_backend! {
         ));
         assert!(short.iter().all(|v| v.to_f32() == 7.0), "{name}: a refused call writes nothing");
     }
+}
+
+/// Half GPU tensors keep half the bytes and come back bit for bit, at odd lengths too (the last
+/// word holds one value); `download` widens them exactly, `download_as` converts to any type.
+#[test]
+fn half_gpu_tensors_round_trip() {
+    let Some(norm) = common::gpu() else { return };
+    for len in [1, 2, 3, 1001, 4096] {
+        let (x, xw) = rounded::<f16>(&ordinary(len, 20));
+        let t = norm.upload_typed(&x).unwrap();
+        assert_eq!((t.len(), t.element_type()), (len, ElementType::F16));
+        assert!(t.buffer().size() >= (2 * len as u64).next_multiple_of(4));
+        assert_eq!(norm.download_as::<f16>(&t).unwrap(), x, "{len}");
+        assert_eq!(norm.download(&t).unwrap(), xw, "{len}: widened exactly");
+        let as_bf16: Vec<bf16> = xw.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(norm.download_as::<bf16>(&t).unwrap(), as_bf16, "{len}");
+
+        let (b, bw) = rounded::<bf16>(&ordinary(len, 21));
+        let t = norm.upload_rows_typed(&b, 1).unwrap();
+        assert_eq!(t.element_type(), ElementType::BF16);
+        assert_eq!(norm.download_as::<bf16>(&t).unwrap(), b, "{len}");
+        assert_eq!(norm.download(&t).unwrap(), bw, "{len}");
+        let t = norm.upload_typed(&bw).unwrap();
+        assert_eq!(
+            norm.download_as::<bf16>(&t).unwrap(),
+            b,
+            "{len}: rounded once"
+        );
+    }
+    // A large f16 tensor takes half the device bytes of its f32 twin.
+    // (Under CI's lowered 1 MiB binding too.)
+    let x = vec![f16::ONE; 1 << 17];
+    let (half, full) = (
+        norm.upload_typed(&x).unwrap(),
+        norm.upload(&vec![1f32; 1 << 17]).unwrap(),
+    );
+    assert!(half.buffer().size() * 2 <= full.buffer().size());
+}
+
+/// Every op on half GPU tensors returns tensors of the input's type (parameter gradients f32)
+/// and matches the reference; row ops on rows of even length (read as they are) give the host
+/// path's bits, and the ops that widen on the device (BatchNorm, odd rows) hold the tolerance.
+fn every_op_on_gpu_tensors<T: Half>(norm: &gpunorm::Normalizer) {
+    let tol = T::TOL;
+    for &(rows, features) in &[(40, 1), (33, 3), (12, 6), (9, 256), (3, 4098), (5, 4099)] {
+        let at = format!("{} {rows}x{features}", T::NAME);
+        let (x, xw) = rounded::<T>(&data(rows * features, 2.0, 1.0, 22));
+        let (r, rw) = rounded::<T>(&ordinary(rows * features, 23));
+        let (dy, dyw) = rounded::<T>(&ordinary(rows * features, 24));
+        let gamma = data(features, 1.0, 0.5, 25);
+        let ln = LayerNorm {
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let rms = RmsNorm {
+            gamma: Some(&gamma),
+            ..Default::default()
+        };
+        let (xt, rt, dyt) = (
+            norm.upload_rows_typed(&x, features).unwrap(),
+            norm.upload_rows_typed(&r, features).unwrap(),
+            norm.upload_rows_typed(&dy, features).unwrap(),
+        );
+        let get = |t: &gpunorm::GpuTensor| {
+            assert_eq!(t.element_type(), T::TYPE, "{at}");
+            norm.download_as::<T>(t).unwrap()
+        };
+
+        let y = get(&norm.layer_norm_gpu(&xt, features, &ln).unwrap());
+        let e = max_err(&wide(&y), &reference::layer_norm(&xw, features, &ln));
+        assert!(e <= tol, "{at}: layer_norm_gpu {e}");
+        let y = get(&norm.rms_norm_gpu(&xt, features, &rms).unwrap());
+        let e = max_err(&wide(&y), &reference::rms_norm(&xw, features, &rms));
+        assert!(e <= tol, "{at}: rms_norm_gpu {e}");
+        if features % 2 == 0 {
+            assert_eq!(
+                y,
+                norm.rms_norm(&x, features, &rms).unwrap(),
+                "{at}: host bits"
+            );
+        }
+
+        let add = norm.add_layer_norm_gpu(&xt, &rt, features, &ln).unwrap();
+        let sum: Vec<f32> = xw.iter().zip(&rw).map(|(a, b)| a + b).collect();
+        let exact: Vec<f64> = sum.iter().map(|&v| v as f64).collect();
+        assert!(max_err(&wide(&get(&add.sum)), &exact) <= tol, "{at}: sum");
+        let e = max_err(
+            &wide(&get(&add.y)),
+            &reference::layer_norm(&sum, features, &ln),
+        );
+        assert!(e <= tol, "{at}: add_layer_norm_gpu {e}");
+
+        let grads = norm
+            .layer_norm_backward_gpu(&xt, &dyt, features, &ln)
+            .unwrap();
+        let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&xw, &dyw, features, &ln);
+        let e = dx_err(&wide(&get(&grads.dx)), &rdx, features);
+        assert!(e <= tol, "{at}: layer_norm_backward_gpu dx {e}");
+        assert_eq!(grads.dgamma.element_type(), ElementType::F32);
+        let (dgamma, dbeta) = (
+            norm.download(&grads.dgamma).unwrap(),
+            norm.download(&grads.dbeta).unwrap(),
+        );
+        let sums = max_err(&dgamma, &rdgamma).max(max_err(&dbeta, &rdbeta));
+        assert!(sums <= 1e-4, "{at}: dgamma/dbeta {sums}");
+        let grads = norm
+            .rms_norm_backward_gpu(&xt, &dyt, features, &rms)
+            .unwrap();
+        let (rdx, _) = reference::rms_norm_backward(&xw, &dyw, features, &rms);
+        let e = dx_err(&wide(&get(&grads.dx)), &rdx, features);
+        assert!(e <= tol, "{at}: rms_norm_backward_gpu dx {e}");
+
+        let bn = BatchNorm::default();
+        let (yt, stats) = norm.batch_norm_train_gpu(&xt, features, &bn).unwrap();
+        let (ry, rmean, ..) = reference::batch_norm_train(&xw, features, &bn);
+        let e = max_err(&wide(&get(&yt)), &ry);
+        assert!(e <= tol, "{at}: batch_norm_train_gpu {e}");
+        assert!(max_err(&stats.mean, &rmean) <= 1e-4, "{at}: mean");
+        let grads = norm
+            .batch_norm_backward_gpu(&xt, &dyt, features, &bn)
+            .unwrap();
+        let (rdx, ..) = reference::batch_norm_backward(&xw, &dyw, features, &bn);
+        let e = dx_err(&wide(&get(&grads.dx)), &rdx, x.len());
+        assert!(e <= tol, "{at}: batch_norm_backward_gpu dx {e}");
+        let mut running = RunningStats::new(features);
+        running.momentum = 1.0;
+        running.update_with(&stats).unwrap();
+        let y = get(&norm
+            .batch_norm_eval_gpu(&xt, features, &bn, &running)
+            .unwrap());
+        let (rm, rv): (Vec<f64>, Vec<f64>) = (
+            running.mean.iter().map(|&v| v as f64).collect(),
+            running.var.iter().map(|&v| v as f64).collect(),
+        );
+        let e = max_err(
+            &wide(&y),
+            &reference::batch_norm_apply(&xw, features, &rm, &rv, &bn),
+        );
+        assert!(e <= tol, "{at}: batch_norm_eval_gpu {e}");
+    }
+}
+
+#[test]
+fn every_op_on_f16_gpu_tensors() {
+    let Some(norm) = common::gpu() else { return };
+    every_op_on_gpu_tensors::<f16>(norm);
+}
+
+#[test]
+fn every_op_on_bf16_gpu_tensors() {
+    let Some(norm) = common::gpu() else { return };
+    every_op_on_gpu_tensors::<bf16>(norm);
+}
+
+/// Tensors of one call must hold one element type: anything else is refused, naming the
+/// argument, before any work.
+#[test]
+fn mixed_element_types_are_refused() {
+    let Some(norm) = common::gpu() else { return };
+    let features = 8;
+    let (x, xw) = rounded::<f16>(&ordinary(4 * features, 26));
+    let (xt, wt) = (
+        norm.upload_rows_typed(&x, features).unwrap(),
+        norm.upload_rows_typed(&xw, features).unwrap(),
+    );
+    let bt = norm
+        .upload_rows_typed(&rounded::<bf16>(&xw).0, features)
+        .unwrap();
+    let ln = LayerNorm::default();
+    let refused = |r: Result<_, NormError>, name: &str| match r {
+        Err(NormError::ElementTypes { name: n, .. }) => assert_eq!(n, name),
+        Err(e) => panic!("{name}: {e}"),
+        Ok(_) => panic!("{name}: accepted"),
+    };
+    refused(
+        norm.add_layer_norm_gpu(&xt, &wt, features, &ln).map(|_| ()),
+        "residual",
+    );
+    refused(
+        norm.add_rms_norm_gpu(&wt, &bt, features, &RmsNorm::default())
+            .map(|_| ()),
+        "residual",
+    );
+    refused(
+        norm.layer_norm_backward_gpu(&xt, &bt, features, &ln)
+            .map(|_| ()),
+        "dy",
+    );
+    refused(
+        norm.batch_norm_backward_gpu(&bt, &xt, features, &BatchNorm::default())
+            .map(|_| ()),
+        "dy",
+    );
+    let e = norm
+        .add_layer_norm_gpu(&xt, &wt, features, &ln)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("f32") && e.to_string().contains("f16"),
+        "{e}"
+    );
 }

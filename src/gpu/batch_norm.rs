@@ -1369,7 +1369,7 @@ impl<'a> Run<'a> {
                 let mut encoder = ctx.encoder("batch_norm apply");
                 run.record_staged(&mut encoder, &staged);
                 #[cfg(debug_assertions)]
-                super::poison(ctx, yb, chunk.len());
+                super::poison(ctx, yb, (chunk.len() * 4) as u64);
                 {
                     let xb = run.x_buffer(x);
                     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -9,7 +9,7 @@ use super::layer_norm::{self, Affine, BackwardRows, BackwardScratch, Param, Rows
 use super::pool::Lifetime;
 use crate::ops::layer_norm::RowNorm;
 use crate::ops::{check_eps, rows_of};
-use crate::{LayerNorm, NormError};
+use crate::{ElementType, LayerNorm, NormError};
 
 /// An op of the LayerNorm family for [`Normalizer::encode`](crate::Normalizer::encode) to
 /// record into the caller's command encoder, on spans of the caller's buffers
@@ -449,7 +449,9 @@ async fn record(
 ) -> Result<(), NormError> {
     let features = op.features;
     let Some((dy, dgamma, dbeta)) = op.backward else {
-        let prepared = layer_norm::prepare(ctx, features, (op.kind, op.add.is_some())).await?;
+        let prepared =
+            layer_norm::prepare(ctx, features, (op.kind, op.add.is_some()), ElementType::F32)
+                .await?;
         return ctx
             .scoped(op.name, || {
                 let io = Rows {
@@ -462,7 +464,7 @@ async fn record(
             })
             .await;
     };
-    let prepared = layer_norm::prepare_backward(ctx, features, op.kind).await?;
+    let prepared = layer_norm::prepare_backward(ctx, features, op.kind, ElementType::F32).await?;
     ctx.scoped(op.name, || {
         let scratch = BackwardScratch::new(ctx, rows, features, Lifetime::Detached);
         let io = BackwardRows {

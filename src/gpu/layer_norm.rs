@@ -11,8 +11,8 @@ use super::pool::{Lifetime, Pooled};
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
 use super::timer::{self, PassTimer};
 use super::{grid, transfer};
-use crate::ops::layer_norm::{FusedAdd, RowNorm};
-use crate::{LayerNorm, NormError, Timing};
+use crate::ops::layer_norm::RowNorm;
+use crate::{Element, ElementType, LayerNorm, NormError, Timing};
 
 /// The two entry points, with the bindings both use: params, x, y, gamma, beta.
 const SLOTS: &[Slot] = &[
@@ -106,16 +106,59 @@ struct LayerNormParams {
 }
 const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 16);
 
+/// Whether the kernels read and write tensors of `element` in rows `features` wide as they are:
+/// f32 always, and half rows of even length, which fill whole 32-bit words. Half rows of odd
+/// length go through f32 twins (`convert`).
+pub(crate) fn reads(element: ElementType, features: usize) -> bool {
+    element == ElementType::F32 || features.is_multiple_of(2)
+}
+
+/// How the kernels see rows `features` wide of `element`: values per vector (4 where that
+/// divides the row, else 2 where that does, else 1) and the storage type. A half tensor and its
+/// f32 twin share the layout, so they share the arithmetic: a half output is the f32 output
+/// rounded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    width: usize,
+    element: ElementType,
+}
+
+impl Layout {
+    fn new(features: usize, element: ElementType) -> Layout {
+        let width = match features {
+            f if f.is_multiple_of(4) => 4,
+            f if f.is_multiple_of(2) => 2,
+            _ => 1,
+        };
+        Layout { width, element }
+    }
+
+    /// The shader defs that say it: VEC4 or VEC2, and PACKED (with BF16) for half tensors.
+    fn defs(self) -> [(&'static str, Def); 4] {
+        [
+            ("VEC4", Def::Flag(self.width == 4)),
+            ("VEC2", Def::Flag(self.width == 2)),
+            ("PACKED", Def::Flag(self.element != ElementType::F32)),
+            ("BF16", Def::Flag(self.element == ElementType::BF16)),
+        ]
+    }
+
+    /// For pipeline labels: "vec4 f16" and the like.
+    fn label(self) -> String {
+        let width = ["", "f32", "vec2", "", "vec4"][self.width];
+        format!("{width} {}", self.element)
+    }
+}
+
 /// The LayerNorm kernel for a row length on a device: specialised by size class (threads per
-/// row, elements held per thread), by features % 4 (vec4 or f32 elements) and by the device's
-/// reductions.
+/// row, elements held per thread), by the rows' [`Layout`] and by the device's reductions.
 #[derive(Debug, Clone, Copy)]
 struct Kernel {
     /// RMSNorm (the shader def RMS) rather than LayerNorm.
     rms: bool,
     /// The fused residual add (the shader def ADD).
     add: bool,
-    vec4: bool,
+    layout: Layout,
     subgroup: bool,
     /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
     per_row: u32,
@@ -131,9 +174,14 @@ impl Kernel {
     /// longer rows use the looped kernel, one workgroup per row. On the H100, holding 32 vec4s
     /// per thread ran a 2048×32768 batch at 2662 GB/s against 1458 for the looped kernel, and
     /// changed nothing at the shorter standard shapes (BENCHMARKS.md).
-    fn for_features(ctx: &GpuContext, features: usize, (kind, add): (RowNorm, bool)) -> Kernel {
-        let vec4 = features.is_multiple_of(4);
-        let n = if vec4 { features / 4 } else { features };
+    fn for_features(
+        ctx: &GpuContext,
+        features: usize,
+        (kind, add): (RowNorm, bool),
+        element: ElementType,
+    ) -> Kernel {
+        let layout = Layout::new(features, element);
+        let n = features / layout.width;
         let wg = WG as usize;
         let hold = ctx.tuning.ln_hold as usize;
         let (per_row, held) = match n.div_ceil(wg) {
@@ -145,7 +193,7 @@ impl Kernel {
         Kernel {
             rms: kind == RowNorm::Rms,
             add,
-            vec4,
+            layout,
             subgroup: ctx.subgroups,
             per_row,
             held,
@@ -176,7 +224,7 @@ impl Kernel {
             "{}{} {} {} t{} k{}",
             if self.add { "add_" } else { "" },
             if self.rms { "rms_norm" } else { "layer_norm" },
-            if self.vec4 { "vec4" } else { "f32" },
+            self.layout.label(),
             if self.subgroup { "subgroup" } else { "tree" },
             self.per_row,
             self.held
@@ -184,14 +232,14 @@ impl Kernel {
     }
 
     async fn pipeline(&self, ctx: &GpuContext) -> Result<Arc<Pipeline>, NormError> {
-        let defs = [
+        let mut defs = vec![
             ("RMS", Def::Flag(self.rms)),
             ("ADD", Def::Flag(self.add)),
-            ("VEC4", Def::Flag(self.vec4)),
             ("SUBGROUP", Def::Flag(self.subgroup)),
             ("T", Def::U32(self.per_row)),
             ("K", Def::U32(self.held.max(1))),
         ];
+        defs.extend(self.layout.defs());
         ctx.pipeline(&self.label(), self.def(), &defs).await
     }
 }
@@ -203,13 +251,14 @@ pub(crate) struct Prepared {
 }
 
 /// Picks the kernel of `kind` (with the fused residual add where `add`) for rows `features`
-/// wide and builds its pipeline (once per context).
+/// wide of `element` (which it [`reads`]) and builds its pipeline (once per context).
 pub(crate) async fn prepare(
     ctx: &GpuContext,
     features: usize,
     op: (RowNorm, bool),
+    element: ElementType,
 ) -> Result<Prepared, NormError> {
-    let kernel = Kernel::for_features(ctx, features, op);
+    let kernel = Kernel::for_features(ctx, features, op, element);
     let what = if kernel.add {
         "add_layer_norm"
     } else {
@@ -233,8 +282,9 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
             limit: max_bytes,
         });
     }
-    // Both kinds share their size classes.
-    let kernel = Kernel::for_features(ctx, features, (RowNorm::Layer, false));
+    // Both kinds share their size classes; half rows of the same width fit as many rows per
+    // group or more.
+    let kernel = Kernel::for_features(ctx, features, (RowNorm::Layer, false), ElementType::F32);
     let max_groups = ctx.max_groups();
     // Saturating: on 32-bit targets (wasm) a 65535² grid overflows usize.
     let grid_rows = max_groups
@@ -359,17 +409,18 @@ pub(crate) fn record(
     pass.dispatch_workgroups(gx, gy, 1);
 }
 
-/// Runs LayerNorm (or RMSNorm, as `kind` says) of host rows on the GPU into `y`; with `add`
-/// (the residual and the sum's output), of x + residual, writing that sum too. Tensors larger
-/// than one binding go through in chunks of whole rows, each uploaded, normalized and read back
-/// in turn.
-pub(crate) async fn run(
+/// Runs LayerNorm (or RMSNorm, as `kind` says) of host rows of `T` (which the kernels
+/// [`reads`]) on the GPU into `y`; with `add` (the residual and the sum's output), of x +
+/// residual, writing that sum too. Half rows cross the bus as they are, half the bytes of f32.
+/// Tensors larger than one binding go through in chunks of whole rows, each uploaded,
+/// normalized and read back in turn.
+pub(crate) async fn run<T: Element>(
     ctx: &GpuContext,
-    x: &[f32],
-    y: &mut [f32],
+    x: &[T],
+    y: &mut [T],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
-    mut add: FusedAdd<'_>,
+    mut add: Option<(&[T], &mut [T])>,
 ) -> Result<Timing, NormError> {
     use wgpu::BufferUsages as U;
     let rows = x.len() / features;
@@ -377,8 +428,9 @@ pub(crate) async fn run(
         return Ok(Timing::default());
     }
     let chunk = max_rows(ctx, features)?.min(rows) * features;
-    let bytes = (chunk * 4) as u64;
-    let prepared = prepare(ctx, features, (kind, add.is_some())).await?;
+    let span_bytes = |len: usize| T::TYPE.buffer_bytes(len).unwrap_or(u64::MAX);
+    let bytes = span_bytes(chunk);
+    let prepared = prepare(ctx, features, (kind, add.is_some()), T::TYPE).await?;
     // One input and one output buffer, and with the fused add another of each.
     let buffers = usize::from(add.is_some()) + 1;
     let (inputs, outputs, stagings, mut timer) = ctx
@@ -405,13 +457,13 @@ pub(crate) async fn run(
         ctx.scoped("layer_norm", || {
             #[cfg(debug_assertions)]
             for output in &outputs {
-                super::poison(ctx, output, x.len());
+                super::poison(ctx, output, span_bytes(x.len()));
             }
             let mut encoder = ctx.encoder("layer_norm");
             for (upload, input) in uploads.iter().zip(&inputs) {
                 upload.record(&mut encoder, input);
             }
-            let bytes = (x.len() * 4) as u64;
+            let bytes = span_bytes(x.len());
             let io = Rows {
                 x: inputs[0].slice(..bytes),
                 y: outputs[0].slice(..bytes),
@@ -432,7 +484,7 @@ pub(crate) async fn run(
                 t.resolve(&mut encoder);
             }
             for (output, staging) in outputs.iter().zip(&stagings) {
-                encoder.copy_buffer_to_buffer(output, 0, staging, 0, (x.len() * 4) as u64);
+                encoder.copy_buffer_to_buffer(output, 0, staging, 0, bytes);
             }
             ctx.queue().submit([encoder.finish()]);
         })
@@ -462,42 +514,44 @@ pub(crate) struct Backward {
     max_rows: usize,
 }
 
-/// Picks the backward kernels of `kind` for rows `features` wide and builds their pipelines
-/// (once per context).
+/// Picks the backward kernels of `kind` for rows `features` wide of `element` (which they
+/// [`reads`]) and builds their pipelines (once per context).
 pub(crate) async fn prepare_backward(
     ctx: &GpuContext,
     features: usize,
     kind: RowNorm,
+    element: ElementType,
 ) -> Result<Backward, NormError> {
     ctx.check_storage_buffers(Slot::storage_count(BACKWARD.slots), "layer_norm_backward")?;
-    let (rms, vec4, subgroup) = (
+    let (rms, layout, subgroup) = (
         kind == RowNorm::Rms,
-        features.is_multiple_of(4),
+        Layout::new(features, element),
         ctx.subgroups,
     );
-    let defs = [
+    let mut defs = vec![
         ("RMS", Def::Flag(rms)),
-        ("VEC4", Def::Flag(vec4)),
         ("SUBGROUP", Def::Flag(subgroup)),
         ("T", Def::U32(WG)),
         ("K", Def::U32(1)),
     ];
+    defs.extend(layout.defs());
+    let defs = &defs;
     let pipeline = |kernel: &'static KernelDef| {
         let label = format!(
             "{} {} {} {}",
             kernel.entry,
             if rms { "rms" } else { "layer" },
-            if vec4 { "vec4" } else { "f32" },
+            layout.label(),
             if subgroup { "subgroup" } else { "tree" }
         );
-        async move { ctx.pipeline(&label, kernel, &defs).await }
+        async move { ctx.pipeline(&label, kernel, defs).await }
     };
     let (rows, columns, merge) = (
         pipeline(&BACKWARD).await?,
         pipeline(&BACKWARD_COLUMNS).await?,
         pipeline(&BACKWARD_MERGE).await?,
     );
-    let n = if vec4 { features / 4 } else { features };
+    let n = features / layout.width;
     Ok(Backward {
         rows,
         columns,
@@ -621,14 +675,15 @@ pub(crate) fn record_backward(
     }
 }
 
-/// The backward pass of LayerNorm (or RMSNorm) of host rows on the GPU: dx into `dx`, and the
-/// column sums (dgamma, dbeta). Chunks of whole rows go through in turn, each uploaded with its
-/// dy, run through the three backward kernels in one pass and its dx read back; the column sums
-/// stay on the device, each chunk adding onto the last, and are read once at the end.
-pub(crate) async fn backward(
+/// The backward pass of LayerNorm (or RMSNorm) of host rows of `T` (which the kernels
+/// [`reads`]) on the GPU: dx into `dx`, and the column sums (dgamma, dbeta). Chunks of whole
+/// rows go through in turn, each uploaded with its dy, run through the three backward kernels
+/// in one pass and its dx read back; the column sums stay on the device, each chunk adding onto
+/// the last, and are read once at the end.
+pub(crate) async fn backward<T: Element>(
     ctx: &GpuContext,
-    (x, dy): (&[f32], &[f32]),
-    dx: &mut [f32],
+    (x, dy): (&[T], &[T]),
+    dx: &mut [T],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
@@ -637,13 +692,14 @@ pub(crate) async fn backward(
     if rows == 0 {
         return Ok((vec![0.0; features], vec![0.0; features], Timing::default()));
     }
-    let prepared = prepare_backward(ctx, features, kind).await?;
+    let prepared = prepare_backward(ctx, features, kind, T::TYPE).await?;
     let chunk_rows = prepared.max_rows().min(rows);
     let chunk = chunk_rows * features;
     let grads_bytes = (2 * features * 4) as u64;
+    let span_bytes = |len: usize| T::TYPE.buffer_bytes(len).unwrap_or(u64::MAX);
     let bufs = ctx
         .scoped("layer_norm_backward", || {
-            let bytes = (chunk * 4) as u64;
+            let bytes = span_bytes(chunk);
             let storage =
                 |label, extra| ctx.buffer(label, bytes, U::STORAGE | extra, Lifetime::Call);
             (
@@ -671,7 +727,7 @@ pub(crate) async fn backward(
             let mut encoder = ctx.encoder("layer_norm_backward");
             x_up.record(&mut encoder, &xb);
             dy_up.record(&mut encoder, &dyb);
-            let bytes = (x.len() * 4) as u64;
+            let bytes = span_bytes(x.len());
             let io = BackwardRows {
                 x: xb.slice(..bytes),
                 dy: dyb.slice(..bytes),
@@ -691,7 +747,7 @@ pub(crate) async fn backward(
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
-            encoder.copy_buffer_to_buffer(&dxb, 0, &staging, 0, (x.len() * 4) as u64);
+            encoder.copy_buffer_to_buffer(&dxb, 0, &staging, 0, bytes);
             ctx.queue().submit([encoder.finish()]);
         })
         .await?;

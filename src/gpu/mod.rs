@@ -4,6 +4,7 @@
 
 mod batch_norm;
 mod context;
+mod convert;
 pub(crate) mod encode;
 mod layer_norm;
 mod pool;
@@ -18,7 +19,37 @@ use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::Backend;
-use crate::{LayerNorm, NormError, Timing};
+use crate::{Element, LayerNorm, NormError, Timing};
+
+pub(crate) use layer_norm::reads as reads_rows;
+
+impl GpuContext {
+    /// [`Backend::layer_norm`] of host rows of `T`, which the kernels must [`reads_rows`].
+    pub(crate) async fn layer_norm_of<T: Element>(
+        &self,
+        x: &[T],
+        y: &mut [T],
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+        add: Option<(&[T], &mut [T])>,
+    ) -> Result<Timing, NormError> {
+        self.call(layer_norm::run(self, x, y, features, op, add))
+            .await
+    }
+
+    /// [`Backend::layer_norm_backward`] of host rows of `T`, which the kernels must
+    /// [`reads_rows`].
+    pub(crate) async fn layer_norm_backward_of<T: Element>(
+        &self,
+        x_dy: (&[T], &[T]),
+        dx: &mut [T],
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
+        self.call(layer_norm::backward(self, x_dy, dx, features, op))
+            .await
+    }
+}
 
 impl Backend for GpuContext {
     async fn layer_norm(
@@ -140,12 +171,13 @@ fn grid(groups: usize, max: usize) -> (u32, u32) {
     (gx as u32, gy as u32)
 }
 
-/// Debug builds fill an output buffer with NaN before a kernel runs, so any element a kernel
-/// forgets to write fails the comparison with the reference instead of passing as 0.
+/// Debug builds fill the first `bytes` of an output buffer with NaN (of f32, f16 and bf16 alike)
+/// before a kernel runs, so any element a kernel forgets to write fails the comparison with the
+/// reference instead of passing as 0.
 #[cfg(debug_assertions)]
-fn poison(ctx: &GpuContext, buffer: &wgpu::Buffer, floats: usize) {
+fn poison(ctx: &GpuContext, buffer: &wgpu::Buffer, bytes: u64) {
     ctx.queue()
-        .write_buffer(buffer, 0, &vec![0xFFu8; floats * 4]);
+        .write_buffer(buffer, 0, &vec![0xFFu8; bytes as usize]);
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub(crate) mod flags {
 }
 
 /// The shared modules, in an order where each imports only those before it.
-const SHARED: [(&str, &str); 3] = [
+const SHARED: [(&str, &str); 4] = [
     (
         "shaders/shared/common.wgsl",
         include_str!("../../shaders/shared/common.wgsl"),
@@ -46,6 +46,10 @@ const SHARED: [(&str, &str); 3] = [
     (
         "shaders/shared/reduce.wgsl",
         include_str!("../../shaders/shared/reduce.wgsl"),
+    ),
+    (
+        "shaders/shared/half.wgsl",
+        include_str!("../../shaders/shared/half.wgsl"),
     ),
     (
         "shaders/shared/batch_norm_params.wgsl",
@@ -60,6 +64,7 @@ pub(crate) enum Source {
     BatchNorm,
     BatchNormApply4,
     BatchNormRows,
+    Convert,
 }
 
 impl Source {
@@ -80,6 +85,10 @@ impl Source {
             Source::BatchNormRows => (
                 "shaders/batch_norm_rows.wgsl",
                 include_str!("../../shaders/batch_norm_rows.wgsl"),
+            ),
+            Source::Convert => (
+                "shaders/convert.wgsl",
+                include_str!("../../shaders/convert.wgsl"),
             ),
         }
     }
@@ -322,7 +331,7 @@ impl Pipeline {
 
 /// Every (kernel, defs) the host may build, for the tests: each size class and width of
 /// LayerNorm and RMSNorm (with and without the fused add, and backward) with both reductions,
-/// and every BatchNorm kernel.
+/// on f32 and half rows, every BatchNorm kernel, and the half conversions.
 #[cfg(test)]
 pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def)>)> {
     use crate::gpu::{batch_norm, layer_norm};
@@ -332,15 +341,37 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
             all.push((kernel, vec![("K", Def::U32(k))]));
         }
     }
+    for kernel in crate::gpu::convert::KERNELS {
+        for bf16 in [false, true] {
+            all.push((kernel, vec![("BF16", Def::Flag(bf16))]));
+        }
+    }
+    // f32 rows of f32 and vec4 elements in every size class; vec2 rows and half rows (vec2 or
+    // vec4 of packed words) in two.
+    let every_class = [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)];
+    let two_classes = [(16, 1), (256, 8)];
+    // (size classes, [VEC4, VEC2, PACKED, BF16])
+    let layouts = [
+        (&every_class[..], [false, false, false, false]),
+        (&every_class, [true, false, false, false]),
+        (&two_classes, [false, true, false, false]),
+        (&two_classes, [false, true, true, false]),
+        (&two_classes, [true, false, true, false]),
+        (&two_classes, [false, true, true, true]),
+        (&two_classes, [true, false, true, true]),
+    ];
     for rms in [false, true] {
-        for vec4 in [false, true] {
+        for (classes, [vec4, vec2, packed, bf16]) in layouts {
             for subgroup in [false, true] {
-                for (t, k) in [(1, 1), (16, 1), (256, 1), (256, 8), (256, 32)] {
+                for &(t, k) in classes {
                     for (kernel, add) in layer_norm::KERNELS {
                         let defs = vec![
                             ("RMS", Def::Flag(rms)),
                             ("ADD", Def::Flag(add)),
                             ("VEC4", Def::Flag(vec4)),
+                            ("VEC2", Def::Flag(vec2)),
+                            ("PACKED", Def::Flag(packed)),
+                            ("BF16", Def::Flag(bf16)),
                             ("SUBGROUP", Def::Flag(subgroup)),
                             ("T", Def::U32(t)),
                             ("K", Def::U32(k)),

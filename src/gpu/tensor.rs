@@ -6,14 +6,17 @@
 
 use super::batch_norm::{self, Input, Output};
 use super::context::GpuContext;
+use super::convert::{narrowed, widened};
 use super::layer_norm::{self, Affine, BackwardRows, BackwardScratch, Rows};
 use super::pool::Lifetime;
 use super::transfer;
+use crate::element::{narrow, widen};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::RowNorm;
-use crate::{LayerNorm, NormError};
+use crate::{Element, ElementType, LayerNorm, NormError};
 
-/// f32 values in a GPU storage buffer, made by [`Normalizer::upload`](crate::Normalizer::upload)
+/// Values of one [`Element`] type (f32, f16 or bf16: [`GpuTensor::element_type`]) in a GPU
+/// storage buffer, made by [`Normalizer::upload`](crate::Normalizer::upload)
 /// or [`Normalizer::upload_rows`](crate::Normalizer::upload_rows), or returned by a `*_gpu` op;
 /// [`Normalizer::download`](crate::Normalizer::download) reads them back. Belongs to the
 /// `Normalizer` that made it: another one refuses it with [`NormError::InvalidBuffer`] (its
@@ -22,6 +25,10 @@ use crate::{LayerNorm, NormError};
 /// A tensor made by `upload_rows` or by an op knows its row width ([`GpuTensor::features`]), and
 /// an op given another width refuses it with [`NormError::TensorShape`] instead of reading its
 /// values as rows of the wrong length.
+///
+/// Half tensors take half the bytes of f32 ones on the device and across the bus. An op returns
+/// tensors of its input's type (parameter gradients are f32, as in PyTorch's mixed precision),
+/// and every operand of one call must hold the same type ([`NormError::ElementTypes`]).
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
     buffer: wgpu::Buffer,
@@ -30,10 +37,11 @@ pub struct GpuTensor {
     features: Option<usize>,
     /// [`GpuContext::id`] of the context that made it.
     owner: u64,
+    element: ElementType,
 }
 
 impl GpuTensor {
-    /// Number of f32 values.
+    /// Number of values.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -49,8 +57,15 @@ impl GpuTensor {
         self.features
     }
 
+    /// The type of its values.
+    pub fn element_type(&self) -> ElementType {
+        self.element
+    }
+
     /// The storage buffer (usage STORAGE | COPY_SRC | COPY_DST), for callers who bind it in their
-    /// own passes. The values are its first `len() * 4` bytes.
+    /// own passes. The values are its first `len() * element_type().size()` bytes, in the host's
+    /// byte order (little-endian on every wgpu backend); half values are packed two to a 32-bit
+    /// word, the first in the low half.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
@@ -83,17 +98,40 @@ impl GpuTensor {
         }
     }
 
-    /// The span of its values (not empty: wgpu has no empty spans).
-    fn values(&self) -> wgpu::BufferSlice<'_> {
-        self.buffer.slice(..(self.len * 4) as u64)
+    /// Refuses an operand (argument `name`) of another element type than `expected`.
+    fn check_element(&self, expected: ElementType, name: &'static str) -> Result<(), NormError> {
+        if self.element == expected {
+            Ok(())
+        } else {
+            Err(NormError::ElementTypes {
+                name,
+                found: self.element,
+                expected,
+            })
+        }
     }
 
-    /// A new, unwritten tensor of `len` values on `ctx`.
-    fn new(ctx: &GpuContext, len: usize, features: Option<usize>) -> GpuTensor {
+    /// The span of its values, in whole words (not empty: wgpu has no empty spans).
+    pub(crate) fn values(&self) -> wgpu::BufferSlice<'_> {
+        self.buffer.slice(..self.bytes())
+    }
+
+    /// Bytes of its values, rounded up to whole 4-byte words.
+    fn bytes(&self) -> u64 {
+        self.element.buffer_bytes(self.len).unwrap_or(u64::MAX)
+    }
+
+    /// A new, unwritten tensor of `len` values of `element` on `ctx`.
+    pub(crate) fn new(
+        ctx: &GpuContext,
+        len: usize,
+        features: Option<usize>,
+        element: ElementType,
+    ) -> GpuTensor {
         use wgpu::BufferUsages as U;
         let buffer = ctx.buffer(
             "gpunorm tensor",
-            (len * 4) as u64,
+            element.buffer_bytes(len).unwrap_or(u64::MAX),
             U::STORAGE | U::COPY_SRC | U::COPY_DST,
             Lifetime::Detached,
         );
@@ -102,6 +140,7 @@ impl GpuTensor {
             len,
             features,
             owner: ctx.id,
+            element,
         }
     }
 }
@@ -209,14 +248,14 @@ pub(crate) async fn download_running(
     })
 }
 
-/// Copies `data` into a new GPU tensor of rows `features` wide where given, without waiting for
-/// the copy.
-pub(crate) async fn upload(
+/// Copies `data` into a new GPU tensor of its type, of rows `features` wide where given, without
+/// waiting for the copy.
+pub(crate) async fn upload<T: Element>(
     ctx: &GpuContext,
-    data: &[f32],
+    data: &[T],
     features: Option<usize>,
 ) -> Result<GpuTensor, NormError> {
-    let bytes = (data.len() * 4) as u64;
+    let bytes = T::TYPE.buffer_bytes(data.len()).unwrap_or(u64::MAX);
     if bytes > ctx.max_binding_bytes() {
         return Err(NormError::TooLarge {
             what: "a GPU-resident tensor",
@@ -226,7 +265,7 @@ pub(crate) async fn upload(
     }
     let staged = transfer::stage(ctx, data).await?;
     ctx.scoped("upload", || {
-        let tensor = GpuTensor::new(ctx, data.len(), features);
+        let tensor = GpuTensor::new(ctx, data.len(), features, T::TYPE);
         let mut encoder = ctx.encoder("gpunorm upload");
         staged.record(&mut encoder, &tensor.buffer);
         ctx.queue().submit([encoder.finish()]);
@@ -235,22 +274,53 @@ pub(crate) async fn upload(
     .await
 }
 
-/// Reads a GPU tensor back (waits for the work that writes it).
-pub(crate) async fn download(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<f32>, NormError> {
+/// Reads a GPU tensor back as `T` (waits for the work that writes it): its own bytes, converted
+/// on the host where `T` is another type (widened exactly, or rounded once).
+pub(crate) async fn download<T: Element>(
+    ctx: &GpuContext,
+    tensor: &GpuTensor,
+) -> Result<Vec<T>, NormError> {
+    use half::{bf16, f16};
     tensor.check_owner(ctx, "tensor")?;
-    let mut out = vec![0f32; tensor.len];
+    if tensor.element == T::TYPE {
+        return read(ctx, tensor).await;
+    }
+    Ok(match tensor.element {
+        ElementType::F32 => narrow(read::<f32>(ctx, tensor).await?),
+        ElementType::F16 => narrow(widen(&read::<f16>(ctx, tensor).await?).into_owned()),
+        ElementType::BF16 => narrow(widen(&read::<bf16>(ctx, tensor).await?).into_owned()),
+    })
+}
+
+/// The tensor's values as the type it holds, `S`.
+async fn read<S: Element>(ctx: &GpuContext, tensor: &GpuTensor) -> Result<Vec<S>, NormError> {
+    let mut out = crate::ops::new_output(tensor.len);
     transfer::download(ctx, &tensor.buffer, &mut out).await?;
     Ok(out)
 }
 
-/// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor, without waiting; with a
-/// residual, of x + residual, that sum written to a new tensor too (returned second).
+/// The tensor widened to f32 where `f32_only`, else itself.
+async fn f32_if<'a>(
+    ctx: &GpuContext,
+    tensor: &'a GpuTensor,
+    f32_only: bool,
+) -> Result<std::borrow::Cow<'a, GpuTensor>, NormError> {
+    if f32_only {
+        widened(ctx, tensor).await
+    } else {
+        Ok(std::borrow::Cow::Borrowed(tensor))
+    }
+}
+
+/// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor of its type, without
+/// waiting; with a residual, of x + residual, that sum written to a new tensor too (returned
+/// second). Half rows of odd length are normalized as f32 twins and rounded back.
 pub(crate) async fn layer_norm(
     ctx: &GpuContext,
     (x, residual): (&GpuTensor, Option<&GpuTensor>),
     rows: usize,
     features: usize,
-    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    op: (&LayerNorm<'_>, RowNorm),
 ) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
     check_operands(
         ctx,
@@ -260,10 +330,35 @@ pub(crate) async fn layer_norm(
     if rows > layer_norm::max_rows(ctx, features.max(1))? {
         return Err(too_large(ctx, x.len));
     }
-    let prepared = layer_norm::prepare(ctx, features, (kind, residual.is_some())).await?;
+    let element = x.element;
+    let twins = !layer_norm::reads(element, features);
+    let xw = f32_if(ctx, x, twins).await?;
+    let rw = match residual {
+        Some(r) => Some(f32_if(ctx, r, twins).await?),
+        None => None,
+    };
+    let (y, sum) = layer_norm_of(ctx, (&xw, rw.as_deref()), rows, features, op).await?;
+    let y = narrowed(ctx, y, element).await?;
+    let sum = match sum {
+        Some(sum) => Some(narrowed(ctx, sum, element).await?),
+        None => None,
+    };
+    Ok((y, sum))
+}
+
+/// [`layer_norm`] of tensors the kernels read as they are.
+async fn layer_norm_of(
+    ctx: &GpuContext,
+    (x, residual): (&GpuTensor, Option<&GpuTensor>),
+    rows: usize,
+    features: usize,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
+    let element = x.element;
+    let prepared = layer_norm::prepare(ctx, features, (kind, residual.is_some()), element).await?;
     ctx.scoped("layer_norm_gpu", || {
-        let y = GpuTensor::new(ctx, x.len, Some(features));
-        let sum = residual.map(|_| GpuTensor::new(ctx, x.len, Some(features)));
+        let y = GpuTensor::new(ctx, x.len, Some(features), element);
+        let sum = residual.map(|_| GpuTensor::new(ctx, x.len, Some(features), element));
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
             let io = Rows {
@@ -284,24 +379,44 @@ pub(crate) async fn layer_norm(
 }
 
 /// The backward pass of LayerNorm (or RMSNorm) on tensors of `rows` rows: (dx, dgamma, dbeta)
-/// in new tensors, recorded in one submission, without waiting.
+/// in new tensors (dx of x's type, the gradients f32), without waiting. Half rows of odd length
+/// go through f32 twins.
 pub(crate) async fn layer_norm_backward(
+    ctx: &GpuContext,
+    (x, dy): (&GpuTensor, &GpuTensor),
+    rows: usize,
+    features: usize,
+    op: (&LayerNorm<'_>, RowNorm),
+) -> Result<GpuGrads, NormError> {
+    check_operands(ctx, features, [Some((x, "x")), Some((dy, "dy"))])?;
+    let element = x.element;
+    let twins = !layer_norm::reads(element, features);
+    let (xw, dyw) = (f32_if(ctx, x, twins).await?, f32_if(ctx, dy, twins).await?);
+    let grads = layer_norm_backward_of(ctx, (&xw, &dyw), rows, features, op).await?;
+    Ok(GpuGrads {
+        dx: narrowed(ctx, grads.dx, element).await?,
+        ..grads
+    })
+}
+
+/// [`layer_norm_backward`] of tensors the kernels read as they are, in one submission.
+async fn layer_norm_backward_of(
     ctx: &GpuContext,
     (x, dy): (&GpuTensor, &GpuTensor),
     rows: usize,
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<GpuGrads, NormError> {
-    check_operands(ctx, features, [Some((x, "x")), Some((dy, "dy"))])?;
-    let prepared = layer_norm::prepare_backward(ctx, features, kind).await?;
+    let prepared = layer_norm::prepare_backward(ctx, features, kind, x.element).await?;
     if rows > prepared.max_rows() {
         return Err(too_large(ctx, x.len));
     }
     ctx.scoped("layer_norm_backward_gpu", || {
+        let f32_row = || GpuTensor::new(ctx, features, Some(features), ElementType::F32);
         let grads = GpuGrads {
-            dx: GpuTensor::new(ctx, x.len, Some(features)),
-            dgamma: GpuTensor::new(ctx, features, Some(features)),
-            dbeta: GpuTensor::new(ctx, features, Some(features)),
+            dx: GpuTensor::new(ctx, x.len, Some(features), x.element),
+            dgamma: f32_row(),
+            dbeta: f32_row(),
         };
         let mut encoder = ctx.encoder("layer_norm_backward_gpu");
         if rows > 0 {
@@ -346,14 +461,17 @@ pub(crate) async fn batch_norm_train(
     counted: Counted,
 ) -> Result<(GpuTensor, BatchStats), NormError> {
     check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
+    // BatchNorm computes on f32 tensors: half ones are widened on the device, and y rounded.
+    let (element, xw) = (x.element, widened(ctx, x).await?);
+    let x = &*xw;
     let y = ctx
         .scoped("batch_norm_train_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()), ElementType::F32)
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     let (stats, _) = batch_norm::train(ctx, io.0, io.1, shape, opts, counted).await?;
-    Ok((y, stats))
+    Ok((narrowed(ctx, y, element).await?, stats))
 }
 
 /// BatchNorm training's backward pass on tensors into new ones; waits, for the statistics (and
@@ -367,9 +485,11 @@ pub(crate) async fn batch_norm_backward(
     counted: Counted,
 ) -> Result<GpuGrads, NormError> {
     check_operands(ctx, shape.row_width(), [Some((x, "x")), Some((dy, "dy"))])?;
+    let (element, xw, dyw) = (x.element, widened(ctx, x).await?, widened(ctx, dy).await?);
+    let (x, dy) = (&*xw, &*dyw);
     let dx = ctx
         .scoped("batch_norm_backward_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()), ElementType::F32)
         })
         .await?;
     let inputs = (
@@ -380,7 +500,7 @@ pub(crate) async fn batch_norm_backward(
     let (dgamma, dbeta, _) =
         batch_norm::backward(ctx, inputs, output, shape, opts, counted).await?;
     Ok(GpuGrads {
-        dx,
+        dx: narrowed(ctx, dx, element).await?,
         dgamma: upload(ctx, &dgamma, Some(shape.channels)).await?,
         dbeta: upload(ctx, &dbeta, Some(shape.channels)).await?,
     })
@@ -397,15 +517,18 @@ pub(crate) async fn batch_norm_train_running(
 ) -> Result<GpuTensor, NormError> {
     check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     running.check(ctx, shape.channels)?;
+    // BatchNorm computes on f32 tensors: half ones are widened on the device, and y rounded.
+    let (element, xw) = (x.element, widened(ctx, x).await?);
+    let x = &*xw;
     let y = ctx
         .scoped("batch_norm_train_gpu_running", || {
-            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()), ElementType::F32)
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     let update = (&running.columns.buffer, running.momentum);
     batch_norm::train_running(ctx, io, shape, opts, counted, update).await?;
-    Ok(y)
+    narrowed(ctx, y, element).await
 }
 
 /// BatchNorm eval of a tensor into a new one with running statistics on the device, without
@@ -419,14 +542,17 @@ pub(crate) async fn batch_norm_eval_running(
 ) -> Result<GpuTensor, NormError> {
     check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
     running.check(ctx, shape.channels)?;
+    // BatchNorm computes on f32 tensors: half ones are widened on the device, and y rounded.
+    let (element, xw) = (x.element, widened(ctx, x).await?);
+    let x = &*xw;
     let y = ctx
         .scoped("batch_norm_eval_gpu_running", || {
-            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()), ElementType::F32)
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     batch_norm::eval_running(ctx, io, shape, opts, &running.columns.buffer).await?;
-    Ok(y)
+    narrowed(ctx, y, element).await
 }
 
 /// BatchNorm eval of a tensor into a new one, without waiting.
@@ -438,26 +564,31 @@ pub(crate) async fn batch_norm_eval(
     stats: &RunningStats,
 ) -> Result<GpuTensor, NormError> {
     check_operands(ctx, shape.row_width(), [Some((x, "x"))])?;
+    // BatchNorm computes on f32 tensors: half ones are widened on the device, and y rounded.
+    let (element, xw) = (x.element, widened(ctx, x).await?);
+    let x = &*xw;
     let y = ctx
         .scoped("batch_norm_eval_gpu", || {
-            GpuTensor::new(ctx, x.len, Some(shape.row_width()))
+            GpuTensor::new(ctx, x.len, Some(shape.row_width()), ElementType::F32)
         })
         .await?;
     let io = (Input::Device(&x.buffer, x.len), Output::Device(&y.buffer));
     batch_norm::eval(ctx, io.0, io.1, shape, opts, stats).await?;
-    Ok(y)
+    narrowed(ctx, y, element).await
 }
 
-/// Refuses operand tensors (those given, with their argument names) of another context or of
-/// another row width.
+/// Refuses operand tensors (those given, with their argument names) of another context, of
+/// another row width, or of another element type than the first.
 fn check_operands<const N: usize>(
     ctx: &GpuContext,
     features: usize,
     tensors: [Option<(&GpuTensor, &'static str)>; N],
 ) -> Result<(), NormError> {
+    let mut element = None;
     for (tensor, name) in tensors.into_iter().flatten() {
         tensor.check_owner(ctx, name)?;
         tensor.check_features(features)?;
+        tensor.check_element(*element.get_or_insert(tensor.element), name)?;
     }
     Ok(())
 }

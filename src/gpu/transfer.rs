@@ -1,4 +1,4 @@
-//! Moving f32 tensors between host slices and the GPU: through pooled staging buffers that are
+//! Moving tensors between host slices and the GPU: through pooled staging buffers that are
 //! already mapped, copied in pieces on every core when large.
 //!
 //! [`map_slice`] is the one place gpunorm waits for the GPU: every readback, every reused upload
@@ -18,13 +18,14 @@ const COPY_PIECE: usize = 1 << 20;
 
 /// A pooled staging buffer holding a copy of `data`, ready for [`Staged::record`]: mapped
 /// already (new) or mapped now (reused, once the GPU is done with it). No fresh host allocation
-/// per call.
+/// per call. The copy moves whole 4-byte words (as wgpu's copies must): an odd count of half
+/// values carries two bytes of padding after them.
 pub(crate) async fn stage<'a, T: bytemuck::Pod>(
     ctx: &'a GpuContext,
     data: &[T],
 ) -> Result<Staged<'a>, NormError> {
     use wgpu::BufferUsages as U;
-    let bytes = std::mem::size_of_val(data) as u64;
+    let bytes = words(std::mem::size_of_val(data));
     let buffer = ctx
         .scoped("staging an upload", || {
             ctx.buffer(
@@ -72,14 +73,19 @@ pub(crate) fn readback_buffer(ctx: &GpuContext, bytes: u64) -> Pooled<'_> {
     )
 }
 
-/// Copies the first `out.len()` f32 of the device buffer `src` into `out`, once the work that
-/// writes it is done.
-pub(crate) async fn download(
+/// Bytes of whole 4-byte words that hold `bytes`.
+fn words(bytes: usize) -> u64 {
+    bytes.next_multiple_of(4) as u64
+}
+
+/// Copies the first `out.len()` values of the device buffer `src` into `out`, once the work
+/// that writes it is done.
+pub(crate) async fn download<T: bytemuck::Pod>(
     ctx: &GpuContext,
     src: &wgpu::Buffer,
-    out: &mut [f32],
+    out: &mut [T],
 ) -> Result<(), NormError> {
-    let bytes = std::mem::size_of_val(out) as u64;
+    let bytes = words(std::mem::size_of_val(out));
     let staging = ctx
         .scoped("download", || {
             let staging = readback_buffer(ctx, bytes);
@@ -101,17 +107,19 @@ pub(crate) async fn read_into<T: bytemuck::Pod>(
     staging: &wgpu::Buffer,
     out: &mut [T],
 ) -> Result<(), NormError> {
-    let bytes = std::mem::size_of_val(out) as u64;
-    if bytes == 0 {
+    let out: &mut [u8] = bytemuck::cast_slice_mut(out);
+    if out.is_empty() {
         return Ok(());
     }
-    let slice = staging.slice(..bytes);
+    // Mapped in whole words; the padding after an odd count of half values stays behind.
+    let slice = staging.slice(..words(out.len()));
     map_slice(ctx, slice, wgpu::MapMode::Read, "reading back").await?;
     {
         let view = slice
             .get_mapped_range()
             .map_err(|e| gpu_err("reading back", e))?;
-        read_mapped(bytemuck::cast_slice_mut(out), &view);
+        let len = out.len();
+        read_mapped(out, &view[..len]);
     }
     staging.unmap();
     Ok(())
@@ -153,7 +161,7 @@ pub(crate) async fn map_slice(
     }
 }
 
-/// Copies `src` to the start of the mapped buffer `dst`, in pieces of `COPY_PIECE` on the rayon
+/// Copies `src` to the start of the mapped buffer `dst` (at least [`words`]`(src.len())` long), in pieces of `COPY_PIECE` on the rayon
 /// threads when large (each piece through its own write-only view of the mapping).
 fn write_mapped(dst: &wgpu::Buffer, src: &[u8]) -> Result<(), NormError> {
     let piece = if src.len() < PARALLEL_COPY {
@@ -165,10 +173,13 @@ fn write_mapped(dst: &wgpu::Buffer, src: &[u8]) -> Result<(), NormError> {
         .enumerate()
         .try_for_each(|(i, s)| -> Result<(), NormError> {
             let at = (i * piece) as u64;
-            dst.slice(at..at + s.len() as u64)
+            // Views cover whole words: the last piece of an odd count of half values is two
+            // bytes short of one.
+            let mut view = dst
+                .slice(at..at + words(s.len()))
                 .get_mapped_range_mut()
-                .map_err(|e| gpu_err("writing an upload buffer", e))?
-                .copy_from_slice(s);
+                .map_err(|e| gpu_err("writing an upload buffer", e))?;
+            view.slice(..s.len()).copy_from_slice(s);
             Ok(())
         })
 }
