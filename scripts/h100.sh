@@ -8,7 +8,7 @@
 # Writes into OUTDIR (at most 8 files come back from the device tool):
 #   bench.txt, bench.json, bench.svg  the sweep with the defaults on the GPU, all shapes in one
 #                                     process, the small-batch cost, and the training ops
-#   torch.txt                         PyTorch on the same card, for same-run ratios
+#   torch.txt                         PyTorch on the same card, in f32 and f16, for same-run ratios
 #   tests.txt                         the GPU tests, with GPUNORM_REQUIRE_GPU=1
 #   variants.txt                      GPU kernel times of the defaults and of each variant, each
 #                                     shape in a process of its own (a process that has run other
@@ -41,8 +41,15 @@ step 200 "$out/bench.txt" "$dev/gpunorm" bench ${GPU_ONLY:+--gpu-only} --shapes 
 # The training ops (issue 10), end to end (their allocating forms report no kernel time).
 step 150 "$out/bench.txt" "$dev/gpunorm" bench --gpu-only --reps 3 --shapes "$vshapes" \
     --ops rms_norm,layer_norm_backward,rms_norm_backward,add_layer_norm,batch_norm_backward
+# Half precision (issue 11): f16 row ops, kernel time against the same run's copy of the
+# same bytes, and bf16 LayerNorm.
+step 120 "$out/bench.txt" "$dev/gpunorm" bench --gpu-only --dtype f16 --shapes "$vshapes" \
+    --ops layer_norm,rms_norm,layer_norm_backward,add_layer_norm
+step 60 "$out/bench.txt" "$dev/gpunorm" bench --gpu-only --dtype bf16 --shapes "$vshapes" \
+    --ops layer_norm
 # The decode-shaped rows of --small-batch too: PyTorch's time for them is its launch cost.
 step 60 "$out/torch.txt" python3 "$dev/torch_anchor.py" ${shapes//,/ } 1x4096 8x4096
+step 60 "$out/torch.txt" python3 "$dev/torch_half_anchor.py" ${vshapes//,/ }
 gunzip -f "$dev"/tests/*.gz 2>/dev/null
 for t in "$dev"/tests/*; do
     chmod +x "$t" && step 45 "$out/tests.txt" env GPUNORM_REQUIRE_GPU=1 "$t" --test-threads 4

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Readies .device/ for scripts/h100.sh: the release binaries (../shared/device/prepare.sh), stripped
-# so that they travel light, and the GPU test binaries, built in release, stripped and gzipped.
+# Readies .device/ for scripts/h100.sh: the release binaries and the f16 PyTorch anchor
+# (../shared/device/prepare.sh), the binaries stripped so that they travel light, and the GPU test
+# binaries, built in release, stripped and gzipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-../shared/device/prepare.sh
+../shared/device/prepare.sh scripts/torch_half_anchor.py
 strip .device/gpunorm
 mkdir -p .device/tests
 cargo test --release --no-run --workspace --message-format=json 2>/dev/null |

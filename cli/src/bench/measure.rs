@@ -83,6 +83,17 @@ impl Op {
         (passes * shape.0 * shape.1 * element) as f64
     }
 
+    /// Bytes a value of a tensor of `element` bytes takes in the GPU kernels: as stored for the
+    /// LayerNorm family on rows of even length (half rows fill whole words there), 4 elsewhere
+    /// (BatchNorm, and half rows of odd length, compute on f32 twins).
+    fn kernel_element(&self, features: usize, element: usize) -> usize {
+        match self.kind {
+            Kind::Train | Kind::Eval | Kind::BatchNormBackward => 4,
+            _ if features % 2 == 1 => 4,
+            _ => element,
+        }
+    }
+
     /// One call, timed end to end. A backward pass takes x as its dy too, the fused add as its
     /// residual, and both return new vectors (they have no `_into` form yet).
     fn call<T: Element>(
@@ -129,7 +140,8 @@ fn drop_timed<T>(value: T) -> Timing {
 }
 
 /// Median wall and kernel time of `op` on `norm` with tensors of `T` (`x` rounded to it), as a
-/// record. Wall-clock GB/s counts `T`'s bytes, kernel GB/s f32's (the kernels compute in f32).
+/// record. Wall-clock GB/s counts `T`'s bytes, and so does kernel GB/s where the kernels read
+/// and write `T` ([`Op::kernel_element`]); elsewhere they count the f32 twins the GPU widens to.
 pub fn op<T: Element + FromF32>(
     norm: &Normalizer,
     backend: &'static str,
@@ -142,7 +154,7 @@ pub fn op<T: Element + FromF32>(
     let mut y = error::filled(x.len(), T::from_f32(1.0), "the output")?;
     let (seconds, kernel) = median(reps, || op.call(norm, &x, &mut y, shape.1))?;
     let bytes = op.bytes(shape, std::mem::size_of::<T>());
-    let kernel_bytes = op.bytes(shape, 4);
+    let kernel_bytes = op.bytes(shape, op.kernel_element(shape.1, std::mem::size_of::<T>()));
     Ok(Record {
         op: op.name(),
         dtype: T::NAME,

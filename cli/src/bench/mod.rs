@@ -276,7 +276,8 @@ fn print_header(norm: &Normalizer, reps: usize, dtype: Dtype) {
     );
     if dtype != Dtype::F32 {
         println!(
-            "  GB/s counts {}'s bytes; kernel GB/s counts f32's, the kernels' own.",
+            "  GB/s counts {0}'s bytes; kernel GB/s too for the LayerNorm family (its kernels read \
+             and write {0} rows of even length), f32's for BatchNorm (widened on the GPU).",
             dtype.name()
         );
     }
