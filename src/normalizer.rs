@@ -91,8 +91,9 @@ impl Engine {
         Ok(timing)
     }
 
-    /// [`Engine::layer_norm_backward`] on tensors of `T`: dx, dgamma and dbeta. The GPU's
-    /// kernels read and write half rows of even length as they are; elsewhere half tensors are
+    /// [`Engine::layer_norm_backward`] on tensors of `T`: dx, dgamma and dbeta. The CPU
+    /// fallback converts half tensors a few rows at a time in cache, and the GPU's kernels read
+    /// and write half rows of even length as they are; half rows of odd length on the GPU are
     /// widened whole and dx rounded after.
     async fn layer_norm_backward_of<T: Element>(
         &self,
@@ -100,14 +101,21 @@ impl Engine {
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
     ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
-        if let Engine::Gpu(ctx) = self {
-            if crate::gpu::reads_rows(T::TYPE, features) {
+        match self {
+            Engine::Cpu(_) => {
+                let mut dx = new_output(x.len());
+                let (dgamma, dbeta) =
+                    crate::cpu::layer_norm_backward((x, dy), &mut dx, features, op.0, op.1);
+                return Ok((dx, dgamma, dbeta));
+            }
+            Engine::Gpu(ctx) if crate::gpu::reads_rows(T::TYPE, features) => {
                 let mut dx = new_output(x.len());
                 let (dgamma, dbeta, _) = ctx
                     .layer_norm_backward_of((x, dy), &mut dx, features, op)
                     .await?;
                 return Ok((dx, dgamma, dbeta));
             }
+            Engine::Gpu(_) => {}
         }
         let (x, dy) = (widen(x), widen(dy));
         let mut dx = new_output(x.len());

@@ -135,6 +135,15 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
         assert!(e <= tol, "{at}: add_rms_norm {e}");
 
         let grads = norm.layer_norm_backward(&x, &dy, features, &ln).unwrap();
+        // The f32 arithmetic of f32 tensors holding the same values, dx rounded once.
+        let f32_grads = norm.layer_norm_backward(&xw, &dyw, features, &ln).unwrap();
+        let once: Vec<T> = f32_grads.dx.iter().map(|&v| T::from_f32(v)).collect();
+        assert!(
+            grads.dx == once,
+            "{at}: layer_norm_backward dx is not rounded once"
+        );
+        assert_eq!(grads.dgamma, f32_grads.dgamma, "{at}: dgamma");
+        assert_eq!(grads.dbeta, f32_grads.dbeta, "{at}: dbeta");
         let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&xw, &dyw, features, &ln);
         let e = dx_err(&wide(&grads.dx), &rdx, features);
         assert!(e <= tol, "{at}: layer_norm_backward dx {e}");

@@ -92,7 +92,7 @@ pub(crate) fn layer_norm_of<T: Element>(
 }
 
 thread_local! {
-    /// A task's f32 copies of its block of half rows ([`layer_norm_of`]).
+    /// A task's f32 copies of its block of half rows ([`layer_norm_of`], [`backward`]).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -237,10 +237,12 @@ const MAX_BACKWARD_BLOCKS: usize = 64;
 /// The backward pass of LayerNorm (or RMSNorm, as `kind` says) over every row: `dx` (same
 /// length as `x`), and the column sums (dgamma, dbeta). Rows run in parallel in blocks whose
 /// size depends on the shape alone, and the blocks' partial sums are added in order, so the
-/// result does not depend on the thread count.
-pub(crate) fn backward(
-    (x, dy): (&[f32], &[f32]),
-    dx: &mut [f32],
+/// result does not depend on the thread count. Half tensors are widened a few rows at a time
+/// into f32 scratch of the task's own (in cache) and dx rounded back: no full-size f32 copy, and
+/// the same f32 arithmetic and the same blocks as f32 tensors.
+pub(crate) fn backward<T: Element>(
+    (x, dy): (&[T], &[T]),
+    dx: &mut [T],
     features: usize,
     opts: &LayerNorm<'_>,
     kind: RowNorm,
@@ -248,13 +250,38 @@ pub(crate) fn backward(
     let rows = x.len() / features;
     let block_rows = rows_per_task(features).max(rows.div_ceil(MAX_BACKWARD_BLOCKS));
     let block = block_rows * features;
+    let piece = rows_per_task(features) * features;
+    let op = (opts, kind);
     let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .map(|(dxb, (xb, dyb))| {
             let mut sums = (vec![0f64; features], vec![0f64; features]);
-            let op = (opts, kind);
-            backward_rows((xb, dyb), dxb, features, op, (&mut sums.0, &mut sums.1));
+            let mut add = |x: &[f32], dy: &[f32], dx: &mut [f32]| {
+                backward_rows((x, dy), dx, features, op, (&mut sums.0, &mut sums.1));
+            };
+            match (T::as_f32_ref(xb).zip(T::as_f32_ref(dyb)), T::as_f32(dxb)) {
+                (Some((xb, dyb)), Ok(dxb)) => add(xb, dyb, dxb),
+                (_, Ok(_)) => unreachable!("f32 tensors are all f32"),
+                (_, Err(dxb)) => SCRATCH.with_borrow_mut(|scratch| {
+                    let pieces = dxb
+                        .chunks_mut(piece)
+                        .zip(xb.chunks(piece).zip(dyb.chunks(piece)));
+                    for (dxp, (xp, dyp)) in pieces {
+                        let n = xp.len();
+                        if scratch.len() < 3 * n {
+                            scratch.resize(3 * n, 0.0);
+                        }
+                        let (xw, rest) = scratch.split_at_mut(n);
+                        let (dyw, rest) = rest.split_at_mut(n);
+                        let dxw = &mut rest[..n];
+                        T::widen_into(xp, xw);
+                        T::widen_into(dyp, dyw);
+                        add(xw, dyw, dxw);
+                        T::narrow_into(dxw, dxp);
+                    }
+                }),
+            }
             sums
         })
         .collect();

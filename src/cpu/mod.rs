@@ -13,7 +13,7 @@ mod layer_norm;
 pub(crate) use batch_norm::{
     backward as batch_norm_backward, column_in_f64, columns_in_f64, redo_columns_in_f64,
 };
-pub(crate) use layer_norm::layer_norm_of;
+pub(crate) use layer_norm::{backward as layer_norm_backward, layer_norm_of};
 
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
