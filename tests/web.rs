@@ -300,6 +300,86 @@ async fn gpu_tensors_chain_on_webgpu() {
     assert!(err < 1e-4, "error {err:e}");
 }
 
+/// Half tensors on WebGPU: f16 and bf16 rows of even length through the packed kernels
+/// (forward and backward), of odd length through the device conversions, BatchNorm widened on
+/// the device, and an f16 output past 65504 as infinity, each against the reference on the same
+/// (half) inputs: tolerances two roundings of the type, as in tests/half.rs.
+#[wasm_bindgen_test]
+async fn half_tensors_on_webgpu() {
+    use gpunorm::half::{bf16, f16};
+    use gpunorm::ElementType;
+    let Some(norm) = gpu().await else { return };
+    for (rows, features) in [(9, 6), (5, 768), (7, 3)] {
+        let x = data(rows * features, 1.0, 2.0, 31);
+        let (xh, xb): (Vec<f16>, Vec<bf16>) = (
+            x.iter().map(|&v| f16::from_f32(v)).collect(),
+            x.iter().map(|&v| bf16::from_f32(v)).collect(),
+        );
+        let opts = LayerNorm::default();
+        for (t, wide, tol) in [
+            (
+                norm.upload_rows_typed_async(&xh, features).await.unwrap(),
+                xh.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                2e-3,
+            ),
+            (
+                norm.upload_rows_typed_async(&xb, features).await.unwrap(),
+                xb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                1.6e-2,
+            ),
+        ] {
+            let at = format!("{} {rows}x{features}", t.element_type());
+            let y = norm
+                .layer_norm_gpu_async(&t, features, &opts)
+                .await
+                .unwrap();
+            assert_eq!(y.element_type(), t.element_type());
+            let y = norm.download_async(&y).await.unwrap();
+            let err = max_error(&y, &reference::layer_norm(&wide, features, &opts));
+            assert!(err <= tol, "{at}: layer_norm {err:e}");
+            let grads = norm
+                .layer_norm_backward_gpu_async(&t, &t, features, &opts)
+                .await
+                .unwrap();
+            let dx = norm.download_async(&grads.dx).await.unwrap();
+            let (rdx, ..) = reference::layer_norm_backward(&wide, &wide, features, &opts);
+            let scale = rdx.iter().fold(1f64, |m, r| m.max(r.abs()));
+            let err = dx
+                .iter()
+                .zip(&rdx)
+                .fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs() / scale));
+            assert!(err <= tol, "{at}: layer_norm_backward dx {err:e}");
+            let bn = BatchNorm::default();
+            let (y, _) = norm
+                .batch_norm_train_gpu_async(&t, features, &bn)
+                .await
+                .unwrap();
+            let y = norm.download_async(&y).await.unwrap();
+            let (ry, ..) = reference::batch_norm_train(&wide, features, &bn);
+            assert!(max_error(&y, &ry) <= tol, "{at}: batch_norm_train");
+        }
+    }
+    // gamma of 1e5 puts the outputs past f16's range: ±infinity, never NaN.
+    let features = 8;
+    let x: Vec<f16> = data(2 * features, 0.0, 1.0, 32)
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let big = vec![1e5f32; features];
+    let t = norm.upload_rows_typed_async(&x, features).await.unwrap();
+    let opts = LayerNorm {
+        gamma: Some(&big),
+        ..Default::default()
+    };
+    let y = norm
+        .layer_norm_gpu_async(&t, features, &opts)
+        .await
+        .unwrap();
+    let y: Vec<f16> = norm.download_as_async(&y).await.unwrap();
+    assert!(y.iter().all(|v| !v.is_nan()) && y.iter().any(|v| v.is_infinite()));
+    assert_eq!(t.element_type(), ElementType::F16);
+}
+
 /// Training on GPU tensors in the browser: the backward pass and the fused add chained on the
 /// device, BatchNorm steps whose running statistics stay there, an op recorded on spans of
 /// buffers at an offset (WebGPU's 256-byte alignment) with gamma on the device, and a half
