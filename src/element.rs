@@ -297,9 +297,7 @@ pub(crate) fn widen<T: Element>(values: &[T]) -> Cow<'_, [f32]> {
         return Cow::Borrowed(values);
     }
     let mut wide = crate::ops::new_output(values.len());
-    wide.par_chunks_mut(CONVERT_CHUNK)
-        .zip(values.par_chunks(CONVERT_CHUNK))
-        .for_each(|(w, v)| T::widen_into(v, w));
+    widen_all(values, &mut wide);
     Cow::Owned(wide)
 }
 
@@ -307,13 +305,20 @@ pub(crate) fn widen<T: Element>(values: &[T]) -> Cow<'_, [f32]> {
 pub(crate) fn narrow<T: Element>(values: Vec<f32>) -> Vec<T> {
     T::from_f32_vec(values).unwrap_or_else(|values| {
         let mut out = crate::ops::new_output(values.len());
-        narrow_into(&values, &mut out);
+        narrow_all(&values, &mut out);
         out
     })
 }
 
+/// `src` as f32 into `dst` (of the same length), on every core.
+pub(crate) fn widen_all<T: Element>(src: &[T], dst: &mut [f32]) {
+    dst.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, s)| T::widen_into(s, d));
+}
+
 /// `src` rounded into `dst`, on every core.
-fn narrow_into<T: Element>(src: &[f32], dst: &mut [T]) {
+pub(crate) fn narrow_all<T: Element>(src: &[f32], dst: &mut [T]) {
     dst.par_chunks_mut(CONVERT_CHUNK)
         .zip(src.par_chunks(CONVERT_CHUNK))
         .for_each(|(d, s)| T::narrow_into(s, d));
@@ -344,7 +349,7 @@ impl<'a, T: Element> OutputOf<'a, T> {
     /// Rounds the f32 values into the caller's slice (nothing to do for f32).
     pub fn finish(self) {
         if let OutputOf::Staged(wide, y) = self {
-            narrow_into(&wide, y);
+            narrow_all(&wide, y);
         }
     }
 }

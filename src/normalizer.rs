@@ -158,6 +158,71 @@ impl Engine {
         }
     }
 
+    /// [`Engine::batch_norm_train`] on tensors of `T`. The CPU fallback takes half tensors in
+    /// pieces, each widened in turn; elsewhere they are widened whole and y rounded after.
+    async fn batch_norm_train_of<T: Element>(
+        &self,
+        x: &[T],
+        y: &mut [T],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: batch_norm::Counted,
+    ) -> Result<(BatchStats, Timing), NormError> {
+        if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
+            let stats = crate::cpu::batch_norm_train_of(x, y, shape, opts);
+            return Ok((stats, Timing::default()));
+        }
+        let (x, mut y) = (widen(x), OutputOf::new(y));
+        let stats = self
+            .batch_norm_train(&x, y.values(), shape, opts, counted)
+            .await?;
+        y.finish();
+        Ok(stats)
+    }
+
+    /// [`Engine::batch_norm_eval`] on tensors of `T`, as [`Engine::batch_norm_train_of`].
+    async fn batch_norm_eval_of<T: Element>(
+        &self,
+        x: &[T],
+        y: &mut [T],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        stats: &RunningStats,
+    ) -> Result<Timing, NormError> {
+        if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
+            crate::cpu::batch_norm_eval_of(x, y, shape, opts, stats);
+            return Ok(Timing::default());
+        }
+        let (x, mut y) = (widen(x), OutputOf::new(y));
+        let timing = self
+            .batch_norm_eval(&x, y.values(), shape, opts, stats)
+            .await?;
+        y.finish();
+        Ok(timing)
+    }
+
+    /// [`Engine::batch_norm_backward`] on tensors of `T`: dx, dgamma and dbeta, as
+    /// [`Engine::batch_norm_train_of`].
+    async fn batch_norm_backward_of<T: Element>(
+        &self,
+        (x, dy): (&[T], &[T]),
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        counted: batch_norm::Counted,
+    ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
+        if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
+            let mut dx = new_output(x.len());
+            let (dgamma, dbeta) = crate::cpu::batch_norm_backward_of((x, dy), &mut dx, shape, opts);
+            return Ok((dx, dgamma, dbeta));
+        }
+        let (x, dy) = (widen(x), widen(dy));
+        let mut dx = new_output(x.len());
+        let (dgamma, dbeta, _) = self
+            .batch_norm_backward((&x, &dy), &mut dx, shape, opts, counted)
+            .await?;
+        Ok((narrow(dx), dgamma, dbeta))
+    }
+
     async fn batch_norm_backward(
         &self,
         x_dy: (&[f32], &[f32]),
@@ -1053,13 +1118,10 @@ impl Normalizer {
     ) -> Result<BatchNormGrads<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         crate::ops::check_operand("dy", dy.len(), x.len())?;
-        let (x, dy) = (widen(x), widen(dy));
-        let mut dx = new_output(x.len());
-        let (dgamma, dbeta, _) = self
+        let (dx, dgamma, dbeta) = self
             .engine
-            .batch_norm_backward((&x, &dy), &mut dx, shape, opts, counted)
+            .batch_norm_backward_of((x, dy), shape, opts, counted)
             .await?;
-        let dx = narrow(dx);
         Ok(BatchNormGrads { dx, dgamma, dbeta })
     }
 
@@ -1070,14 +1132,13 @@ impl Normalizer {
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormOutput<T>, NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
-        let x = widen(x);
         let mut y = new_output(x.len());
         let (stats, _) = self
             .engine
-            .batch_norm_train(&x, &mut y, shape, opts, counted)
+            .batch_norm_train_of(x, &mut y, shape, opts, counted)
             .await?;
         Ok(BatchNormOutput {
-            y: narrow(y),
+            y,
             mean: stats.mean,
             var: stats.var,
             count: stats.count,
@@ -1093,13 +1154,9 @@ impl Normalizer {
     ) -> Result<(BatchStats, Timing), NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         check_output(x, y)?;
-        let (x, mut y) = (widen(x), OutputOf::new(y));
-        let stats = self
-            .engine
-            .batch_norm_train(&x, y.values(), shape, opts, counted)
-            .await?;
-        y.finish();
-        Ok(stats)
+        self.engine
+            .batch_norm_train_of(x, y, shape, opts, counted)
+            .await
     }
 
     async fn eval_alloc<T: Element>(
@@ -1111,12 +1168,11 @@ impl Normalizer {
     ) -> Result<Vec<T>, NormError> {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
-        let x = widen(x);
         let mut y = new_output(x.len());
         self.engine
-            .batch_norm_eval(&x, &mut y, shape, opts, stats)
+            .batch_norm_eval_of(x, &mut y, shape, opts, stats)
             .await?;
-        Ok(narrow(y))
+        Ok(y)
     }
 
     async fn eval<T: Element>(
@@ -1130,13 +1186,9 @@ impl Normalizer {
         batch_norm::validate(shape, opts)?;
         batch_norm::validate_stats(shape, stats)?;
         check_output(x, y)?;
-        let (x, mut y) = (widen(x), OutputOf::new(y));
-        let timing = self
-            .engine
-            .batch_norm_eval(&x, y.values(), shape, opts, stats)
-            .await?;
-        y.finish();
-        Ok(timing)
+        self.engine
+            .batch_norm_eval_of(x, y, shape, opts, stats)
+            .await
     }
 
     /// BatchNorm statistics of one shard of a batch (features-last), without normalizing it:

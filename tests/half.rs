@@ -512,3 +512,46 @@ fn mixed_element_types_are_refused() {
         "{e}"
     );
 }
+
+per_backend! {
+    /// BatchNorm on half tensors larger than the CPU's pieces (about 2^20 values each, merged
+    /// as shards of one batch): features-last with a padded tail across a piece boundary, and
+    /// channels-first, forward, eval and backward, against the reference on the same inputs.
+    fn batch_norm_on_large_half_tensors(name, norm) {
+        let (rows, features) = (1300, 1000);
+        let (x, xw) = rounded::<f16>(&data(rows * features, 3.0, 0.5, 40));
+        let (dy, dyw) = rounded::<f16>(&ordinary(rows * features, 41));
+        let mask: Vec<bool> = (0..rows).map(|r| r < 1100 || r % 7 == 0).collect();
+        let gamma = data(features, 1.0, 0.5, 42);
+        let bn = BatchNorm { mask: Some(&mask), gamma: Some(&gamma), ..Default::default() };
+        let out = norm.batch_norm_train(&x, features, &bn).unwrap();
+        let (ry, rmean, rvar, count) = reference::batch_norm_train(&xw, features, &bn);
+        assert!(max_err(&wide(&out.y), &ry) <= f16::TOL, "{name}: y");
+        assert!(max_err(&out.mean, &rmean) <= 1e-4 && max_err(&out.var, &rvar) <= 1e-4, "{name}");
+        assert_eq!(out.count, count, "{name}");
+        let mut running = RunningStats::new(features);
+        running.update(&out).unwrap();
+        let y = norm.batch_norm_eval(&x, features, &bn, &running).unwrap();
+        let (rm, rv): (Vec<f64>, Vec<f64>) = (
+            running.mean.iter().map(|&v| v as f64).collect(),
+            running.var.iter().map(|&v| v as f64).collect(),
+        );
+        let e = max_err(&wide(&y), &reference::batch_norm_apply(&xw, features, &rm, &rv, &bn));
+        assert!(e <= f16::TOL, "{name}: eval {e}");
+        let grads = norm.batch_norm_backward(&x, &dy, features, &bn).unwrap();
+        let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(&xw, &dyw, features, &bn);
+        let e = dx_err(&wide(&grads.dx), &rdx, x.len());
+        assert!(e <= f16::TOL, "{name}: dx {e}");
+        let sums = max_err(&grads.dgamma, &rdgamma).max(max_err(&grads.dbeta, &rdbeta));
+        assert!(sums <= 1e-4, "{name}: dgamma/dbeta {sums}");
+        assert!(grads.dx[1101 * features..1102 * features].iter().all(|v| v.to_f32() == 0.0));
+
+        let (batch, channels, spatial) = (5, 3, 100_000);
+        let (x, xw) = rounded::<bf16>(&data(batch * channels * spatial, -2.0, 1.0, 43));
+        let out = norm.batch_norm_train_channels_first(&x, channels, spatial, &BatchNorm::default()).unwrap();
+        let last = reference::channels_first_to_last(&xw, channels, spatial);
+        let (ry, ..) = reference::batch_norm_train(&last, channels, &BatchNorm::default());
+        let ry = reference::channels_last_to_first(&ry, channels, spatial);
+        assert!(max_err(&wide(&out.y), &ry) <= bf16::TOL, "{name}: channels-first");
+    }
+}

@@ -8,9 +8,11 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{multiversion, should_stream, stream_fence, write_out};
-use crate::ops::batch_norm::{BatchNorm, RunningStats, Shape};
-use crate::ops::partial::{ColumnGrads, ColumnStats};
+use crate::element::{narrow_all, widen_all};
+use crate::ops::batch_norm::{BatchNorm, BatchStats, RunningStats, Shape};
+use crate::ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};
 use crate::ops::stats_out_of_range;
+use crate::Element;
 
 /// Values per rayon task (statistics and apply): large enough to amortise scheduling, small
 /// enough that a block's second pass finds it in L2.
@@ -926,6 +928,161 @@ fn fill_run(out: &mut [f32], x: &[f32], k: [f32; 4], mask: Option<&[bool]>) {
             }
         }
     }
+}
+
+// ---- Half tensors ------------------------------------------------------------------------------
+//
+// A half tensor is BatchNorm'd in pieces of whole batch items, each widened into f32 scratch of
+// about `HALF_PIECE` values when it is read: the statistics of each piece, merged in order with
+// Chan's formula in f64 (the pieces are shards of one batch, as SyncBatchNorm's), then each
+// piece normalized with the merged statistics and rounded into the output. No full-size f32
+// copy of any tensor; the f32 passes on each piece are those of f32 tensors.
+
+/// Values of one piece of a half tensor, about: 4 MiB of f32 scratch per tensor read.
+const HALF_PIECE: usize = 1 << 20;
+
+/// One piece of a half tensor: its values, its positions (for the mask) and its shape.
+struct Piece {
+    values: Range<usize>,
+    positions: Range<usize>,
+    shape: Shape,
+}
+
+impl Piece {
+    /// `opts` with the mask cut to the piece's positions.
+    fn opts<'a>(&self, opts: &BatchNorm<'a>) -> BatchNorm<'a> {
+        BatchNorm {
+            mask: opts.mask.map(|m| &m[self.positions.clone()]),
+            ..*opts
+        }
+    }
+}
+
+/// `shape`'s pieces of whole batch items, in order.
+fn pieces(shape: &Shape) -> Vec<Piece> {
+    let (item, s) = (shape.row_width(), shape.spatial);
+    let items = shape.positions / s;
+    let per = (HALF_PIECE / item).max(1);
+    (0..items)
+        .step_by(per)
+        .map(|first| {
+            let k = per.min(items - first);
+            Piece {
+                values: first * item..(first + k) * item,
+                positions: first * s..(first + k) * s,
+                shape: Shape {
+                    channels: shape.channels,
+                    spatial: s,
+                    positions: k * s,
+                },
+            }
+        })
+        .collect()
+}
+
+/// The values of `src` as f32 in `scratch` (resized to fit).
+fn widened<'s, T: Element>(src: &[T], scratch: &'s mut Vec<f32>) -> &'s mut [f32] {
+    let wide = output(src.len(), scratch);
+    widen_all(src, wide);
+    wide
+}
+
+/// `len` values of `scratch` (resized to fit) for an output.
+fn output(len: usize, scratch: &mut Vec<f32>) -> &mut [f32] {
+    scratch.resize(len, 0.0);
+    scratch
+}
+
+/// Statistics of a half tensor, piece by piece, merged in order.
+fn merged_stats<T: Element>(
+    x: &[T],
+    pieces: &[Piece],
+    opts: &BatchNorm<'_>,
+    scratch: &mut Vec<f32>,
+) -> PartialStats {
+    let parts: Vec<PartialStats> = pieces
+        .iter()
+        .map(|p| PartialStats {
+            columns: partial_stats(
+                widened(&x[p.values.clone()], scratch),
+                &p.shape,
+                &p.opts(opts),
+            ),
+        })
+        .collect();
+    PartialStats::merge(&parts).expect("pieces of one tensor share their features")
+}
+
+/// Training on a half tensor (see the section's head): y, and the batch statistics.
+pub(crate) fn train_of<T: Element>(
+    x: &[T],
+    y: &mut [T],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+) -> BatchStats {
+    let pieces = pieces(shape);
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let merged = merged_stats(x, &pieces, opts, &mut xs);
+    for p in &pieces {
+        let xw = widened(&x[p.values.clone()], &mut xs);
+        let yw = output(p.values.len(), &mut ys);
+        apply_stats(xw, yw, &p.shape, &p.opts(opts), &merged.columns);
+        narrow_all(yw, &mut y[p.values.clone()]);
+    }
+    merged.batch_stats()
+}
+
+/// Eval on a half tensor, piece by piece.
+pub(crate) fn eval_of<T: Element>(
+    x: &[T],
+    y: &mut [T],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+    stats: &RunningStats,
+) {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for p in pieces(shape) {
+        let xw = widened(&x[p.values.clone()], &mut xs);
+        let yw = output(p.values.len(), &mut ys);
+        eval(xw, yw, &p.shape, &p.opts(opts), stats);
+        narrow_all(yw, &mut y[p.values.clone()]);
+    }
+}
+
+/// Training's backward pass on half tensors, piece by piece: the statistics merged, then the
+/// gradient sums merged, then dx. Returns (dgamma, dbeta).
+pub(crate) fn backward_of<T: Element>(
+    (x, dy): (&[T], &[T]),
+    dx: &mut [T],
+    shape: &Shape,
+    opts: &BatchNorm<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    let pieces = pieces(shape);
+    let (mut xs, mut ds, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
+    let stats = merged_stats(x, &pieces, opts, &mut xs);
+    let parts: Vec<PartialGrads> = pieces
+        .iter()
+        .map(|p| {
+            let xw = widened(&x[p.values.clone()], &mut xs);
+            let dyw = widened(&dy[p.values.clone()], &mut ds);
+            PartialGrads {
+                columns: partial_grads((xw, dyw), &p.shape, &p.opts(opts), &stats.columns),
+            }
+        })
+        .collect();
+    let grads = PartialGrads::merge(&parts).expect("pieces of one tensor share their features");
+    for p in &pieces {
+        let xw = widened(&x[p.values.clone()], &mut xs);
+        let dyw = widened(&dy[p.values.clone()], &mut ds);
+        let dxw = output(p.values.len(), &mut dxs);
+        let merged = (&stats.columns[..], &grads.columns[..]);
+        apply_grads((xw, dyw), dxw, &p.shape, &p.opts(opts), merged);
+        narrow_all(dxw, &mut dx[p.values.clone()]);
+    }
+    (
+        grads.columns.iter().map(|g| g.sum_dy_xhat as f32).collect(),
+        grads.columns.iter().map(|g| g.sum_dy as f32).collect(),
+    )
 }
 
 #[cfg(test)]

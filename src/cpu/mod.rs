@@ -11,7 +11,9 @@ mod batch_norm;
 mod layer_norm;
 
 pub(crate) use batch_norm::{
-    backward as batch_norm_backward, column_in_f64, columns_in_f64, redo_columns_in_f64,
+    backward as batch_norm_backward, backward_of as batch_norm_backward_of, column_in_f64,
+    columns_in_f64, eval_of as batch_norm_eval_of, redo_columns_in_f64,
+    train_of as batch_norm_train_of,
 };
 pub(crate) use layer_norm::{backward as layer_norm_backward, layer_norm_of};
 
