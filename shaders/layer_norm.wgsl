@@ -27,7 +27,9 @@
 // RMSNorm; ADD for the fused residual add (the rows are x + residual, and the sum is written out
 // too); PACKED for half tensors (x, y, dy, residual and sum two values per u32: f16, or bf16
 // with BF16; see gpunorm::half), computed in f32 as any other. gamma, beta and the gradients
-// stay f32.
+// stay f32. SAVE: the forward kernels also write each row's moments (shift, mean_d, rstd, s)
+// to `row_moments`, for a later backward pass; SAVED: the backward reads them from there
+// instead of recomputing them.
 
 #import gpunorm::common::{WG, FLAG_GAMMA, FLAG_BETA, FLAG_ACCUMULATE}
 #import gpunorm::reduce::{Invocation, workgroup_sum}
@@ -310,6 +312,8 @@ fn layer_norm_held(
     }
     let total = row_sum(inv, flagged(sq, big));
     var var_ = total / count;
+    // (shift, mean_d) of the row as normalized, for SAVE.
+    var centre = vec2<f32>(0.0);
 #else
     var sum = 0.0;
     var big = abs(shift) > BIG_SHIFT;
@@ -331,11 +335,13 @@ fn layer_norm_held(
         }
     }
     var var_ = row_sum(inv, sq) / count;
+    var centre = vec2<f32>(shift, mean_d);
 #endif
     var eps = params.eps;
     let s = rescale(total, var_);
     if live && s != 1.0 {
         let stats = serial_stats(base, s);
+        centre = stats.xy;
         for (var j = 0u; j < K; j++) {
             let i = lane + j * T;
             if i < n {
@@ -353,6 +359,11 @@ fn layer_norm_held(
             store(base, i, held[j], rstd);
         }
     }
+#ifdef SAVE
+    if live && lane == 0u {
+        row_moments[row] = vec4<f32>(centre, rstd, s);
+    }
+#endif
 }
 
 // The (shift, mean_d, var) of the row at `base` scaled by `s`, each pass reading the row again.
@@ -443,6 +454,11 @@ fn layer_norm(
     let n = params.features / W;
     let base = row * n;
     let m = looped_moments(inv, base);
+#ifdef SAVE
+    if inv.lid == 0u {
+        row_moments[row] = m;
+    }
+#endif
     // x * 1.0 is x exactly: rows in range get the bits they always had.
     for (var i = inv.lid; i < n; i += WG) {
         let v = load(base + i);
@@ -498,7 +514,11 @@ fn layer_norm_backward(
     let n = params.features / W;
     let base = row * n;
     let count = f32(params.features);
+#ifdef SAVED
+    let m = row_moments[row];
+#else
     let m = looped_moments(inv, base);
+#endif
 
     var sg = 0.0;
     var sgx = 0.0;
@@ -521,9 +541,11 @@ fn layer_norm_backward(
         let g = unpack(dy[base + i]) * gamma_at(i);
         y[base + i] = pack((g - mean_g - h * mean_gx) * rstd);
     }
+#ifndef SAVED
     if inv.lid == 0u {
         row_moments[row] = m;
     }
+#endif
 }
 
 @compute @workgroup_size(WG)

@@ -186,8 +186,9 @@ pub enum NormError {
     },
 
     /// Bytes handed to `PartialStats::from_bytes` or `PartialGrads::from_bytes` that are not
-    /// what they should be, or statistics that cannot serve the call.
-    #[error("the BatchNorm statistics cannot be used: {problem}")]
+    /// what they should be, or statistics (BatchNorm's, or a row op's `RowStats`) that cannot
+    /// serve the call.
+    #[error("the statistics cannot be used: {problem}")]
     InvalidStats {
         /// What is wrong with them.
         problem: &'static str,

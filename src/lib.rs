@@ -70,7 +70,7 @@ pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
     RunningStats,
 };
-pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads};
+pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads, RowStats, SavedNormOutput};
 pub use ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};
 pub use ops::rms_norm::{RmsNorm, RmsNormGrads};
 pub use ops::Timing;

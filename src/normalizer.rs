@@ -14,13 +14,13 @@ use crate::gpu::tensor::{
 };
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
-use crate::ops::layer_norm::{FusedAdd, RowNorm};
+use crate::ops::layer_norm::{RowNorm, RowOutputs};
 use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
     AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst, Element,
     LayerNorm, LayerNormGrads, NormError, PartialGrads, PartialStats, RmsNorm, RmsNormGrads,
-    RunningStats, Timing,
+    RowStats, RunningStats, SavedNormOutput, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -41,107 +41,43 @@ enum Engine {
 }
 
 impl Engine {
-    async fn layer_norm(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        features: usize,
-        (opts, kind): (&LayerNorm<'_>, RowNorm),
-        add: FusedAdd<'_>,
-    ) -> Result<Timing, NormError> {
-        match self {
-            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, opts, kind, add).await,
-            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, opts, kind, add).await,
-        }
-    }
-
-    /// [`Engine::layer_norm`] on tensors of `T`. The CPU fallback converts half tensors block
-    /// by block in cache, and the GPU's kernels read and write half rows of even length as they
-    /// are; half rows of odd length on the GPU are widened whole and the outputs rounded after.
+    /// LayerNorm or RMSNorm (as `op` says) of rows of `T`, with the fused add where `add` is
+    /// given and each row's statistics saved into `moments` where that is.
     async fn layer_norm_of<T: Element>(
         &self,
         x: &[T],
         y: &mut [T],
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
-        add: Option<(&[T], &mut [T])>,
+        out: RowOutputs<'_, T>,
     ) -> Result<Timing, NormError> {
         match self {
-            Engine::Cpu(_) if !T::IS_F32 => {
-                crate::cpu::layer_norm_of(x, y, features, op, add);
-                return Ok(Timing::default());
-            }
-            Engine::Gpu(ctx) if crate::gpu::reads_rows(T::TYPE, features) => {
-                return ctx.layer_norm_of(x, y, features, op, add).await;
-            }
-            _ => {}
+            Engine::Cpu(cpu) => cpu.layer_norm(x, y, features, op, out).await,
+            Engine::Gpu(ctx) => ctx.layer_norm(x, y, features, op, out).await,
         }
-        let (x, mut y) = (widen(x), OutputOf::new(y));
-        let timing = match add {
-            None => self.layer_norm(&x, y.values(), features, op, None).await?,
-            Some((residual, sum)) => {
-                let (residual, mut sum) = (widen(residual), OutputOf::new(sum));
-                let add = Some((&residual[..], sum.values()));
-                let timing = self.layer_norm(&x, y.values(), features, op, add).await?;
-                sum.finish();
-                timing
-            }
-        };
-        y.finish();
-        Ok(timing)
     }
 
-    /// [`Engine::layer_norm_backward`] on tensors of `T`: dx, dgamma and dbeta. The CPU
-    /// fallback converts half tensors a few rows at a time in cache, and the GPU's kernels read
-    /// and write half rows of even length as they are; half rows of odd length on the GPU are
-    /// widened whole and dx rounded after.
+    /// The backward pass of LayerNorm or RMSNorm on tensors of `T`: dx, dgamma and dbeta, each
+    /// row's statistics taken from `saved` where given.
     async fn layer_norm_backward_of<T: Element>(
         &self,
-        (x, dy): (&[T], &[T]),
+        x_dy: (&[T], &[T]),
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&[[f32; 4]]>,
     ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
-        match self {
-            Engine::Cpu(_) => {
-                let mut dx = new_output(x.len());
-                let (dgamma, dbeta) =
-                    crate::cpu::layer_norm_backward((x, dy), &mut dx, features, op.0, op.1);
-                return Ok((dx, dgamma, dbeta));
-            }
-            Engine::Gpu(ctx) if crate::gpu::reads_rows(T::TYPE, features) => {
-                let mut dx = new_output(x.len());
-                let (dgamma, dbeta, _) = ctx
-                    .layer_norm_backward_of((x, dy), &mut dx, features, op)
-                    .await?;
-                return Ok((dx, dgamma, dbeta));
-            }
-            Engine::Gpu(_) => {}
-        }
-        let (x, dy) = (widen(x), widen(dy));
-        let mut dx = new_output(x.len());
-        let (dgamma, dbeta, _) = self
-            .layer_norm_backward((&x, &dy), &mut dx, features, op)
-            .await?;
-        Ok((narrow(dx), dgamma, dbeta))
-    }
-
-    async fn layer_norm_backward(
-        &self,
-        x_dy: (&[f32], &[f32]),
-        dx: &mut [f32],
-        features: usize,
-        (opts, kind): (&LayerNorm<'_>, RowNorm),
-    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
-        match self {
+        let mut dx = new_output(x_dy.0.len());
+        let (dgamma, dbeta, _) = match self {
             Engine::Cpu(cpu) => {
-                cpu.layer_norm_backward(x_dy, dx, features, opts, kind)
-                    .await
+                cpu.layer_norm_backward(x_dy, &mut dx, features, op, saved)
+                    .await?
             }
             Engine::Gpu(ctx) => {
-                ctx.layer_norm_backward(x_dy, dx, features, opts, kind)
-                    .await
+                ctx.layer_norm_backward(x_dy, &mut dx, features, op, saved)
+                    .await?
             }
-        }
+        };
+        Ok((dx, dgamma, dbeta))
     }
 
     async fn batch_norm_train(
@@ -560,7 +496,7 @@ impl Normalizer {
         let mut y = new_output(x.len());
         let op = (opts, RowNorm::Layer);
         self.engine
-            .layer_norm_of(x, &mut y, features, op, None)
+            .layer_norm_of(x, &mut y, features, op, (None, None))
             .await?;
         Ok(y)
     }
@@ -589,7 +525,9 @@ impl Normalizer {
         layer_norm::validate(x.len(), features, opts)?;
         check_output(x, y)?;
         let op = (opts, RowNorm::Layer);
-        self.engine.layer_norm_of(x, y, features, op, None).await
+        self.engine
+            .layer_norm_of(x, y, features, op, (None, None))
+            .await
     }
 
     /// RMSNorm of every `features`-long row of `x` (row-major): y = x / sqrt(mean(x²) + eps) ·
@@ -628,7 +566,7 @@ impl Normalizer {
         let mut y = new_output(x.len());
         let (opts, kind) = opts.as_row_norm();
         self.engine
-            .layer_norm_of(x, &mut y, features, (&opts, kind), None)
+            .layer_norm_of(x, &mut y, features, (&opts, kind), (None, None))
             .await?;
         Ok(y)
     }
@@ -658,7 +596,9 @@ impl Normalizer {
         check_output(x, y)?;
         let (opts, kind) = opts.as_row_norm();
         let op = (&opts, kind);
-        self.engine.layer_norm_of(x, y, features, op, None).await
+        self.engine
+            .layer_norm_of(x, y, features, op, (None, None))
+            .await
     }
 
     /// The fused residual add of a transformer block: `sum` = x + residual (each value rounded
@@ -728,7 +668,7 @@ impl Normalizer {
         let (mut sum, mut y) = (new_output(x.len()), new_output(x.len()));
         let add = Some((residual, &mut sum[..]));
         self.engine
-            .layer_norm_of(x, &mut y, features, op, add)
+            .layer_norm_of(x, &mut y, features, op, (add, None))
             .await?;
         Ok(AddNormOutput { sum, y })
     }
@@ -766,7 +706,7 @@ impl Normalizer {
         let op = (opts, RowNorm::Layer);
         let (dx, dgamma, dbeta) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, op)
+            .layer_norm_backward_of((x, dy), features, op, None)
             .await?;
         Ok(LayerNormGrads { dx, dgamma, dbeta })
     }
@@ -800,7 +740,156 @@ impl Normalizer {
         layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
         let (dx, dgamma, _) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, (&opts, kind))
+            .layer_norm_backward_of((x, dy), features, (&opts, kind), None)
+            .await?;
+        Ok(RmsNormGrads { dx, dgamma })
+    }
+
+    /// [`Normalizer::layer_norm`] that also saves each row's statistics for the backward pass
+    /// ([`RowStats`]: per row the mean and rstd, kept as the kernels use them). Hand them to
+    /// [`Normalizer::layer_norm_backward_saved`], which then reads each row once fewer instead
+    /// of recomputing them; `y` is the bits `layer_norm` gives. Errors as `layer_norm` does.
+    ///
+    /// ```
+    /// use gpunorm::{LayerNorm, Normalizer};
+    /// let norm = Normalizer::cpu();
+    /// let (x, dy) = ([1.0, 2.0, 3.0, 4.0, 4.0, 6.0], [0.5, -1.0, 0.25, 1.0, 0.0, -1.0]);
+    /// let opts = LayerNorm::default();
+    /// let out = norm.layer_norm_saving(&x, 3, &opts)?;
+    /// assert_eq!(out.stats.mean(), [2.0, 14.0 / 3.0]);
+    /// let grads = norm.layer_norm_backward_saved(&x, &dy, 3, &opts, &out.stats)?;
+    /// assert_eq!(grads, norm.layer_norm_backward(&x, &dy, 3, &opts)?);
+    /// # Ok::<(), gpunorm::NormError>(())
+    /// ```
+    pub fn layer_norm_saving<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<SavedNormOutput<T>, NormError> {
+        let work = self.layer_norm_saving_async(x, features, opts);
+        self.block("layer_norm_saving", work)
+    }
+
+    /// [`Normalizer::layer_norm_saving`], awaited.
+    pub async fn layer_norm_saving_async<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<SavedNormOutput<T>, NormError> {
+        let rows = layer_norm::validate(x.len(), features, opts)?;
+        self.saving(x, rows, features, (opts, RowNorm::Layer)).await
+    }
+
+    /// [`Normalizer::rms_norm`] that also saves each row's statistics (its 1 / sqrt(mean(x²) +
+    /// eps) as [`RowStats::rstd`]) for [`Normalizer::rms_norm_backward_saved`]. Errors as
+    /// `rms_norm` does.
+    pub fn rms_norm_saving<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<SavedNormOutput<T>, NormError> {
+        let work = self.rms_norm_saving_async(x, features, opts);
+        self.block("rms_norm_saving", work)
+    }
+
+    /// [`Normalizer::rms_norm_saving`], awaited.
+    pub async fn rms_norm_saving_async<T: Element>(
+        &self,
+        x: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<SavedNormOutput<T>, NormError> {
+        let rows = rms_norm::validate(x.len(), features, opts)?;
+        let (opts, kind) = opts.as_row_norm();
+        self.saving(x, rows, features, (&opts, kind)).await
+    }
+
+    /// The forward pass of `op` saving its statistics.
+    async fn saving<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<SavedNormOutput<T>, NormError> {
+        let mut y = new_output(x.len());
+        let mut stats = RowStats::new(rows, features, op);
+        let out = (None, Some(&mut stats.moments[..]));
+        self.engine
+            .layer_norm_of(x, &mut y, features, op, out)
+            .await?;
+        Ok(SavedNormOutput { y, stats })
+    }
+
+    /// [`Normalizer::layer_norm_backward`] with each row's statistics taken from a forward
+    /// pass's [`RowStats`] ([`Normalizer::layer_norm_saving`], on this backend or another)
+    /// instead of recomputed from `x`. Errors as `layer_norm_backward` does, and with
+    /// [`NormError::InvalidStats`] where the statistics are not those of this call: another
+    /// number of rows or features, RMSNorm's, or another eps.
+    pub fn layer_norm_backward_saved<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        stats: &RowStats,
+    ) -> Result<LayerNormGrads<T>, NormError> {
+        let work = self.layer_norm_backward_saved_async(x, dy, features, opts, stats);
+        self.block("layer_norm_backward_saved", work)
+    }
+
+    /// [`Normalizer::layer_norm_backward_saved`], awaited.
+    pub async fn layer_norm_backward_saved_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        stats: &RowStats,
+    ) -> Result<LayerNormGrads<T>, NormError> {
+        let rows = layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
+        let op = (opts, RowNorm::Layer);
+        stats.check(rows, features, op)?;
+        let (dx, dgamma, dbeta) = self
+            .engine
+            .layer_norm_backward_of((x, dy), features, op, Some(&stats.moments))
+            .await?;
+        Ok(LayerNormGrads { dx, dgamma, dbeta })
+    }
+
+    /// [`Normalizer::rms_norm_backward`] with each row's statistics taken from
+    /// [`Normalizer::rms_norm_saving`]'s [`RowStats`]. Errors as
+    /// [`Normalizer::layer_norm_backward_saved`] does.
+    pub fn rms_norm_backward_saved<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        stats: &RowStats,
+    ) -> Result<RmsNormGrads<T>, NormError> {
+        let work = self.rms_norm_backward_saved_async(x, dy, features, opts, stats);
+        self.block("rms_norm_backward_saved", work)
+    }
+
+    /// [`Normalizer::rms_norm_backward_saved`], awaited.
+    pub async fn rms_norm_backward_saved_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        stats: &RowStats,
+    ) -> Result<RmsNormGrads<T>, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        let rows = layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
+        stats.check(rows, features, (&opts, kind))?;
+        let (dx, dgamma, _) = self
+            .engine
+            .layer_norm_backward_of((x, dy), features, (&opts, kind), Some(&stats.moments))
             .await?;
         Ok(RmsNormGrads { dx, dgamma })
     }

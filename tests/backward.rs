@@ -528,3 +528,170 @@ fn repeated_gpu_batch_norm_gradients_are_bitwise_identical() {
         assert_eq!(bits(&a.dbeta), bits(&b.dbeta));
     }
 }
+
+/// The gradients of LayerNorm and RMSNorm through statistics saved by the forward pass: (dx,
+/// dgamma, dbeta) errors against the reference, and the forward's output.
+fn saved_errors(
+    norm: &Normalizer,
+    x: &[f32],
+    dy: &[f32],
+    f: usize,
+    o: &LayerNorm,
+) -> ([f64; 3], [f64; 2]) {
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let out = norm.layer_norm_saving(x, f, o).expect("valid input");
+    let plain = norm.layer_norm(x, f, o).unwrap();
+    assert_eq!(bits(&out.y), bits(&plain), "saving changes no output bit");
+    let got = norm
+        .layer_norm_backward_saved(x, dy, f, o, &out.stats)
+        .unwrap();
+    let (dx, dgamma, dbeta) = reference::layer_norm_backward(x, dy, f, o);
+    let ln = [
+        dx_error(&got.dx, &dx, f),
+        max_err(&got.dgamma, &dgamma),
+        max_err(&got.dbeta, &dbeta),
+    ];
+    let rms = RmsNorm {
+        eps: o.eps,
+        gamma: o.gamma,
+    };
+    let out = norm.rms_norm_saving(x, f, &rms).unwrap();
+    let plain = norm.rms_norm(x, f, &rms).unwrap();
+    assert_eq!(bits(&out.y), bits(&plain), "saving changes no output bit");
+    let got = norm
+        .rms_norm_backward_saved(x, dy, f, &rms, &out.stats)
+        .unwrap();
+    let (dx, dgamma) = reference::rms_norm_backward(x, dy, f, &rms);
+    (
+        ln,
+        [dx_error(&got.dx, &dx, f), max_err(&got.dgamma, &dgamma)],
+    )
+}
+
+per_backend! {
+    /// The backward passes through saved statistics match the reference at every row length,
+    /// on offset rows (mean 1e4, spread 1e-2: the statistics keep the shift, so nothing is lost
+    /// to a mean rounded to f32) and on rows past f32's range; the saved mean and rstd are each
+    /// row's; the CPU's gradients are those it computes without saving, bit for bit.
+    fn gradients_through_saved_statistics(name, norm) {
+        let mut failed = Vec::new();
+        for &features in &[1, 2, 3, 5, 127, 768, 4097, 65537] {
+            let rows = if features > 10_000 { 2 } else { 29 };
+            let gamma = data(features, 1.0, 0.5, 50);
+            let dy = ordinary(rows * features, 51);
+            for (what, x, tol, eps) in [
+                ("ordinary", ordinary(rows * features, 52), TOL, 1e-5),
+                ("mean 1e4 spread 1e-2", data(rows * features, 1e4, 1e-2, 53), TOL_OFFSET, 1e-5),
+                ("spread 1e20", data(rows * features, 0.0, 1e20, 54), TOL, 1e-5),
+                ("spread 1e-22, eps 0", data(rows * features, 0.0, 1e-22, 55), TOL, 0.0),
+            ] {
+                if features <= 2 && eps == 0.0 {
+                    // dx is exactly 0 there (see rows_past_the_range_of_f32_statistics).
+                    continue;
+                }
+                let opts = LayerNorm { eps, gamma: Some(&gamma), ..Default::default() };
+                let (ln, rms) = saved_errors(norm, &x, &dy, features, &opts);
+                if ln.iter().chain(&rms).any(|&e| e >= tol) {
+                    failed.push(format!("{features} features, {what}: {ln:?} {rms:?}"));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "{name}:\n{}", failed.join("\n"));
+
+        let (rows, features) = (6, 10);
+        let x = data(rows * features, 1e4, 1e-2, 56);
+        let opts = LayerNorm::default();
+        let stats = norm.layer_norm_saving(&x, features, &opts).unwrap().stats;
+        assert_eq!((stats.rows(), stats.features()), (rows, features));
+        for (r, row) in x.chunks(features).enumerate() {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / features as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / features as f64;
+            let rstd = 1.0 / (var + opts.eps as f64).sqrt();
+            // Each rounded to f32 once (2^-24 of the value), the mean from shift + mean_d.
+            let got = stats.mean()[r] as f64;
+            assert!((got - mean).abs() <= mean.abs() * 2f64.powi(-23), "{name}: mean of row {r}");
+            assert!((stats.rstd()[r] as f64 / rstd - 1.0).abs() < 1e-3, "{name}: rstd of row {r}");
+        }
+        if !norm.is_gpu() {
+            let dy = ordinary(rows * features, 57);
+            let saved = norm.layer_norm_backward_saved(&x, &dy, features, &opts, &stats).unwrap();
+            assert_eq!(saved, norm.layer_norm_backward(&x, &dy, features, &opts).unwrap());
+        }
+    }
+}
+
+per_backend! {
+    /// Statistics that are not those of the call are refused, naming what differs: another
+    /// shape, the other kind, another eps. Half tensors save and take statistics too.
+    fn saved_statistics_are_checked(name, norm) {
+        let (rows, features) = (4, 6);
+        let x = ordinary(rows * features, 58);
+        let dy = ordinary(rows * features, 59);
+        let opts = LayerNorm::default();
+        let stats = norm.layer_norm_saving(&x, features, &opts).unwrap().stats;
+        let refused = |r: Result<gpunorm::LayerNormGrads, NormError>, what: &str| match r {
+            Err(NormError::InvalidStats { problem }) => assert!(problem.contains(what), "{problem}"),
+            other => panic!("{name}: {what}: {other:?}"),
+        };
+        refused(norm.layer_norm_backward_saved(&x[..18], &dy[..18], features, &opts, &stats), "shape");
+        refused(norm.layer_norm_backward_saved(&x, &dy, 3, &opts, &stats), "shape");
+        let eps = LayerNorm { eps: 1e-3, ..Default::default() };
+        refused(norm.layer_norm_backward_saved(&x, &dy, features, &eps, &stats), "eps");
+        let rms = norm.rms_norm_saving(&x, features, &RmsNorm::default()).unwrap().stats;
+        refused(norm.layer_norm_backward_saved(&x, &dy, features, &opts, &rms), "RMSNorm");
+        assert!(matches!(
+            norm.rms_norm_backward_saved(&x, &dy, features, &RmsNorm::default(), &stats),
+            Err(NormError::InvalidStats { .. })
+        ));
+
+        use gpunorm::half::f16;
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let dyh: Vec<f16> = dy.iter().map(|&v| f16::from_f32(v)).collect();
+        let out = norm.layer_norm_saving(&xh, features, &opts).unwrap();
+        assert_eq!(out.y, norm.layer_norm(&xh, features, &opts).unwrap(), "{name}");
+        let grads = norm.layer_norm_backward_saved(&xh, &dyh, features, &opts, &out.stats).unwrap();
+        let wide: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+        let dyw: Vec<f32> = dyh.iter().map(|v| v.to_f32()).collect();
+        let (rdx, ..) = reference::layer_norm_backward(&wide, &dyw, features, &opts);
+        let dx: Vec<f32> = grads.dx.iter().map(|v| v.to_f32()).collect();
+        assert!(dx_error(&dx, &rdx, features) <= 2e-3, "{name}: f16 dx");
+    }
+}
+
+/// Statistics saved on one backend serve the other: the layout is the same.
+#[test]
+fn saved_statistics_cross_backends() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = Normalizer::cpu();
+    let (rows, features) = (33, 300);
+    let gamma = data(features, 1.0, 0.5, 60);
+    let opts = LayerNorm {
+        gamma: Some(&gamma),
+        ..Default::default()
+    };
+    let dy = ordinary(rows * features, 61);
+    for (what, x, tol) in [
+        ("ordinary", ordinary(rows * features, 62), TOL),
+        (
+            "mean 1e4 spread 1e-2",
+            data(rows * features, 1e4, 1e-2, 63),
+            TOL_OFFSET,
+        ),
+        ("spread 1e20", data(rows * features, 0.0, 1e20, 64), TOL),
+    ] {
+        let (rdx, ..) = reference::layer_norm_backward(&x, &dy, features, &opts);
+        for (from, to) in [(&cpu, gpu), (gpu, &cpu)] {
+            let stats = from.layer_norm_saving(&x, features, &opts).unwrap().stats;
+            let got = to
+                .layer_norm_backward_saved(&x, &dy, features, &opts, &stats)
+                .unwrap();
+            let e = dx_error(&got.dx, &rdx, features);
+            assert!(
+                e < tol,
+                "{what}, {} to {}: {e}",
+                from.describe(),
+                to.describe()
+            );
+        }
+    }
+}

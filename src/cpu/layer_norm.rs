@@ -15,33 +15,52 @@ use crate::{Element, LayerNorm};
 
 /// Normalizes every `features`-long row of `x` into `y` (same length; input already validated).
 /// With `add` (the residual and the sum's output), each row is x + residual, written to the sum
-/// and normalized while in cache: one pass over memory.
+/// and normalized while in cache: one pass over memory. With `moments`, each row's statistics
+/// are saved there ([`RowStats`](crate::RowStats)'s layout).
 pub(crate) fn layer_norm(
     x: &[f32],
     y: &mut [f32],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
     add: FusedAdd<'_>,
+    moments: Option<&mut [[f32; 4]]>,
 ) {
-    let block = rows_per_task(features) * features;
+    let block_rows = rows_per_task(features);
+    let block = block_rows * features;
     let stream = should_stream(y.len());
     let op = (opts, kind);
+    let moments = block_moments(moments, x.len().div_ceil(block), block_rows);
     match add {
         None => y
             .par_chunks_mut(block)
             .zip(x.par_chunks(block))
-            .for_each(|(yb, xb)| {
-                rows(xb, yb, features, op, (stream, None));
+            .zip(moments)
+            .for_each(|((yb, xb), mb)| {
+                rows(xb, yb, features, op, (stream, None), mb);
                 stream_fence();
             }),
         Some((residual, sum)) => y
             .par_chunks_mut(block)
             .zip(x.par_chunks(block))
             .zip(residual.par_chunks(block).zip(sum.par_chunks_mut(block)))
-            .for_each(|((yb, xb), (rb, sb))| {
-                rows(xb, yb, features, op, (stream, Some((rb, sb))));
+            .zip(moments)
+            .for_each(|(((yb, xb), (rb, sb)), mb)| {
+                rows(xb, yb, features, op, (stream, Some((rb, sb))), mb);
                 stream_fence();
             }),
+    }
+}
+
+/// The saved statistics' share of each of `blocks` blocks of `block_rows` rows (None for each
+/// where nothing is saved), to zip with the blocks.
+fn block_moments(
+    moments: Option<&mut [[f32; 4]]>,
+    blocks: usize,
+    block_rows: usize,
+) -> Vec<Option<&mut [[f32; 4]]>> {
+    match moments {
+        Some(m) => m.chunks_mut(block_rows).map(Some).collect(),
+        None => (0..blocks).map(|_| None).collect(),
     }
 }
 
@@ -54,9 +73,26 @@ pub(crate) fn layer_norm_of<T: Element>(
     features: usize,
     op: (&LayerNorm<'_>, RowNorm),
     add: Option<(&[T], &mut [T])>,
+    moments: Option<&mut [[f32; 4]]>,
 ) {
-    let block = rows_per_task(features) * features;
-    let task = |xb: &[T], yb: &mut [T], add: Option<(&[T], &mut [T])>| {
+    let y = match T::as_f32(y) {
+        Ok(y) => {
+            // f32 tensors as they are.
+            fn f32s<T: Element>(v: &[T]) -> &[f32] {
+                T::as_f32_ref(v).expect("f32 tensors are all f32")
+            }
+            let add = add.map(|(r, s)| {
+                let s = T::as_f32(s).unwrap_or_else(|_| unreachable!("f32 tensors are all f32"));
+                (f32s(r), s)
+            });
+            return layer_norm(f32s(x), y, features, op, add, moments);
+        }
+        Err(y) => y,
+    };
+    let block_rows = rows_per_task(features);
+    let block = block_rows * features;
+    let moments = block_moments(moments, x.len().div_ceil(block), block_rows);
+    let task = |xb: &[T], yb: &mut [T], add: Option<(&[T], &mut [T])>, mb| {
         SCRATCH.with_borrow_mut(|scratch| {
             let n = xb.len();
             if scratch.len() < 4 * n {
@@ -68,10 +104,10 @@ pub(crate) fn layer_norm_of<T: Element>(
             let sw = &mut rest[..n];
             T::widen_into(xb, xw);
             match add {
-                None => rows(xw, yw, features, op, (false, None)),
+                None => rows(xw, yw, features, op, (false, None), mb),
                 Some((rb, sb)) => {
                     T::widen_into(rb, rw);
-                    rows(xw, yw, features, op, (false, Some((rw, &mut *sw))));
+                    rows(xw, yw, features, op, (false, Some((rw, &mut *sw))), mb);
                     T::narrow_into(sw, sb);
                 }
             }
@@ -82,12 +118,14 @@ pub(crate) fn layer_norm_of<T: Element>(
         None => y
             .par_chunks_mut(block)
             .zip(x.par_chunks(block))
-            .for_each(|(yb, xb)| task(xb, yb, None)),
+            .zip(moments)
+            .for_each(|((yb, xb), mb)| task(xb, yb, None, mb)),
         Some((residual, sum)) => y
             .par_chunks_mut(block)
             .zip(x.par_chunks(block))
             .zip(residual.par_chunks(block).zip(sum.par_chunks_mut(block)))
-            .for_each(|((yb, xb), (rb, sb))| task(xb, yb, Some((rb, sb)))),
+            .zip(moments)
+            .for_each(|(((yb, xb), (rb, sb)), mb)| task(xb, yb, Some((rb, sb)), mb)),
     }
 }
 
@@ -97,7 +135,7 @@ thread_local! {
 }
 
 multiversion! {
-    fn rows(x: &[f32], y: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), out: (bool, FusedAdd<'_>)) => rows_body
+    fn rows(x: &[f32], y: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), out: (bool, FusedAdd<'_>), moments: Option<&mut [[f32; 4]]>) => rows_body
 }
 
 #[inline(always)]
@@ -107,6 +145,7 @@ fn rows_body(
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
     (stream, mut add): (bool, FusedAdd<'_>),
+    mut moments: Option<&mut [[f32; 4]]>,
 ) {
     // Prefetch a row's worth of values at least PREFETCH_DISTANCE ahead: one row is too close
     // when rows are short.
@@ -130,17 +169,21 @@ fn rows_body(
                 out
             }
         };
-        match kind {
+        let m = match kind {
             RowNorm::Layer => row(xr, yr, opts, &x[lo..hi], stream),
             RowNorm::Rms => rms_row(xr, yr, opts, &x[lo..hi], stream),
+        };
+        if let Some(moments) = &mut moments {
+            moments[r] = m;
         }
     }
 }
 
 /// One row; `ahead` (data read later, or empty) is prefetched while this row is in cache, and
-/// `stream` sends the output past the caches.
+/// `stream` sends the output past the caches. Returns the row's statistics as
+/// [`RowStats`](crate::RowStats) keeps them.
 #[inline(always)]
-fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bool) {
+fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bool) -> [f32; 4] {
     let n = x.len() as f64;
     let shift = x[0];
     let mean_d = (sum_shifted(x, shift) / n) as f32;
@@ -150,17 +193,26 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
     }
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
     normalize(x, y, (shift, mean_d, rstd), opts, stream);
+    [shift, mean_d, rstd, 1.0]
 }
 
-/// One row of RMSNorm: the mean square in one pass over `x`, then the output.
+/// One row of RMSNorm: the mean square in one pass over `x`, then the output. Returns its
+/// statistics as [`row`] does.
 #[inline(always)]
-fn rms_row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bool) {
+fn rms_row(
+    x: &[f32],
+    y: &mut [f32],
+    opts: &LayerNorm<'_>,
+    ahead: &[f32],
+    stream: bool,
+) -> [f32; 4] {
     let mean_sq = sum_sq_centered(x, 0.0, 0.0, ahead) / x.len() as f64;
     if stats_out_of_range(0.0, mean_sq, opts.eps) {
         return row_in_f64(x, y, opts, RowNorm::Rms);
     }
     let rrms = (1.0 / (mean_sq + opts.eps as f64).sqrt()) as f32;
     normalize(x, y, (0.0, 0.0, rrms), opts, stream);
+    [0.0, 0.0, rrms, 1.0]
 }
 
 /// y = ((x − shift) − mean_d) · rstd · gamma + beta over one row (RMSNorm: shift and mean_d 0,
@@ -215,7 +267,7 @@ fn normalize(
 /// what the same f64 arithmetic gives in the reference: NaN throughout for LayerNorm; for RMSNorm
 /// NaN where the row holds a NaN, and with an infinity, NaN there and 0 elsewhere.
 #[cold]
-fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) {
+fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) -> [f32; 4] {
     let n = x.len() as f64;
     let mean = match kind {
         RowNorm::Layer => x.iter().map(|&v| v as f64).sum::<f64>() / n,
@@ -228,6 +280,29 @@ fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) {
         let b = opts.beta.map_or(0.0, |b| b[c] as f64);
         *o = ((v as f64 - mean) * rstd * g + b) as f32;
     }
+    let shift = match kind {
+        RowNorm::Layer => x[0] as f64,
+        RowNorm::Rms => 0.0,
+    };
+    scaled_moments(shift, mean, rstd)
+}
+
+/// A row's statistics computed in f64 (shift, mean, rstd), as [`RowStats`](crate::RowStats)
+/// keeps them: scaled by the power of two that brings rstd near 1, so that all three fit f32
+/// whatever the row's range (the scale 1 where rstd is 0, infinite or NaN).
+fn scaled_moments(shift: f64, mean: f64, rstd: f64) -> [f32; 4] {
+    let k = if rstd.is_finite() && rstd > 0.0 {
+        rstd.log2().round().clamp(-126.0, 126.0) as i32
+    } else {
+        0
+    };
+    let s = 2f64.powi(k);
+    [
+        (shift * s) as f32,
+        ((mean - shift) * s) as f32,
+        (rstd / s) as f32,
+        s as f32,
+    ]
 }
 
 /// At most this many blocks of rows in a backward pass: each keeps its own f64 partial sums of
@@ -239,35 +314,44 @@ const MAX_BACKWARD_BLOCKS: usize = 64;
 /// size depends on the shape alone, and the blocks' partial sums are added in order, so the
 /// result does not depend on the thread count. Half tensors are widened a few rows at a time
 /// into f32 scratch of the task's own (in cache) and dx rounded back: no full-size f32 copy, and
-/// the same f32 arithmetic and the same blocks as f32 tensors.
+/// the same f32 arithmetic and the same blocks as f32 tensors. With `saved` (a forward pass's
+/// [`RowStats`](crate::RowStats) moments), each row's statistics are taken from there.
 pub(crate) fn backward<T: Element>(
     (x, dy): (&[T], &[T]),
     dx: &mut [T],
     features: usize,
-    opts: &LayerNorm<'_>,
-    kind: RowNorm,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    saved: Option<&[[f32; 4]]>,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / features;
     let block_rows = rows_per_task(features).max(rows.div_ceil(MAX_BACKWARD_BLOCKS));
     let block = block_rows * features;
-    let piece = rows_per_task(features) * features;
+    let piece_rows = rows_per_task(features);
+    let piece = piece_rows * features;
     let op = (opts, kind);
+    let saved: Vec<Option<&[[f32; 4]]>> = match saved {
+        Some(m) => m.chunks(block_rows).map(Some).collect(),
+        None => vec![None; x.len().div_ceil(block)],
+    };
     let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
-        .map(|(dxb, (xb, dyb))| {
+        .zip(saved)
+        .map(|((dxb, (xb, dyb)), mb)| {
             let mut sums = (vec![0f64; features], vec![0f64; features]);
-            let mut add = |x: &[f32], dy: &[f32], dx: &mut [f32]| {
-                backward_rows((x, dy), dx, features, op, (&mut sums.0, &mut sums.1));
+            let mut add = |x: &[f32], dy: &[f32], dx: &mut [f32], m| {
+                backward_rows((x, dy), dx, features, op, (&mut sums.0, &mut sums.1), m);
             };
             match (T::as_f32_ref(xb).zip(T::as_f32_ref(dyb)), T::as_f32(dxb)) {
-                (Some((xb, dyb)), Ok(dxb)) => add(xb, dyb, dxb),
+                (Some((xb, dyb)), Ok(dxb)) => add(xb, dyb, dxb, mb),
                 (_, Ok(_)) => unreachable!("f32 tensors are all f32"),
                 (_, Err(dxb)) => SCRATCH.with_borrow_mut(|scratch| {
                     let pieces = dxb
                         .chunks_mut(piece)
                         .zip(xb.chunks(piece).zip(dyb.chunks(piece)));
-                    for (dxp, (xp, dyp)) in pieces {
+                    for (k, (dxp, (xp, dyp))) in pieces.enumerate() {
+                        let first = k * piece_rows;
+                        let mp = mb.map(|m| &m[first..first + xp.len() / features]);
                         let n = xp.len();
                         if scratch.len() < 3 * n {
                             scratch.resize(3 * n, 0.0);
@@ -277,7 +361,7 @@ pub(crate) fn backward<T: Element>(
                         let dxw = &mut rest[..n];
                         T::widen_into(xp, xw);
                         T::widen_into(dyp, dyw);
-                        add(xw, dyw, dxw);
+                        add(xw, dyw, dxw, mp);
                         T::narrow_into(dxw, dxp);
                     }
                 }),
@@ -295,7 +379,7 @@ pub(crate) fn backward<T: Element>(
 }
 
 multiversion! {
-    fn backward_rows(x_dy: (&[f32], &[f32]), dx: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), sums: (&mut [f64], &mut [f64])) => backward_rows_body
+    fn backward_rows(x_dy: (&[f32], &[f32]), dx: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), sums: (&mut [f64], &mut [f64]), saved: Option<&[[f32; 4]]>) => backward_rows_body
 }
 
 #[inline(always)]
@@ -305,12 +389,15 @@ fn backward_rows_body(
     features: usize,
     op: (&LayerNorm<'_>, RowNorm),
     (dgamma, dbeta): (&mut [f64], &mut [f64]),
+    saved: Option<&[[f32; 4]]>,
 ) {
-    for (dxr, (xr, dyr)) in dx
+    for (r, (dxr, (xr, dyr))) in dx
         .chunks_exact_mut(features)
         .zip(x.chunks_exact(features).zip(dy.chunks_exact(features)))
+        .enumerate()
     {
-        backward_row((xr, dyr), dxr, op, (&mut *dgamma, &mut *dbeta));
+        let m = saved.map(|m| m[r]);
+        backward_row((xr, dyr), dxr, op, (&mut *dgamma, &mut *dbeta), m);
     }
 }
 
@@ -324,17 +411,25 @@ fn backward_row(
     dx: &mut [f32],
     (opts, kind): (&LayerNorm<'_>, RowNorm),
     (dgamma, dbeta): (&mut [f64], &mut [f64]),
+    saved: Option<[f32; 4]>,
 ) {
     let n = x.len() as f64;
-    let (shift, mean_d) = match kind {
-        RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
-        RowNorm::Rms => (0.0, 0.0),
+    let (shift, mean_d, rstd) = match saved {
+        Some([shift, mean_d, rstd, 1.0]) => (shift, mean_d, rstd),
+        // A row the forward pass scaled (its statistics leave f32's range) goes the rare way.
+        Some(_) => return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta)),
+        None => {
+            let (shift, mean_d) = match kind {
+                RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
+                RowNorm::Rms => (0.0, 0.0),
+            };
+            let var = sum_sq_centered(x, shift, mean_d, &[]) / n;
+            if stats_out_of_range(mean_d as f64, var, opts.eps) {
+                return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
+            }
+            (shift, mean_d, (1.0 / (var + opts.eps as f64).sqrt()) as f32)
+        }
     };
-    let var = sum_sq_centered(x, shift, mean_d, &[]) / n;
-    if stats_out_of_range(mean_d as f64, var, opts.eps) {
-        return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
-    }
-    let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
     let xhat = |v: f32| ((v - shift) - mean_d) * rstd;
     // Σ g and Σ g · xhat: f32 in 16 lanes over blocks of 512, f64 across blocks.
     let (mut sum_g, mut sum_gx) = (0f64, 0f64);
@@ -463,8 +558,8 @@ mod tests {
                 let mut wide = vec![0f32; x.len()];
                 let mut base = vec![1f32; x.len()];
                 let op = (&opts, kind);
-                rows(&x, &mut wide, features, op, (stream, None));
-                rows_body(&x, &mut base, features, op, (stream, None));
+                rows(&x, &mut wide, features, op, (stream, None), None);
+                rows_body(&x, &mut base, features, op, (stream, None), None);
                 crate::cpu::stream_fence();
                 assert!(
                     wide.iter()

@@ -10,18 +10,16 @@
 mod batch_norm;
 mod layer_norm;
 
+use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
+use crate::ops::layer_norm::{RowNorm, RowOutputs};
+use crate::ops::partial::{ColumnGrads, ColumnStats};
+use crate::ops::Backend;
+use crate::{Element, LayerNorm, NormError, Timing};
 pub(crate) use batch_norm::{
     backward as batch_norm_backward, backward_of as batch_norm_backward_of, column_in_f64,
     columns_in_f64, eval_of as batch_norm_eval_of, redo_columns_in_f64,
     train_of as batch_norm_train_of,
 };
-pub(crate) use layer_norm::{backward as layer_norm_backward, layer_norm_of};
-
-use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::{FusedAdd, RowNorm};
-use crate::ops::partial::{ColumnGrads, ColumnStats};
-use crate::ops::Backend;
-use crate::{LayerNorm, NormError, Timing};
 
 /// The CPU fallback as a backend, on rayon's global pool.
 pub(crate) struct Cpu {
@@ -30,28 +28,27 @@ pub(crate) struct Cpu {
 }
 
 impl Backend for Cpu {
-    async fn layer_norm(
+    async fn layer_norm<T: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[T],
+        y: &mut [T],
         features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
-        add: FusedAdd<'_>,
+        op: (&LayerNorm<'_>, RowNorm),
+        (add, moments): RowOutputs<'_, T>,
     ) -> Result<Timing, NormError> {
-        layer_norm::layer_norm(x, y, features, (opts, kind), add);
+        layer_norm::layer_norm_of(x, y, features, op, add, moments);
         Ok(Timing::default())
     }
 
-    async fn layer_norm_backward(
+    async fn layer_norm_backward<T: Element>(
         &self,
-        x_dy: (&[f32], &[f32]),
-        dx: &mut [f32],
+        x_dy: (&[T], &[T]),
+        dx: &mut [T],
         features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
+        op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&[[f32; 4]]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
-        let (dgamma, dbeta) = layer_norm::backward(x_dy, dx, features, opts, kind);
+        let (dgamma, dbeta) = layer_norm::backward(x_dy, dx, features, op, saved);
         Ok((dgamma, dbeta, Timing::default()))
     }
 

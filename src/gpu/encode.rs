@@ -449,9 +449,13 @@ async fn record(
 ) -> Result<(), NormError> {
     let features = op.features;
     let Some((dy, dgamma, dbeta)) = op.backward else {
-        let prepared =
-            layer_norm::prepare(ctx, features, (op.kind, op.add.is_some()), ElementType::F32)
-                .await?;
+        let prepared = layer_norm::prepare(
+            ctx,
+            features,
+            (op.kind, op.add.is_some(), false),
+            ElementType::F32,
+        )
+        .await?;
         return ctx
             .scoped(op.name, || {
                 let io = Rows {
@@ -459,12 +463,14 @@ async fn record(
                     y: op.out.1,
                     rows,
                     add: op.add,
+                    moments: None,
                 };
                 layer_norm::record(ctx, encoder, io, features, &prepared, op.affine, None)
             })
             .await;
     };
-    let prepared = layer_norm::prepare_backward(ctx, features, op.kind, ElementType::F32).await?;
+    let prepared =
+        layer_norm::prepare_backward(ctx, features, (op.kind, false), ElementType::F32).await?;
     ctx.scoped(op.name, || {
         let scratch = BackwardScratch::new(ctx, rows, features, Lifetime::Detached);
         let io = BackwardRows {

@@ -50,6 +50,23 @@ const LOOPED_ADD: KernelDef = KernelDef {
     slots: ADD_SLOTS,
     ..LOOPED
 };
+/// Built with SAVE: also each row's moments written out.
+const SAVE_SLOTS: &[Slot] = &[
+    Slot::Uniform(0),
+    Slot::Read(1),
+    Slot::ReadWrite(2),
+    Slot::Read(3),
+    Slot::Read(4),
+    Slot::ReadWrite(6),
+];
+const HELD_SAVE: KernelDef = KernelDef {
+    slots: SAVE_SLOTS,
+    ..HELD
+};
+const LOOPED_SAVE: KernelDef = KernelDef {
+    slots: SAVE_SLOTS,
+    ..LOOPED
+};
 /// The backward pass: dx per row (params, x, dx, gamma, dy, row moments), the column sums over
 /// tiles of rows (params, x, dy, row moments, partials), and their merge (params, partials,
 /// gradients).
@@ -83,16 +100,21 @@ const BACKWARD_MERGE: KernelDef = KernelDef {
 };
 /// Rows of one tile of the backward's column sums (`TILE_ROWS` in the shader).
 const TILE_ROWS: usize = 64;
-/// Every kernel, and whether it is built with ADD.
+/// Every kernel, and the shader def it is built with beyond the layout ones: ADD, SAVE, SAVED
+/// or none.
 #[cfg(test)]
-pub(crate) const KERNELS: [(&KernelDef, bool); 7] = [
-    (&HELD, false),
-    (&LOOPED, false),
-    (&HELD_ADD, true),
-    (&LOOPED_ADD, true),
-    (&BACKWARD, false),
-    (&BACKWARD_COLUMNS, false),
-    (&BACKWARD_MERGE, false),
+pub(crate) const KERNELS: [(&KernelDef, Option<&str>); 11] = [
+    (&HELD, None),
+    (&LOOPED, None),
+    (&HELD_ADD, Some("ADD")),
+    (&LOOPED_ADD, Some("ADD")),
+    (&HELD_SAVE, Some("SAVE")),
+    (&LOOPED_SAVE, Some("SAVE")),
+    (&BACKWARD, None),
+    (&BACKWARD, Some("SAVED")),
+    (&BACKWARD_COLUMNS, None),
+    (&BACKWARD_MERGE, None),
+    (&BACKWARD_COLUMNS, Some("SAVED")),
 ];
 
 // Keep in sync with `Params` in shaders/layer_norm.wgsl (a test compares the two).
@@ -158,6 +180,8 @@ struct Kernel {
     rms: bool,
     /// The fused residual add (the shader def ADD).
     add: bool,
+    /// Each row's moments written out (the shader def SAVE).
+    save: bool,
     layout: Layout,
     subgroup: bool,
     /// Threads per row: a power of two up to `WG`; a workgroup takes `WG / per_row` rows.
@@ -177,7 +201,7 @@ impl Kernel {
     fn for_features(
         ctx: &GpuContext,
         features: usize,
-        (kind, add): (RowNorm, bool),
+        (kind, add, save): (RowNorm, bool, bool),
         element: ElementType,
     ) -> Kernel {
         let layout = Layout::new(features, element);
@@ -193,6 +217,7 @@ impl Kernel {
         Kernel {
             rms: kind == RowNorm::Rms,
             add,
+            save,
             layout,
             subgroup: ctx.subgroups,
             per_row,
@@ -201,11 +226,13 @@ impl Kernel {
     }
 
     fn def(&self) -> &'static KernelDef {
-        match (self.held > 0, self.add) {
-            (true, false) => &HELD,
-            (false, false) => &LOOPED,
-            (true, true) => &HELD_ADD,
-            (false, true) => &LOOPED_ADD,
+        match (self.held > 0, self.add, self.save) {
+            (true, false, false) => &HELD,
+            (false, false, false) => &LOOPED,
+            (true, true, _) => &HELD_ADD,
+            (false, true, _) => &LOOPED_ADD,
+            (true, false, true) => &HELD_SAVE,
+            (false, false, true) => &LOOPED_SAVE,
         }
     }
 
@@ -221,7 +248,8 @@ impl Kernel {
     /// The pipeline cache key, also the label a GPU debugger shows.
     fn label(&self) -> String {
         format!(
-            "{}{} {} {} t{} k{}",
+            "{}{}{} {} {} t{} k{}",
+            if self.save { "saving " } else { "" },
             if self.add { "add_" } else { "" },
             if self.rms { "rms_norm" } else { "layer_norm" },
             self.layout.label(),
@@ -235,6 +263,7 @@ impl Kernel {
         let mut defs = vec![
             ("RMS", Def::Flag(self.rms)),
             ("ADD", Def::Flag(self.add)),
+            ("SAVE", Def::Flag(self.save)),
             ("SUBGROUP", Def::Flag(self.subgroup)),
             ("T", Def::U32(self.per_row)),
             ("K", Def::U32(self.held.max(1))),
@@ -250,12 +279,13 @@ pub(crate) struct Prepared {
     pipeline: Arc<Pipeline>,
 }
 
-/// Picks the kernel of `kind` (with the fused residual add where `add`) for rows `features`
-/// wide of `element` (which it [`reads`]) and builds its pipeline (once per context).
+/// Picks the kernel of `kind` (with the fused residual add where `add`, writing each row's
+/// moments where `save`) for rows `features` wide of `element` (which it [`reads`]) and builds
+/// its pipeline (once per context).
 pub(crate) async fn prepare(
     ctx: &GpuContext,
     features: usize,
-    op: (RowNorm, bool),
+    op: (RowNorm, bool, bool),
     element: ElementType,
 ) -> Result<Prepared, NormError> {
     let kernel = Kernel::for_features(ctx, features, op, element);
@@ -284,7 +314,12 @@ pub(crate) fn max_rows(ctx: &GpuContext, features: usize) -> Result<usize, NormE
     }
     // Both kinds share their size classes; half rows of the same width fit as many rows per
     // group or more.
-    let kernel = Kernel::for_features(ctx, features, (RowNorm::Layer, false), ElementType::F32);
+    let kernel = Kernel::for_features(
+        ctx,
+        features,
+        (RowNorm::Layer, false, false),
+        ElementType::F32,
+    );
     let max_groups = ctx.max_groups();
     // Saturating: on 32-bit targets (wasm) a 65535² grid overflows usize.
     let grid_rows = max_groups
@@ -303,6 +338,8 @@ pub(crate) struct Rows<'a> {
     pub y: wgpu::BufferSlice<'a>,
     pub rows: usize,
     pub add: Option<(wgpu::BufferSlice<'a>, wgpu::BufferSlice<'a>)>,
+    /// Where a saving kernel writes each row's moments (16 bytes a row).
+    pub moments: Option<wgpu::BufferSlice<'a>>,
 }
 
 /// gamma or beta of a recorded op: none, host values written to the device with the op, or a
@@ -398,6 +435,7 @@ pub(crate) fn record(
     if let Some((r, sum)) = io.add {
         slices.extend([r, sum]);
     }
+    slices.extend(io.moments);
     let bind_group = pipeline.bind_slices(ctx.device(), &slices);
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("layer_norm"),
@@ -421,18 +459,33 @@ pub(crate) async fn run<T: Element>(
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
     mut add: Option<(&[T], &mut [T])>,
+    mut moments: Option<&mut [[f32; 4]]>,
 ) -> Result<Timing, NormError> {
     use wgpu::BufferUsages as U;
     let rows = x.len() / features;
     if rows == 0 {
         return Ok(Timing::default());
     }
-    let chunk = max_rows(ctx, features)?.min(rows) * features;
+    // Saved moments take 16 bytes a row, in one binding too.
+    let moments_rows = usize::try_from(ctx.max_binding_bytes() / 16).unwrap_or(usize::MAX);
+    let chunk_rows = max_rows(ctx, features)?.min(rows).min(moments_rows);
+    let chunk = chunk_rows * features;
     let span_bytes = |len: usize| T::TYPE.buffer_bytes(len).unwrap_or(u64::MAX);
     let bytes = span_bytes(chunk);
-    let prepared = prepare(ctx, features, (kind, add.is_some()), T::TYPE).await?;
+    let op = (kind, add.is_some(), moments.is_some());
+    let prepared = prepare(ctx, features, op, T::TYPE).await?;
     // One input and one output buffer, and with the fused add another of each.
     let buffers = usize::from(add.is_some()) + 1;
+    let saved = ctx
+        .scoped("layer_norm", || {
+            moments.is_some().then(|| {
+                let bytes = chunk_rows as u64 * 16;
+                let usage = U::STORAGE | U::COPY_SRC;
+                let moments = ctx.buffer("layer_norm moments", bytes, usage, Lifetime::Call);
+                (moments, transfer::readback_buffer(ctx, bytes))
+            })
+        })
+        .await?;
     let (inputs, outputs, stagings, mut timer) = ctx
         .scoped("layer_norm", || {
             let make = |label, usage| -> Vec<_> {
@@ -464,11 +517,15 @@ pub(crate) async fn run<T: Element>(
                 upload.record(&mut encoder, input);
             }
             let bytes = span_bytes(x.len());
+            let chunk_rows = x.len() / features;
             let io = Rows {
                 x: inputs[0].slice(..bytes),
                 y: outputs[0].slice(..bytes),
-                rows: x.len() / features,
+                rows: chunk_rows,
                 add: (buffers == 2).then(|| (inputs[1].slice(..bytes), outputs[1].slice(..bytes))),
+                moments: saved
+                    .as_ref()
+                    .map(|(m, _)| m.slice(..chunk_rows as u64 * 16)),
             };
             let affine = Affine::from(opts);
             record(
@@ -486,12 +543,19 @@ pub(crate) async fn run<T: Element>(
             for (output, staging) in outputs.iter().zip(&stagings) {
                 encoder.copy_buffer_to_buffer(output, 0, staging, 0, bytes);
             }
+            if let Some((m, staging)) = &saved {
+                encoder.copy_buffer_to_buffer(m, 0, staging, 0, chunk_rows as u64 * 16);
+            }
             ctx.queue().submit([encoder.finish()]);
         })
         .await?;
         transfer::read_into(ctx, &stagings[0], y).await?;
         if let Some((_, sum)) = &mut add {
-            transfer::read_into(ctx, &stagings[1], &mut sum[span]).await?;
+            transfer::read_into(ctx, &stagings[1], &mut sum[span.clone()]).await?;
+        }
+        if let (Some(moments), Some((_, staging))) = (&mut moments, &saved) {
+            let rows = span.start / features..span.end / features;
+            transfer::read_into(ctx, staging, &mut moments[rows]).await?;
         }
         if let Some(t) = &mut timer {
             t.collect().await?;
@@ -519,7 +583,7 @@ pub(crate) struct Backward {
 pub(crate) async fn prepare_backward(
     ctx: &GpuContext,
     features: usize,
-    kind: RowNorm,
+    (kind, saved): (RowNorm, bool),
     element: ElementType,
 ) -> Result<Backward, NormError> {
     ctx.check_storage_buffers(Slot::storage_count(BACKWARD.slots), "layer_norm_backward")?;
@@ -530,6 +594,7 @@ pub(crate) async fn prepare_backward(
     );
     let mut defs = vec![
         ("RMS", Def::Flag(rms)),
+        ("SAVED", Def::Flag(saved)),
         ("SUBGROUP", Def::Flag(subgroup)),
         ("T", Def::U32(WG)),
         ("K", Def::U32(1)),
@@ -538,8 +603,9 @@ pub(crate) async fn prepare_backward(
     let defs = &defs;
     let pipeline = |kernel: &'static KernelDef| {
         let label = format!(
-            "{} {} {} {}",
+            "{}{} {} {} {}",
             kernel.entry,
+            if saved { " saved" } else { "" },
             if rms { "rms" } else { "layer" },
             layout.label(),
             if subgroup { "subgroup" } else { "tree" }
@@ -607,10 +673,11 @@ impl<'a> BackwardScratch<'a> {
         let tiles = rows.div_ceil(TILE_ROWS) as u64;
         let storage = |label, bytes, extra| ctx.buffer(label, bytes, U::STORAGE | extra, lifetime);
         BackwardScratch {
+            // COPY_DST: saved moments are written in (`backward`'s SAVED kernels).
             moments: storage(
                 "layer_norm_backward row moments",
                 rows as u64 * 16,
-                U::empty(),
+                U::COPY_DST,
             ),
             partials: storage(
                 "layer_norm_backward partials",
@@ -686,13 +753,14 @@ pub(crate) async fn backward<T: Element>(
     dx: &mut [T],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
+    saved: Option<&[[f32; 4]]>,
 ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
     use wgpu::BufferUsages as U;
     let rows = x.len() / features;
     if rows == 0 {
         return Ok((vec![0.0; features], vec![0.0; features], Timing::default()));
     }
-    let prepared = prepare_backward(ctx, features, kind, T::TYPE).await?;
+    let prepared = prepare_backward(ctx, features, (kind, saved.is_some()), T::TYPE).await?;
     let chunk_rows = prepared.max_rows().min(rows);
     let chunk = chunk_rows * features;
     let grads_bytes = (2 * features * 4) as u64;
@@ -724,6 +792,13 @@ pub(crate) async fn backward<T: Element>(
             transfer::stage(ctx, dy).await?,
         );
         ctx.scoped("layer_norm_backward", || {
+            if let Some(saved) = saved {
+                // The chunk's saved moments, where the backward kernels read them.
+                let first = k * chunk_rows;
+                let mine = &saved[first..first + x.len() / features];
+                ctx.queue()
+                    .write_buffer(&scratch.moments, 0, bytemuck::cast_slice(mine));
+            }
             let mut encoder = ctx.encoder("layer_norm_backward");
             x_up.record(&mut encoder, &xb);
             dy_up.record(&mut encoder, &dyb);

@@ -15,66 +15,67 @@ mod transfer;
 
 pub(crate) use context::{describe_adapter, GpuContext};
 
+use crate::element::{narrow_all, widen, OutputOf};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::{FusedAdd, RowNorm};
+use crate::ops::layer_norm::{RowNorm, RowOutputs};
 use crate::ops::partial::{ColumnGrads, ColumnStats};
-use crate::ops::Backend;
+use crate::ops::{new_output, Backend};
 use crate::{Element, LayerNorm, NormError, Timing};
 
-pub(crate) use layer_norm::reads as reads_rows;
-
-impl GpuContext {
-    /// [`Backend::layer_norm`] of host rows of `T`, which the kernels must [`reads_rows`].
-    pub(crate) async fn layer_norm_of<T: Element>(
+impl Backend for GpuContext {
+    /// The kernels read and write f32 rows and half rows of even length as they are
+    /// ([`layer_norm::reads`]); half rows of odd length are widened on the host whole, and the
+    /// outputs rounded after.
+    async fn layer_norm<T: Element>(
         &self,
         x: &[T],
         y: &mut [T],
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
-        add: Option<(&[T], &mut [T])>,
+        (add, moments): RowOutputs<'_, T>,
     ) -> Result<Timing, NormError> {
-        self.call(layer_norm::run(self, x, y, features, op, add))
-            .await
+        if layer_norm::reads(T::TYPE, features) {
+            let run = layer_norm::run(self, x, y, features, op, add, moments);
+            return self.call(run).await;
+        }
+        let (x, mut y) = (widen(x), OutputOf::new(y));
+        let timing = match add {
+            None => {
+                let run = layer_norm::run(self, &x, y.values(), features, op, None, moments);
+                self.call(run).await?
+            }
+            Some((residual, sum)) => {
+                let (residual, mut sum) = (widen(residual), OutputOf::new(sum));
+                let add = Some((&residual[..], sum.values()));
+                let run = layer_norm::run(self, &x, y.values(), features, op, add, moments);
+                let timing = self.call(run).await?;
+                sum.finish();
+                timing
+            }
+        };
+        y.finish();
+        Ok(timing)
     }
 
-    /// [`Backend::layer_norm_backward`] of host rows of `T`, which the kernels must
-    /// [`reads_rows`].
-    pub(crate) async fn layer_norm_backward_of<T: Element>(
+    /// As [`Backend::layer_norm`] for GPU contexts: half rows of odd length widened whole.
+    async fn layer_norm_backward<T: Element>(
         &self,
-        x_dy: (&[T], &[T]),
+        (x, dy): (&[T], &[T]),
         dx: &mut [T],
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&[[f32; 4]]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
-        self.call(layer_norm::backward(self, x_dy, dx, features, op))
-            .await
-    }
-}
-
-impl Backend for GpuContext {
-    async fn layer_norm(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
-        add: FusedAdd<'_>,
-    ) -> Result<Timing, NormError> {
-        self.call(layer_norm::run(self, x, y, features, (opts, kind), add))
-            .await
-    }
-
-    async fn layer_norm_backward(
-        &self,
-        x_dy: (&[f32], &[f32]),
-        dx: &mut [f32],
-        features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
-    ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError> {
-        let op = layer_norm::backward(self, x_dy, dx, features, (opts, kind));
-        self.call(op).await
+        if layer_norm::reads(T::TYPE, features) {
+            let run = layer_norm::backward(self, (x, dy), dx, features, op, saved);
+            return self.call(run).await;
+        }
+        let (x, dy) = (widen(x), widen(dy));
+        let mut wide = new_output(x.len());
+        let run = layer_norm::backward(self, (&x, &dy), &mut wide, features, op, saved);
+        let sums = self.call(run).await?;
+        narrow_all(&wide, dx);
+        Ok(sums)
     }
 
     async fn batch_norm_train(
@@ -251,13 +252,13 @@ mod tests {
                 ] {
                     let mut y = vec![0f32; x.len()];
                     let ln = LayerNorm::default();
+                    let out = (None, None);
                     pollster::block_on(ctx.layer_norm(
                         &x,
                         &mut y,
                         features,
-                        &ln,
-                        RowNorm::Layer,
-                        None,
+                        (&ln, RowNorm::Layer),
+                        out,
                     ))
                     .unwrap();
                     let err = reference::max_error(&y, &reference::layer_norm(&x, features, &ln));
@@ -265,7 +266,8 @@ mod tests {
 
                     let rms = RmsNorm::default();
                     let (opts, kind) = rms.as_row_norm();
-                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, &opts, kind, None))
+                    let out = (None, None);
+                    pollster::block_on(ctx.layer_norm(&x, &mut y, features, (&opts, kind), out))
                         .unwrap();
                     let err = reference::max_error(&y, &reference::rms_norm(&x, features, &rms));
                     assert!(err < tol, "{tuning:?} RMS {rows}x{features}: {err:e}");

@@ -330,7 +330,8 @@ impl Pipeline {
 }
 
 /// Every (kernel, defs) the host may build, for the tests: each size class and width of
-/// LayerNorm and RMSNorm (with and without the fused add, and backward) with both reductions,
+/// LayerNorm and RMSNorm (with and without the fused add, saving or not, and backward, with
+/// saved statistics or not) with both reductions,
 /// on f32 and half rows, every BatchNorm kernel, and the half conversions.
 #[cfg(test)]
 pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def)>)> {
@@ -364,10 +365,12 @@ pub(crate) fn every_variant() -> Vec<(&'static KernelDef, Vec<(&'static str, Def
         for (classes, [vec4, vec2, packed, bf16]) in layouts {
             for subgroup in [false, true] {
                 for &(t, k) in classes {
-                    for (kernel, add) in layer_norm::KERNELS {
+                    for (kernel, def) in layer_norm::KERNELS {
                         let defs = vec![
                             ("RMS", Def::Flag(rms)),
-                            ("ADD", Def::Flag(add)),
+                            ("ADD", Def::Flag(def == Some("ADD"))),
+                            ("SAVE", Def::Flag(def == Some("SAVE"))),
+                            ("SAVED", Def::Flag(def == Some("SAVED"))),
                             ("VEC4", Def::Flag(vec4)),
                             ("VEC2", Def::Flag(vec2)),
                             ("PACKED", Def::Flag(packed)),

@@ -355,7 +355,8 @@ async fn layer_norm_of(
     (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
     let element = x.element;
-    let prepared = layer_norm::prepare(ctx, features, (kind, residual.is_some()), element).await?;
+    let prepared =
+        layer_norm::prepare(ctx, features, (kind, residual.is_some(), false), element).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features), element);
         let sum = residual.map(|_| GpuTensor::new(ctx, x.len, Some(features), element));
@@ -368,6 +369,7 @@ async fn layer_norm_of(
                 add: residual
                     .zip(sum.as_ref())
                     .map(|(r, s)| (r.values(), s.values())),
+                moments: None,
             };
             let affine = Affine::from(opts);
             layer_norm::record(ctx, &mut encoder, io, features, &prepared, affine, None);
@@ -407,7 +409,7 @@ async fn layer_norm_backward_of(
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
 ) -> Result<GpuGrads, NormError> {
-    let prepared = layer_norm::prepare_backward(ctx, features, kind, x.element).await?;
+    let prepared = layer_norm::prepare_backward(ctx, features, (kind, false), x.element).await?;
     if rows > prepared.max_rows() {
         return Err(too_large(ctx, x.len));
     }

@@ -54,6 +54,107 @@ pub struct AddNormOutput<T = f32> {
     pub y: Vec<T>,
 }
 
+/// What a training forward pass saves for its backward pass: the statistics it normalized each
+/// row with, from [`Normalizer::layer_norm_saving`](crate::Normalizer::layer_norm_saving) or
+/// [`Normalizer::rms_norm_saving`](crate::Normalizer::rms_norm_saving), for
+/// [`Normalizer::layer_norm_backward_saved`](crate::Normalizer::layer_norm_backward_saved) (or
+/// the RMSNorm twin), which then skips recomputing them.
+///
+/// They are kept as the kernels use them, so that the backward pass is as exact as one that
+/// recomputes: per row its shift (the row's first value), the mean of x − shift and the rstd,
+/// of the row scaled by a power of two where its statistics leave f32's range (1 otherwise).
+/// A mean rounded to f32 alone would lose the spread of rows like 1e4 ± 1e-2. [`RowStats::mean`]
+/// and [`RowStats::rstd`] give the usual per-row values. Statistics of another backend work as
+/// well (the layout is the same); the rows, features, kind (LayerNorm or RMSNorm) and eps must
+/// be those of the backward call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowStats {
+    pub(crate) features: usize,
+    pub(crate) kind: RowNorm,
+    pub(crate) eps: f32,
+    /// Per row: (shift, mean − shift, rstd, scale) of the row scaled by `scale`: xhat = (x ·
+    /// scale − shift − mean_d) · rstd, and the unscaled row's rstd is rstd · scale.
+    pub(crate) moments: Vec<[f32; 4]>,
+}
+
+impl RowStats {
+    /// Statistics of `rows` rows, to be filled in by a forward pass.
+    pub(crate) fn new(
+        rows: usize,
+        features: usize,
+        (opts, kind): (&LayerNorm<'_>, RowNorm),
+    ) -> RowStats {
+        RowStats {
+            features,
+            kind,
+            eps: opts.eps,
+            moments: vec![[0.0; 4]; rows],
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.moments.len()
+    }
+
+    /// The row width they were computed over.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Each row's mean (0 for RMSNorm), rounded to f32.
+    pub fn mean(&self) -> Vec<f32> {
+        self.moments
+            .iter()
+            .map(|&[shift, mean_d, _, scale]| {
+                ((shift as f64 + mean_d as f64) / scale as f64) as f32
+            })
+            .collect()
+    }
+
+    /// Each row's 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(mean(x²) + eps)), rounded to f32.
+    pub fn rstd(&self) -> Vec<f32> {
+        self.moments
+            .iter()
+            .map(|&[_, _, rstd, scale]| (rstd as f64 * scale as f64) as f32)
+            .collect()
+    }
+
+    /// Refuses statistics that are not those of a backward call of `kind` over `rows` rows
+    /// `features` wide with `eps`.
+    pub(crate) fn check(
+        &self,
+        rows: usize,
+        features: usize,
+        (opts, kind): (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(), NormError> {
+        let problem = if self.kind != kind {
+            match kind {
+                RowNorm::Layer => "they are RMSNorm's, and the call is LayerNorm's backward",
+                RowNorm::Rms => "they are LayerNorm's, and the call is RMSNorm's backward",
+            }
+        } else if self.moments.len() != rows || self.features != features {
+            "they are of another shape than x (another number of rows or features)"
+        } else if self.eps.to_bits() != opts.eps.to_bits() {
+            "they were computed with another eps than the call's"
+        } else {
+            return Ok(());
+        };
+        Err(NormError::InvalidStats { problem })
+    }
+}
+
+/// What [`Normalizer::layer_norm_saving`](crate::Normalizer::layer_norm_saving) and
+/// [`Normalizer::rms_norm_saving`](crate::Normalizer::rms_norm_saving) return: the output, and
+/// the statistics the backward pass can take instead of recomputing them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedNormOutput<T = f32> {
+    /// The normalized rows, as the op without saving gives them.
+    pub y: Vec<T>,
+    /// Each row's statistics.
+    pub stats: RowStats,
+}
+
 /// Checks a backward call on x and dy of `len` and `dy_len` values; returns the number of rows.
 pub(crate) fn validate_backward(
     len: usize,
@@ -68,6 +169,10 @@ pub(crate) fn validate_backward(
 
 /// The fused residual add of a row op: the residual, and the output for x + residual.
 pub(crate) type FusedAdd<'a> = Option<(&'a [f32], &'a mut [f32])>;
+
+/// What a row op on tensors of `T` writes besides y: the fused add's sum (with its residual),
+/// and each row's saved statistics ([`RowStats`]'s moments).
+pub(crate) type RowOutputs<'a, T> = (Option<(&'a [T], &'a mut [T])>, Option<&'a mut [[f32; 4]]>);
 
 /// What the row kernels of both backends compute over each row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,9 +9,9 @@ pub(crate) mod rms_norm;
 
 use std::time::Duration;
 
-use crate::NormError;
+use crate::{Element, NormError};
 use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use layer_norm::{FusedAdd, LayerNorm, RowNorm};
+use layer_norm::{LayerNorm, RowNorm, RowOutputs};
 use partial::{ColumnGrads, ColumnStats};
 
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
@@ -27,27 +27,30 @@ pub struct Timing {
 /// are async: the GPU awaits its readbacks, and the CPU fallback finishes on the first poll.
 pub(crate) trait Backend: Send + Sync {
     /// LayerNorm (or, as `kind` says, RMSNorm with `opts.beta` None) of every `features`-long
-    /// row of `x` into `y`; with `add` (a residual and an output for the sum, both as long as
-    /// `x`), of the rows of x + residual, the sum written out too.
-    async fn layer_norm(
+    /// row of `x` into `y`, tensors of any [`Element`] type; with `add` (a residual and an
+    /// output for the sum, both as long as `x`), of the rows of x + residual, the sum written out
+    /// too; with `moments` (one per row), each row's statistics saved there
+    /// ([`RowStats`](crate::RowStats)'s layout).
+    async fn layer_norm<T: Element>(
         &self,
-        x: &[f32],
-        y: &mut [f32],
+        x: &[T],
+        y: &mut [T],
         features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
-        add: FusedAdd<'_>,
+        op: (&LayerNorm<'_>, RowNorm),
+        out: RowOutputs<'_, T>,
     ) -> Result<Timing, NormError>;
 
     /// The backward pass of LayerNorm (or RMSNorm, as `kind` says): dx into `dx`, and the
-    /// column sums (dgamma, dbeta). `dy` and `dx` have one value per value of `x`.
-    async fn layer_norm_backward(
+    /// column sums (dgamma, dbeta). `dy` and `dx` have one value per value of `x`. With `saved`
+    /// (one per row, from a forward pass's `moments`), each row's statistics are taken from
+    /// there instead of recomputed.
+    async fn layer_norm_backward<T: Element>(
         &self,
-        x_dy: (&[f32], &[f32]),
-        dx: &mut [f32],
+        x_dy: (&[T], &[T]),
+        dx: &mut [T],
         features: usize,
-        opts: &LayerNorm<'_>,
-        kind: RowNorm,
+        op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&[[f32; 4]]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Timing), NormError>;
 
     /// BatchNorm training: batch statistics over the counted positions, then `y`.
