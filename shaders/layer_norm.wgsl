@@ -226,6 +226,18 @@ fn rescale(total: f32, var_: f32) -> f32 {
     return 1.0;
 }
 
+// 1 / sqrt(var + eps * s^2): the rstd of a row scaled by `s` whose variance (of the scaled
+// values) is `var_`; for s = 1, 1 / sqrt(var + eps). Where eps * s^2 underflows to 0 (s = 2^-100)
+// and the scaled row has no spread (a constant row, or a row of one value), that is the rstd of
+// eps alone, 1 / (sqrt(eps) * s), which f32 holds for every eps above 1e-24.
+fn scaled_rstd(var_: f32, s: f32) -> f32 {
+    let e = params.eps * s * s;
+    if var_ + e == 0.0 && params.eps > 0.0 {
+        return inverseSqrt(params.eps) / s;
+    }
+    return inverseSqrt(var_ + e);
+}
+
 // (shift, mean_d, var) of the row at `base` scaled by `s`, by one thread alone, in runs of RUN
 // values: the rare path of `layer_norm_held`, which needs no barrier, so rows of a workgroup take
 // it or not independently.
@@ -337,7 +349,6 @@ fn layer_norm_held(
     var var_ = row_sum(inv, sq) / count;
     var centre = vec2<f32>(shift, mean_d);
 #endif
-    var eps = params.eps;
     let s = rescale(total, var_);
     if live && s != 1.0 {
         let stats = serial_stats(base, s);
@@ -349,9 +360,8 @@ fn layer_norm_held(
             }
         }
         var_ = stats.z;
-        eps = params.eps * s * s;
     }
-    let rstd = inverseSqrt(var_ + eps);
+    let rstd = scaled_rstd(var_, s);
 
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
@@ -436,7 +446,7 @@ fn looped_moments(inv: Invocation, base: u32) -> vec4<f32> {
     let s = rescale(total, var_);
     if s != 1.0 {
         let stats = looped_stats(inv, base, s);
-        return vec4<f32>(stats.x, stats.y, inverseSqrt(stats.z + params.eps * s * s), s);
+        return vec4<f32>(stats.x, stats.y, scaled_rstd(stats.z, s), s);
     }
     return vec4<f32>(shift, mean_d, inverseSqrt(var_ + params.eps), 1.0);
 }

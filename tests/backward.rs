@@ -189,13 +189,19 @@ per_backend! {
     /// f64, the GPU scaled by a power of two).
     fn rows_past_the_range_of_f32_statistics(name, norm) {
         let mut failed = Vec::new();
-        for features in [7, 300, 4096] {
+        for features in [1, 2, 7, 300, 4096] {
             let dy = ordinary(3 * features, 9);
             for (what, x, eps) in [
                 ("spread 1e20", data(3 * features, 0.0, 1e20, 1), 1e-5),
                 ("near 3e38", data(3 * features, 3e38, 1e36, 2), 1e-5),
                 ("spread 1e-22, eps 0", data(3 * features, 0.0, 1e-22, 3), 0.0),
             ] {
+                if features <= 2 && eps == 0.0 {
+                    // With eps 0, dx of a row of one value (of two, for LayerNorm) is exactly 0,
+                    // a difference of terms of |dy| · rstd = 1e22 here: f32 keeps it to 1e-7 of
+                    // those terms (1e15), not to 1e-4 absolute. Not a case a model meets.
+                    continue;
+                }
                 let err = ln_errors(norm, &x, &dy, features, &LayerNorm { eps, ..Default::default() });
                 if err.iter().any(|&e| e >= TOL) {
                     failed.push(format!("LayerNorm {what}, {features}: {err:?}"));

@@ -161,7 +161,7 @@ per_backend! {
         let mut cases: Vec<(&str, Vec<f32>, usize, LayerNorm<'_>)> = vec![
             ("±f32::MAX", vec![f32::MAX, -f32::MAX], 2, LayerNorm::default()),
         ];
-        for features in [7, 300, 4096, 9000] {
+        for features in [1, 2, 7, 300, 4096, 9000] {
             let default = LayerNorm::default();
             cases.push(("spread 1e20", data(3 * features, 0.0, 1e20, 1), features, default));
             cases.push(("near 3e38", data(3 * features, 3e38, 1e36, 2), features, default));
