@@ -32,6 +32,10 @@ enum Kind {
     LayerNorm,
     RmsNorm,
     LayerNormBackward,
+    /// A training step: forward, then backward recomputing the statistics.
+    LayerNormStep,
+    /// A training step through saved statistics.
+    LayerNormStepSaved,
     RmsNormBackward,
     AddLayerNorm,
     BatchNormBackward,
@@ -47,6 +51,8 @@ impl Op {
             "layer_norm" => Kind::LayerNorm,
             "rms_norm" => Kind::RmsNorm,
             "layer_norm_backward" => Kind::LayerNormBackward,
+            "layer_norm_step" => Kind::LayerNormStep,
+            "layer_norm_step_saved" => Kind::LayerNormStepSaved,
             "rms_norm_backward" => Kind::RmsNormBackward,
             "add_layer_norm" => Kind::AddLayerNorm,
             "batch_norm_backward" => Kind::BatchNormBackward,
@@ -62,6 +68,8 @@ impl Op {
             Kind::LayerNorm => "layer_norm",
             Kind::RmsNorm => "rms_norm",
             Kind::LayerNormBackward => "layer_norm_backward",
+            Kind::LayerNormStep => "layer_norm_step",
+            Kind::LayerNormStepSaved => "layer_norm_step_saved",
             Kind::RmsNormBackward => "rms_norm_backward",
             Kind::AddLayerNorm => "add_layer_norm",
             Kind::BatchNormBackward => "batch_norm_backward",
@@ -73,10 +81,12 @@ impl Op {
 
     /// Bytes the op must move at least: x in and y out, twice the tensor; a backward pass reads
     /// x and dy and writes dx, three times; the fused add reads x and the residual and writes
-    /// the sum and y, four times.
+    /// the sum and y, four times; a training step (forward, then backward with y as dy) five.
     pub fn bytes(&self, shape: (usize, usize), element: usize) -> f64 {
         let passes = match self.kind {
             Kind::LayerNormBackward | Kind::RmsNormBackward | Kind::BatchNormBackward => 3,
+            // The forward (x in, y out) and the backward (x and dy in, dx out).
+            Kind::LayerNormStep | Kind::LayerNormStepSaved => 5,
             Kind::AddLayerNorm => 4,
             _ => 2,
         };
@@ -117,6 +127,15 @@ impl Op {
             (Kind::RmsNorm, true) => drop_timed(norm.rms_norm(x, features, &rms)?),
             (Kind::LayerNormBackward, _) => {
                 drop_timed(norm.layer_norm_backward(x, x, features, &ln)?)
+            }
+            (Kind::LayerNormStep, _) => {
+                let y = norm.layer_norm(x, features, &ln)?;
+                drop_timed((norm.layer_norm_backward(x, &y, features, &ln)?, y))
+            }
+            (Kind::LayerNormStepSaved, _) => {
+                let out = norm.layer_norm_saving(x, features, &ln)?;
+                let grads = norm.layer_norm_backward_saved(x, &out.y, features, &ln, &out.stats)?;
+                drop_timed((grads, out))
             }
             (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
             (Kind::AddLayerNorm, _) => drop_timed(norm.add_layer_norm(x, x, features, &ln)?),

@@ -29,6 +29,8 @@ pub const OPS: &[&str] = &[
     "rms_norm",
     "rms_norm_alloc",
     "layer_norm_backward",
+    "layer_norm_step",
+    "layer_norm_step_saved",
     "rms_norm_backward",
     "add_layer_norm",
     "batch_norm_backward",
