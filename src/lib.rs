@@ -64,7 +64,10 @@ pub use half;
 pub use element::{Element, ElementType};
 pub use error::NormError;
 pub use gpu::encode::Encode;
-pub use gpu::tensor::{GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRunningStats, GpuTensor};
+pub use gpu::tensor::{
+    GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRowStats, GpuRunningStats, GpuSavedNormOutput,
+    GpuTensor,
+};
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,

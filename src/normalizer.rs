@@ -10,7 +10,8 @@ use crate::cpu::Cpu;
 use crate::element::{narrow, widen, OutputOf};
 use crate::gpu::encode::{self, Encode};
 use crate::gpu::tensor::{
-    self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRunningStats, GpuTensor,
+    self, GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRowStats, GpuRunningStats,
+    GpuSavedNormOutput, GpuTensor,
 };
 use crate::gpu::{describe_adapter, GpuContext};
 use crate::ops::batch_norm::{self, Shape};
@@ -1571,8 +1572,14 @@ impl Normalizer {
         let ctx = self.context("layer_norm_gpu")?;
         let rows = layer_norm::validate(x.len(), features, opts)?;
         let op = (opts, RowNorm::Layer);
-        let (y, _) = ctx
-            .call(tensor::layer_norm(ctx, (x, None), rows, features, op))
+        let (y, ..) = ctx
+            .call(tensor::layer_norm(
+                ctx,
+                (x, None),
+                (rows, features),
+                op,
+                false,
+            ))
             .await?;
         Ok(y)
     }
@@ -1601,8 +1608,14 @@ impl Normalizer {
         let rows = rms_norm::validate(x.len(), features, opts)?;
         let (opts, kind) = opts.as_row_norm();
         let op = (&opts, kind);
-        let (y, _) = ctx
-            .call(tensor::layer_norm(ctx, (x, None), rows, features, op))
+        let (y, ..) = ctx
+            .call(tensor::layer_norm(
+                ctx,
+                (x, None),
+                (rows, features),
+                op,
+                false,
+            ))
             .await?;
         Ok(y)
     }
@@ -1670,8 +1683,8 @@ impl Normalizer {
         let rows = layer_norm::validate(x.len(), features, op.0)?;
         crate::ops::check_operand("residual", residual.len(), x.len())?;
         let io = (x, Some(residual));
-        let (y, sum) = ctx
-            .call(tensor::layer_norm(ctx, io, rows, features, op))
+        let (y, sum, _) = ctx
+            .call(tensor::layer_norm(ctx, io, (rows, features), op, false))
             .await?;
         let sum = sum.expect("made with a residual");
         Ok(GpuAddNormOutput { sum, y })
@@ -1745,16 +1758,190 @@ impl Normalizer {
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
     ) -> Result<GpuGrads, NormError> {
+        self.backward_gpu_of(name, (x, dy), features, op, None)
+            .await
+    }
+
+    /// [`Normalizer::backward_gpu`] through saved statistics where given.
+    async fn backward_gpu_of(
+        &self,
+        name: &'static str,
+        x_dy: (&GpuTensor, &GpuTensor),
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&GpuRowStats>,
+    ) -> Result<GpuGrads, NormError> {
         let ctx = self.context(name)?;
-        let rows = layer_norm::validate_backward(x.len(), dy.len(), features, op.0)?;
-        ctx.call(tensor::layer_norm_backward(
-            ctx,
-            (x, dy),
-            rows,
-            features,
-            op,
-        ))
+        let rows = layer_norm::validate_backward(x_dy.0.len(), x_dy.1.len(), features, op.0)?;
+        let shape = (rows, features);
+        ctx.call(tensor::layer_norm_backward(ctx, x_dy, shape, op, saved))
+            .await
+    }
+
+    /// [`Normalizer::layer_norm_saving`] on a GPU tensor: y and each row's statistics stay on
+    /// the device, for [`Normalizer::layer_norm_backward_gpu_saved`]; nothing waits. Same errors
+    /// as `layer_norm_gpu`.
+    pub fn layer_norm_gpu_saving(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuSavedNormOutput, NormError> {
+        let work = self.layer_norm_gpu_saving_async(x, features, opts);
+        self.block("layer_norm_gpu_saving", work)
+    }
+
+    /// [`Normalizer::layer_norm_gpu_saving`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn layer_norm_gpu_saving_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+    ) -> Result<GpuSavedNormOutput, NormError> {
+        let rows = layer_norm::validate(x.len(), features, opts)?;
+        self.saving_gpu(
+            "layer_norm_gpu_saving",
+            x,
+            (rows, features),
+            (opts, RowNorm::Layer),
+        )
         .await
+    }
+
+    /// [`Normalizer::rms_norm_saving`] on a GPU tensor, for
+    /// [`Normalizer::rms_norm_backward_gpu_saved`]. Same errors as `rms_norm_gpu`.
+    pub fn rms_norm_gpu_saving(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuSavedNormOutput, NormError> {
+        let work = self.rms_norm_gpu_saving_async(x, features, opts);
+        self.block("rms_norm_gpu_saving", work)
+    }
+
+    /// [`Normalizer::rms_norm_gpu_saving`], awaited (as [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn rms_norm_gpu_saving_async(
+        &self,
+        x: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+    ) -> Result<GpuSavedNormOutput, NormError> {
+        let rows = rms_norm::validate(x.len(), features, opts)?;
+        let (opts, kind) = opts.as_row_norm();
+        self.saving_gpu("rms_norm_gpu_saving", x, (rows, features), (&opts, kind))
+            .await
+    }
+
+    /// A row op on a GPU tensor, saving its statistics.
+    async fn saving_gpu(
+        &self,
+        name: &'static str,
+        x: &GpuTensor,
+        shape: (usize, usize),
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<GpuSavedNormOutput, NormError> {
+        let ctx = self.context(name)?;
+        let (y, _, stats) = ctx
+            .call(tensor::layer_norm(ctx, (x, None), shape, op, true))
+            .await?;
+        let stats = stats.expect("made saving");
+        Ok(GpuSavedNormOutput { y, stats })
+    }
+
+    /// [`Normalizer::layer_norm_backward_saved`] on GPU tensors, with the statistics
+    /// [`Normalizer::layer_norm_gpu_saving`] left on the device: no readback, no wait. Same
+    /// errors as `layer_norm_backward_saved`, and [`NormError::InvalidBuffer`] for statistics
+    /// of another `Normalizer`.
+    pub fn layer_norm_backward_gpu_saved(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+        stats: &GpuRowStats,
+    ) -> Result<GpuGrads, NormError> {
+        let work = self.layer_norm_backward_gpu_saved_async(x, dy, features, opts, stats);
+        self.block("layer_norm_backward_gpu_saved", work)
+    }
+
+    /// [`Normalizer::layer_norm_backward_gpu_saved`], awaited (as
+    /// [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn layer_norm_backward_gpu_saved_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &LayerNorm<'_>,
+        stats: &GpuRowStats,
+    ) -> Result<GpuGrads, NormError> {
+        let op = (opts, RowNorm::Layer);
+        let name = "layer_norm_backward_gpu_saved";
+        self.backward_gpu_of(name, (x, dy), features, op, Some(stats))
+            .await
+    }
+
+    /// [`Normalizer::rms_norm_backward_saved`] on GPU tensors, with the statistics of
+    /// [`Normalizer::rms_norm_gpu_saving`]. Errors as
+    /// [`Normalizer::layer_norm_backward_gpu_saved`].
+    pub fn rms_norm_backward_gpu_saved(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+        stats: &GpuRowStats,
+    ) -> Result<GpuRmsNormGrads, NormError> {
+        let work = self.rms_norm_backward_gpu_saved_async(x, dy, features, opts, stats);
+        self.block("rms_norm_backward_gpu_saved", work)
+    }
+
+    /// [`Normalizer::rms_norm_backward_gpu_saved`], awaited (as
+    /// [`Normalizer::layer_norm_gpu_async`]).
+    pub async fn rms_norm_backward_gpu_saved_async(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        features: usize,
+        opts: &RmsNorm<'_>,
+        stats: &GpuRowStats,
+    ) -> Result<GpuRmsNormGrads, NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        let name = "rms_norm_backward_gpu_saved";
+        let grads = self
+            .backward_gpu_of(name, (x, dy), features, (&opts, kind), Some(stats))
+            .await?;
+        Ok(GpuRmsNormGrads {
+            dx: grads.dx,
+            dgamma: grads.dgamma,
+        })
+    }
+
+    /// Saved statistics moved to the device (of any backend's forward pass), for the
+    /// `*_backward_gpu_saved` ops. Errors on the CPU fallback ([`NormError::NotGpu`]).
+    pub fn upload_row_stats(&self, stats: &RowStats) -> Result<GpuRowStats, NormError> {
+        self.block("upload_row_stats", self.upload_row_stats_async(stats))
+    }
+
+    /// [`Normalizer::upload_row_stats`], awaited.
+    pub async fn upload_row_stats_async(&self, stats: &RowStats) -> Result<GpuRowStats, NormError> {
+        let ctx = self.context("upload_row_stats")?;
+        ctx.call(tensor::upload_row_stats(ctx, stats)).await
+    }
+
+    /// Saved statistics read back from the device (waits for the forward pass that writes
+    /// them), for the host's backward passes or for [`RowStats::mean`] and [`RowStats::rstd`].
+    pub fn download_row_stats(&self, stats: &GpuRowStats) -> Result<RowStats, NormError> {
+        self.block("download_row_stats", self.download_row_stats_async(stats))
+    }
+
+    /// [`Normalizer::download_row_stats`], awaited.
+    pub async fn download_row_stats_async(
+        &self,
+        stats: &GpuRowStats,
+    ) -> Result<RowStats, NormError> {
+        let ctx = self.context("download_row_stats")?;
+        ctx.call(tensor::download_row_stats(ctx, stats)).await
     }
 
     /// [`Normalizer::batch_norm_train`] on a GPU tensor (features-last): the output stays on the

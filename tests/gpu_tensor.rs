@@ -1068,3 +1068,100 @@ fn channels_first_batch_norm_on_device_tensors() {
         Err(NormError::ShapeLength { .. })
     ));
 }
+
+/// Saved statistics on GPU tensors: the forward keeps them on the device with the bits the host
+/// path gives, the backward through them gives the host path's gradients bit for bit, statistics
+/// from the CPU fallback serve it (within the reference's tolerance), and statistics that are not
+/// the call's, or of another Normalizer, are refused.
+#[test]
+fn saved_statistics_stay_on_the_device() {
+    let Some(norm) = gpu() else { return };
+    let gamma: Vec<f32> = (0..300).map(|i| 0.5 + i as f32 / 300.0).collect();
+    for (rows, features, mean, spread) in
+        [(40, 300, 1e4, 1e-2), (7, 4097, 0.0, 1.0), (64, 6, 0.0, 1.0)]
+    {
+        let x = common::data(rows * features, mean, spread, 70);
+        let dy = ordinary(rows * features, 71);
+        let opts = LayerNorm {
+            gamma: (features == 300).then_some(&gamma[..]),
+            ..Default::default()
+        };
+        let (xt, dyt) = (
+            norm.upload_rows(&x, features).unwrap(),
+            norm.upload_rows(&dy, features).unwrap(),
+        );
+        let out = norm.layer_norm_gpu_saving(&xt, features, &opts).unwrap();
+        let host = norm.layer_norm_saving(&x, features, &opts).unwrap();
+        assert_eq!(norm.download(&out.y).unwrap(), host.y);
+        assert_eq!(out.stats.rows(), rows);
+        assert_eq!(norm.download_row_stats(&out.stats).unwrap(), host.stats);
+        let grads = norm
+            .layer_norm_backward_gpu_saved(&xt, &dyt, features, &opts, &out.stats)
+            .unwrap();
+        let want = norm
+            .layer_norm_backward_saved(&x, &dy, features, &opts, &host.stats)
+            .unwrap();
+        assert_eq!(norm.download(&grads.dx).unwrap(), want.dx);
+        assert_eq!(norm.download(&grads.dgamma).unwrap(), want.dgamma);
+        assert_eq!(norm.download(&grads.dbeta).unwrap(), want.dbeta);
+
+        let rms = RmsNorm::default();
+        let out = norm.rms_norm_gpu_saving(&xt, features, &rms).unwrap();
+        let host = norm.rms_norm_saving(&x, features, &rms).unwrap();
+        let grads = norm
+            .rms_norm_backward_gpu_saved(&xt, &dyt, features, &rms, &out.stats)
+            .unwrap();
+        let want = norm
+            .rms_norm_backward_saved(&x, &dy, features, &rms, &host.stats)
+            .unwrap();
+        assert_eq!(norm.download(&grads.dx).unwrap(), want.dx);
+        assert_eq!(norm.download(&grads.dgamma).unwrap(), want.dgamma);
+
+        // The CPU fallback's statistics on the device (tolerances as in tests/backward.rs).
+        let cpu = Normalizer::cpu()
+            .layer_norm_saving(&x, features, &opts)
+            .unwrap()
+            .stats;
+        let up = norm.upload_row_stats(&cpu).unwrap();
+        let grads = norm
+            .layer_norm_backward_gpu_saved(&xt, &dyt, features, &opts, &up)
+            .unwrap();
+        let (rdx, ..) = reference::layer_norm_backward(&x, &dy, features, &opts);
+        let dx = norm.download(&grads.dx).unwrap();
+        let tol = if mean == 0.0 { 1e-4 } else { 1e-3 };
+        for (got, want) in dx.chunks(features).zip(rdx.chunks(features)) {
+            let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
+            let e = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs() / scale));
+            assert!(e < tol, "{rows}x{features}: {e}");
+        }
+    }
+
+    let (x, features) = (ordinary(8 * 16, 72), 16);
+    let xt = norm.upload_rows(&x, features).unwrap();
+    let stats = norm
+        .layer_norm_gpu_saving(&xt, features, &LayerNorm::default())
+        .unwrap()
+        .stats;
+    let short = norm.upload_rows(&x[..7 * 16], features).unwrap();
+    let r =
+        norm.layer_norm_backward_gpu_saved(&short, &short, features, &LayerNorm::default(), &stats);
+    assert!(matches!(r, Err(NormError::InvalidStats { .. })), "{r:?}");
+    let r = norm.rms_norm_backward_gpu_saved(&xt, &xt, features, &RmsNorm::default(), &stats);
+    assert!(matches!(r, Err(NormError::InvalidStats { .. })), "{r:?}");
+    let other = Normalizer::gpu().unwrap();
+    let theirs = other.upload_rows(&x, features).unwrap();
+    let r = other.layer_norm_backward_gpu_saved(
+        &theirs,
+        &theirs,
+        features,
+        &LayerNorm::default(),
+        &stats,
+    );
+    assert!(
+        matches!(r, Err(NormError::InvalidBuffer { name: "stats", .. })),
+        "{r:?}"
+    );
+}

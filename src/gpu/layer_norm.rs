@@ -661,6 +661,17 @@ pub(crate) struct BackwardScratch<'a> {
 }
 
 impl<'a> BackwardScratch<'a> {
+    /// Records the copy of `rows` rows' saved moments from `src` to where the SAVED backward
+    /// kernels read them.
+    pub(crate) fn load_moments(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        rows: usize,
+    ) {
+        encoder.copy_buffer_to_buffer(src, 0, &self.moments, 0, rows as u64 * 16);
+    }
+
     /// Scratch for up to `rows` rows `features` wide (`COPY_SRC` on the gradients).
     pub(crate) fn new(
         ctx: &'a GpuContext,

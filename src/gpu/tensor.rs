@@ -12,7 +12,7 @@ use super::pool::Lifetime;
 use super::transfer;
 use crate::element::{narrow, widen};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::RowNorm;
+use crate::ops::layer_norm::{RowNorm, RowStats};
 use crate::{Element, ElementType, LayerNorm, NormError};
 
 /// Values of one [`Element`] type (f32, f16 or bf16: [`GpuTensor::element_type`]) in a GPU
@@ -181,6 +181,93 @@ pub struct GpuAddNormOutput {
     pub y: GpuTensor,
 }
 
+/// A forward pass's saved statistics on the device, from
+/// [`Normalizer::layer_norm_gpu_saving`](crate::Normalizer::layer_norm_gpu_saving) or
+/// [`Normalizer::rms_norm_gpu_saving`](crate::Normalizer::rms_norm_gpu_saving), for the
+/// `*_backward_gpu_saved` ops: the device twin of [`RowStats`], in the same layout
+/// ([`Normalizer::download_row_stats`](crate::Normalizer::download_row_stats) and
+/// [`Normalizer::upload_row_stats`](crate::Normalizer::upload_row_stats) move them across).
+#[derive(Debug, Clone)]
+pub struct GpuRowStats {
+    /// Per row (shift, mean − shift, rstd, scale), as [`RowStats`] keeps them.
+    moments: GpuTensor,
+    features: usize,
+    kind: RowNorm,
+    eps: f32,
+}
+
+impl GpuRowStats {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.moments.len / 4
+    }
+
+    /// The row width they were computed over.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Refuses statistics of another context, or that are not those of the backward call (as
+    /// [`RowStats`] does).
+    fn check(
+        &self,
+        ctx: &GpuContext,
+        rows: usize,
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(), NormError> {
+        self.moments.check_owner(ctx, "stats")?;
+        // The host twin's checks, on an empty stand-in of the same shape.
+        let shape = RowStats {
+            features: self.features,
+            kind: self.kind,
+            eps: self.eps,
+            moments: Vec::new(),
+        };
+        shape.check_meta(self.rows(), rows, features, op)
+    }
+}
+
+/// [`Normalizer::layer_norm_gpu_saving`](crate::Normalizer::layer_norm_gpu_saving)'s output.
+#[derive(Debug, Clone)]
+pub struct GpuSavedNormOutput {
+    /// The normalized rows.
+    pub y: GpuTensor,
+    /// Each row's statistics.
+    pub stats: GpuRowStats,
+}
+
+/// Saved statistics uploaded to the device.
+pub(crate) async fn upload_row_stats(
+    ctx: &GpuContext,
+    stats: &RowStats,
+) -> Result<GpuRowStats, NormError> {
+    let flat: &[f32] = bytemuck::cast_slice(&stats.moments);
+    Ok(GpuRowStats {
+        moments: upload(ctx, flat, None).await?,
+        features: stats.features,
+        kind: stats.kind,
+        eps: stats.eps,
+    })
+}
+
+/// Saved statistics read back (waits for the forward pass that writes them).
+pub(crate) async fn download_row_stats(
+    ctx: &GpuContext,
+    stats: &GpuRowStats,
+) -> Result<RowStats, NormError> {
+    let flat: Vec<f32> = download(ctx, &stats.moments).await?;
+    Ok(RowStats {
+        features: stats.features,
+        kind: stats.kind,
+        eps: stats.eps,
+        moments: flat
+            .chunks_exact(4)
+            .map(|m| [m[0], m[1], m[2], m[3]])
+            .collect(),
+    })
+}
+
 /// BatchNorm's running statistics on the device, made by
 /// [`Normalizer::upload_running_stats`](crate::Normalizer::upload_running_stats): a training
 /// step on GPU tensors ([`Normalizer::batch_norm_train_gpu_running`](crate::Normalizer::batch_norm_train_gpu_running))
@@ -314,14 +401,15 @@ async fn f32_if<'a>(
 
 /// LayerNorm (or RMSNorm) of a tensor of `rows` rows into a new tensor of its type, without
 /// waiting; with a residual, of x + residual, that sum written to a new tensor too (returned
-/// second). Half rows of odd length are normalized as f32 twins and rounded back.
+/// second); with `save`, each row's statistics saved (returned third). Half rows of odd length
+/// are normalized as f32 twins and rounded back.
 pub(crate) async fn layer_norm(
     ctx: &GpuContext,
     (x, residual): (&GpuTensor, Option<&GpuTensor>),
-    rows: usize,
-    features: usize,
+    (rows, features): (usize, usize),
     op: (&LayerNorm<'_>, RowNorm),
-) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
+    save: bool,
+) -> Result<(GpuTensor, Option<GpuTensor>, Option<GpuRowStats>), NormError> {
     check_operands(
         ctx,
         features,
@@ -337,29 +425,37 @@ pub(crate) async fn layer_norm(
         Some(r) => Some(f32_if(ctx, r, twins).await?),
         None => None,
     };
-    let (y, sum) = layer_norm_of(ctx, (&xw, rw.as_deref()), rows, features, op).await?;
+    let io = (&*xw, rw.as_deref());
+    let (y, sum, moments) = layer_norm_of(ctx, io, (rows, features), op, save).await?;
     let y = narrowed(ctx, y, element).await?;
     let sum = match sum {
         Some(sum) => Some(narrowed(ctx, sum, element).await?),
         None => None,
     };
-    Ok((y, sum))
+    let stats = moments.map(|moments| GpuRowStats {
+        moments,
+        features,
+        kind: op.1,
+        eps: op.0.eps,
+    });
+    Ok((y, sum, stats))
 }
 
 /// [`layer_norm`] of tensors the kernels read as they are.
 async fn layer_norm_of(
     ctx: &GpuContext,
     (x, residual): (&GpuTensor, Option<&GpuTensor>),
-    rows: usize,
-    features: usize,
+    (rows, features): (usize, usize),
     (opts, kind): (&LayerNorm<'_>, RowNorm),
-) -> Result<(GpuTensor, Option<GpuTensor>), NormError> {
+    save: bool,
+) -> Result<(GpuTensor, Option<GpuTensor>, Option<GpuTensor>), NormError> {
     let element = x.element;
-    let prepared =
-        layer_norm::prepare(ctx, features, (kind, residual.is_some(), false), element).await?;
+    let variant = (kind, residual.is_some(), save);
+    let prepared = layer_norm::prepare(ctx, features, variant, element).await?;
     ctx.scoped("layer_norm_gpu", || {
         let y = GpuTensor::new(ctx, x.len, Some(features), element);
         let sum = residual.map(|_| GpuTensor::new(ctx, x.len, Some(features), element));
+        let moments = save.then(|| GpuTensor::new(ctx, rows * 4, None, ElementType::F32));
         if rows > 0 {
             let mut encoder = ctx.encoder("layer_norm_gpu");
             let io = Rows {
@@ -369,13 +465,13 @@ async fn layer_norm_of(
                 add: residual
                     .zip(sum.as_ref())
                     .map(|(r, s)| (r.values(), s.values())),
-                moments: None,
+                moments: moments.as_ref().map(|m| m.values()),
             };
             let affine = Affine::from(opts);
             layer_norm::record(ctx, &mut encoder, io, features, &prepared, affine, None);
             ctx.queue().submit([encoder.finish()]);
         }
-        (y, sum)
+        (y, sum, moments)
     })
     .await
 }
@@ -386,15 +482,19 @@ async fn layer_norm_of(
 pub(crate) async fn layer_norm_backward(
     ctx: &GpuContext,
     (x, dy): (&GpuTensor, &GpuTensor),
-    rows: usize,
-    features: usize,
+    (rows, features): (usize, usize),
     op: (&LayerNorm<'_>, RowNorm),
+    saved: Option<&GpuRowStats>,
 ) -> Result<GpuGrads, NormError> {
     check_operands(ctx, features, [Some((x, "x")), Some((dy, "dy"))])?;
+    if let Some(stats) = saved {
+        stats.check(ctx, rows, features, op)?;
+    }
     let element = x.element;
     let twins = !layer_norm::reads(element, features);
     let (xw, dyw) = (f32_if(ctx, x, twins).await?, f32_if(ctx, dy, twins).await?);
-    let grads = layer_norm_backward_of(ctx, (&xw, &dyw), rows, features, op).await?;
+    let saved = saved.map(|s| &s.moments);
+    let grads = layer_norm_backward_of(ctx, (&xw, &dyw), (rows, features), op, saved).await?;
     Ok(GpuGrads {
         dx: narrowed(ctx, grads.dx, element).await?,
         ..grads
@@ -405,11 +505,12 @@ pub(crate) async fn layer_norm_backward(
 async fn layer_norm_backward_of(
     ctx: &GpuContext,
     (x, dy): (&GpuTensor, &GpuTensor),
-    rows: usize,
-    features: usize,
+    (rows, features): (usize, usize),
     (opts, kind): (&LayerNorm<'_>, RowNorm),
+    saved: Option<&GpuTensor>,
 ) -> Result<GpuGrads, NormError> {
-    let prepared = layer_norm::prepare_backward(ctx, features, (kind, false), x.element).await?;
+    let variant = (kind, saved.is_some());
+    let prepared = layer_norm::prepare_backward(ctx, features, variant, x.element).await?;
     if rows > prepared.max_rows() {
         return Err(too_large(ctx, x.len));
     }
@@ -423,6 +524,9 @@ async fn layer_norm_backward_of(
         let mut encoder = ctx.encoder("layer_norm_backward_gpu");
         if rows > 0 {
             let scratch = BackwardScratch::new(ctx, rows, features, Lifetime::Detached);
+            if let Some(saved) = saved {
+                scratch.load_moments(&mut encoder, &saved.buffer, rows);
+            }
             let io = BackwardRows {
                 x: x.values(),
                 dy: dy.values(),

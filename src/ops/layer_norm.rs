@@ -126,6 +126,17 @@ impl RowStats {
         &self,
         rows: usize,
         features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+    ) -> Result<(), NormError> {
+        self.check_meta(self.moments.len(), rows, features, op)
+    }
+
+    /// [`RowStats::check`] of statistics of `held` rows.
+    pub(crate) fn check_meta(
+        &self,
+        held: usize,
+        rows: usize,
+        features: usize,
         (opts, kind): (&LayerNorm<'_>, RowNorm),
     ) -> Result<(), NormError> {
         let problem = if self.kind != kind {
@@ -133,7 +144,7 @@ impl RowStats {
                 RowNorm::Layer => "they are RMSNorm's, and the call is LayerNorm's backward",
                 RowNorm::Rms => "they are LayerNorm's, and the call is RMSNorm's backward",
             }
-        } else if self.moments.len() != rows || self.features != features {
+        } else if held != rows || self.features != features {
             "they are of another shape than x (another number of rows or features)"
         } else if self.eps.to_bits() != opts.eps.to_bits() {
             "they were computed with another eps than the call's"
