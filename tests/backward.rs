@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{data, gpu, max_err, ordinary};
+use common::{data, dx_error, gpu, max_err, ordinary};
 use gpunorm::{reference, BatchNorm, ChannelsFirst, LayerNorm, NormError, Normalizer, RmsNorm};
 
 /// Ordinary data: f32 rounding of a few operations per value, and of sums over rows.
@@ -107,26 +107,6 @@ fn the_references_match_central_differences() {
         });
         close(&format!("RMSNorm dgamma[{c}]"), numeric, dgamma[c]);
     }
-}
-
-/// The error of dx against its reference, row by row against the row's largest gradient: in
-/// f32, dx = (g − mean(g) − xhat · mean(g · xhat)) · rstd carries an absolute error of a few
-/// ulps of that scale, so an element that nearly cancels cannot be held to its own size. A NaN
-/// where the reference has none (or the reverse) counts as infinite.
-fn dx_error(dx: &[f32], reference: &[f64], features: usize) -> f64 {
-    let mut worst = 0f64;
-    for (got, want) in dx.chunks(features).zip(reference.chunks(features)) {
-        let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
-        for (&g, &r) in got.iter().zip(want) {
-            let e = match (g.is_nan(), r.is_nan()) {
-                (true, true) => 0.0,
-                (false, false) => (g as f64 - r).abs() / scale,
-                _ => f64::INFINITY,
-            };
-            worst = worst.max(e);
-        }
-    }
-    worst
 }
 
 /// The error of a backend's LayerNorm gradients against the reference: (dx, dgamma, dbeta).

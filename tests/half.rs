@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{data, max_err, ordinary};
+use common::{data, dx_error, max_err, ordinary};
 use gpunorm::half::{bf16, f16};
 use gpunorm::{
     reference, BatchNorm, Element, ElementType, LayerNorm, NormError, RmsNorm, RunningStats,
@@ -51,17 +51,10 @@ fn wide<T: Half>(values: &[T]) -> Vec<f32> {
     values.iter().map(|&v| v.to_f32()).collect()
 }
 
-/// dx against its reference, each row (or the whole tensor) held to its largest gradient, as in
-/// tests/backward.rs.
-fn dx_err(dx: &[f32], reference: &[f64], group: usize) -> f64 {
-    let mut worst = 0f64;
-    for (got, want) in dx.chunks(group).zip(reference.chunks(group)) {
-        let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
-        for (&g, &r) in got.iter().zip(want) {
-            worst = worst.max((g as f64 - r).abs() / scale);
-        }
-    }
-    worst
+/// Running statistics as the reference takes them.
+fn in_f64(running: &RunningStats) -> (Vec<f64>, Vec<f64>) {
+    let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect();
+    (f64s(&running.mean), f64s(&running.var))
 }
 
 /// Every op on one half type against the reference, at row lengths across the kernels' size
@@ -145,7 +138,7 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
         assert_eq!(grads.dgamma, f32_grads.dgamma, "{at}: dgamma");
         assert_eq!(grads.dbeta, f32_grads.dbeta, "{at}: dbeta");
         let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&xw, &dyw, features, &ln);
-        let e = dx_err(&wide(&grads.dx), &rdx, features);
+        let e = dx_error(&wide(&grads.dx), &rdx, features);
         assert!(e <= tol, "{at}: layer_norm_backward dx {e}");
         // f32 sums of up to a few hundred thousand products: as tests/backward.rs holds them.
         let sums = max_err(&grads.dgamma, &rdgamma).max(max_err(&grads.dbeta, &rdbeta));
@@ -155,7 +148,7 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
         );
         let grads = norm.rms_norm_backward(&x, &dy, features, &rms).unwrap();
         let (rdx, rdgamma) = reference::rms_norm_backward(&xw, &dyw, features, &rms);
-        let e = dx_err(&wide(&grads.dx), &rdx, features);
+        let e = dx_error(&wide(&grads.dx), &rdx, features);
         assert!(e <= tol, "{at}: rms_norm_backward dx {e}");
         assert!(max_err(&grads.dgamma, &rdgamma) <= 1e-4, "{at}: rms dgamma");
 
@@ -179,10 +172,7 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
         let mut running = RunningStats::new(features);
         running.update(&out).unwrap();
         let y = norm.batch_norm_eval(&x, features, &bn, &running).unwrap();
-        let (rm, rv): (Vec<f64>, Vec<f64>) = (
-            running.mean.iter().map(|&v| v as f64).collect(),
-            running.var.iter().map(|&v| v as f64).collect(),
-        );
+        let (rm, rv) = in_f64(&running);
         let e = max_err(
             &wide(&y),
             &reference::batch_norm_apply(&xw, features, &rm, &rv, &bn),
@@ -190,7 +180,7 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
         assert!(e <= tol, "{at}: batch_norm_eval {e}");
         let grads = norm.batch_norm_backward(&x, &dy, features, &bn).unwrap();
         let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(&xw, &dyw, features, &bn);
-        let e = dx_err(&wide(&grads.dx), &rdx, x.len());
+        let e = dx_error(&wide(&grads.dx), &rdx, x.len());
         assert!(e <= tol, "{at}: batch_norm_backward dx {e}");
         let sums = max_err(&grads.dgamma, &rdgamma).max(max_err(&grads.dbeta, &rdbeta));
         assert!(
@@ -228,7 +218,7 @@ per_backend! {
         let dy_last = reference::channels_first_to_last(&dyw, channels, spatial);
         let (rdx, ..) = reference::batch_norm_backward(&last, &dy_last, channels, &bn);
         let rdx = reference::channels_last_to_first(&rdx, channels, spatial);
-        assert!(dx_err(&wide(&grads.dx), &rdx, rdx.len()) <= f16::TOL, "{name}");
+        assert!(dx_error(&wide(&grads.dx), &rdx, rdx.len()) <= f16::TOL, "{name}");
     }
 }
 
@@ -407,7 +397,7 @@ fn every_op_on_gpu_tensors<T: Half>(norm: &gpunorm::Normalizer) {
             .layer_norm_backward_gpu(&xt, &dyt, features, &ln)
             .unwrap();
         let (rdx, rdgamma, rdbeta) = reference::layer_norm_backward(&xw, &dyw, features, &ln);
-        let e = dx_err(&wide(&get(&grads.dx)), &rdx, features);
+        let e = dx_error(&wide(&get(&grads.dx)), &rdx, features);
         assert!(e <= tol, "{at}: layer_norm_backward_gpu dx {e}");
         assert_eq!(grads.dgamma.element_type(), ElementType::F32);
         let (dgamma, dbeta) = (
@@ -420,7 +410,7 @@ fn every_op_on_gpu_tensors<T: Half>(norm: &gpunorm::Normalizer) {
             .rms_norm_backward_gpu(&xt, &dyt, features, &rms)
             .unwrap();
         let (rdx, _) = reference::rms_norm_backward(&xw, &dyw, features, &rms);
-        let e = dx_err(&wide(&get(&grads.dx)), &rdx, features);
+        let e = dx_error(&wide(&get(&grads.dx)), &rdx, features);
         assert!(e <= tol, "{at}: rms_norm_backward_gpu dx {e}");
 
         let bn = BatchNorm::default();
@@ -433,7 +423,7 @@ fn every_op_on_gpu_tensors<T: Half>(norm: &gpunorm::Normalizer) {
             .batch_norm_backward_gpu(&xt, &dyt, features, &bn)
             .unwrap();
         let (rdx, ..) = reference::batch_norm_backward(&xw, &dyw, features, &bn);
-        let e = dx_err(&wide(&get(&grads.dx)), &rdx, x.len());
+        let e = dx_error(&wide(&get(&grads.dx)), &rdx, x.len());
         assert!(e <= tol, "{at}: batch_norm_backward_gpu dx {e}");
         let mut running = RunningStats::new(features);
         running.momentum = 1.0;
@@ -441,10 +431,7 @@ fn every_op_on_gpu_tensors<T: Half>(norm: &gpunorm::Normalizer) {
         let y = get(&norm
             .batch_norm_eval_gpu(&xt, features, &bn, &running)
             .unwrap());
-        let (rm, rv): (Vec<f64>, Vec<f64>) = (
-            running.mean.iter().map(|&v| v as f64).collect(),
-            running.var.iter().map(|&v| v as f64).collect(),
-        );
+        let (rm, rv) = in_f64(&running);
         let e = max_err(
             &wide(&y),
             &reference::batch_norm_apply(&xw, features, &rm, &rv, &bn),
@@ -532,15 +519,12 @@ per_backend! {
         let mut running = RunningStats::new(features);
         running.update(&out).unwrap();
         let y = norm.batch_norm_eval(&x, features, &bn, &running).unwrap();
-        let (rm, rv): (Vec<f64>, Vec<f64>) = (
-            running.mean.iter().map(|&v| v as f64).collect(),
-            running.var.iter().map(|&v| v as f64).collect(),
-        );
+        let (rm, rv) = in_f64(&running);
         let e = max_err(&wide(&y), &reference::batch_norm_apply(&xw, features, &rm, &rv, &bn));
         assert!(e <= f16::TOL, "{name}: eval {e}");
         let grads = norm.batch_norm_backward(&x, &dy, features, &bn).unwrap();
         let (rdx, rdgamma, rdbeta) = reference::batch_norm_backward(&xw, &dyw, features, &bn);
-        let e = dx_err(&wide(&grads.dx), &rdx, x.len());
+        let e = dx_error(&wide(&grads.dx), &rdx, x.len());
         assert!(e <= f16::TOL, "{name}: dx {e}");
         let sums = max_err(&grads.dgamma, &rdgamma).max(max_err(&grads.dbeta, &rdbeta));
         assert!(sums <= 1e-4, "{name}: dgamma/dbeta {sums}");

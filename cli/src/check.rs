@@ -1,4 +1,5 @@
-//! `gpunorm check`: LayerNorm, RMSNorm, LayerNorm's backward pass, BatchNorm and its backward
+//! `gpunorm check`: LayerNorm, RMSNorm, LayerNorm's backward pass (recomputing its statistics,
+//! and through those the forward saved), BatchNorm and its backward
 //! pass of a large random batch against the f64 reference, with CPU-fallback and GPU times.
 
 use std::time::{Duration, Instant};
@@ -78,6 +79,36 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
         |x, dy| reference::layer_norm_backward(x, dy, features, &ln),
         |nz, x, dy| {
             let g = nz.layer_norm_backward(x, dy, features, &ln)?;
+            Ok((g.dx, g.dgamma, g.dbeta))
+        },
+    )?;
+    // Each backend's forward saves its statistics first, untimed.
+    let saved = (
+        cpu.layer_norm_saving(&x, features, &ln)?.stats,
+        gpu.map(|g| g.layer_norm_saving(&x, features, &ln))
+            .transpose()?
+            .map(|o| o.stats),
+    );
+    check_backward(
+        (&cpu, gpu),
+        (&x, warm),
+        &mut rng,
+        "LayerNorm backward through its forward's saved statistics",
+        |x, dy| reference::layer_norm_backward(x, dy, features, &ln),
+        |nz, x, dy| {
+            let stats = match (nz.is_gpu(), &saved.1) {
+                (true, Some(gpu_stats)) => gpu_stats,
+                _ => &saved.0,
+            };
+            // The untimed warm-up runs on a few rows of x: its own statistics.
+            let warm_stats;
+            let stats = if stats.rows() * features == x.len() {
+                stats
+            } else {
+                warm_stats = nz.layer_norm_saving(x, features, &ln)?.stats;
+                &warm_stats
+            };
+            let g = nz.layer_norm_backward_saved(x, dy, features, &ln, stats)?;
             Ok((g.dx, g.dgamma, g.dbeta))
         },
     )?;

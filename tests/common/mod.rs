@@ -75,6 +75,26 @@ pub fn example_batch() -> Vec<f32> {
     .concat()
 }
 
+/// The error of dx against its reference, row by row against the row's largest gradient: in
+/// f32, dx = (g − mean(g) − xhat · mean(g · xhat)) · rstd carries an absolute error of a few
+/// ulps of that scale, so an element that nearly cancels cannot be held to its own size. A NaN
+/// where the reference has none (or the reverse) counts as infinite.
+pub fn dx_error(dx: &[f32], reference: &[f64], features: usize) -> f64 {
+    let mut worst = 0f64;
+    for (got, want) in dx.chunks(features).zip(reference.chunks(features)) {
+        let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
+        for (&g, &r) in got.iter().zip(want) {
+            let e = match (g.is_nan(), r.is_nan()) {
+                (true, true) => 0.0,
+                (false, false) => (g as f64 - r).abs() / scale,
+                _ => f64::INFINITY,
+            };
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
 /// Ordinary activations: mean 0.5, standard deviation 2.
 pub fn ordinary(n: usize, seed: u64) -> Vec<f32> {
     data(n, 0.5, 2.0, seed)
