@@ -507,7 +507,9 @@ per_backend! {
     fn batch_norm_on_large_half_tensors(name, norm) {
         let (rows, features) = (1300, 1000);
         let (x, xw) = rounded::<f16>(&data(rows * features, 3.0, 0.5, 40));
-        let (dy, dyw) = rounded::<f16>(&ordinary(rows * features, 41));
+        // A zero-mean dy: with a same-signed one, dgamma = Σ dy · xhat nearly cancels over the
+        // 1100 rows and carries the f32 error of its terms' sum (see tests/backward.rs).
+        let (dy, dyw) = rounded::<f16>(&data(rows * features, 0.0, 1.0, 41));
         let mask: Vec<bool> = (0..rows).map(|r| r < 1100 || r % 7 == 0).collect();
         let gamma = data(features, 1.0, 0.5, 42);
         let bn = BatchNorm { mask: Some(&mask), gamma: Some(&gamma), ..Default::default() };
@@ -530,7 +532,8 @@ per_backend! {
         assert!(sums <= 1e-4, "{name}: dgamma/dbeta {sums}");
         assert!(grads.dx[1101 * features..1102 * features].iter().all(|v| v.to_f32() == 0.0));
 
-        let (batch, channels, spatial) = (5, 3, 100_000);
+        // Items of 180000 values (within CI's 1 MiB binding as f32), five to a CPU piece.
+        let (batch, channels, spatial) = (7, 3, 60_000);
         let (x, xw) = rounded::<bf16>(&data(batch * channels * spatial, -2.0, 1.0, 43));
         let out = norm.batch_norm_train_channels_first(&x, channels, spatial, &BatchNorm::default()).unwrap();
         let last = reference::channels_first_to_last(&xw, channels, spatial);
