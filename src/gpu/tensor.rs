@@ -12,7 +12,7 @@ use super::pool::Lifetime;
 use super::transfer;
 use crate::element::{narrow, widen};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
-use crate::ops::layer_norm::{RowNorm, RowStats};
+use crate::ops::layer_norm::{RowNorm, RowStats, StatsOrigin};
 use crate::{Element, ElementType, LayerNorm, NormError};
 
 /// Values of one [`Element`] type (f32, f16 or bf16: [`GpuTensor::element_type`]) in a GPU
@@ -191,9 +191,7 @@ pub struct GpuAddNormOutput {
 pub struct GpuRowStats {
     /// Per row (shift, mean − shift, rstd, scale), as [`RowStats`] keeps them.
     moments: GpuTensor,
-    features: usize,
-    kind: RowNorm,
-    eps: f32,
+    origin: StatsOrigin,
 }
 
 impl GpuRowStats {
@@ -204,7 +202,7 @@ impl GpuRowStats {
 
     /// The row width they were computed over.
     pub fn features(&self) -> usize {
-        self.features
+        self.origin.features
     }
 
     /// Refuses statistics of another context, or that are not those of the backward call (as
@@ -217,14 +215,7 @@ impl GpuRowStats {
         op: (&LayerNorm<'_>, RowNorm),
     ) -> Result<(), NormError> {
         self.moments.check_owner(ctx, "stats")?;
-        // The host twin's checks, on an empty stand-in of the same shape.
-        let shape = RowStats {
-            features: self.features,
-            kind: self.kind,
-            eps: self.eps,
-            moments: Vec::new(),
-        };
-        shape.check_meta(self.rows(), rows, features, op)
+        self.origin.check(self.rows(), (rows, features), op)
     }
 }
 
@@ -245,9 +236,7 @@ pub(crate) async fn upload_row_stats(
     let flat: &[f32] = bytemuck::cast_slice(&stats.moments);
     Ok(GpuRowStats {
         moments: upload(ctx, flat, None).await?,
-        features: stats.features,
-        kind: stats.kind,
-        eps: stats.eps,
+        origin: stats.origin,
     })
 }
 
@@ -258,9 +247,7 @@ pub(crate) async fn download_row_stats(
 ) -> Result<RowStats, NormError> {
     let flat: Vec<f32> = download(ctx, &stats.moments).await?;
     Ok(RowStats {
-        features: stats.features,
-        kind: stats.kind,
-        eps: stats.eps,
+        origin: stats.origin,
         moments: flat
             .chunks_exact(4)
             .map(|m| [m[0], m[1], m[2], m[3]])
@@ -434,9 +421,7 @@ pub(crate) async fn layer_norm(
     };
     let stats = moments.map(|moments| GpuRowStats {
         moments,
-        features,
-        kind: op.1,
-        eps: op.0.eps,
+        origin: StatsOrigin::of(features, op),
     });
     Ok((y, sum, stats))
 }

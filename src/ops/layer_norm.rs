@@ -69,9 +69,7 @@ pub struct AddNormOutput<T = f32> {
 /// be those of the backward call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowStats {
-    pub(crate) features: usize,
-    pub(crate) kind: RowNorm,
-    pub(crate) eps: f32,
+    pub(crate) origin: StatsOrigin,
     /// Per row: (shift, mean − shift, rstd, scale) of the row scaled by `scale`: xhat = (x ·
     /// scale − shift − mean_d) · rstd, and the unscaled row's rstd is rstd · scale.
     pub(crate) moments: Vec<[f32; 4]>,
@@ -85,9 +83,7 @@ impl RowStats {
         (opts, kind): (&LayerNorm<'_>, RowNorm),
     ) -> RowStats {
         RowStats {
-            features,
-            kind,
-            eps: opts.eps,
+            origin: StatsOrigin::of(features, (opts, kind)),
             moments: vec![[0.0; 4]; rows],
         }
     }
@@ -99,7 +95,7 @@ impl RowStats {
 
     /// The row width they were computed over.
     pub fn features(&self) -> usize {
-        self.features
+        self.origin.features
     }
 
     /// Each row's mean (0 for RMSNorm), rounded to f32.
@@ -128,15 +124,35 @@ impl RowStats {
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
     ) -> Result<(), NormError> {
-        self.check_meta(self.moments.len(), rows, features, op)
+        self.origin.check(self.rows(), (rows, features), op)
+    }
+}
+
+/// What saved statistics were computed for: the row width, the op and its eps. Host and device
+/// statistics ([`RowStats`], [`GpuRowStats`](crate::GpuRowStats)) check a backward call
+/// against it alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct StatsOrigin {
+    pub features: usize,
+    pub kind: RowNorm,
+    pub eps: f32,
+}
+
+impl StatsOrigin {
+    pub fn of(features: usize, (opts, kind): (&LayerNorm<'_>, RowNorm)) -> StatsOrigin {
+        StatsOrigin {
+            features,
+            kind,
+            eps: opts.eps,
+        }
     }
 
-    /// [`RowStats::check`] of statistics of `held` rows.
-    pub(crate) fn check_meta(
+    /// Refuses statistics of `held` rows that are not those of a backward call of `kind` over
+    /// `rows` rows `features` wide with `opts.eps`.
+    pub fn check(
         &self,
         held: usize,
-        rows: usize,
-        features: usize,
+        (rows, features): (usize, usize),
         (opts, kind): (&LayerNorm<'_>, RowNorm),
     ) -> Result<(), NormError> {
         let problem = if self.kind != kind {
