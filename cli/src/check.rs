@@ -71,48 +71,7 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
     report(run_rms(&cpu)?, gpu.map(&mut run_rms).transpose()?, gb);
     drop(r);
 
-    check_backward(
-        (&cpu, gpu),
-        (&x, warm),
-        &mut rng,
-        "LayerNorm backward",
-        |x, dy| reference::layer_norm_backward(x, dy, features, &ln),
-        |nz, x, dy| {
-            let g = nz.layer_norm_backward(x, dy, features, &ln)?;
-            Ok((g.dx, g.dgamma, g.dbeta))
-        },
-    )?;
-    // Each backend's forward saves its statistics first, untimed.
-    let saved = (
-        cpu.layer_norm_saving(&x, features, &ln)?.stats,
-        gpu.map(|g| g.layer_norm_saving(&x, features, &ln))
-            .transpose()?
-            .map(|o| o.stats),
-    );
-    check_backward(
-        (&cpu, gpu),
-        (&x, warm),
-        &mut rng,
-        "LayerNorm backward through its forward's saved statistics",
-        |x, dy| reference::layer_norm_backward(x, dy, features, &ln),
-        |nz, x, dy| {
-            let stats = match (nz.is_gpu(), &saved.1) {
-                (true, Some(gpu_stats)) => gpu_stats,
-                _ => &saved.0,
-            };
-            // The untimed warm-up runs on a few rows of x: its own statistics.
-            let warm_stats;
-            let stats = if stats.rows() * features == x.len() {
-                stats
-            } else {
-                warm_stats = nz.layer_norm_saving(x, features, &ln)?.stats;
-                &warm_stats
-            };
-            let g = nz.layer_norm_backward_saved(x, dy, features, &ln, stats)?;
-            Ok((g.dx, g.dgamma, g.dbeta))
-        },
-    )?;
-
+    check_layer_norm_backward((&cpu, gpu), (&x, warm), &mut rng, features, &ln)?;
     let bn = BatchNorm {
         gamma: Some(&gamma),
         beta: Some(&beta),
@@ -131,6 +90,59 @@ pub fn check(norm: &Normalizer, rows: usize, features: usize, seed: u64) -> CliR
         },
     )?;
     println!("  (error = max |y - ref| / max(1, |ref|) against the f64 reference; the tests hold it below 1e-4)");
+    Ok(())
+}
+
+/// LayerNorm's backward pass on each backend, recomputing its statistics and then through those
+/// its forward saved.
+fn check_layer_norm_backward(
+    (cpu, gpu): (&Normalizer, Option<&Normalizer>),
+    (x, warm): (&[f32], &[f32]),
+    rng: &mut StdRng,
+    features: usize,
+    ln: &LayerNorm<'_>,
+) -> CliResult<()> {
+    check_backward(
+        (cpu, gpu),
+        (x, warm),
+        rng,
+        "LayerNorm backward",
+        |x, dy| reference::layer_norm_backward(x, dy, features, ln),
+        |nz, x, dy| {
+            let g = nz.layer_norm_backward(x, dy, features, ln)?;
+            Ok((g.dx, g.dgamma, g.dbeta))
+        },
+    )?;
+    // Each backend's forward saves its statistics first, untimed.
+    let saved = (
+        cpu.layer_norm_saving(x, features, ln)?.stats,
+        gpu.map(|g| g.layer_norm_saving(x, features, ln))
+            .transpose()?
+            .map(|o| o.stats),
+    );
+    check_backward(
+        (cpu, gpu),
+        (x, warm),
+        rng,
+        "LayerNorm backward through its forward's saved statistics",
+        |x, dy| reference::layer_norm_backward(x, dy, features, ln),
+        |nz, x, dy| {
+            let stats = match (nz.is_gpu(), &saved.1) {
+                (true, Some(gpu_stats)) => gpu_stats,
+                _ => &saved.0,
+            };
+            // The untimed warm-up runs on a few rows of x: its own statistics.
+            let warm_stats;
+            let stats = if stats.rows() * features == x.len() {
+                stats
+            } else {
+                warm_stats = nz.layer_norm_saving(x, features, ln)?.stats;
+                &warm_stats
+            };
+            let g = nz.layer_norm_backward_saved(x, dy, features, ln, stats)?;
+            Ok((g.dx, g.dgamma, g.dbeta))
+        },
+    )?;
     Ok(())
 }
 
