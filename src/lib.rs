@@ -71,7 +71,7 @@ pub use gpu::tensor::{
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
-    RunningStats,
+    ParamGrads, RunningStats,
 };
 pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads, RowStats, SavedNormOutput};
 pub use ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};

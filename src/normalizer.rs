@@ -20,8 +20,8 @@ use crate::ops::partial::{ColumnGrads, ColumnStats};
 use crate::ops::{check_output, layer_norm, new_output, rms_norm, Backend};
 use crate::{
     AddNormOutput, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst, Element,
-    LayerNorm, LayerNormGrads, NormError, PartialGrads, PartialStats, RmsNorm, RmsNormGrads,
-    RowStats, RunningStats, SavedNormOutput, Timing,
+    LayerNorm, LayerNormGrads, NormError, ParamGrads, PartialGrads, PartialStats, RmsNorm,
+    RmsNormGrads, RowStats, RunningStats, SavedNormOutput, Timing,
 };
 
 /// Environment variable that overrides [`Normalizer::new`]'s choice: `cpu`, `gpu` or `auto`.
@@ -138,26 +138,26 @@ impl Engine {
         Ok(timing)
     }
 
-    /// [`Engine::batch_norm_backward`] on tensors of `T`: dx, dgamma and dbeta, as
-    /// [`Engine::batch_norm_train_of`].
+    /// [`Engine::batch_norm_backward`] on tensors of `T`: dx into `dx`, and dgamma and dbeta,
+    /// as [`Engine::batch_norm_train_of`].
     async fn batch_norm_backward_of<T: Element>(
         &self,
         (x, dy): (&[T], &[T]),
         shape: &Shape,
         opts: &BatchNorm<'_>,
         counted: batch_norm::Counted,
-    ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
         if let (Engine::Cpu(_), false) = (self, T::IS_F32) {
-            let mut dx = new_output(x.len());
-            let (dgamma, dbeta) = crate::cpu::batch_norm_backward_of((x, dy), &mut dx, shape, opts);
-            return Ok((dx, dgamma, dbeta));
+            let (dgamma, dbeta) = crate::cpu::batch_norm_backward_of((x, dy), dx, shape, opts);
+            return Ok((ParamGrads { dgamma, dbeta }, Timing::default()));
         }
-        let (x, dy) = (widen(x), widen(dy));
-        let mut dx = new_output(x.len());
-        let (dgamma, dbeta, _) = self
-            .batch_norm_backward((&x, &dy), &mut dx, shape, opts, counted)
+        let (x, dy, mut dx) = (widen(x), widen(dy), OutputOf::new(dx));
+        let (dgamma, dbeta, timing) = self
+            .batch_norm_backward((&x, &dy), dx.values(), shape, opts, counted)
             .await?;
-        Ok((narrow(dx), dgamma, dbeta))
+        dx.finish();
+        Ok((ParamGrads { dgamma, dbeta }, timing))
     }
 
     async fn batch_norm_backward(
@@ -1146,6 +1146,37 @@ impl Normalizer {
         self.backward(x, dy, &shape, opts).await
     }
 
+    /// [`Normalizer::batch_norm_backward`] with dx written into a buffer the caller owns,
+    /// `dx.len() == x.len()`; returns dgamma and dbeta, and where the time went. In a training
+    /// loop, one dx buffer reused step after step spares the fresh memory each new dx costs (on
+    /// the CPU fallback, the operating system zeroing its pages). Errors as
+    /// [`Normalizer::batch_norm_backward`] does, and when `dx` has another length; a refused call
+    /// leaves `dx` as it was.
+    pub fn batch_norm_backward_into<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
+        let work = self.batch_norm_backward_into_async(x, dy, features, opts, dx);
+        self.block("batch_norm_backward_into", work)
+    }
+
+    /// [`Normalizer::batch_norm_backward_into`], awaited.
+    pub async fn batch_norm_backward_into_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &BatchNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
+        let shape = Shape::features_last(x.len(), features)?;
+        self.backward_into(x, dy, &shape, opts, dx).await
+    }
+
     /// [`Normalizer::batch_norm_backward`] on a channels-first `[batch, channels, spatial]`
     /// tensor (as [`Normalizer::batch_norm_train_channels_first`]): per-channel gradients over
     /// batch × spatial.
@@ -1206,13 +1237,26 @@ impl Normalizer {
         shape: &Shape,
         opts: &BatchNorm<'_>,
     ) -> Result<BatchNormGrads<T>, NormError> {
+        let mut dx = new_output(x.len());
+        let (ParamGrads { dgamma, dbeta }, _) =
+            self.backward_into(x, dy, shape, opts, &mut dx).await?;
+        Ok(BatchNormGrads { dx, dgamma, dbeta })
+    }
+
+    async fn backward_into<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        shape: &Shape,
+        opts: &BatchNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
         let counted = batch_norm::validate_training(shape, opts)?;
         crate::ops::check_operand("dy", dy.len(), x.len())?;
-        let (dx, dgamma, dbeta) = self
-            .engine
-            .batch_norm_backward_of((x, dy), shape, opts, counted)
-            .await?;
-        Ok(BatchNormGrads { dx, dgamma, dbeta })
+        check_output(x, dx)?;
+        self.engine
+            .batch_norm_backward_of((x, dy), shape, opts, counted, dx)
+            .await
     }
 
     async fn train_alloc<T: Element>(

@@ -8,6 +8,7 @@
 mod common;
 
 use common::{data, dx_error, gpu, max_err, ordinary};
+use gpunorm::half::f16;
 use gpunorm::{reference, BatchNorm, ChannelsFirst, LayerNorm, NormError, Normalizer, RmsNorm};
 
 /// Ordinary data: f32 rounding of a few operations per value, and of sums over rows.
@@ -472,6 +473,36 @@ per_backend! {
         let dy = ordinary(rows * features, 62);
         let err = bn_errors(norm, &x, &dy, features, &BatchNorm::default());
         assert!(err.iter().all(|&e| e < TOL), "{name}: {err:?}");
+    }
+}
+
+per_backend! {
+    /// The form into a caller's dx gives the allocating form's bits, on f32 and f16, and a dx
+    /// of the wrong length is refused with nothing written.
+    fn batch_norm_backward_into_a_caller_buffer(name, norm) {
+        let (rows, features) = (300, 16);
+        let (x, dy) = (ordinary(rows * features, 81), ordinary(rows * features, 82));
+        let mask: Vec<bool> = (0..rows).map(|r| r % 6 != 1).collect();
+        let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
+        let whole = norm.batch_norm_backward(&x, &dy, features, &opts).unwrap();
+        let mut dx = vec![7.0f32; x.len()];
+        let (grads, _) = norm.batch_norm_backward_into(&x, &dy, features, &opts, &mut dx).unwrap();
+        assert_eq!((dx, grads.dgamma, grads.dbeta), (whole.dx, whole.dgamma, whole.dbeta), "{name}");
+
+        let half = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+        let (xh, dyh) = (half(&x), half(&dy));
+        let whole = norm.batch_norm_backward(&xh, &dyh, features, &opts).unwrap();
+        let mut dx = vec![f16::ONE; x.len()];
+        let (grads, _) = norm.batch_norm_backward_into(&xh, &dyh, features, &opts, &mut dx).unwrap();
+        assert_eq!((dx, grads.dgamma, grads.dbeta), (whole.dx, whole.dgamma, whole.dbeta), "{name} f16");
+
+        let mut short = vec![7.0f32; x.len() - 1];
+        assert_eq!(
+            norm.batch_norm_backward_into(&x, &dy, features, &opts, &mut short),
+            Err(NormError::OutputLength { len: x.len() - 1, expected: x.len() }),
+            "{name}"
+        );
+        assert!(short.iter().all(|&v| v == 7.0), "{name}: a refused call wrote dx");
     }
 }
 

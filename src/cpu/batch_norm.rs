@@ -55,10 +55,12 @@ pub(crate) fn train(
 
 /// The backward pass of training: dx into `dx` (0 on masked positions) and the per-channel sums
 /// (dgamma = Σ dy · xhat, dbeta = Σ dy) over the counted positions. The statistics are the
-/// forward's (columns out of f32's range taken in f64 straight from x); the sums and dx run in
-/// f64, over blocks of batch items fixed by the shape and added in block order, so the result
-/// does not depend on the thread count. Masked positions are skipped, never multiplied by 0:
-/// whatever they hold changes nothing else.
+/// forward's, and the sums are taken with them, as Σ dy and Σ dy · (x − shift) in f64 while each
+/// tile of x is in cache: dgamma = rstd · (Σ dy · (x − shift) − (mean − shift) · Σ dy) (columns
+/// out of f32's range are summed again in f64 around their mean). So x and dy are read twice in
+/// all, once for the statistics and sums and once for dx. Blocks of positions are fixed by the shape
+/// and added in block order, so the result does not depend on the thread count. Masked
+/// positions are skipped, never multiplied by 0: whatever they hold changes nothing else.
 pub(crate) fn backward(
     (x, dy): (&[f32], &[f32]),
     dx: &mut [f32],
@@ -67,18 +69,25 @@ pub(crate) fn backward(
     (first, count): (usize, usize),
 ) -> (Vec<f32>, Vec<f32>) {
     let c = shape.channels;
-    let (shift, mean_d, mut var) = stats(x, shape, opts.mask, first);
-    let mut mean: Vec<f64> = (0..c).map(|ch| shift[ch] as f64 + mean_d[ch]).collect();
+    let (shift, moments) = moments(x, Some(dy), shape, opts.mask, first);
+    let (mut dbeta, mut dgamma) = moments.grads;
+    let (mut mean, mut rstd) = (vec![0f64; c], vec![0f64; c]);
     for ch in 0..c {
-        if stats_out_of_range(mean_d[ch], var[ch], opts.eps) {
-            (mean[ch], var[ch]) = column_in_f64(x, shape, opts.mask, ch);
+        let (mean_d, mut var) = (moments.mean[ch], moments.m2[ch] / moments.n);
+        mean[ch] = shift[ch] as f64 + mean_d;
+        // Σ dy · (x − mean) = Σ dy · (x − shift) − (mean − shift) · Σ dy. The shift is one of
+        // the counted values, so |mean − shift| ≤ sqrt(N) · spread: the error of the difference
+        // is at most sqrt(N) times that of a sum taken around the mean, 16 of f64's 53 bits for
+        // 2^32 positions.
+        if stats_out_of_range(mean_d, var, opts.eps) {
+            (mean[ch], var) = column_in_f64(x, shape, opts.mask, ch);
+            (dbeta[ch], dgamma[ch]) = column_sums_in_f64((x, dy), shape, opts.mask, ch, mean[ch]);
+        } else {
+            dgamma[ch] -= mean_d * dbeta[ch];
         }
+        rstd[ch] = 1.0 / (var + opts.eps as f64).sqrt();
+        dgamma[ch] *= rstd[ch];
     }
-    let rstd: Vec<f64> = var
-        .iter()
-        .map(|v| 1.0 / (v + opts.eps as f64).sqrt())
-        .collect();
-    let (dbeta, dgamma) = sums((x, dy), shape, opts.mask, (&mean, &rstd));
     backward_dx_pass(
         (x, dy),
         dx,
@@ -89,6 +98,25 @@ pub(crate) fn backward(
     );
     let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
     (f32s(dgamma), f32s(dbeta))
+}
+
+/// (Σ dy, Σ dy · (x − mean)) of channel `ch` over the counted positions, in f64 straight from x
+/// and dy: for the rare columns out of f32's range (see [`backward`]).
+#[cold]
+fn column_sums_in_f64(
+    (x, dy): (&[f32], &[f32]),
+    shape: &Shape,
+    mask: Option<&[bool]>,
+    ch: usize,
+    mean: f64,
+) -> (f64, f64) {
+    let (c, s) = (shape.channels, shape.spatial);
+    let counted = (0..shape.positions).filter(|&p| mask.is_none_or(|m| m[p]));
+    counted.fold((0.0, 0.0), |(a, b), p| {
+        let i = ((p / s) * c + ch) * s + p % s;
+        let g = dy[i] as f64;
+        (a + g, b + g * (x[i] as f64 - mean))
+    })
 }
 
 /// (Σ dy, Σ dy · xhat) per channel over the counted positions, xhat from each channel's (mean,
@@ -150,13 +178,15 @@ fn backward_dx_pass(
             [mean[ch], g * rstd[ch], dbeta[ch] / n_counted, rstd[ch] * m2]
         })
         .collect();
+    let stream = should_stream(dx.len());
     dx.par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .enumerate()
         .for_each(|(b, (dxb, (xb, db)))| {
             let p0 = b * block / item * s;
             let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
-            backward_dx((xb, db), dxb, (shape, m), &coef);
+            backward_dx((xb, db), dxb, (shape, m), &coef, stream);
+            stream_fence();
         });
 }
 
@@ -347,53 +377,87 @@ fn backward_sums_body(
 }
 
 multiversion! {
-    fn backward_dx(x_dy: (&[f32], &[f32]), dx: &mut [f32], layout: (&Shape, Option<&[bool]>), coef: &[[f64; 4]]) => backward_dx_body
+    fn backward_dx(x_dy: (&[f32], &[f32]), dx: &mut [f32], layout: (&Shape, Option<&[bool]>), coef: &[[f64; 4]], stream: bool) => backward_dx_body
 }
 
 /// dx of whole batch items from each channel's (mean, a, m1, b): a · (dy − m1 − (x − mean) · b)
-/// on counted positions, 0 on masked ones.
+/// on counted positions, 0 on masked ones; with `stream`, through non-temporal stores.
 #[inline(always)]
 fn backward_dx_body(
     (x, dy): (&[f32], &[f32]),
     dx: &mut [f32],
     (shape, mask): (&Shape, Option<&[bool]>),
     coef: &[[f64; 4]],
+    stream: bool,
 ) {
     let (c, s) = (shape.channels, shape.spatial);
-    let counted = |p: usize| mask.is_none_or(|m| m[p]);
-    let one = |v: f32, d: f32, [m, a, m1, b]: [f64; 4]| {
-        (a * ((d as f64 - m1) - (v as f64 - m) * b)) as f32
-    };
     if s == 1 {
-        let rows = dx
-            .chunks_exact_mut(c)
-            .zip(x.chunks_exact(c).zip(dy.chunks_exact(c)));
-        for (r, (out, (xr, dr))) in rows.enumerate() {
-            if !counted(r) {
-                out.fill(0.0);
-                continue;
-            }
-            for ((o, (&v, &d)), &k) in out.iter_mut().zip(xr.iter().zip(dr)).zip(coef) {
-                *o = one(v, d, k);
-            }
-        }
+        write_out(
+            dx,
+            stream,
+            #[inline(always)]
+            |out, off| {
+                let (x, dy) = (&x[off..], &dy[off..]);
+                dx_rows(out, (x, dy), off % c, mask.map(|m| (m, off / c)), coef)
+            },
+        );
         return;
     }
-    let items = dx
-        .chunks_exact_mut(c * s)
-        .zip(x.chunks_exact(c * s).zip(dy.chunks_exact(c * s)));
-    for (n, (out, (xi, di))) in items.enumerate() {
-        for (ch, &k) in coef.iter().enumerate() {
-            let run = ch * s..(ch + 1) * s;
-            let values = xi[run.clone()].iter().zip(&di[run.clone()]);
-            for (sp, (o, (&v, &d))) in out[run].iter_mut().zip(values).enumerate() {
-                *o = if counted(n * s + sp) {
-                    one(v, d, k)
-                } else {
-                    0.0
-                };
+    let runs = dx
+        .chunks_exact_mut(s)
+        .zip(x.chunks_exact(s).zip(dy.chunks_exact(s)));
+    for (run, (out, (xr, dr))) in runs.enumerate() {
+        let (k, m) = (coef[run % c], mask.map(|m| &m[run / c * s..][..s]));
+        write_out(
+            out,
+            stream,
+            #[inline(always)]
+            |out, off| {
+                let values = xr[off..].iter().zip(&dr[off..]);
+                for (i, (o, (&v, &d))) in out.iter_mut().zip(values).enumerate() {
+                    *o = if m.is_none_or(|m| m[off + i]) {
+                        dx_of(v, d, k)
+                    } else {
+                        0.0
+                    };
+                }
+            },
+        );
+    }
+}
+
+/// One value of dx from its channel's (mean, a, m1, b).
+#[inline(always)]
+fn dx_of(v: f32, d: f32, [m, a, m1, b]: [f64; 4]) -> f32 {
+    (a * ((d as f64 - m1) - (v as f64 - m) * b)) as f32
+}
+
+/// Features-last dx starting at column `ch0` of a row; `mask` is (the block's mask, the row
+/// `out` starts in). Walks `out` row by row so each inner loop is a plain zip over columns.
+#[inline(always)]
+fn dx_rows(
+    out: &mut [f32],
+    (x, dy): (&[f32], &[f32]),
+    ch0: usize,
+    mask: Option<(&[bool], usize)>,
+    coef: &[[f64; 4]],
+) {
+    let c = coef.len();
+    let (mut done, mut ch, mut row) = (0, ch0, mask.map_or(0, |m| m.1));
+    while done < out.len() {
+        let len = (c - ch).min(out.len() - done);
+        let part = &mut out[done..done + len];
+        if mask.is_some_and(|(m, _)| !m[row]) {
+            part.fill(0.0);
+        } else {
+            let values = x[done..done + len].iter().zip(&dy[done..done + len]);
+            for ((o, (&v, &d)), &k) in part.iter_mut().zip(values).zip(&coef[ch..]) {
+                *o = dx_of(v, d, k);
             }
         }
+        done += len;
+        ch = 0;
+        row += 1;
     }
 }
 
@@ -477,6 +541,9 @@ struct Moments {
     n: f64,
     mean: Vec<f64>,
     m2: Vec<f64>,
+    /// With the backward pass's dy: (Σ dy, Σ dy · (x − shift)) per column, in f64 (else empty).
+    /// Every block shifts a column by the same value, so these merge by addition.
+    grads: (Vec<f64>, Vec<f64>),
 }
 
 impl Moments {
@@ -485,6 +552,16 @@ impl Moments {
             n: 0.0,
             mean: vec![0.0; columns],
             m2: vec![0.0; columns],
+            grads: (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Empty, with gradient sums of `columns` values where `dy` is taken.
+    fn empty_for(columns: usize, dy: bool) -> Moments {
+        let zeros = || vec![0.0; if dy { columns } else { 0 }];
+        Moments {
+            grads: (zeros(), zeros()),
+            ..Moments::empty(columns)
         }
     }
 
@@ -508,6 +585,12 @@ impl Moments {
             let delta = om - *mean;
             *mean += delta * w;
             *m2 += om2 + delta * delta * v;
+        }
+        for (sums, other) in [
+            (&mut self.grads.0, &o.grads.0),
+            (&mut self.grads.1, &o.grads.1),
+        ] {
+            sums.iter_mut().zip(other).for_each(|(a, b)| *a += b);
         }
         self.n = n;
     }
@@ -558,6 +641,21 @@ fn stats(
     mask: Option<&[bool]>,
     first: usize,
 ) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    let (shift, total) = moments(x, None, shape, mask, first);
+    let var = total.m2.iter().map(|m2| m2 / total.n).collect();
+    (shift, total.mean, var)
+}
+
+/// Each column's shift (its value at position `first`, a counted one) and the moments of the
+/// shifted values over the counted positions; with `dy`, also the backward pass's sums, taken
+/// while each tile of x is in cache: x is read from memory once for both.
+fn moments(
+    x: &[f32],
+    dy: Option<&[f32]>,
+    shape: &Shape,
+    mask: Option<&[bool]>,
+    first: usize,
+) -> (Vec<f32>, Moments) {
     let c = shape.channels;
     let s = shape.spatial;
     let shift: Vec<f32> = (0..c)
@@ -575,33 +673,35 @@ fn stats(
         .par_chunks(per_group)
         .enumerate()
         .map(|(g, xg)| {
-            let mut acc = Moments::empty(c);
+            let dg = dy.map(|d| &d[g * per_group..][..xg.len()]);
+            let mut acc = Moments::empty_for(c, dy.is_some());
             // Scratch reused by every block of the group: a block is small, columns may be many.
-            let mut block_moments = Moments::empty(c);
+            let mut block_moments = Moments::empty_for(c, dy.is_some());
             let mut scratch = vec![0f32; 2 * c];
             for (b, xb) in xg.chunks(block).enumerate() {
                 let p0 = (g * per_group + b * block) / c / s * s;
                 let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
+                let db = dg.map(|d| &d[b * block..][..xb.len()]);
                 if s == 1 {
                     // The block after this one, in this group: its first tile is prefetched
                     // while the last tile of this one is read.
                     let next =
                         &xg[((b + 1) * block).min(xg.len())..((b + 2) * block).min(xg.len())];
-                    features_last_block(xb, c, m, &shift, next, &mut block_moments, &mut scratch);
+                    let io = ((xb, db), next);
+                    features_last_block(io, c, m, &shift, &mut block_moments, &mut scratch);
                 } else {
-                    channels_first_plane(xb, s, m, &shift, &mut block_moments);
+                    channels_first_plane((xb, db), s, m, &shift, &mut block_moments);
                 }
                 acc.merge(&block_moments);
             }
             acc
         })
         .collect();
-    let mut total = Moments::empty(c);
+    let mut total = Moments::empty_for(c, dy.is_some());
     for g in &groups {
         total.merge(g);
     }
-    let var = total.m2.iter().map(|m2| m2 / total.n).collect();
-    (shift, total.mean, var)
+    (shift, total)
 }
 
 /// Columns per statistics tile. A block's rows are read one tile (the block's rows × `STRIP`
@@ -630,24 +730,23 @@ impl Tile<'_> {
 }
 
 multiversion! {
-    /// A block of whole rows, into `out`, one tile of `STRIP` columns after another; `next` is
-    /// the block read after this one (may be empty), whose first tile is prefetched during the
-    /// last tile of this one. Sums run along rows so the inner loop over columns vectorises;
-    /// each column sums at most `SUB_ROWS` values in f32 before adding them in f64. `scratch`
-    /// holds 2 × columns values.
+    /// A block of whole rows x (with the backward pass's dy where given), into `out`, one tile
+    /// of `STRIP` columns after another; `next` is the block of x read after this one (may be
+    /// empty), whose first tile is prefetched during the last tile of this one. Sums run along
+    /// rows so the inner loop over columns vectorises; each column sums at most `SUB_ROWS`
+    /// values in f32 before adding them in f64. `scratch` holds 2 × columns values.
     fn features_last_block(
-        xb: &[f32], c: usize, mask: Option<&[bool]>, shift: &[f32], next: &[f32],
+        io: ((&[f32], Option<&[f32]>), &[f32]), c: usize, mask: Option<&[bool]>, shift: &[f32],
         out: &mut Moments, scratch: &mut [f32],
     ) => features_last_block_body
 }
 
 #[inline(always)]
 fn features_last_block_body(
-    xb: &[f32],
+    ((xb, db), next): ((&[f32], Option<&[f32]>), &[f32]),
     c: usize,
     mask: Option<&[bool]>,
     shift: &[f32],
-    next: &[f32],
     out: &mut Moments,
     scratch: &mut [f32],
 ) {
@@ -656,6 +755,8 @@ fn features_last_block_body(
     out.n = n as f64;
     out.mean.fill(0.0);
     out.m2.fill(0.0);
+    out.grads.0.fill(0.0);
+    out.grads.1.fill(0.0);
     if n == 0 {
         return;
     }
@@ -691,8 +792,56 @@ fn features_last_block_body(
         }
         let m2 = &mut out.m2[cols.clone()];
         column_pass::<true>(&tile, &counted, sh, ce, part, m2, None);
-        for (o, &m) in out.mean[cols].iter_mut().zip(ce.iter()) {
+        for (o, &m) in out.mean[cols.clone()].iter_mut().zip(ce.iter()) {
             *o = m as f64;
+        }
+        if let Some(db) = db {
+            let dy = Tile {
+                data: db,
+                stride: c,
+                cols: cols.clone(),
+            };
+            let sums = (&mut out.grads.0[cols.clone()], &mut out.grads.1[cols]);
+            gradient_pass((&tile, &dy), &counted, sh, sums);
+        }
+    }
+}
+
+/// (Σ dy, Σ dy · (x − shift)) over the tile's counted rows, in f64, added onto `sums`: x from
+/// cache (the statistics have just read it), dy from memory, two rows at a time so one load
+/// and store of the sums serves both. x − shift is exact in f64.
+#[inline(always)]
+fn gradient_pass(
+    (x, dy): (&Tile<'_>, &Tile<'_>),
+    counted: &impl Fn(usize) -> bool,
+    shift: &[f32],
+    (s1, s2): (&mut [f64], &mut [f64]),
+) {
+    let rows: Vec<usize> = (0..x.rows()).filter(|&r| counted(r)).collect();
+    let term = |v: f32, sh: f32, g: f32| (g as f64, g as f64 * (v as f64 - sh as f64));
+    for (k, pair) in rows.chunks(2).enumerate() {
+        // dy's rows of a tile are apart in memory when rows are long, where the hardware's
+        // prefetcher stops at each page: ask for the pair after next ahead of use.
+        for &r in rows.iter().skip(2 * k + 4).take(2) {
+            super::prefetch(dy.row(r));
+        }
+        let (xa, da) = (x.row(pair[0]), dy.row(pair[0]));
+        if let [_, r] = *pair {
+            let (xb, db) = (x.row(r), dy.row(r));
+            let values = xa.iter().zip(da).zip(xb.iter().zip(db)).zip(shift);
+            for ((a, b), (((&va, &ga), (&vb, &gb)), &sh)) in s1.iter_mut().zip(&mut *s2).zip(values)
+            {
+                let ((g1, p1), (g2, p2)) = (term(va, sh, ga), term(vb, sh, gb));
+                *a += g1 + g2;
+                *b += p1 + p2;
+            }
+        } else {
+            let values = xa.iter().zip(da).zip(shift);
+            for ((a, b), ((&v, &g), &sh)) in s1.iter_mut().zip(&mut *s2).zip(values) {
+                let (g, p) = term(v, sh, g);
+                *a += g;
+                *b += p;
+            }
         }
     }
 }
@@ -779,7 +928,7 @@ fn add_rows<const SQUARE: bool>(p: &mut [f32], a: &[f32], b: &[f32], sh: &[f32],
 /// One batch item of a channels-first tensor, into `out`: each channel is a contiguous run of
 /// `s` values, and the mask holds the item's `s` positions.
 fn channels_first_plane(
-    plane: &[f32],
+    (plane, dy): (&[f32], Option<&[f32]>),
     s: usize,
     mask: Option<&[bool]>,
     shift: &[f32],
@@ -788,6 +937,20 @@ fn channels_first_plane(
     out.n = mask.map_or(s, |m| m.iter().filter(|&&k| k).count()) as f64;
     if out.n == 0.0 {
         return;
+    }
+    if let Some(dy) = dy {
+        // Each channel's run is in cache when its statistics below read it again.
+        let runs = plane.chunks_exact(s).zip(dy.chunks_exact(s)).zip(shift);
+        let sums = out.grads.0.iter_mut().zip(&mut out.grads.1);
+        for (((run, grads), &sh), (a, b)) in runs.zip(sums) {
+            let kept = run.iter().zip(grads).enumerate();
+            let kept = kept.filter(|(p, _)| mask.is_none_or(|m| m[*p]));
+            (*a, *b) = (0.0, 0.0);
+            for (_, (&v, &g)) in kept {
+                *a += g as f64;
+                *b += g as f64 * (v as f64 - sh as f64);
+            }
+        }
     }
     for ((run, &sh), (mean, m2)) in plane
         .chunks_exact(s)
@@ -1098,11 +1261,14 @@ mod tests {
                 .collect();
             let mask: Vec<bool> = (0..300).map(|r| r % 5 != 2).collect();
             let shift: Vec<f32> = x[..c].to_vec();
-            let (mut a, mut b) = (Moments::empty(c), Moments::empty(c));
+            let dy: Vec<f32> = x.iter().map(|v| v.sin()).collect();
+            let (mut a, mut b) = (Moments::empty_for(c, true), Moments::empty_for(c, true));
             let mut scratch = vec![0f32; 2 * c];
-            features_last_block(&x, c, Some(&mask), &shift, &[], &mut a, &mut scratch);
-            features_last_block_body(&x, c, Some(&mask), &shift, &[], &mut b, &mut scratch);
+            let io = ((&x[..], Some(&dy[..])), &[][..]);
+            features_last_block(io, c, Some(&mask), &shift, &mut a, &mut scratch);
+            features_last_block_body(io, c, Some(&mask), &shift, &mut b, &mut scratch);
             assert_eq!((a.n, &a.mean, &a.m2), (b.n, &b.mean, &b.m2), "{c} columns");
+            assert_eq!(a.grads, b.grads, "{c} columns");
 
             let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
             let cols = Columns::new(shift.clone(), vec![0.5; c], &var, &BatchNorm::default());
@@ -1118,6 +1284,27 @@ mod tests {
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{c} columns, stream {stream}"
                 );
+            }
+
+            // The dx pass, features-last and (the same values as 3 channels of 100 positions)
+            // channels-first, with and without streaming stores.
+            let coef: Vec<[f64; 4]> = (0..c)
+                .map(|i| [1e3 + i as f64, 0.5, 0.1 * i as f64, 0.01])
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let layouts = [
+                (Shape::features_last(x.len(), c).unwrap(), Some(&mask[..])),
+                (Shape::channels_first(x.len(), c, 100).unwrap(), None),
+            ];
+            for (shape, m) in layouts {
+                let mut want = vec![0f32; x.len()];
+                backward_dx_body((&x, &dy), &mut want, (&shape, m), &coef, false);
+                for stream in [false, true] {
+                    let mut wide = vec![1f32; x.len()];
+                    backward_dx((&x, &dy), &mut wide, (&shape, m), &coef, stream);
+                    crate::cpu::stream_fence();
+                    assert_eq!(bits(&wide), bits(&want), "{c} columns, stream {stream}");
+                }
             }
         }
     }

@@ -105,7 +105,7 @@ impl Op {
     }
 
     /// One call, timed end to end. A backward pass takes x as its dy too, the fused add as its
-    /// residual, and both return new vectors (they have no `_into` form yet).
+    /// residual; the LayerNorm family's return new vectors (they have no `_into` form yet).
     fn call<T: Element>(
         &self,
         norm: &Normalizer,
@@ -139,7 +139,10 @@ impl Op {
             }
             (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
             (Kind::AddLayerNorm, _) => drop_timed(norm.add_layer_norm(x, x, features, &ln)?),
-            (Kind::BatchNormBackward, _) => {
+            (Kind::BatchNormBackward, false) => {
+                norm.batch_norm_backward_into(x, x, features, &bn, y)?.1
+            }
+            (Kind::BatchNormBackward, true) => {
                 drop_timed(norm.batch_norm_backward(x, x, features, &bn)?)
             }
             (Kind::Train, false) => norm.batch_norm_train_into(x, features, &bn, y)?.1,

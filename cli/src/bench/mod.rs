@@ -21,8 +21,9 @@ use crate::error::{CliError, CliResult};
 use measure::Op;
 
 /// The ops a sweep can run: the `*_into` forms into a reused buffer, `*_alloc`, the forms
-/// that return a new `Vec` each call, the backward passes (new `Vec`s, dy = x) and the fused
-/// add (new `Vec`s, residual = x).
+/// that return a new `Vec` each call, the LayerNorm family's backward passes (new `Vec`s,
+/// dy = x), BatchNorm's backward in both forms (dy = x) and the fused add (new `Vec`s,
+/// residual = x).
 pub const OPS: &[&str] = &[
     "layer_norm",
     "layer_norm_alloc",
@@ -34,6 +35,7 @@ pub const OPS: &[&str] = &[
     "rms_norm_backward",
     "add_layer_norm",
     "batch_norm_backward",
+    "batch_norm_backward_alloc",
     "batch_norm_train",
     "batch_norm_train_alloc",
     "batch_norm_eval",
