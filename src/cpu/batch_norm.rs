@@ -729,6 +729,10 @@ impl Tile<'_> {
     }
 }
 
+/// A block of x, with the backward pass's dy over the same positions where given, and the block
+/// of x read after it (for prefetching; may be empty).
+type BlockIo<'a> = ((&'a [f32], Option<&'a [f32]>), &'a [f32]);
+
 multiversion! {
     /// A block of whole rows x (with the backward pass's dy where given), into `out`, one tile
     /// of `STRIP` columns after another; `next` is the block of x read after this one (may be
@@ -736,14 +740,14 @@ multiversion! {
     /// rows so the inner loop over columns vectorises; each column sums at most `SUB_ROWS`
     /// values in f32 before adding them in f64. `scratch` holds 2 × columns values.
     fn features_last_block(
-        io: ((&[f32], Option<&[f32]>), &[f32]), c: usize, mask: Option<&[bool]>, shift: &[f32],
+        io: BlockIo<'_>, c: usize, mask: Option<&[bool]>, shift: &[f32],
         out: &mut Moments, scratch: &mut [f32],
     ) => features_last_block_body
 }
 
 #[inline(always)]
 fn features_last_block_body(
-    ((xb, db), next): ((&[f32], Option<&[f32]>), &[f32]),
+    ((xb, db), next): BlockIo<'_>,
     c: usize,
     mask: Option<&[bool]>,
     shift: &[f32],
