@@ -6,8 +6,9 @@
 //
 // Algorithm, deterministic and accurate on offset columns:
 //   stats_seed:    one thread per column starts its statistics, columns[c] = (shift, 0, 0, 0),
-//                  with the shift its value at the first counted position (`first`, in the chunk
-//                  that holds it; exact for offset data).
+//                  with the shift the median of its values at the first three counted positions
+//                  (`first`, `seed_b`, `seed_c`, in the chunk that holds the first; exact for
+//                  offset data).
 //   stats_partial: one workgroup per (column tile, row tile); threads are laid out as
 //                  tile_cols x tile_rows (adjacent threads on adjacent columns for features-last,
 //                  all threads on one channel for channels-first). A two-pass over the tile's
@@ -128,7 +129,13 @@ fn stats_seed(
 ) {
     let c = (wid.y * groups.x + wid.x) * WG + lid;
     if c < params.channels {
-        columns[c] = vec4<f32>(x[index_of(params.first, c)], 0.0, 0.0, 0.0);
+        let a = x[index_of(params.first, c)];
+        let b = x[index_of(params.seed_b, c)];
+        let d = x[index_of(params.seed_c, c)];
+        // The median of three: the mean's f32 rounding is one of mean − shift, so a shift near
+        // the mean keeps it small where the first counted value alone lies far out (a column
+        // whose first position carries a large activation).
+        columns[c] = vec4<f32>(max(min(a, b), min(max(a, b), d)), 0.0, 0.0, 0.0);
     }
 }
 

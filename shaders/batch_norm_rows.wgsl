@@ -99,7 +99,7 @@ fn place(group: u32, lid: u32) -> Place {
     );
 }
 
-// The shift of this thread's four columns (their values at the first counted position).
+// The shift of this thread's four columns (seeded by `stats_seed`).
 fn shift_of(at: Place) -> vec4<f32> {
     if at.live {
         return gather(4u * at.column, 0u);

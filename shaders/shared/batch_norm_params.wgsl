@@ -15,7 +15,8 @@ struct Params {
     eps: f32,
     // FLAG_GAMMA | FLAG_BETA | FLAG_MASK (gpunorm::common).
     flags: u32,
-    // The first counted position, local to this chunk (stats_seed; only in the chunk holding it).
+    // The first counted position, local to this chunk (stats_seed; only in the chunk holding it);
+    // seed_b and seed_c below are the next two (or `first` again where there are none in it).
     first: u32,
     // Columns of the whole tensor, and the first column of this call's block: a tensor too wide
     // for one binding of per-column statistics runs in blocks of columns, each with statistics
@@ -25,6 +26,6 @@ struct Params {
     col_base: u32,
     // The weight of the batch in a running-statistics update (running_update).
     momentum: f32,
-    pad_b: u32,
-    pad_c: u32,
+    seed_b: u32,
+    seed_c: u32,
 }

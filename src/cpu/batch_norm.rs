@@ -677,7 +677,7 @@ fn moments(
             let mut acc = Moments::empty_for(c, dy.is_some());
             // Scratch reused by every block of the group: a block is small, columns may be many.
             let mut block_moments = Moments::empty_for(c, dy.is_some());
-            let mut scratch = vec![0f32; 2 * c];
+            let mut scratch = vec![0f32; 3 * c];
             for (b, xb) in xg.chunks(block).enumerate() {
                 let p0 = (g * per_group + b * block) / c / s * s;
                 let m = mask.map(|m| &m[p0..p0 + xb.len() / c]);
@@ -738,7 +738,7 @@ multiversion! {
     /// of `STRIP` columns after another; `next` is the block of x read after this one (may be
     /// empty), whose first tile is prefetched during the last tile of this one. Sums run along
     /// rows so the inner loop over columns vectorises; each column sums at most `SUB_ROWS`
-    /// values in f32 before adding them in f64. `scratch` holds 2 × columns values.
+    /// values in f32 before adding them in f64. `scratch` holds 3 × columns values.
     fn features_last_block(
         io: BlockIo<'_>, c: usize, mask: Option<&[bool]>, shift: &[f32],
         out: &mut Moments, scratch: &mut [f32],
@@ -764,7 +764,8 @@ fn features_last_block_body(
     if n == 0 {
         return;
     }
-    let (part, mean) = scratch.split_at_mut(c);
+    let (part, rest) = scratch.split_at_mut(c);
+    let (part_lin, mean) = rest.split_at_mut(c);
     let strip = |k: usize| k..(k + STRIP).min(c);
     for k in (0..c).step_by(STRIP) {
         let cols = strip(k);
@@ -790,14 +791,26 @@ fn features_last_block_body(
         };
         let (sh, ce) = (&shift[cols.clone()], &mut mean[cols.clone()]);
         let sums = &mut out.mean[cols.clone()];
-        column_pass::<false>(&tile, &counted, sh, &[], part, sums, Some(&ahead));
-        for (m, &s) in ce.iter_mut().zip(sums.iter()) {
-            *m = (s / n as f64) as f32;
+        column_pass::<false>(
+            &tile,
+            &counted,
+            (sh, &[]),
+            (part, &mut []),
+            (sums, &mut []),
+            Some(&ahead),
+        );
+        for (m, s) in ce.iter_mut().zip(sums.iter_mut()) {
+            *m = (*s / n as f64) as f32;
+            *s = 0.0;
         }
-        let m2 = &mut out.m2[cols.clone()];
-        column_pass::<true>(&tile, &counted, sh, ce, part, m2, None);
-        for (o, &m) in out.mean[cols.clone()].iter_mut().zip(ce.iter()) {
-            *o = m as f64;
+        // The corrected two-pass: Σ e and Σ e² of e = d − center give the mean as center +
+        // Σ e / n, in f64, however far the shift lies from it (an f32 center alone is a rounding
+        // of |mean − shift| off), and M2 = Σ e² − (Σ e)² / n.
+        let (m2, lin) = (&mut out.m2[cols.clone()], &mut out.mean[cols.clone()]);
+        column_pass::<true>(&tile, &counted, (sh, ce), (part, part_lin), (m2, lin), None);
+        for ((m2, mean), &ce) in m2.iter_mut().zip(lin.iter_mut()).zip(ce.iter()) {
+            *m2 -= *mean * *mean / n as f64;
+            *mean = ce as f64 + *mean / n as f64;
         }
         if let Some(db) = db {
             let dy = Tile {
@@ -850,30 +863,32 @@ fn gradient_pass(
     }
 }
 
-/// acc[ch] += Σ over the tile's counted rows of d (SQUARE = false) or (d − center[ch])²
-/// (SQUARE = true), d = x[row, ch] − shift[ch]; in f32 runs of `SUB_ROWS` rows that are then
-/// added in f64. `ahead` (a tile read later, with at most as many rows) is prefetched in step,
-/// row by row and segment by segment, one 64-byte line per 16 values, so requests go out evenly
-/// instead of in bursts.
+/// acc[ch] += Σ over the tile's counted rows of d (SQUARE = false), or acc[ch] += Σ e² and
+/// lin[ch] += Σ e, e = d − center[ch] (SQUARE = true), d = x[row, ch] − shift[ch]; in f32 runs
+/// of `SUB_ROWS` rows (in `part` and `part_lin`) that are then added in f64. `ahead` (a tile read
+/// later, with at most as many rows) is prefetched in step, row by row and segment by segment,
+/// one 64-byte line per 16 values, so requests go out evenly instead of in bursts. Without
+/// SQUARE, `center`, `part_lin` and `lin` are unused (may be empty).
 #[inline(always)]
 fn column_pass<const SQUARE: bool>(
     tile: &Tile<'_>,
     counted: &impl Fn(usize) -> bool,
-    shift: &[f32],
-    center: &[f32],
-    part: &mut [f32],
-    acc: &mut [f64],
+    (shift, center): (&[f32], &[f32]),
+    (part, part_lin): (&mut [f32], &mut [f32]),
+    (acc, lin): (&mut [f64], &mut [f64]),
     ahead: Option<&Tile<'_>>,
 ) {
     const SEGMENT: usize = 256;
     let (rows, width) = (tile.rows(), tile.cols.len());
     let part = &mut part[..width];
+    let part_lin = &mut part_lin[..if SQUARE { width } else { 0 }];
     let next = |r: usize| match ahead {
         Some(a) if r < a.rows() => a.row(r),
         _ => &[],
     };
     for r0 in (0..rows).step_by(SUB_ROWS) {
         part.fill(0.0);
+        part_lin.fill(0.0);
         let end_r = (r0 + SUB_ROWS).min(rows);
         // Two rows at a time: one load and store of the partial sums serve both.
         for r in (r0..end_r).step_by(2) {
@@ -887,45 +902,70 @@ fn column_pass<const SQUARE: bool>(
                 }
                 let end = k + SEGMENT.min(width - k);
                 let (p, sh) = (&mut part[k..end], &shift[k..end]);
-                let ce = if SQUARE { &center[k..end] } else { sh };
-                match live {
-                    (true, true) => add_rows::<SQUARE>(p, &a[k..end], &b[k..end], sh, ce),
-                    (true, false) => add_row::<SQUARE>(p, &a[k..end], sh, ce),
-                    (false, true) => add_row::<SQUARE>(p, &b[k..end], sh, ce),
-                    (false, false) => {}
+                let rows = match live {
+                    (true, true) => [Some(&a[k..end]), Some(&b[k..end])],
+                    (true, false) => [Some(&a[k..end]), None],
+                    (false, true) => [Some(&b[k..end]), None],
+                    (false, false) => [None, None],
+                };
+                if SQUARE {
+                    let (q, ce) = (&mut part_lin[k..end], &center[k..end]);
+                    add_centered(p, q, rows, sh, ce);
+                } else {
+                    add_shifted(p, rows, sh);
                 }
             }
         }
         for (a, &p) in acc.iter_mut().zip(part.iter()) {
             *a += p as f64;
         }
+        for (a, &p) in lin.iter_mut().zip(part_lin.iter()) {
+            *a += p as f64;
+        }
     }
 }
 
-/// The term row `v` adds to column sum `p`: v − shift, or (v − shift − center)² with SQUARE.
+/// p += v − sh of one or two rows (the two added to each other first).
 #[inline(always)]
-fn term<const SQUARE: bool>(v: f32, sh: f32, ce: f32) -> f32 {
-    if SQUARE {
-        let e = (v - sh) - ce;
-        e * e
-    } else {
-        v - sh
+fn add_shifted(p: &mut [f32], rows: [Option<&[f32]>; 2], sh: &[f32]) {
+    match rows {
+        [Some(a), Some(b)] => {
+            for (((p, &a), &b), &sh) in p.iter_mut().zip(a).zip(b).zip(sh) {
+                *p += (a - sh) + (b - sh);
+            }
+        }
+        [Some(a), None] => {
+            for ((p, &a), &sh) in p.iter_mut().zip(a).zip(sh) {
+                *p += a - sh;
+            }
+        }
+        _ => {}
     }
 }
 
-/// p += the terms of one row.
+/// p += e² and q += e, e = (v − sh) − ce, of one or two rows (the two added to each other
+/// first).
 #[inline(always)]
-fn add_row<const SQUARE: bool>(p: &mut [f32], v: &[f32], sh: &[f32], ce: &[f32]) {
-    for (((p, &v), &sh), &ce) in p.iter_mut().zip(v).zip(sh).zip(ce) {
-        *p += term::<SQUARE>(v, sh, ce);
-    }
-}
-
-/// p += the terms of two rows, added to each other first.
-#[inline(always)]
-fn add_rows<const SQUARE: bool>(p: &mut [f32], a: &[f32], b: &[f32], sh: &[f32], ce: &[f32]) {
-    for ((((p, &a), &b), &sh), &ce) in p.iter_mut().zip(a).zip(b).zip(sh).zip(ce) {
-        *p += term::<SQUARE>(a, sh, ce) + term::<SQUARE>(b, sh, ce);
+fn add_centered(p: &mut [f32], q: &mut [f32], rows: [Option<&[f32]>; 2], sh: &[f32], ce: &[f32]) {
+    let e = |v: f32, sh: f32, ce: f32| (v - sh) - ce;
+    match rows {
+        [Some(a), Some(b)] => {
+            let values = a.iter().zip(b).zip(sh.iter().zip(ce));
+            for ((p, q), ((&a, &b), (&sh, &ce))) in p.iter_mut().zip(q).zip(values) {
+                let (ea, eb) = (e(a, sh, ce), e(b, sh, ce));
+                *p += ea * ea + eb * eb;
+                *q += ea + eb;
+            }
+        }
+        [Some(a), None] => {
+            let values = a.iter().zip(sh.iter().zip(ce));
+            for ((p, q), (&a, (&sh, &ce))) in p.iter_mut().zip(q).zip(values) {
+                let ea = e(a, sh, ce);
+                *p += ea * ea;
+                *q += ea;
+            }
+        }
+        _ => {}
     }
 }
 
@@ -963,9 +1003,11 @@ fn channels_first_plane(
     {
         match mask {
             None => {
+                // The corrected two-pass, as for features-last tiles.
                 let m = (super::sum_shifted(run, sh) / s as f64) as f32;
-                *mean = m as f64;
-                *m2 = super::sum_sq_centered(run, sh, m, &[]);
+                let lin = super::sum_centered(run, sh, m);
+                *mean = m as f64 + lin / s as f64;
+                *m2 = super::sum_sq_centered(run, sh, m, &[]) - lin * lin / s as f64;
             }
             Some(mk) => {
                 let kept = || run.iter().zip(mk).filter(|(_, &k)| k).map(|(&v, _)| v);
@@ -1267,7 +1309,7 @@ mod tests {
             let shift: Vec<f32> = x[..c].to_vec();
             let dy: Vec<f32> = x.iter().map(|v| v.sin()).collect();
             let (mut a, mut b) = (Moments::empty_for(c, true), Moments::empty_for(c, true));
-            let mut scratch = vec![0f32; 2 * c];
+            let mut scratch = vec![0f32; 3 * c];
             let io = ((&x[..], Some(&dy[..])), &[][..]);
             features_last_block(io, c, Some(&mask), &shift, &mut a, &mut scratch);
             features_last_block_body(io, c, Some(&mask), &shift, &mut b, &mut scratch);

@@ -203,6 +203,20 @@ pub(crate) fn sum_shifted(x: &[f32], shift: f32) -> f64 {
     total
 }
 
+/// Σ (x − shift − center): with [`sum_sq_centered`], the corrected two-pass's correction.
+#[inline(always)]
+pub(crate) fn sum_centered(x: &[f32], shift: f32, center: f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(BLOCK) {
+        total += lanes_sum(
+            block,
+            #[inline(always)]
+            |v| (v - shift) - center,
+        ) as f64;
+    }
+    total
+}
+
 /// Σ (x − shift − center)². While it works on `x` (in cache) it prefetches `ahead` (the data
 /// to be read next; may be empty), one 64-byte line per 16 values, so memory keeps streaming.
 #[inline(always)]

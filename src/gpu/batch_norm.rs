@@ -161,8 +161,8 @@ struct BatchNormParams {
     stride: u32,
     col_base: u32,
     momentum: f32,
-    pad_b: u32,
-    pad_c: u32,
+    seed_b: u32,
+    seed_c: u32,
 }
 const _: () = assert!(std::mem::size_of::<BatchNormParams>() == 64);
 
@@ -555,6 +555,12 @@ impl Plan {
             .step_by(items * item)
             .map(|start| start..(start + items * item).min(len))
             .collect();
+        // The first three counted positions: each column's shift is the median of its values
+        // there (see `stats_seed`).
+        let seeds: Vec<usize> = (first..shape.positions)
+            .filter(|&p| opts.mask.is_none_or(|m| m[p]))
+            .take(3)
+            .collect();
         // Tiles of one chunk and block share one partials buffer, which must fit one binding.
         let max_row_tiles =
             usize::try_from(limit / (width as u64 * COLUMN_BYTES)).unwrap_or(usize::MAX);
@@ -573,10 +579,16 @@ impl Plan {
                 max_row_tiles,
                 (rows, hold),
             )?;
-            p.first = first
-                .checked_sub(p0)
-                .filter(|&f| f < positions)
-                .unwrap_or(0) as u32;
+            // Seeds local to the chunk; those outside it (in another chunk) repeat the first.
+            let local = |p: usize| p.checked_sub(p0).filter(|&f| f < positions);
+            p.first = local(first).unwrap_or(0) as u32;
+            let seed = |k: usize| {
+                seeds
+                    .get(k)
+                    .and_then(|&p| local(p))
+                    .map_or(p.first, |f| f as u32)
+            };
+            (p.seed_b, p.seed_c) = (seed(1), seed(2));
             p.stride = c as u32;
             p.col_base = block.start as u32;
             Ok(p)
@@ -752,8 +764,8 @@ impl BatchNormParams {
             stride: 0,
             col_base: 0,
             momentum: 0.0,
-            pad_b: 0,
-            pad_c: 0,
+            seed_b: 0,
+            seed_c: 0,
         })
     }
 }
@@ -1436,8 +1448,8 @@ mod tests {
             stride,
             col_base,
             momentum,
-            pad_b,
-            pad_c
+            seed_b,
+            seed_c
         });
         for source in [
             Source::BatchNorm,
