@@ -16,7 +16,7 @@ cargo build --release --quiet
 date -u +"%Y-%m-%d %H:%M UTC"; nproc; grep -m1 "model name" /proc/cpuinfo || true
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$python" ../shared/anchors/torch_cpu_anchor.py "${shapes[@]}"
 target/release/gpunorm bench --cpu --threads 2 --shapes "$list" \
-    --ops layer_norm_alloc,rms_norm_alloc,layer_norm_backward,rms_norm_backward,add_layer_norm
+    --ops layer_norm_alloc,rms_norm_alloc,layer_norm_backward_alloc,rms_norm_backward_alloc,add_layer_norm
 for dtype in f16 bf16; do
     target/release/gpunorm bench --cpu --threads 2 --shapes "$list" --dtype "$dtype" \
         --ops layer_norm_alloc,layer_norm,rms_norm_alloc,rms_norm

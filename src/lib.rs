@@ -71,12 +71,12 @@ pub use gpu::tensor::{
 pub use normalizer::Normalizer;
 pub use ops::batch_norm::{
     mask_from_lengths, BatchNorm, BatchNormGrads, BatchNormOutput, BatchStats, ChannelsFirst,
-    ParamGrads, RunningStats,
+    RunningStats,
 };
 pub use ops::layer_norm::{AddNormOutput, LayerNorm, LayerNormGrads, RowStats, SavedNormOutput};
 pub use ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};
 pub use ops::rms_norm::{RmsNorm, RmsNormGrads};
-pub use ops::Timing;
+pub use ops::{ParamGrads, Timing};
 
 /// The README's example, compiled and run as a doctest so it cannot go stale.
 #[cfg(doctest)]

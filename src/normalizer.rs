@@ -58,27 +58,42 @@ impl Engine {
         }
     }
 
-    /// The backward pass of LayerNorm or RMSNorm on tensors of `T`: dx, dgamma and dbeta, each
-    /// row's statistics taken from `saved` where given.
+    /// The backward pass of LayerNorm or RMSNorm on tensors of `T`: dx into `dx`, and dgamma and
+    /// dbeta, each row's statistics taken from `saved` where given.
     async fn layer_norm_backward_of<T: Element>(
+        &self,
+        x_dy: (&[T], &[T]),
+        dx: &mut [T],
+        features: usize,
+        op: (&LayerNorm<'_>, RowNorm),
+        saved: Option<&[[f32; 4]]>,
+    ) -> Result<(ParamGrads, Timing), NormError> {
+        let (dgamma, dbeta, timing) = match self {
+            Engine::Cpu(cpu) => {
+                cpu.layer_norm_backward(x_dy, dx, features, op, saved)
+                    .await?
+            }
+            Engine::Gpu(ctx) => {
+                ctx.layer_norm_backward(x_dy, dx, features, op, saved)
+                    .await?
+            }
+        };
+        Ok((ParamGrads { dgamma, dbeta }, timing))
+    }
+
+    /// [`Engine::layer_norm_backward_of`] into a new dx.
+    async fn layer_norm_backward_alloc<T: Element>(
         &self,
         x_dy: (&[T], &[T]),
         features: usize,
         op: (&LayerNorm<'_>, RowNorm),
         saved: Option<&[[f32; 4]]>,
-    ) -> Result<(Vec<T>, Vec<f32>, Vec<f32>), NormError> {
+    ) -> Result<(Vec<T>, ParamGrads), NormError> {
         let mut dx = new_output(x_dy.0.len());
-        let (dgamma, dbeta, _) = match self {
-            Engine::Cpu(cpu) => {
-                cpu.layer_norm_backward(x_dy, &mut dx, features, op, saved)
-                    .await?
-            }
-            Engine::Gpu(ctx) => {
-                ctx.layer_norm_backward(x_dy, &mut dx, features, op, saved)
-                    .await?
-            }
-        };
-        Ok((dx, dgamma, dbeta))
+        let (grads, _) = self
+            .layer_norm_backward_of(x_dy, &mut dx, features, op, saved)
+            .await?;
+        Ok((dx, grads))
     }
 
     async fn batch_norm_train(
@@ -705,11 +720,45 @@ impl Normalizer {
     ) -> Result<LayerNormGrads<T>, NormError> {
         layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
         let op = (opts, RowNorm::Layer);
-        let (dx, dgamma, dbeta) = self
+        let (dx, ParamGrads { dgamma, dbeta }) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, op, None)
+            .layer_norm_backward_alloc((x, dy), features, op, None)
             .await?;
         Ok(LayerNormGrads { dx, dgamma, dbeta })
+    }
+
+    /// [`Normalizer::layer_norm_backward`] with dx written into a buffer the caller owns,
+    /// `dx.len() == x.len()`; returns dgamma and dbeta, and where the time went. In a training
+    /// loop, one dx buffer reused step after step spares the fresh memory each new dx costs.
+    /// Errors as [`Normalizer::layer_norm_backward`] does, and when `dx` has another length; a
+    /// refused call leaves `dx` as it was.
+    pub fn layer_norm_backward_into<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
+        let work = self.layer_norm_backward_into_async(x, dy, features, opts, dx);
+        self.block("layer_norm_backward_into", work)
+    }
+
+    /// [`Normalizer::layer_norm_backward_into`], awaited.
+    pub async fn layer_norm_backward_into_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &LayerNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(ParamGrads, Timing), NormError> {
+        layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
+        check_output(x, dx)?;
+        let op = (opts, RowNorm::Layer);
+        self.engine
+            .layer_norm_backward_of((x, dy), dx, features, op, None)
+            .await
     }
 
     /// The gradients of [`Normalizer::rms_norm`] with respect to x and gamma, given the upstream
@@ -739,11 +788,44 @@ impl Normalizer {
     ) -> Result<RmsNormGrads<T>, NormError> {
         let (opts, kind) = opts.as_row_norm();
         layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
-        let (dx, dgamma, _) = self
+        let (dx, ParamGrads { dgamma, .. }) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, (&opts, kind), None)
+            .layer_norm_backward_alloc((x, dy), features, (&opts, kind), None)
             .await?;
         Ok(RmsNormGrads { dx, dgamma })
+    }
+
+    /// [`Normalizer::rms_norm_backward`] with dx written into a buffer the caller owns, as
+    /// [`Normalizer::layer_norm_backward_into`]; returns dgamma, and where the time went.
+    pub fn rms_norm_backward_into<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(Vec<f32>, Timing), NormError> {
+        let work = self.rms_norm_backward_into_async(x, dy, features, opts, dx);
+        self.block("rms_norm_backward_into", work)
+    }
+
+    /// [`Normalizer::rms_norm_backward_into`], awaited.
+    pub async fn rms_norm_backward_into_async<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        features: usize,
+        opts: &RmsNorm<'_>,
+        dx: &mut [T],
+    ) -> Result<(Vec<f32>, Timing), NormError> {
+        let (opts, kind) = opts.as_row_norm();
+        layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
+        check_output(x, dx)?;
+        let (grads, timing) = self
+            .engine
+            .layer_norm_backward_of((x, dy), dx, features, (&opts, kind), None)
+            .await?;
+        Ok((grads.dgamma, timing))
     }
 
     /// [`Normalizer::layer_norm`] that also saves each row's statistics for the backward pass
@@ -854,9 +936,9 @@ impl Normalizer {
         let rows = layer_norm::validate_backward(x.len(), dy.len(), features, opts)?;
         let op = (opts, RowNorm::Layer);
         stats.check(rows, features, op)?;
-        let (dx, dgamma, dbeta) = self
+        let (dx, ParamGrads { dgamma, dbeta }) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, op, Some(&stats.moments))
+            .layer_norm_backward_alloc((x, dy), features, op, Some(&stats.moments))
             .await?;
         Ok(LayerNormGrads { dx, dgamma, dbeta })
     }
@@ -888,9 +970,9 @@ impl Normalizer {
         let (opts, kind) = opts.as_row_norm();
         let rows = layer_norm::validate_backward(x.len(), dy.len(), features, &opts)?;
         stats.check(rows, features, (&opts, kind))?;
-        let (dx, dgamma, _) = self
+        let (dx, ParamGrads { dgamma, .. }) = self
             .engine
-            .layer_norm_backward_of((x, dy), features, (&opts, kind), Some(&stats.moments))
+            .layer_norm_backward_alloc((x, dy), features, (&opts, kind), Some(&stats.moments))
             .await?;
         Ok(RmsNormGrads { dx, dgamma })
     }

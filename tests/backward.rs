@@ -544,33 +544,90 @@ per_backend! {
 }
 
 per_backend! {
-    /// The form into a caller's dx gives the allocating form's bits, on f32 and f16, and a dx
-    /// of the wrong length is refused with nothing written.
-    fn batch_norm_backward_into_a_caller_buffer(name, norm) {
+    /// The backward passes into a caller's dx give the allocating forms' bits, on f32 and f16,
+    /// and a dx of the wrong length is refused with nothing written.
+    fn backward_into_a_caller_buffer(name, norm) {
         let (rows, features) = (300, 16);
         let (x, dy) = (ordinary(rows * features, 81), ordinary(rows * features, 82));
         let mask: Vec<bool> = (0..rows).map(|r| r % 6 != 1).collect();
-        let opts = BatchNorm { mask: Some(&mask), ..Default::default() };
-        let whole = norm.batch_norm_backward(&x, &dy, features, &opts).unwrap();
-        let mut dx = vec![7.0f32; x.len()];
-        let (grads, _) = norm.batch_norm_backward_into(&x, &dy, features, &opts, &mut dx).unwrap();
-        assert_eq!((dx, grads.dgamma, grads.dbeta), (whole.dx, whole.dgamma, whole.dbeta), "{name}");
-
+        let gamma = data(features, 1.0, 0.5, 83);
+        let bn = BatchNorm { mask: Some(&mask), ..Default::default() };
+        let ln = LayerNorm { gamma: Some(&gamma), ..Default::default() };
+        let rms = RmsNorm { gamma: Some(&gamma), ..Default::default() };
+        check_into(name, norm, (&x, &dy), features, (&ln, &rms, &bn), 7.0);
         let half = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
-        let (xh, dyh) = (half(&x), half(&dy));
-        let whole = norm.batch_norm_backward(&xh, &dyh, features, &opts).unwrap();
-        let mut dx = vec![f16::ONE; x.len()];
-        let (grads, _) = norm.batch_norm_backward_into(&xh, &dyh, features, &opts, &mut dx).unwrap();
-        assert_eq!((dx, grads.dgamma, grads.dbeta), (whole.dx, whole.dgamma, whole.dbeta), "{name} f16");
-
-        let mut short = vec![7.0f32; x.len() - 1];
-        assert_eq!(
-            norm.batch_norm_backward_into(&x, &dy, features, &opts, &mut short),
-            Err(NormError::OutputLength { len: x.len() - 1, expected: x.len() }),
-            "{name}"
-        );
-        assert!(short.iter().all(|&v| v == 7.0), "{name}: a refused call wrote dx");
+        check_into(name, norm, (&half(&x), &half(&dy)), features, (&ln, &rms, &bn), f16::from_f32(7.0));
     }
+}
+
+/// [`backward_into_a_caller_buffer`] on tensors of one element type; dx buffers start as `fill`.
+fn check_into<T: gpunorm::Element>(
+    name: &str,
+    norm: &Normalizer,
+    (x, dy): (&[T], &[T]),
+    features: usize,
+    (ln, rms, bn): (&LayerNorm, &RmsNorm, &BatchNorm),
+    fill: T,
+) {
+    let fresh = || vec![fill; x.len()];
+    let what = format!("{name} {}", std::any::type_name::<T>());
+
+    let whole = norm.layer_norm_backward(x, dy, features, ln).unwrap();
+    let mut dx = fresh();
+    let (grads, _) = norm
+        .layer_norm_backward_into(x, dy, features, ln, &mut dx)
+        .unwrap();
+    assert_eq!(
+        (dx, grads.dgamma, grads.dbeta),
+        (whole.dx, whole.dgamma, whole.dbeta),
+        "{what}: LayerNorm"
+    );
+
+    let whole = norm.rms_norm_backward(x, dy, features, rms).unwrap();
+    let mut dx = fresh();
+    let (dgamma, _) = norm
+        .rms_norm_backward_into(x, dy, features, rms, &mut dx)
+        .unwrap();
+    assert_eq!((dx, dgamma), (whole.dx, whole.dgamma), "{what}: RMSNorm");
+
+    let whole = norm.batch_norm_backward(x, dy, features, bn).unwrap();
+    let mut dx = fresh();
+    let (grads, _) = norm
+        .batch_norm_backward_into(x, dy, features, bn, &mut dx)
+        .unwrap();
+    assert_eq!(
+        (dx, grads.dgamma, grads.dbeta),
+        (whole.dx, whole.dgamma, whole.dbeta),
+        "{what}: BatchNorm"
+    );
+
+    let mut short = vec![fill; x.len() - 1];
+    let refused = Err(NormError::OutputLength {
+        len: x.len() - 1,
+        expected: x.len(),
+    });
+    assert_eq!(
+        norm.layer_norm_backward_into(x, dy, features, ln, &mut short)
+            .map(|_| ()),
+        refused,
+        "{what}"
+    );
+    assert_eq!(
+        norm.rms_norm_backward_into(x, dy, features, rms, &mut short)
+            .map(|_| ()),
+        refused,
+        "{what}"
+    );
+    assert_eq!(
+        norm.batch_norm_backward_into(x, dy, features, bn, &mut short)
+            .map(|_| ()),
+        refused,
+        "{what}"
+    );
+    assert!(
+        short.iter().all(|&v| v == fill),
+        "{what}: a refused call wrote dx"
+    );
 }
 
 per_backend! {

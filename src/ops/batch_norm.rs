@@ -189,17 +189,6 @@ pub struct BatchNormGrads<T = f32> {
     pub dbeta: Vec<f32>,
 }
 
-/// The gradients of gamma and beta, from
-/// [`Normalizer::batch_norm_backward_into`](crate::Normalizer::batch_norm_backward_into), which
-/// writes dx into the caller's buffer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamGrads {
-    /// The gradient of gamma, one value per channel (of a gamma of ones where none was given).
-    pub dgamma: Vec<f32>,
-    /// The gradient of beta, one value per channel (of a beta of zeros where none was given).
-    pub dbeta: Vec<f32>,
-}
-
 /// A BatchNorm tensor seen as [batch, channels, spatial]; features-last is spatial = 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Shape {

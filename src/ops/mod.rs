@@ -14,6 +14,17 @@ use batch_norm::{BatchNorm, BatchStats, Counted, RunningStats, Shape};
 use layer_norm::{LayerNorm, RowNorm, RowOutputs};
 use partial::{ColumnGrads, ColumnStats};
 
+/// The gradients of gamma and beta from a backward pass that wrote dx into the caller's buffer
+/// ([`Normalizer::layer_norm_backward_into`](crate::Normalizer::layer_norm_backward_into),
+/// [`Normalizer::batch_norm_backward_into`](crate::Normalizer::batch_norm_backward_into)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGrads {
+    /// The gradient of gamma, one value per feature (of a gamma of ones where none was given).
+    pub dgamma: Vec<f32>,
+    /// The gradient of beta, one value per feature (of a beta of zeros where none was given).
+    pub dbeta: Vec<f32>,
+}
+
 /// Where an op's time went, for callers that measure (returned by the `*_into` methods).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timing {

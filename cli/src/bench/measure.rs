@@ -105,7 +105,7 @@ impl Op {
     }
 
     /// One call, timed end to end. A backward pass takes x as its dy too, the fused add as its
-    /// residual; the LayerNorm family's return new vectors (they have no `_into` form yet).
+    /// residual (it returns new vectors: it has no `_into` form yet).
     fn call<T: Element>(
         &self,
         norm: &Normalizer,
@@ -125,7 +125,10 @@ impl Op {
             (Kind::LayerNorm, true) => drop_timed(norm.layer_norm(x, features, &ln)?),
             (Kind::RmsNorm, false) => norm.rms_norm_into(x, features, &rms, y)?,
             (Kind::RmsNorm, true) => drop_timed(norm.rms_norm(x, features, &rms)?),
-            (Kind::LayerNormBackward, _) => {
+            (Kind::LayerNormBackward, false) => {
+                norm.layer_norm_backward_into(x, x, features, &ln, y)?.1
+            }
+            (Kind::LayerNormBackward, true) => {
                 drop_timed(norm.layer_norm_backward(x, x, features, &ln)?)
             }
             (Kind::LayerNormStep, _) => {
@@ -137,7 +140,12 @@ impl Op {
                 let grads = norm.layer_norm_backward_saved(x, &out.y, features, &ln, &out.stats)?;
                 drop_timed((grads, out))
             }
-            (Kind::RmsNormBackward, _) => drop_timed(norm.rms_norm_backward(x, x, features, &rms)?),
+            (Kind::RmsNormBackward, false) => {
+                norm.rms_norm_backward_into(x, x, features, &rms, y)?.1
+            }
+            (Kind::RmsNormBackward, true) => {
+                drop_timed(norm.rms_norm_backward(x, x, features, &rms)?)
+            }
             (Kind::AddLayerNorm, _) => drop_timed(norm.add_layer_norm(x, x, features, &ln)?),
             (Kind::BatchNormBackward, false) => {
                 norm.batch_norm_backward_into(x, x, features, &bn, y)?.1

@@ -21,18 +21,19 @@ use crate::error::{CliError, CliResult};
 use measure::Op;
 
 /// The ops a sweep can run: the `*_into` forms into a reused buffer, `*_alloc`, the forms
-/// that return a new `Vec` each call, the LayerNorm family's backward passes (new `Vec`s,
-/// dy = x), BatchNorm's backward in both forms (dy = x) and the fused add (new `Vec`s,
-/// residual = x).
+/// that return a new `Vec` each call (the backward passes take dy = x), the training steps
+/// (new `Vec`s) and the fused add (new `Vec`s, residual = x).
 pub const OPS: &[&str] = &[
     "layer_norm",
     "layer_norm_alloc",
     "rms_norm",
     "rms_norm_alloc",
     "layer_norm_backward",
+    "layer_norm_backward_alloc",
     "layer_norm_step",
     "layer_norm_step_saved",
     "rms_norm_backward",
+    "rms_norm_backward_alloc",
     "add_layer_norm",
     "batch_norm_backward",
     "batch_norm_backward_alloc",
