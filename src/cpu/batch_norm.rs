@@ -433,7 +433,7 @@ fn dx_of(v: f32, d: f32, [m, a, m1, b]: [f64; 4]) -> f32 {
 }
 
 /// Features-last dx starting at column `ch0` of a row; `mask` is (the block's mask, the row
-/// `out` starts in). Walks `out` row by row so each inner loop is a plain zip over columns.
+/// `out` starts in).
 #[inline(always)]
 fn dx_rows(
     out: &mut [f32],
@@ -442,7 +442,31 @@ fn dx_rows(
     mask: Option<(&[bool], usize)>,
     coef: &[[f64; 4]],
 ) {
-    let c = coef.len();
+    row_pieces(
+        out,
+        (coef.len(), ch0),
+        mask,
+        #[inline(always)]
+        |part, done, span| {
+            let values = x[done..].iter().zip(&dy[done..]);
+            for ((o, (&v, &d)), &k) in part.iter_mut().zip(values).zip(&coef[span]) {
+                *o = dx_of(v, d, k);
+            }
+        },
+    );
+}
+
+/// Walks features-last output `out` of rows of `c` values, starting at column `ch0` of a row,
+/// one piece of a row at a time, so each inner loop is a plain zip over columns:
+/// `fill(part, done, columns)` writes each piece of a counted row (`done` values of `out` before
+/// it); a masked row's pieces are 0. `mask` is (the block's mask, the row `out` starts in).
+#[inline(always)]
+fn row_pieces(
+    out: &mut [f32],
+    (c, ch0): (usize, usize),
+    mask: Option<(&[bool], usize)>,
+    fill: impl Fn(&mut [f32], usize, Range<usize>),
+) {
     let (mut done, mut ch, mut row) = (0, ch0, mask.map_or(0, |m| m.1));
     while done < out.len() {
         let len = (c - ch).min(out.len() - done);
@@ -450,10 +474,7 @@ fn dx_rows(
         if mask.is_some_and(|(m, _)| !m[row]) {
             part.fill(0.0);
         } else {
-            let values = x[done..done + len].iter().zip(&dy[done..done + len]);
-            for ((o, (&v, &d)), &k) in part.iter_mut().zip(values).zip(&coef[ch..]) {
-                *o = dx_of(v, d, k);
-            }
+            fill(part, done, ch..ch + len);
         }
         done += len;
         ch = 0;
@@ -1084,7 +1105,7 @@ fn apply_block_body(
 }
 
 /// Features-last output starting at column `ch0` of a row; `mask` is (the block's mask, the row
-/// `out` starts in). Walks `out` row by row so each inner loop is a plain zip over columns.
+/// `out` starts in).
 #[inline(always)]
 fn fill_rows(
     out: &mut [f32],
@@ -1093,31 +1114,24 @@ fn fill_rows(
     mask: Option<(&[bool], usize)>,
     cols: &Columns,
 ) {
-    let c = cols.shift.len();
-    let (mut done, mut ch, mut row) = (0, ch0, mask.map_or(0, |m| m.1));
-    while done < out.len() {
-        let len = (c - ch).min(out.len() - done);
-        let part = &mut out[done..done + len];
-        if mask.is_some_and(|(m, _)| !m[row]) {
-            part.fill(0.0);
-        } else {
-            let xs = &x[done..done + len];
-            let span = ch..ch + len;
+    row_pieces(
+        out,
+        (cols.shift.len(), ch0),
+        mask,
+        #[inline(always)]
+        |part, done, span| {
             let (sh, ce) = (&cols.shift[span.clone()], &cols.center[span.clone()]);
             let (sc, of) = (&cols.scale[span.clone()], &cols.offset[span]);
             for (((o, &v), (&sh, &ce)), (&sc, &of)) in part
                 .iter_mut()
-                .zip(xs)
+                .zip(&x[done..])
                 .zip(sh.iter().zip(ce))
                 .zip(sc.iter().zip(of))
             {
                 *o = ((v - sh) - ce) * sc + of;
             }
-        }
-        done += len;
-        ch = 0;
-        row += 1;
-    }
+        },
+    );
 }
 
 /// Channels-first output for part of one channel's run: constants k = (shift, center, scale,
