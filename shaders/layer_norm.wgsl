@@ -238,6 +238,24 @@ fn scaled_rstd(var_: f32, s: f32) -> f32 {
     return inverseSqrt(var_ + e);
 }
 
+// The shift of a row scaled by `s` (2^-100 or 2^100): x0 * s, through the exponent bits
+// wherever the product is a normal number, so the same bits as the product. The rows are then
+// centred as x * s - shift, and shift must not read as a product with s there: Vulkan's float
+// rules let a compiler rewrite x * s - x0 * s as (x - x0) * s, which overflows for the very rows
+// this path exists for. (On an H100, [f32::MAX, -f32::MAX] normalized to NaN where llvmpipe
+// gives ±1; this rewrite is the suspected cause, not yet confirmed on the card.)
+fn scaled_shift(x0: f32, s: f32) -> f32 {
+    let bits = bitcast<u32>(x0);
+    let e = (bits >> 23u) & 0xffu;
+    if s < 1.0 && e > 100u && e < 255u {
+        return bitcast<f32>(bits - (100u << 23u));
+    }
+    if s > 1.0 && e > 0u && e < 155u {
+        return bitcast<f32>(bits + (100u << 23u));
+    }
+    return x0 * s;
+}
+
 // (shift, mean_d, var) of the row at `base` scaled by `s`, by one thread alone, in runs of RUN
 // values: the rare path of `layer_norm_held`, which needs no barrier, so rows of a workgroup take
 // it or not independently.
@@ -248,7 +266,7 @@ fn serial_stats(base: u32, s: f32) -> vec3<f32> {
     let shift = 0.0;
     let mean_d = 0.0;
 #else
-    let shift = first(load(base)) * s;
+    let shift = scaled_shift(first(load(base)), s);
     var sum = 0.0;
     for (var run = 0u; run < n; run += RUN) {
         var part = 0.0;
@@ -385,7 +403,7 @@ fn looped_stats(inv: Invocation, base: u32, s: f32) -> vec3<f32> {
     let shift = 0.0;
     let mean_d = 0.0;
 #else
-    let shift = first(load(base)) * s;
+    let shift = scaled_shift(first(load(base)), s);
     var sum = 0.0;
     for (var i = inv.lid; i < n; i += WG) {
         sum += hsum(load(base + i) * s - shift);
