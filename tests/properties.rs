@@ -2,11 +2,11 @@
 //! to 1e30 (past where f32 statistics overflow or lose their bits) with offsets up to 100× the
 //! spread, gamma, beta and masks, and a NaN in some row. Every call either matches the f64
 //! reference within tolerance or (where a NaN is in its row) gives NaN there only; GPU results
-//! repeat bit for bit.
+//! repeat bit for bit. BatchNorm's backward pass runs on the same batches.
 
 mod common;
 
-use common::max_err;
+use common::{dx_error, max_err};
 use gpunorm::{reference, BatchNorm, LayerNorm};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -150,6 +150,39 @@ per_backend! {
                     let again = norm.batch_norm_train(&b.x, b.features, &opts).unwrap();
                     prop_assert!(bits(&again.y) == bits(&out.y), "{name}: not repeatable");
                 }
+                Ok(())
+            })
+            .unwrap();
+    }
+}
+
+per_backend! {
+    /// BatchNorm's backward pass on the same batches (no NaN), dy with a mean far from 0:
+    /// dx against each feature's largest gradient, dbeta relative, and dgamma relative to the
+    /// larger of |dgamma| and |Σ dy| / 512 (its sensitivity to the mean; see tests/backward.rs).
+    fn batch_norm_backward_matches_the_reference(name, norm) {
+        runner()
+            .run(&batches(), |b| {
+                let opts = BatchNorm {
+                    gamma: b.gamma.as_deref(),
+                    beta: b.beta.as_deref(),
+                    mask: Some(&b.mask),
+                    ..Default::default()
+                };
+                let dy: Vec<f32> = (0..b.x.len()).map(|i| (i as f32 * 0.7).sin() + 0.3).collect();
+                let got = norm.batch_norm_backward(&b.x, &dy, b.features, &opts).unwrap();
+                let (dx, dgamma, dbeta) = reference::batch_norm_backward(&b.x, &dy, b.features, &opts);
+                let dx_err = dx_error(&got.dx, &dx, b.x.len());
+                prop_assert!(dx_err < TOL, "{name}: dx error {dx_err:e}");
+                let dbeta_err = max_err(&got.dbeta, &dbeta);
+                prop_assert!(dbeta_err < TOL, "{name}: dbeta error {dbeta_err:e}");
+                for ((&g, &r), &sum_dy) in got.dgamma.iter().zip(&dgamma).zip(&dbeta) {
+                    let err = (g as f64 - r).abs() / r.abs().max(1.0).max(sum_dy.abs() / 512.0);
+                    prop_assert!(err < TOL, "{name}: dgamma {g} vs {r}");
+                }
+                let masked = (0..b.rows).filter(|&r| !b.mask[r]);
+                let zero = |r: usize| got.dx[r * b.features..(r + 1) * b.features].iter().all(|&v| v == 0.0);
+                prop_assert!(masked.clone().all(zero), "{name}: a masked row's dx is not 0");
                 Ok(())
             })
             .unwrap();
