@@ -104,6 +104,14 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
             y == once,
             "{at}: layer_norm is not the f32 result rounded once"
         );
+        // Saved statistics are those of the f32 op on the same values, and y is layer_norm's.
+        let saved = norm.layer_norm_saving(&x, features, &ln).unwrap();
+        assert!(saved.y == y, "{at}: layer_norm_saving's y");
+        let f32_stats = norm.layer_norm_saving(&xw, features, &ln).unwrap().stats;
+        assert_eq!(
+            saved.stats, f32_stats,
+            "{at}: layer_norm_saving's statistics"
+        );
         let y = norm.rms_norm(&x, features, &rms).unwrap();
         let e = max_err(&wide(&y), &reference::rms_norm(&xw, features, &rms));
         assert!(e <= tol, "{at}: rms_norm {e}");
