@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::{multiversion, should_stream, stream_fence, write_out};
 use crate::element::{narrow_all, widen_all};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, RunningStats, Shape};
-use crate::ops::partial::{ColumnGrads, ColumnStats, PartialGrads, PartialStats};
+use crate::ops::partial::{ColumnGrads, ColumnStats, PartialStats};
 use crate::ops::stats_out_of_range;
 use crate::Element;
 
@@ -55,49 +55,103 @@ pub(crate) fn train(
 
 /// The backward pass of training: dx into `dx` (0 on masked positions) and the per-channel sums
 /// (dgamma = Σ dy · xhat, dbeta = Σ dy) over the counted positions. The statistics are the
-/// forward's, and the sums are taken with them, as Σ dy and Σ dy · (x − shift) in f64 while each
-/// tile of x is in cache: dgamma = rstd · (Σ dy · (x − shift) − (mean − shift) · Σ dy) (columns
-/// out of f32's range are summed again in f64 around their mean). So x and dy are read twice in
-/// all, once for the statistics and sums and once for dx. Blocks of positions are fixed by the shape
-/// and added in block order, so the result does not depend on the thread count. Masked
+/// forward's, and the sums are taken with them ([`stats_and_sums`]), so x and dy are read twice
+/// in all, once for the statistics and sums and once for dx. Blocks of positions are fixed by the
+/// shape and added in block order, so the result does not depend on the thread count. Masked
 /// positions are skipped, never multiplied by 0: whatever they hold changes nothing else.
 pub(crate) fn backward(
-    (x, dy): (&[f32], &[f32]),
+    x_dy: (&[f32], &[f32]),
     dx: &mut [f32],
     shape: &Shape,
     opts: &BatchNorm<'_>,
-    (first, count): (usize, usize),
 ) -> (Vec<f32>, Vec<f32>) {
+    let (stats, grads) = merged_grads(vec![stats_and_sums(x_dy, shape, opts)], opts.eps);
+    apply_grads(x_dy, dx, shape, opts, (&stats, &grads));
+    grads_of(&grads)
+}
+
+/// (dgamma, dbeta) of merged sums, as f32.
+fn grads_of(grads: &[ColumnGrads]) -> (Vec<f32>, Vec<f32>) {
+    (
+        grads.iter().map(|g| g.sum_dy_xhat as f32).collect(),
+        grads.iter().map(|g| g.sum_dy as f32).collect(),
+    )
+}
+
+/// A shard's statistics per column, and its (Σ dy, Σ dy · (x − shift)) per column.
+type ShardSums = (Vec<ColumnStats>, Vec<(f64, f64)>);
+
+/// One shard's statistics per column, and its (Σ dy, Σ dy · (x − shift)) around the column's
+/// shift, in f64, taken while each statistics tile of x is in cache (x is read once for both).
+/// Columns whose f32 sums leave f32's range are taken in f64 straight from x and dy, around their
+/// mean. All zero where nothing is counted.
+fn stats_and_sums((x, dy): (&[f32], &[f32]), shape: &Shape, opts: &BatchNorm<'_>) -> ShardSums {
     let c = shape.channels;
-    let (shift, moments) = moments(x, Some(dy), shape, opts.mask, first);
-    let (mut dbeta, mut dgamma) = moments.grads;
-    let (mut mean, mut rstd) = (vec![0f64; c], vec![0f64; c]);
-    for ch in 0..c {
-        let (mean_d, mut var) = (moments.mean[ch], moments.m2[ch] / moments.n);
-        mean[ch] = shift[ch] as f64 + mean_d;
-        // Σ dy · (x − mean) = Σ dy · (x − shift) − (mean − shift) · Σ dy. The shift is one of
-        // the counted values, so |mean − shift| ≤ sqrt(N) · spread: the error of the difference
-        // is at most sqrt(N) times that of a sum taken around the mean, 16 of f64's 53 bits for
-        // 2^32 positions.
-        if stats_out_of_range(mean_d, var, opts.eps) {
-            (mean[ch], var) = column_in_f64(x, shape, opts.mask, ch);
-            (dbeta[ch], dgamma[ch]) = column_sums_in_f64((x, dy), shape, opts.mask, ch, mean[ch]);
-        } else {
-            dgamma[ch] -= mean_d * dbeta[ch];
-        }
-        rstd[ch] = 1.0 / (var + opts.eps as f64).sqrt();
-        dgamma[ch] *= rstd[ch];
-    }
-    backward_dx_pass(
-        (x, dy),
-        dx,
-        shape,
-        opts,
-        (&mean, &rstd),
-        (&dbeta, &dgamma, count),
-    );
-    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-    (f32s(dgamma), f32s(dbeta))
+    let Some(first) = (0..shape.positions).find(|&p| opts.mask.is_none_or(|m| m[p])) else {
+        return (vec![ColumnStats::default(); c], vec![(0.0, 0.0); c]);
+    };
+    let (shift, m) = moments(x, Some(dy), shape, opts.mask, first);
+    (0..c)
+        .map(|ch| {
+            let (mean_d, var) = (m.mean[ch], m.m2[ch] / m.n);
+            if stats_out_of_range(mean_d, var, opts.eps) {
+                let (mean, var) = column_in_f64(x, shape, opts.mask, ch);
+                let stats = ColumnStats {
+                    count: m.n,
+                    shift: mean,
+                    mean_d: 0.0,
+                    m2: var * m.n,
+                };
+                return (
+                    stats,
+                    column_sums_in_f64((x, dy), shape, opts.mask, ch, mean),
+                );
+            }
+            let stats = ColumnStats {
+                count: m.n,
+                shift: shift[ch] as f64,
+                mean_d,
+                m2: m.m2[ch],
+            };
+            (stats, (m.grads.0[ch], m.grads.1[ch]))
+        })
+        .unzip()
+}
+
+/// The whole batch's statistics and backward sums from its shards' [`stats_and_sums`], in shard
+/// order: Σ dy · xhat = rstd · Σ over shards of (Σ dy · (x − shift) − (mean − shift) · Σ dy),
+/// with each shard's own shift. A shift is one of the column's values, so |mean − shift| ≤
+/// sqrt(N) · spread: each difference errs at most sqrt(N) times a sum taken around the mean, 16
+/// of f64's 53 bits for 2^32 positions.
+fn merged_grads(parts: Vec<ShardSums>, eps: f32) -> (Vec<ColumnStats>, Vec<ColumnGrads>) {
+    let (stats, sums): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    let shards: Vec<PartialStats> = stats
+        .iter()
+        .map(|s| PartialStats { columns: s.clone() })
+        .collect();
+    let merged = PartialStats::merge(&shards)
+        .expect("shards of one tensor share their features")
+        .columns;
+    let grads = merged
+        .iter()
+        .enumerate()
+        .map(|(ch, total)| {
+            let (mean, rstd) = (total.mean(), 1.0 / (total.var() + eps as f64).sqrt());
+            let (mut sum_dy, mut centred) = (0.0, 0.0);
+            for (shard, shard_sums) in stats.iter().zip(&sums) {
+                let (s1, s2) = shard_sums[ch];
+                sum_dy += s1;
+                centred += s2 - (mean - shard[ch].shift) * s1;
+            }
+            ColumnGrads {
+                count: total.count,
+                sum_dy,
+                sum_dy_xhat: centred * rstd,
+                pad: 0.0,
+            }
+        })
+        .collect();
+    (merged, grads)
 }
 
 /// (Σ dy, Σ dy · (x − mean)) of channel `ch` over the counted positions, in f64 straight from x
@@ -1272,8 +1326,8 @@ pub(crate) fn eval_of<T: Element>(
     }
 }
 
-/// Training's backward pass on half tensors, piece by piece: the statistics merged, then the
-/// gradient sums merged, then dx. Returns (dgamma, dbeta).
+/// Training's backward pass on half tensors, piece by piece: each piece's statistics and sums
+/// (x and dy widened once for both), merged as shards are, then dx. Returns (dgamma, dbeta).
 pub(crate) fn backward_of<T: Element>(
     (x, dy): (&[T], &[T]),
     dx: &mut [T],
@@ -1282,30 +1336,23 @@ pub(crate) fn backward_of<T: Element>(
 ) -> (Vec<f32>, Vec<f32>) {
     let pieces = pieces(shape);
     let (mut xs, mut ds, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
-    let stats = merged_stats(x, &pieces, opts, &mut xs);
-    let parts: Vec<PartialGrads> = pieces
+    let parts = pieces
         .iter()
         .map(|p| {
             let xw = widened(&x[p.values.clone()], &mut xs);
             let dyw = widened(&dy[p.values.clone()], &mut ds);
-            PartialGrads {
-                columns: partial_grads((xw, dyw), &p.shape, &p.opts(opts), &stats.columns),
-            }
+            stats_and_sums((xw, dyw), &p.shape, &p.opts(opts))
         })
         .collect();
-    let grads = PartialGrads::merge(&parts).expect("pieces of one tensor share their features");
+    let (stats, grads) = merged_grads(parts, opts.eps);
     for p in &pieces {
         let xw = widened(&x[p.values.clone()], &mut xs);
         let dyw = widened(&dy[p.values.clone()], &mut ds);
         let dxw = output(p.values.len(), &mut dxs);
-        let merged = (&stats.columns[..], &grads.columns[..]);
-        apply_grads((xw, dyw), dxw, &p.shape, &p.opts(opts), merged);
+        apply_grads((xw, dyw), dxw, &p.shape, &p.opts(opts), (&stats, &grads));
         narrow_all(dxw, &mut dx[p.values.clone()]);
     }
-    (
-        grads.columns.iter().map(|g| g.sum_dy_xhat as f32).collect(),
-        grads.columns.iter().map(|g| g.sum_dy as f32).collect(),
-    )
+    grads_of(&grads)
 }
 
 #[cfg(test)]

@@ -462,8 +462,7 @@ pub(crate) async fn backward(
     run.statistics(&x).await?;
     let (mean, var) = run.stats_readback().await?.read(ctx).await?;
     if (0..shape.channels).any(|c| stats_out_of_range(mean[c] as f64, var[c] as f64, opts.eps)) {
-        let (dgamma, dbeta) =
-            backward_in_f64(ctx, (&x, &dy), &mut dx, shape, opts, counted).await?;
+        let (dgamma, dbeta) = backward_in_f64(ctx, (&x, &dy), &mut dx, shape, opts).await?;
         return Ok((dgamma, dbeta, run.timing()));
     }
     run.set_dy(dy, opts).await?;
@@ -481,18 +480,16 @@ async fn backward_in_f64(
     dx: &mut Output<'_>,
     shape: &Shape,
     opts: &BatchNorm<'_>,
-    counted: Counted,
 ) -> Result<(Vec<f32>, Vec<f32>), NormError> {
-    let counted = (counted.first, counted.count);
     match (x, dy, dx) {
         (Input::Host(x), Input::Host(dy), Output::Host(dx)) => {
-            Ok(batch_norm_backward((x, dy), dx, shape, opts, counted))
+            Ok(batch_norm_backward((x, dy), dx, shape, opts))
         }
         (Input::Device(xb, len), Input::Device(dyb, _), Output::Device(dxb)) => {
             let (mut xh, mut dyh, mut dxh) = (vec![0f32; *len], vec![0f32; *len], vec![0f32; *len]);
             transfer::download(ctx, xb, &mut xh).await?;
             transfer::download(ctx, dyb, &mut dyh).await?;
-            let grads = batch_norm_backward((&xh, &dyh), &mut dxh, shape, opts, counted);
+            let grads = batch_norm_backward((&xh, &dyh), &mut dxh, shape, opts);
             ctx.scoped("batch_norm_backward", || {
                 ctx.queue().write_buffer(dxb, 0, bytemuck::cast_slice(&dxh))
             })
