@@ -909,16 +909,16 @@ fn gradient_pass(
     shift: &[f32],
     (s1, s2): (&mut [f64], &mut [f64]),
 ) {
-    let rows: Vec<usize> = (0..x.rows()).filter(|&r| counted(r)).collect();
     let term = |v: f32, sh: f32, g: f32| (g as f64, g as f64 * (v as f64 - sh as f64));
-    for (k, pair) in rows.chunks(2).enumerate() {
+    let mut rows = (0..x.rows()).filter(|&r| counted(r));
+    while let Some(first) = rows.next() {
         // dy's rows of a tile are apart in memory when rows are long, where the hardware's
-        // prefetcher stops at each page: ask for the pair after next ahead of use.
-        for &r in rows.iter().skip(2 * k + 4).take(2) {
+        // prefetcher stops at each page: ask for the rows four ahead before use.
+        for r in (first + 4..first + 6).filter(|&r| r < x.rows()) {
             super::prefetch(dy.row(r));
         }
-        let (xa, da) = (x.row(pair[0]), dy.row(pair[0]));
-        if let [_, r] = *pair {
+        let (xa, da) = (x.row(first), dy.row(first));
+        if let Some(r) = rows.next() {
             let (xb, db) = (x.row(r), dy.row(r));
             let values = xa.iter().zip(da).zip(xb.iter().zip(db)).zip(shift);
             for ((a, b), (((&va, &ga), (&vb, &gb)), &sh)) in s1.iter_mut().zip(&mut *s2).zip(values)
