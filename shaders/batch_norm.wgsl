@@ -129,14 +129,50 @@ fn stats_seed(
 ) {
     let c = (wid.y * groups.x + wid.x) * WG + lid;
     if c < params.channels {
-        let a = x[index_of(params.first, c)];
-        let b = x[index_of(params.seed_b, c)];
-        let d = x[index_of(params.seed_c, c)];
-        // The median of three: the mean's f32 rounding is one of mean − shift, so a shift near
-        // the mean keeps it small where the first counted value alone lies far out (a column
-        // whose first position carries a large activation).
-        columns[c] = vec4<f32>(max(min(a, b), min(max(a, b), d)), 0.0, 0.0, 0.0);
+        seed(c, vec3<u32>(params.first, params.seed_b, params.seed_c));
     }
+}
+
+// Starts column c's statistics with the median of its values at positions `at`: the mean's f32
+// rounding is one of mean − shift, so a shift near the mean keeps it small where the first
+// counted value alone lies far out (a column whose first position carries a large activation).
+fn seed(c: u32, at: vec3<u32>) {
+    let a = x[index_of(at.x, c)];
+    let b = x[index_of(at.y, c)];
+    let d = x[index_of(at.z, c)];
+    columns[c] = vec4<f32>(max(min(a, b), min(max(a, b), d)), 0.0, 0.0, 0.0);
+}
+
+// stats_seed where the mask lives on the device (a tensor recorded into a caller's encoder, one
+// chunk): each column's thread finds the first three counted positions itself. Padding mostly
+// trails a sequence, so the walk is short, and every thread reads the same mask words. Missing
+// ones repeat the first, as the host's seeds do; with none counted, position 0 (its statistics
+// count nothing).
+@compute @workgroup_size(WG)
+fn stats_seed_scan(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    var at = vec3<u32>(0u);
+    var found = 0u;
+    for (var p = 0u; p < params.positions && found < 3u; p++) {
+        if counted(p) {
+            at[found] = p;
+            found++;
+        }
+    }
+    if found < 2u {
+        at.y = at.x;
+    }
+    if found < 3u {
+        at.z = at.x;
+    }
+    seed(c, at);
 }
 
 @compute @workgroup_size(WG)
@@ -380,6 +416,18 @@ fn backward_apply(
     y[i] = g * ((dy[i] - affine.z / st.w) - h * (affine.w / st.w));
 }
 
+// The running statistics (mean, unbiased var) `old` with a batch's (shift, mean_d, M2, count)
+// folded in: new = (1 - momentum) * old + momentum * batch. A batch that counts fewer than two
+// positions has no unbiased variance and leaves them as they were, as the host's update refuses
+// it.
+fn folded(old: vec2<f32>, st: vec4<f32>) -> vec2<f32> {
+    if st.w < 2.0 {
+        return old;
+    }
+    let m = params.momentum;
+    return (1.0 - m) * old + m * vec2<f32>(st.x + st.y, st.z / (st.w - 1.0));
+}
+
 @compute @workgroup_size(WG)
 fn running_update(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -390,15 +438,80 @@ fn running_update(
     if c >= params.channels {
         return;
     }
-    let st = columns[c];
-    let mean = st.x + st.y;
-    let unbiased = st.z / (st.w - 1.0);
-    let m = params.momentum;
     let old = running[params.col_base + c];
-    running[params.col_base + c] = vec4<f32>(
-        0.0,
-        (1.0 - m) * old.y + m * mean,
-        (1.0 - m) * old.z + m * unbiased,
-        1.0,
-    );
+    running[params.col_base + c] = vec4<f32>(0.0, folded(old.yz, columns[c]), 1.0);
+}
+
+// ---- Per-feature values of a caller's buffers (Normalizer::encode) -------------------------
+//
+// A BatchNorm recorded into a caller's encoder runs on one chunk and one block of columns. Its
+// per-feature values travel side by side in `pairs`, copied from and to the caller's buffers
+// around the kernels: `a` in pairs[c] and `b` in pairs[channels + c], for each column c.
+//   pack_affine:    (a, b) = (gamma, beta), as flags say which are given, into columns[channels
+//                   + c] = (gamma or 1, beta or 0, 0, 0): the backward sums start at 0 there;
+//   pack_running:   (a, b) = (running mean, running var) into columns[c] for eval;
+//   fold_running:   the batch statistics folded into (a, b) = (running mean, running var);
+//   unpack_grads:   (a, b) = (dgamma, dbeta) from the backward sums.
+
+@group(0) @binding(8) var<storage, read_write> pairs: array<f32>;
+
+@compute @workgroup_size(WG)
+fn pack_affine(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    var affine = vec4<f32>(1.0, 0.0, 0.0, 0.0);
+    if (params.flags & FLAG_GAMMA) != 0u {
+        affine.x = pairs[c];
+    }
+    if (params.flags & FLAG_BETA) != 0u {
+        affine.y = pairs[params.channels + c];
+    }
+    columns[params.channels + c] = affine;
+}
+
+@compute @workgroup_size(WG)
+fn pack_running(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c < params.channels {
+        columns[c] = vec4<f32>(0.0, pairs[c], pairs[params.channels + c], 1.0);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn fold_running(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c >= params.channels {
+        return;
+    }
+    let next = folded(vec2<f32>(pairs[c], pairs[params.channels + c]), columns[c]);
+    pairs[c] = next.x;
+    pairs[params.channels + c] = next.y;
+}
+
+@compute @workgroup_size(WG)
+fn unpack_grads(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.y * groups.x + wid.x) * WG + lid;
+    if c < params.channels {
+        let sums = columns[params.channels + c];
+        pairs[c] = sums.w;
+        pairs[params.channels + c] = sums.z;
+    }
 }

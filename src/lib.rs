@@ -63,7 +63,7 @@ pub use half;
 
 pub use element::{Element, ElementType};
 pub use error::NormError;
-pub use gpu::encode::Encode;
+pub use gpu::encode::{Encode, RunningSpans};
 pub use gpu::tensor::{
     GpuAddNormOutput, GpuGrads, GpuRmsNormGrads, GpuRowStats, GpuRunningStats, GpuSavedNormOutput,
     GpuTensor,

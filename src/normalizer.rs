@@ -2396,10 +2396,12 @@ impl Normalizer {
         .await
     }
 
-    /// Records `op` (any op of the LayerNorm family: forward, fused add or backward) into the
-    /// caller's `encoder`, on spans of the caller's buffers, with gamma and beta on the device
-    /// too; the caller submits it. Nothing is uploaded but one small uniform, and nothing waits.
-    /// [`Encode`] lists what each span must satisfy; a call that fails records nothing.
+    /// Records `op` (any op of the LayerNorm family: forward, fused add or backward; or
+    /// BatchNorm training, eval or backward, with its mask and running statistics) into the
+    /// caller's `encoder`, on spans of the caller's buffers, with the parameters on the device
+    /// too; the caller submits it. Nothing is uploaded but one small uniform, and nothing waits,
+    /// so a training loop runs without a host round trip. [`Encode`] lists what each span must
+    /// satisfy; a call that fails records nothing.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), gpunorm::NormError> {

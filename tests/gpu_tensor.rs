@@ -1159,3 +1159,344 @@ fn saved_statistics_stay_on_the_device() {
         "{r:?}"
     );
 }
+
+/// BatchNorm training (three steps, running statistics updated in place), eval from those
+/// running statistics, and backward, all recorded into one encoder of the caller's and submitted
+/// once, on spans of the caller's buffers with the mask, gamma, beta and running statistics on
+/// the device: the host path's bits for every output, and running statistics within 1e-5 of the
+/// host's f64 fold (the device folds in f32). The mask's first position is padding, so the
+/// device finds the seeds itself.
+#[test]
+fn batch_norm_records_on_spans_of_the_callers_buffers() {
+    use gpunorm::{Encode, RunningSpans};
+    use wgpu::BufferUsages as U;
+    let Some(norm) = gpu() else { return };
+    let (device, queue) = norm.wgpu().unwrap();
+    let align = device.limits().min_storage_buffer_offset_alignment as u64;
+    // Features-last with the vec4 row kernels, odd features, channels-first.
+    for (batch, features, spatial) in [(300, 24, 1), (37, 13, 1), (3, 5, 7)] {
+        let positions = batch * spatial;
+        let n = positions * features;
+        let mask: Vec<bool> = (0..positions).map(|p| p % 7 != 0).collect();
+        let words: Vec<u32> = mask.iter().map(|&k| k as u32).collect();
+        let xs: Vec<Vec<f32>> = (0..3)
+            .map(|s| common::data(n, 100.0 * s as f32, 1.0 + s as f32, 50 + s))
+            .collect();
+        let dy = ordinary(n, 53);
+        let gamma = common::data(features, 1.0, 0.5, 54);
+        let beta = common::data(features, 0.0, 0.5, 55);
+        let slot = ((n * 4) as u64).next_multiple_of(align);
+        let at = |k: u64, len: usize| k * slot..k * slot + (len * 4) as u64;
+        let buffer = |slots: u64, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: slots * slot,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let inputs = buffer(5, U::STORAGE | U::COPY_DST);
+        let outputs = buffer(5, U::STORAGE | U::COPY_SRC);
+        // Copied spans: offsets need only be multiples of 4.
+        let small = buffer(1, U::COPY_SRC | U::COPY_DST);
+        let feat = |k: u64| {
+            let start = 4 + k * features as u64 * 4;
+            start..start + features as u64 * 4
+        };
+        for (k, x) in xs.iter().chain([&dy]).enumerate() {
+            queue.write_buffer(&inputs, at(k as u64, n).start, bytemuck::cast_slice(x));
+        }
+        queue.write_buffer(&inputs, at(4, 0).start, bytemuck::cast_slice(&words));
+        let host_running = RunningStats {
+            momentum: 0.25,
+            ..RunningStats::new(features)
+        };
+        for (k, values) in [&gamma, &beta, &host_running.mean, &host_running.var]
+            .into_iter()
+            .enumerate()
+        {
+            queue.write_buffer(&small, feat(k as u64).start, bytemuck::cast_slice(values));
+        }
+        let input = |k| inputs.slice(at(k, n));
+        let out = |k| outputs.slice(at(k, n));
+        let mask_span = Some(inputs.slice(at(4, positions)));
+        let (g, b) = (Some(small.slice(feat(0))), Some(small.slice(feat(1))));
+        let (mean, var) = (small.slice(feat(2)), small.slice(feat(3)));
+        let eps = 1e-5;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        for step in 0..3 {
+            let op = Encode::BatchNormTrain {
+                x: input(step),
+                y: out(step),
+                features,
+                spatial,
+                eps,
+                gamma: g,
+                beta: b,
+                mask: mask_span,
+                running: Some(RunningSpans {
+                    mean,
+                    var,
+                    momentum: 0.25,
+                }),
+            };
+            norm.encode(&mut encoder, &op).unwrap();
+        }
+        let eval = Encode::BatchNormEval {
+            x: input(0),
+            y: out(3),
+            features,
+            spatial,
+            eps,
+            gamma: g,
+            beta: b,
+            mask: mask_span,
+            mean,
+            var,
+        };
+        norm.encode(&mut encoder, &eval).unwrap();
+        let backward = Encode::BatchNormBackward {
+            x: input(2),
+            dy: input(3),
+            dx: out(4),
+            dgamma: small.slice(feat(4)),
+            dbeta: small.slice(feat(5)),
+            features,
+            spatial,
+            eps,
+            gamma: g,
+            mask: mask_span,
+        };
+        norm.encode(&mut encoder, &backward).unwrap();
+        queue.submit([encoder.finish()]);
+
+        let got = |k| read_back(device, queue, &outputs, at(k, n));
+        let got_small = |k| read_back(device, queue, &small, feat(k));
+        let opts = BatchNorm {
+            eps,
+            gamma: Some(&gamma),
+            beta: Some(&beta),
+            mask: Some(&mask),
+        };
+        let case = format!("{batch}×{features}×{spatial}");
+        let mut host = host_running.clone();
+        for (step, x) in xs.iter().enumerate() {
+            let expected = norm
+                .batch_norm_train_channels_first(x, features, spatial, &opts)
+                .unwrap();
+            assert_eq!(got(step as u64), expected.y, "{case}: train step {step}");
+            if spatial == 1 {
+                // Tolerance as in tests/batch_norm.rs.
+                let (y, ..) = reference::batch_norm_train(x, features, &opts);
+                assert!(max_err(&expected.y, &y) < 1e-4, "{case}");
+            }
+            host.update(&expected).unwrap();
+        }
+        let running = RunningStats {
+            mean: got_small(2),
+            var: got_small(3),
+            momentum: 0.25,
+        };
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0))
+        };
+        assert!(close(&running.mean, &host.mean), "{case}: running mean");
+        assert!(close(&running.var, &host.var), "{case}: running var");
+        let expected = norm
+            .batch_norm_eval_channels_first(&xs[0], features, spatial, &opts, &running)
+            .unwrap();
+        assert_eq!(got(3), expected, "{case}: eval");
+        let grads = norm
+            .batch_norm_backward_channels_first(&xs[2], &dy, features, spatial, &opts)
+            .unwrap();
+        assert_eq!(
+            (got(4), got_small(4), got_small(5)),
+            (grads.dx, grads.dgamma, grads.dbeta),
+            "{case}: backward"
+        );
+    }
+}
+
+/// BatchNorm's spans are refused with the argument's name before anything is recorded: a mask
+/// of the wrong length, a copied span without COPY_SRC, running statistics that overlap, a
+/// momentum out of [0, 1], spatial 0, and an output in a buffer the kernels read.
+#[test]
+fn encoded_batch_norm_checks_every_span() {
+    use gpunorm::{Encode, RunningSpans};
+    use wgpu::BufferUsages as U;
+    let Some(norm) = gpu() else { return };
+    let (device, queue) = norm.wgpu().unwrap();
+    let slot = 1024;
+    let buffer = |usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4 * slot,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (features, n) = (8, 64u64);
+    let a = buffer(U::STORAGE);
+    let b = buffer(U::STORAGE);
+    let copies = buffer(U::COPY_SRC | U::COPY_DST);
+    let feat = |k: u64| copies.slice(k * 32..(k + 1) * 32);
+    let train = |y, mask, gamma, running, spatial| Encode::BatchNormTrain {
+        x: a.slice(..n * 4),
+        y,
+        features,
+        spatial,
+        eps: 1e-5,
+        gamma,
+        beta: None,
+        mask,
+        running,
+    };
+    let y = b.slice(..n * 4);
+    let running = |mean, var, momentum| {
+        Some(RunningSpans {
+            mean,
+            var,
+            momentum,
+        })
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let mut refused = |op: Encode, expected: &dyn Fn(&NormError) -> bool| {
+        let e = norm.encode(&mut encoder, &op).unwrap_err();
+        assert!(expected(&e), "{op:?}: {e}");
+    };
+    let named = |name: &'static str| {
+        move |e: &NormError| matches!(e, NormError::InvalidBuffer { name: n, .. } if *n == name)
+    };
+    // 8 rows need 8 mask words, not 7.
+    let mask7 = Some(a.slice(slot..slot + 28));
+    refused(train(y, mask7, None, None, 1), &|e| {
+        matches!(e, NormError::MaskLength { len: 7, rows: 8 })
+    });
+    // gamma is copied: a STORAGE-only buffer will not do.
+    let g = Some(b.slice(slot..slot + 32));
+    refused(train(y, None, g, None, 1), &named("gamma"));
+    refused(
+        train(y, None, None, running(feat(0), copies.slice(16..48), 0.1), 1),
+        &named("running mean"),
+    );
+    refused(train(y, None, None, running(feat(0), feat(1), 1.5), 1), &|e| {
+        matches!(
+            e,
+            NormError::InvalidParam {
+                name: "momentum",
+                ..
+            }
+        )
+    });
+    refused(train(y, None, None, None, 0), &|e| {
+        matches!(e, NormError::ZeroDimension { name: "spatial" })
+    });
+    // y in the buffer that holds x.
+    refused(
+        train(a.slice(slot..slot + n * 4), None, None, None, 1),
+        &named("y"),
+    );
+    let eval = Encode::BatchNormEval {
+        x: a.slice(..n * 4),
+        y,
+        features,
+        spatial: 1,
+        eps: 1e-5,
+        gamma: None,
+        beta: None,
+        mask: None,
+        mean: feat(0),
+        var: copies.slice(32..60),
+    };
+    refused(eval, &|e| {
+        matches!(
+            e,
+            NormError::ParamLength {
+                name: "var",
+                len: 7,
+                features: 8
+            }
+        )
+    });
+    let backward = |dgamma| Encode::BatchNormBackward {
+        x: a.slice(..n * 4),
+        dy: a.slice(slot..slot + n * 4),
+        dx: y,
+        dgamma,
+        dbeta: feat(1),
+        features,
+        spatial: 1,
+        eps: 1e-5,
+        gamma: None,
+        mask: None,
+    };
+    refused(backward(b.slice(slot..slot + 32)), &named("dgamma"));
+    // What passes the checks records, and the refused calls recorded nothing.
+    norm.encode(&mut encoder, &backward(feat(2))).unwrap();
+    norm.encode(
+        &mut encoder,
+        &train(y, None, None, running(feat(3), feat(4), 0.1), 1),
+    )
+    .unwrap();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    queue.submit([encoder.finish()]);
+    assert!(pollster::block_on(scope.pop()).is_none());
+}
+
+/// A recorded training step whose mask counts one position: y is the host path's, and the
+/// running statistics stay as they were (an unbiased variance needs two positions; the host's
+/// update refuses such a batch).
+#[test]
+fn a_recorded_batch_of_one_position_leaves_the_running_statistics() {
+    use gpunorm::{Encode, RunningSpans};
+    use wgpu::BufferUsages as U;
+    let Some(norm) = gpu() else { return };
+    let (device, queue) = norm.wgpu().unwrap();
+    let (rows, features) = (6, 4);
+    let x = ordinary(rows * features, 60);
+    let mask: Vec<bool> = (0..rows).map(|r| r == 4).collect();
+    let words: Vec<u32> = mask.iter().map(|&k| k as u32).collect();
+    let buffer = |size: u64, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let xb = buffer(96, U::STORAGE | U::COPY_DST);
+    let mb = buffer(24, U::STORAGE | U::COPY_DST);
+    let yb = buffer(96, U::STORAGE | U::COPY_SRC);
+    let stats = buffer(32, U::COPY_SRC | U::COPY_DST);
+    queue.write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+    queue.write_buffer(&mb, 0, bytemuck::cast_slice(&words));
+    let before = [0.5f32, -1.0, 2.0, 3.0, 1.0, 2.0, 0.25, 4.0];
+    queue.write_buffer(&stats, 0, bytemuck::cast_slice(&before));
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let op = Encode::BatchNormTrain {
+        x: xb.slice(..),
+        y: yb.slice(..),
+        features,
+        spatial: 1,
+        eps: 1e-5,
+        gamma: None,
+        beta: None,
+        mask: Some(mb.slice(..)),
+        running: Some(RunningSpans {
+            mean: stats.slice(..16),
+            var: stats.slice(16..),
+            momentum: 0.5,
+        }),
+    };
+    norm.encode(&mut encoder, &op).unwrap();
+    queue.submit([encoder.finish()]);
+    let opts = BatchNorm {
+        mask: Some(&mask),
+        ..Default::default()
+    };
+    let expected = norm.batch_norm_train(&x, features, &opts).unwrap();
+    assert_eq!(read_back(device, queue, &yb, 0..96), expected.y);
+    assert_eq!(read_back(device, queue, &stats, 0..32), before);
+}

@@ -15,6 +15,8 @@
 
 use std::ops::Range;
 
+use wgpu::BufferSlice;
+
 use super::context::GpuContext;
 use super::pool::{Lifetime, Pooled};
 use super::shaders::{flags, Def, KernelDef, Pipeline, Slot, Source, WG};
@@ -127,9 +129,44 @@ const RUNNING_UPDATE: KernelDef = KernelDef {
     entry: "running_update",
     slots: &[Slot::Uniform(0), Slot::ReadWrite(4), Slot::ReadWrite(7)],
 };
+/// `stats_seed` for a mask on the device: each column finds the first counted positions.
+const SEED_SCAN: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "stats_seed_scan",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::Read(2),
+        Slot::ReadWrite(4),
+    ],
+};
+/// Per-feature values between the caller's buffers (side by side in a pairs buffer) and the
+/// columns, for ops recorded into a caller's encoder.
+const PACK_AFFINE: KernelDef = KernelDef {
+    source: Source::BatchNorm,
+    entry: "pack_affine",
+    slots: &[Slot::Uniform(0), Slot::ReadWrite(4), Slot::ReadWrite(8)],
+};
+const PACK_RUNNING: KernelDef = KernelDef {
+    entry: "pack_running",
+    ..PACK_AFFINE
+};
+const FOLD_RUNNING: KernelDef = KernelDef {
+    entry: "fold_running",
+    ..PACK_AFFINE
+};
+const UNPACK_GRADS: KernelDef = KernelDef {
+    entry: "unpack_grads",
+    ..PACK_AFFINE
+};
 #[cfg(test)]
-pub(crate) const KERNELS: [&KernelDef; 12] = [
+pub(crate) const KERNELS: [&KernelDef; 17] = [
     &SEED,
+    &SEED_SCAN,
+    &PACK_AFFINE,
+    &PACK_RUNNING,
+    &FOLD_RUNNING,
+    &UNPACK_GRADS,
     &PARTIAL,
     &PARTIAL_ROWS,
     &PARTIAL_HELD,
@@ -500,6 +537,205 @@ async fn backward_in_f64(
     }
 }
 
+/// A BatchNorm op to record into a caller's encoder, on spans of the caller's buffers that
+/// `gpu::encode` has checked: the tensor fits one chunk, and nothing waits or reads back.
+pub(crate) struct Recorded<'a> {
+    /// The op its GPU errors are reported under.
+    pub name: &'static str,
+    pub shape: Shape,
+    pub eps: f32,
+    pub x: BufferSlice<'a>,
+    /// y, or dx for the backward pass.
+    pub out: BufferSlice<'a>,
+    /// One u32 per position, 0 for padding.
+    pub mask: Option<BufferSlice<'a>>,
+    pub gamma: Option<BufferSlice<'a>>,
+    pub beta: Option<BufferSlice<'a>>,
+    pub mode: Mode<'a>,
+}
+
+/// What a recorded BatchNorm computes, with the spans of that mode alone.
+pub(crate) enum Mode<'a> {
+    /// Batch statistics, with running (mean, var) updated in place with weight `momentum`.
+    Train {
+        running: Option<(BufferSlice<'a>, BufferSlice<'a>, f32)>,
+    },
+    /// Given running (mean, var).
+    Eval {
+        mean: BufferSlice<'a>,
+        var: BufferSlice<'a>,
+    },
+    /// Training's gradients, dgamma and dbeta copied into their spans.
+    Backward {
+        dy: BufferSlice<'a>,
+        dgamma: BufferSlice<'a>,
+        dbeta: BufferSlice<'a>,
+    },
+}
+
+/// Records `op` into `encoder`: the per-feature spans copied side by side into pairs buffers,
+/// one compute pass (the statistics as [`Run::statistics`] records them, with the seed found on
+/// the device where the mask lives there; the backward sums; the elementwise pass; the running
+/// statistics folded in or the gradients unpacked), and the copies out. Columns whose
+/// statistics leave f32's range are not redone in f64, as in [`train_running`].
+pub(crate) async fn record(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    op: &Recorded<'_>,
+) -> Result<(), NormError> {
+    use wgpu::BufferUsages as U;
+    let backward = matches!(op.mode, Mode::Backward { .. });
+    let apply_def = if backward { &BACKWARD_APPLY } else { &APPLY };
+    ctx.check_storage_buffers(Slot::storage_count(apply_def.slots), op.name)?;
+    let c = op.shape.channels;
+    let len = op.shape.positions * c * op.shape.spatial;
+    // The plan of a device tensor without a host mask: one chunk, seeds 0, 1, 2 (replaced by the
+    // scan where the mask is on the device), flags set below.
+    let plain = BatchNorm {
+        eps: op.eps,
+        ..Default::default()
+    };
+    let x = Input::Device(op.x.buffer(), len);
+    let plan = Plan::new(ctx, &op.shape, &x, &plain, (0, !backward))?;
+    if plan.blocks.len() > 1 {
+        return Err(NormError::TooLarge {
+            what: "the per-column statistics of a BatchNorm recorded into a caller's encoder \
+                   (32 bytes per column, one binding)",
+            needed: c as u64 * 2 * COLUMN_BYTES,
+            limit: ctx.max_binding_bytes(),
+        });
+    }
+    let mut p = plan.params[0][0];
+    p.flags = flags::of(op.gamma.is_some(), op.beta.is_some(), op.mask.is_some());
+    if let Mode::Train {
+        running: Some((_, _, momentum)),
+    } = op.mode
+    {
+        p.momentum = momentum;
+    }
+    let kernel = |k| pipeline(ctx, &plan, k);
+    let seed = kernel(if op.mask.is_some() { &SEED_SCAN } else { &SEED }).await?;
+    let (partial, merge) = (kernel(plan.partial_kernel()).await?, kernel(&MERGE).await?);
+    let (pack, apply) = (
+        kernel(&PACK_AFFINE).await?,
+        kernel(plan.apply_kernel(backward)).await?,
+    );
+    let (pack_running, fold, unpack) = (
+        kernel(&PACK_RUNNING).await?,
+        kernel(&FOLD_RUNNING).await?,
+        kernel(&UNPACK_GRADS).await?,
+    );
+    let (sums, sums_merge) = (
+        kernel(&BACKWARD_PARTIAL).await?,
+        kernel(&BACKWARD_MERGE).await?,
+    );
+    ctx.scoped(op.name, || {
+        let pairs_bytes = 2 * c as u64 * 4;
+        let scratch = |label, bytes, usage| ctx.buffer(label, bytes, usage, Lifetime::Detached);
+        let params = ctx.buffer_with("batch_norm params", bytemuck::bytes_of(&p), U::UNIFORM);
+        let columns = scratch(
+            "batch_norm columns",
+            2 * c as u64 * COLUMN_BYTES,
+            U::STORAGE,
+        );
+        let partials = scratch(
+            "batch_norm partials",
+            plan.max_row_tiles() as u64 * c as u64 * COLUMN_BYTES,
+            U::STORAGE,
+        );
+        let pairs = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let affine = scratch("batch_norm affine", pairs_bytes, pairs);
+        let running = scratch("batch_norm running", pairs_bytes, pairs);
+        let placeholder = scratch("batch_norm mask", 16, U::STORAGE);
+        let mask = op.mask.unwrap_or(placeholder.slice(..));
+        // (a, b) spans into a pairs buffer, and back.
+        let half = pairs_bytes / 2;
+        let copy_in = |encoder: &mut wgpu::CommandEncoder, spans: [Option<BufferSlice>; 2], to| {
+            for (k, span) in spans.into_iter().enumerate() {
+                if let Some(s) = span {
+                    encoder.copy_buffer_to_buffer(
+                        s.buffer(),
+                        s.offset(),
+                        to,
+                        k as u64 * half,
+                        half,
+                    );
+                }
+            }
+        };
+        let copy_out = |encoder: &mut wgpu::CommandEncoder, from, spans: [BufferSlice; 2]| {
+            for (k, s) in spans.into_iter().enumerate() {
+                encoder.copy_buffer_to_buffer(from, k as u64 * half, s.buffer(), s.offset(), half);
+            }
+        };
+        copy_in(encoder, [op.gamma, op.beta], &affine);
+        match op.mode {
+            Mode::Eval { mean, var }
+            | Mode::Train {
+                running: Some((mean, var, _)),
+            } => copy_in(encoder, [Some(mean), Some(var)], &running),
+            _ => {}
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(op.name),
+                timestamp_writes: None,
+            });
+            let mut dispatch = |kernel: &Pipeline, spans: &[BufferSlice], groups| {
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, &kernel.bind_slices(ctx.device(), spans), &[]);
+                let (gx, gy) = grid(groups, ctx.max_groups());
+                pass.dispatch_workgroups(gx, gy, 1);
+            };
+            let (params, columns) = (params.slice(..), columns.slice(..));
+            let (partials, per_column) = (partials.slice(..), c.div_ceil(WG as usize));
+            dispatch(&pack, &[params, columns, affine.slice(..)], per_column);
+            if let Mode::Eval { .. } = op.mode {
+                dispatch(
+                    &pack_running,
+                    &[params, columns, running.slice(..)],
+                    per_column,
+                );
+            } else {
+                let seed_spans = if op.mask.is_some() {
+                    vec![params, op.x, mask, columns]
+                } else {
+                    vec![params, op.x, columns]
+                };
+                dispatch(&seed, &seed_spans, per_column);
+                let tiles = [params, op.x, mask, partials, columns];
+                dispatch(&partial, &tiles, p.tiles());
+                dispatch(&merge, &[params, partials, columns], merge_groups(c));
+            }
+            let mut apply_spans = vec![params, op.x, mask, columns, op.out];
+            if let Mode::Backward { dy, .. } = op.mode {
+                let tiles = [params, op.x, mask, partials, columns, dy];
+                dispatch(&sums, &tiles, p.tiles());
+                dispatch(&sums_merge, &[params, partials, columns], per_column);
+                apply_spans.push(dy);
+            }
+            dispatch(&apply, &apply_spans, plan.apply_groups(&p, backward));
+            match op.mode {
+                Mode::Train { running: Some(_) } => {
+                    dispatch(&fold, &[params, columns, running.slice(..)], per_column)
+                }
+                Mode::Backward { .. } => {
+                    dispatch(&unpack, &[params, columns, affine.slice(..)], per_column)
+                }
+                _ => {}
+            }
+        }
+        match op.mode {
+            Mode::Train {
+                running: Some((mean, var, _)),
+            } => copy_out(encoder, &running, [mean, var]),
+            Mode::Backward { dgamma, dbeta, .. } => copy_out(encoder, &affine, [dgamma, dbeta]),
+            _ => {}
+        }
+    })
+    .await
+}
+
 /// How a tensor is cut into chunks and tiled.
 struct Plan {
     shape: Shape,
@@ -640,6 +876,35 @@ impl Plan {
         self.blocks.iter().map(|b| b.len()).max().unwrap_or(0)
     }
 
+    /// The statistics kernel of the tiles.
+    fn partial_kernel(&self) -> &'static KernelDef {
+        match (self.rows, self.hold) {
+            (false, _) => &PARTIAL,
+            (true, 0) => &PARTIAL_ROWS,
+            (true, _) => &PARTIAL_HELD,
+        }
+    }
+
+    /// The elementwise kernel: y, or dx where `backward` (general kernels only: see
+    /// [`backward`]).
+    fn apply_kernel(&self, backward: bool) -> &'static KernelDef {
+        match (backward, self.rows, self.by4) {
+            (true, _, _) => &BACKWARD_APPLY,
+            (false, true, _) => &APPLY_ROWS,
+            (false, false, true) => &APPLY4,
+            (false, false, false) => &APPLY,
+        }
+    }
+
+    /// Workgroups of the elementwise kernel on the chunk and block `p` describes.
+    fn apply_groups(&self, p: &BatchNormParams, backward: bool) -> usize {
+        if self.rows && !backward {
+            return p.tiles();
+        }
+        let per_thread = if self.by4 && !backward { 4 } else { 1 };
+        (p.positions as usize * p.channels as usize).div_ceil(WG as usize * per_thread)
+    }
+
     /// Chunk indices with the seed chunk first, then the rest in order.
     fn statistics_order(&self) -> impl Iterator<Item = usize> + '_ {
         std::iter::once(self.seed_chunk)
@@ -764,6 +1029,30 @@ impl BatchNormParams {
             seed_b: 0,
             seed_c: 0,
         })
+    }
+}
+
+/// The pipeline of `kernel` for a plan.
+async fn pipeline(
+    ctx: &GpuContext,
+    plan: &Plan,
+    kernel: &KernelDef,
+) -> Result<std::sync::Arc<Pipeline>, NormError> {
+    // K matters to stats_partial_held alone; the other kernels of its file take 1.
+    let k = if kernel.entry == PARTIAL_HELD.entry {
+        plan.hold
+    } else {
+        1
+    };
+    let label = format!("batch_norm {} k{k}", kernel.entry);
+    ctx.pipeline(&label, kernel, &[("K", Def::U32(k as u32))])
+        .await
+}
+
+impl BatchNormParams {
+    /// Workgroups of the tiled kernels: one per (column tile, row tile).
+    fn tiles(&self) -> usize {
+        (self.col_tiles * self.row_tiles) as usize
     }
 }
 
@@ -1106,16 +1395,7 @@ impl<'a> Run<'a> {
     }
 
     async fn pipeline(&self, kernel: &KernelDef) -> Result<std::sync::Arc<Pipeline>, NormError> {
-        // K matters to stats_partial_held alone; the other kernels of its file take 1.
-        let k = if kernel.entry == PARTIAL_HELD.entry {
-            self.plan.hold
-        } else {
-            1
-        };
-        let label = format!("batch_norm {} k{k}", kernel.entry);
-        self.ctx
-            .pipeline(&label, kernel, &[("K", Def::U32(k as u32))])
-            .await
+        pipeline(self.ctx, self.plan, kernel).await
     }
 
     /// The statistics pass, chunk by chunk: seed (first chunk only), partial tiles, merge.
@@ -1123,14 +1403,9 @@ impl<'a> Run<'a> {
     async fn statistics(&mut self, x: &Input<'a>) -> Result<(), NormError> {
         use wgpu::BufferUsages as U;
         let ctx = self.ctx;
-        let partial = match (self.plan.rows, self.plan.hold) {
-            (false, _) => &PARTIAL,
-            (true, 0) => &PARTIAL_ROWS,
-            (true, _) => &PARTIAL_HELD,
-        };
         let (seed, partial, merge) = (
             self.pipeline(&SEED).await?,
-            self.pipeline(partial).await?,
+            self.pipeline(self.plan.partial_kernel()).await?,
             self.pipeline(&MERGE).await?,
         );
         let partials = ctx
@@ -1172,10 +1447,7 @@ impl<'a> Run<'a> {
                         let group = partial
                             .bind(ctx.device(), &[p, xb, &run.mask_buffer, &partials, columns]);
                         pass.set_bind_group(0, &group, &[]);
-                        let (gx, gy) = grid(
-                            (tiles.col_tiles * tiles.row_tiles) as usize,
-                            ctx.max_groups(),
-                        );
+                        let (gx, gy) = grid(tiles.tiles(), ctx.max_groups());
                         pass.dispatch_workgroups(gx, gy, 1);
                         pass.set_pipeline(&merge.pipeline);
                         let group = merge.bind(ctx.device(), &[p, &partials, columns]);
@@ -1314,8 +1586,7 @@ impl<'a> Run<'a> {
                         let buffers: [&wgpu::Buffer; 6] =
                             [p, xb, &run.mask_buffer, &partials, columns, dy];
                         pass.set_bind_group(0, &partial.bind(ctx.device(), &buffers), &[]);
-                        let groups = (tiles.col_tiles * tiles.row_tiles) as usize;
-                        let (gx, gy) = grid(groups, ctx.max_groups());
+                        let (gx, gy) = grid(tiles.tiles(), ctx.max_groups());
                         pass.dispatch_workgroups(gx, gy, 1);
                         pass.set_pipeline(&merge.pipeline);
                         let group = merge.bind(ctx.device(), &[p, &partials, columns]);
@@ -1338,13 +1609,7 @@ impl<'a> Run<'a> {
         let ctx = self.ctx;
         // With dy set, the backward pass's dx (general kernels only: see `backward`).
         let backward = self.dy.is_some();
-        let kernel = match (backward, self.plan.rows, self.plan.by4) {
-            (true, _, _) => &BACKWARD_APPLY,
-            (false, true, _) => &APPLY_ROWS,
-            (false, false, true) => &APPLY4,
-            (false, false, false) => &APPLY,
-        };
-        let apply = self.pipeline(kernel).await?;
+        let apply = self.pipeline(self.plan.apply_kernel(backward)).await?;
         let bytes = (self.plan.chunks[0].len() * 4) as u64;
         let (output, staging) = match y {
             Output::Host(_) => {
@@ -1395,14 +1660,7 @@ impl<'a> Run<'a> {
                         }
                         let group = apply.bind(ctx.device(), &buffers);
                         pass.set_bind_group(0, &group, &[]);
-                        let p = &run.plan.params[i][b];
-                        let groups = if run.plan.rows {
-                            (p.col_tiles * p.row_tiles) as usize
-                        } else {
-                            let per_thread = if run.plan.by4 && !backward { 4 } else { 1 };
-                            (p.positions as usize * p.channels as usize)
-                                .div_ceil(WG as usize * per_thread)
-                        };
+                        let groups = run.plan.apply_groups(&run.plan.params[i][b], backward);
                         let (gx, gy) = grid(groups, ctx.max_groups());
                         pass.dispatch_workgroups(gx, gy, 1);
                     }

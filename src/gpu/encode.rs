@@ -4,25 +4,34 @@
 
 use wgpu::BufferSlice;
 
+use super::batch_norm::{self, Mode, Recorded};
 use super::context::GpuContext;
 use super::layer_norm::{self, Affine, BackwardRows, BackwardScratch, Param, Rows};
 use super::pool::Lifetime;
+use crate::ops::batch_norm::Shape;
 use crate::ops::layer_norm::RowNorm;
 use crate::ops::{check_eps, rows_of};
 use crate::{ElementType, LayerNorm, NormError};
 
-/// An op of the LayerNorm family for [`Normalizer::encode`](crate::Normalizer::encode) to
-/// record into the caller's command encoder, on spans of the caller's buffers
-/// (`buffer.slice(start..end)`); the caller submits it. Parameters on the device mean nothing is
-/// uploaded: the op records its kernels and one small uniform.
+/// An op of the LayerNorm family or of BatchNorm for
+/// [`Normalizer::encode`](crate::Normalizer::encode) to record into the caller's command
+/// encoder, on spans of the caller's buffers (`buffer.slice(start..end)`); the caller submits
+/// it. Parameters on the device mean nothing is uploaded: the op records its kernels, one small
+/// uniform, and for BatchNorm copies between the caller's per-feature spans and its own.
 ///
-/// x's span sets the shape: `x.size() / 4` values in rows of `features`. Every other tensor
-/// span (y, residual, sum, dy, dx) holds exactly as many values, and gamma, beta, dgamma and
-/// dbeta exactly `features`. Each is checked before anything is recorded:
-/// - the spans the kernels bind (all but dgamma and dbeta) need `BufferUsages::STORAGE` and an
-///   offset that is a multiple of the device's `min_storage_buffer_offset_alignment` (256 on
-///   most adapters); dgamma and dbeta are copied into, so they need `BufferUsages::COPY_DST` and
-///   offsets that are multiples of 4;
+/// x's span sets the shape: `x.size() / 4` values in rows of `features` (BatchNorm:
+/// `[positions, features]`, or `[batch, features, spatial]`). Every other tensor span (y,
+/// residual, sum, dy, dx) holds exactly as many values, a BatchNorm mask one u32 per position,
+/// and gamma, beta, dgamma, dbeta and running statistics exactly `features` values. Each is
+/// checked before anything is recorded:
+/// - the spans the kernels bind (x, y, residual, sum, dy, dx, BatchNorm's mask, and the
+///   LayerNorm family's gamma and beta) need `BufferUsages::STORAGE` and an offset that is a
+///   multiple of the device's `min_storage_buffer_offset_alignment` (256 on most adapters);
+/// - the spans that are copied need offsets that are multiples of 4: dgamma and dbeta
+///   `BufferUsages::COPY_DST`, BatchNorm's gamma, beta and eval's mean and var `COPY_SRC`, and
+///   BatchNorm's running statistics both;
+/// - the tensor fits one binding and one dispatch, and BatchNorm's per-column statistics (32
+///   bytes a column) one binding too (else `TooLarge`: the host-slice forms stream larger ones);
 /// - a buffer the kernels write (y, sum, dx) holds none of the op's inputs, since wgpu binds a
 ///   buffer read-only or read-write in one dispatch, not both; and no output overlaps another
 ///   span of the op;
@@ -135,6 +144,96 @@ pub enum Encode<'a> {
         /// The forward's gamma, or None for 1.
         gamma: Option<BufferSlice<'a>>,
     },
+    /// BatchNorm training of x into y with the batch's statistics, as
+    /// [`Normalizer::batch_norm_train_channels_first`](crate::Normalizer::batch_norm_train_channels_first)
+    /// (features-last where `spatial` is 1), the statistics folded into running ones on the
+    /// device where `running` is given. A batch that counts fewer than two positions leaves them
+    /// as they were. Columns whose statistics leave f32's range (spreads past about 1e19) are
+    /// not redone in f64, as the host-slice forms redo them.
+    BatchNormTrain {
+        /// The input: `[positions, features]` (`spatial` 1) or `[batch, features, spatial]`.
+        x: BufferSlice<'a>,
+        /// The output, shaped as x; 0 on masked positions.
+        y: BufferSlice<'a>,
+        /// Features (channels): the statistics are per feature.
+        features: usize,
+        /// Values per feature of one batch item: 1 for features-last, H·W for channels-first.
+        spatial: usize,
+        /// Added to the variance; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1 (copied: see [`Encode`]).
+        gamma: Option<BufferSlice<'a>>,
+        /// Per-feature shift, or None for 0 (copied).
+        beta: Option<BufferSlice<'a>>,
+        /// One u32 per position (row, or (item, spatial) pair), 0 for padding: left out of the
+        /// statistics and written as 0. None counts every position.
+        mask: Option<BufferSlice<'a>>,
+        /// Running statistics to update, or None.
+        running: Option<RunningSpans<'a>>,
+    },
+    /// BatchNorm eval of x into y with running statistics on the device, as
+    /// [`Normalizer::batch_norm_eval_channels_first`](crate::Normalizer::batch_norm_eval_channels_first).
+    BatchNormEval {
+        /// The input, shaped as for `BatchNormTrain`.
+        x: BufferSlice<'a>,
+        /// The output, shaped as x; 0 on masked positions.
+        y: BufferSlice<'a>,
+        /// Features (channels).
+        features: usize,
+        /// Values per feature of one batch item: 1 for features-last.
+        spatial: usize,
+        /// Added to the variance; finite and >= 0.
+        eps: f32,
+        /// Per-feature scale, or None for 1 (copied).
+        gamma: Option<BufferSlice<'a>>,
+        /// Per-feature shift, or None for 0 (copied).
+        beta: Option<BufferSlice<'a>>,
+        /// One u32 per position, 0 for padding (written as 0), or None.
+        mask: Option<BufferSlice<'a>>,
+        /// The running mean: `features` values (copied).
+        mean: BufferSlice<'a>,
+        /// The running (unbiased) variance: `features` values (copied).
+        var: BufferSlice<'a>,
+    },
+    /// The gradients of BatchNorm training given dy, as
+    /// [`Normalizer::batch_norm_backward_channels_first`](crate::Normalizer::batch_norm_backward_channels_first):
+    /// through the batch statistics, recomputed from x.
+    BatchNormBackward {
+        /// The forward's input.
+        x: BufferSlice<'a>,
+        /// The upstream gradient, shaped as x.
+        dy: BufferSlice<'a>,
+        /// The gradient of x, shaped as x; 0 on masked positions.
+        dx: BufferSlice<'a>,
+        /// The gradient of gamma: `features` values.
+        dgamma: BufferSlice<'a>,
+        /// The gradient of beta: `features` values.
+        dbeta: BufferSlice<'a>,
+        /// Features (channels).
+        features: usize,
+        /// Values per feature of one batch item: 1 for features-last.
+        spatial: usize,
+        /// The forward's eps.
+        eps: f32,
+        /// The forward's gamma, or None for 1 (copied).
+        gamma: Option<BufferSlice<'a>>,
+        /// The forward's mask: one u32 per position, 0 for padding, or None.
+        mask: Option<BufferSlice<'a>>,
+    },
+}
+
+/// BatchNorm's running statistics in a caller's buffers, for [`Encode::BatchNormTrain`] to
+/// update in place: new = (1 − momentum) · old + momentum · batch, with the batch's unbiased
+/// variance, as [`RunningStats::update`](crate::RunningStats::update) does on the host. They are
+/// copied in and out (`COPY_SRC | COPY_DST`, offsets multiples of 4).
+#[derive(Debug, Clone, Copy)]
+pub struct RunningSpans<'a> {
+    /// The running mean: `features` values.
+    pub mean: BufferSlice<'a>,
+    /// The running (unbiased) variance: `features` values.
+    pub var: BufferSlice<'a>,
+    /// Weight of the batch, in [0, 1].
+    pub momentum: f32,
 }
 
 /// How an op uses a span.
@@ -148,9 +247,61 @@ enum Use {
     Param,
     /// A per-feature gradient copied in after the kernels.
     Copy,
+    /// One u32 per position the kernels read (BatchNorm's mask).
+    Mask,
+    /// A per-feature input copied out before the kernels (BatchNorm's).
+    Source,
+    /// Per-feature values copied out before the kernels and back in after them (BatchNorm's
+    /// running statistics).
+    Running,
 }
 
-/// Every op in one form: the row kernels' operands, by role.
+impl Use {
+    /// The usage its buffer needs, the alignment of its offset, and why, for the error.
+    fn needs(self, ctx: &GpuContext) -> (wgpu::BufferUsages, u64, &'static str, &'static str) {
+        use wgpu::BufferUsages as U;
+        let storage = (
+            U::STORAGE,
+            ctx.storage_offset_alignment(),
+            "it lacks BufferUsages::STORAGE",
+            "its offset is not a multiple of the device's min_storage_buffer_offset_alignment",
+        );
+        let four = "its offset is not a multiple of 4";
+        match self {
+            Use::Read | Use::Write | Use::Param | Use::Mask => storage,
+            Use::Copy => (
+                U::COPY_DST,
+                4,
+                "it lacks BufferUsages::COPY_DST (the gradients are copied in)",
+                four,
+            ),
+            Use::Source => (
+                U::COPY_SRC,
+                4,
+                "it lacks BufferUsages::COPY_SRC (BatchNorm's per-feature inputs are copied)",
+                four,
+            ),
+            Use::Running => (
+                U::COPY_SRC | U::COPY_DST,
+                4,
+                "it lacks BufferUsages::COPY_SRC or COPY_DST (running statistics are copied out \
+                 and back)",
+                four,
+            ),
+        }
+    }
+}
+
+/// A span with its argument name and use.
+type Span<'a> = (&'static str, BufferSlice<'a>, Use);
+
+/// An op of [`Encode`] in the form its family records.
+enum Lowering<'a> {
+    Rows(Lowered<'a>),
+    Batch(BatchNormOp<'a>),
+}
+
+/// Every op of the LayerNorm family in one form: the row kernels' operands, by role.
 struct Lowered<'a> {
     name: &'static str,
     kind: RowNorm,
@@ -166,7 +317,7 @@ struct Lowered<'a> {
 }
 
 impl<'a> Lowered<'a> {
-    fn of(op: &Encode<'a>) -> Lowered<'a> {
+    fn of(op: &Encode<'a>) -> Lowering<'a> {
         let device = |p: Option<BufferSlice<'a>>| p.map_or(Param::None, Param::Device);
         let affine = |eps, gamma, beta| Affine {
             eps,
@@ -184,7 +335,84 @@ impl<'a> Lowered<'a> {
             backward: None,
         };
         use RowNorm::{Layer, Rms};
-        match *op {
+        Lowering::Rows(match *op {
+            Encode::BatchNormTrain {
+                x,
+                y,
+                features,
+                spatial,
+                eps,
+                gamma,
+                beta,
+                mask,
+                running,
+            } => {
+                return Lowering::Batch(BatchNormOp {
+                    name: "encode BatchNormTrain",
+                    features,
+                    spatial,
+                    eps,
+                    x,
+                    out: ("y", y),
+                    mask,
+                    gamma,
+                    beta,
+                    mode: Mode::Train {
+                        running: running.map(|r| (r.mean, r.var, r.momentum)),
+                    },
+                })
+            }
+            Encode::BatchNormEval {
+                x,
+                y,
+                features,
+                spatial,
+                eps,
+                gamma,
+                beta,
+                mask,
+                mean,
+                var,
+            } => {
+                return Lowering::Batch(BatchNormOp {
+                    name: "encode BatchNormEval",
+                    features,
+                    spatial,
+                    eps,
+                    x,
+                    out: ("y", y),
+                    mask,
+                    gamma,
+                    beta,
+                    mode: Mode::Eval { mean, var },
+                })
+            }
+            Encode::BatchNormBackward {
+                x,
+                dy,
+                dx,
+                dgamma,
+                dbeta,
+                features,
+                spatial,
+                eps,
+                gamma,
+                mask,
+            } => {
+                return Lowering::Batch(BatchNormOp {
+                    name: "encode BatchNormBackward",
+                    features,
+                    spatial,
+                    eps,
+                    x,
+                    out: ("dx", dx),
+                    mask,
+                    gamma,
+                    beta: None,
+                    mode: Mode::Backward { dy, dgamma, dbeta },
+                })
+            }
+
             Encode::LayerNorm {
                 x,
                 y,
@@ -292,11 +520,11 @@ impl<'a> Lowered<'a> {
                     ("dx", dx),
                 )
             },
-        }
+        })
     }
 
     /// Every span with its argument name and use.
-    fn spans(&self) -> Vec<(&'static str, BufferSlice<'a>, Use)> {
+    fn spans(&self) -> Vec<Span<'a>> {
         let mut spans = vec![
             ("x", self.x, Use::Read),
             (self.out.0, self.out.1, Use::Write),
@@ -321,23 +549,7 @@ impl<'a> Lowered<'a> {
         check_eps(self.affine.eps)?;
         let len = values("x", self.x)?;
         let rows = rows_of(len, self.features)?;
-        let spans = self.spans();
-        for &(name, span, usage) in &spans {
-            check_usage(ctx, (name, span, usage))?;
-            let n = values(name, span)?;
-            match usage {
-                Use::Read | Use::Write => crate::ops::check_operand(name, n, len)?,
-                Use::Param | Use::Copy if n != self.features => {
-                    return Err(NormError::ParamLength {
-                        name,
-                        len: n,
-                        features: self.features,
-                    })
-                }
-                _ => {}
-            }
-        }
-        check_disjoint(&spans)?;
+        check_spans(ctx, &self.spans(), (len, rows, self.features))?;
         let max_rows = if self.backward.is_some() {
             layer_norm::backward_max_rows(ctx, self.features)?
         } else {
@@ -366,51 +578,59 @@ fn values(name: &'static str, span: BufferSlice<'_>) -> Result<usize, NormError>
     }
 }
 
-/// A span's buffer has the usage its use needs, and its offset the alignment: STORAGE and the
-/// device's storage offset alignment where a kernel binds it, COPY_DST and 4 where it is
-/// copied into.
-fn check_usage(
+/// Checks every span of an op whose tensors hold `len` values in `positions` positions (rows)
+/// of `features`: its buffer's usage and offset ([`Use::needs`]), its length, and that no
+/// output collides with another span ([`check_disjoint`]).
+fn check_spans(
     ctx: &GpuContext,
-    (name, span, usage): (&'static str, BufferSlice<'_>, Use),
+    spans: &[Span<'_>],
+    (len, positions, features): (usize, usize, usize),
 ) -> Result<(), NormError> {
-    let copied = usage == Use::Copy;
-    let (needs, align) = if copied {
-        (wgpu::BufferUsages::COPY_DST, 4)
-    } else {
-        (wgpu::BufferUsages::STORAGE, ctx.storage_offset_alignment())
-    };
-    if !span.buffer().usage().contains(needs) {
-        return Err(NormError::InvalidBuffer {
-            name,
-            problem: if copied {
-                "it lacks BufferUsages::COPY_DST (the gradients are copied in)"
-            } else {
-                "it lacks BufferUsages::STORAGE"
-            },
-        });
+    for &(name, span, usage) in spans {
+        let (needs, align, lacks, misaligned) = usage.needs(ctx);
+        if !span.buffer().usage().contains(needs) {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: lacks,
+            });
+        }
+        if !span.offset().is_multiple_of(align) {
+            return Err(NormError::InvalidBuffer {
+                name,
+                problem: misaligned,
+            });
+        }
+        let n = values(name, span)?;
+        match usage {
+            Use::Read | Use::Write => crate::ops::check_operand(name, n, len)?,
+            Use::Mask if n != positions => {
+                return Err(NormError::MaskLength {
+                    len: n,
+                    rows: positions,
+                })
+            }
+            Use::Param | Use::Copy | Use::Source | Use::Running if n != features => {
+                return Err(NormError::ParamLength {
+                    name,
+                    len: n,
+                    features,
+                })
+            }
+            _ => {}
+        }
     }
-    if !span.offset().is_multiple_of(align) {
-        return Err(NormError::InvalidBuffer {
-            name,
-            problem: if copied {
-                "its offset is not a multiple of 4"
-            } else {
-                "its offset is not a multiple of the device's min_storage_buffer_offset_alignment"
-            },
-        });
-    }
-    Ok(())
+    check_disjoint(spans)
 }
 
 /// No buffer a kernel writes holds an input of the op (wgpu binds a buffer read-only or
 /// read-write in one dispatch), and no output overlaps another span.
-fn check_disjoint(spans: &[(&'static str, BufferSlice<'_>, Use)]) -> Result<(), NormError> {
+fn check_disjoint(spans: &[Span<'_>]) -> Result<(), NormError> {
     for &(name, span, usage) in spans {
         for &(other, theirs, their_use) in spans {
             if other == name || span.buffer() != theirs.buffer() {
                 continue;
             }
-            if usage == Use::Write && matches!(their_use, Use::Read | Use::Param) {
+            if usage == Use::Write && matches!(their_use, Use::Read | Use::Param | Use::Mask) {
                 return Err(NormError::InvalidBuffer {
                     name,
                     problem: "its buffer also holds an input of this op; wgpu binds a \
@@ -419,7 +639,7 @@ fn check_disjoint(spans: &[(&'static str, BufferSlice<'_>, Use)]) -> Result<(), 
             }
             let overlap = span.offset() < theirs.offset() + theirs.size()
                 && theirs.offset() < span.offset() + span.size();
-            if matches!(usage, Use::Write | Use::Copy) && overlap {
+            if matches!(usage, Use::Write | Use::Copy | Use::Running) && overlap {
                 return Err(NormError::InvalidBuffer {
                     name,
                     problem: "it overlaps another span of this op",
@@ -435,9 +655,78 @@ pub(crate) async fn encode(
     encoder: &mut wgpu::CommandEncoder,
     op: &Encode<'_>,
 ) -> Result<(), NormError> {
-    let op = Lowered::of(op);
-    let rows = op.check(ctx)?;
-    record(ctx, encoder, &op, rows).await
+    match Lowered::of(op) {
+        Lowering::Rows(op) => {
+            let rows = op.check(ctx)?;
+            record(ctx, encoder, &op, rows).await
+        }
+        Lowering::Batch(op) => batch_norm::record(ctx, encoder, &op.check(ctx)?).await,
+    }
+}
+
+/// A BatchNorm op of [`Encode`], before its spans are checked.
+struct BatchNormOp<'a> {
+    name: &'static str,
+    features: usize,
+    spatial: usize,
+    eps: f32,
+    x: BufferSlice<'a>,
+    /// y, or dx for the backward pass.
+    out: (&'static str, BufferSlice<'a>),
+    mask: Option<BufferSlice<'a>>,
+    gamma: Option<BufferSlice<'a>>,
+    beta: Option<BufferSlice<'a>>,
+    mode: Mode<'a>,
+}
+
+impl<'a> BatchNormOp<'a> {
+    /// Checks eps, the shape, momentum and every span, as the host-slice forms check theirs.
+    fn check(self, ctx: &GpuContext) -> Result<Recorded<'a>, NormError> {
+        check_eps(self.eps)?;
+        let len = values("x", self.x)?;
+        let shape = Shape::channels_first(len, self.features, self.spatial)?;
+        if shape.positions == 0 {
+            return Err(NormError::EmptyBatch {
+                reason: "x is empty; pass at least one row",
+            });
+        }
+        let mut spans = vec![
+            ("x", self.x, Use::Read),
+            (self.out.0, self.out.1, Use::Write),
+        ];
+        spans.extend(self.mask.map(|m| ("mask", m, Use::Mask)));
+        spans.extend(self.gamma.map(|g| ("gamma", g, Use::Source)));
+        spans.extend(self.beta.map(|b| ("beta", b, Use::Source)));
+        match self.mode {
+            Mode::Train { running } => {
+                if let Some((mean, var, momentum)) = running {
+                    crate::ops::batch_norm::check_fold(momentum, 2)?;
+                    spans.push(("running mean", mean, Use::Running));
+                    spans.push(("running var", var, Use::Running));
+                }
+            }
+            Mode::Eval { mean, var } => {
+                spans.extend([("mean", mean, Use::Source), ("var", var, Use::Source)]);
+            }
+            Mode::Backward { dy, dgamma, dbeta } => spans.extend([
+                ("dy", dy, Use::Read),
+                ("dgamma", dgamma, Use::Copy),
+                ("dbeta", dbeta, Use::Copy),
+            ]),
+        }
+        check_spans(ctx, &spans, (len, shape.positions, self.features))?;
+        Ok(Recorded {
+            name: self.name,
+            shape,
+            eps: self.eps,
+            x: self.x,
+            out: self.out.1,
+            mask: self.mask,
+            gamma: self.gamma,
+            beta: self.beta,
+            mode: self.mode,
+        })
+    }
 }
 
 /// Records checked spans of `rows` rows.
