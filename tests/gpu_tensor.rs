@@ -1366,9 +1366,7 @@ fn encoded_batch_norm_checks_every_span() {
         let e = norm.encode(&mut encoder, &op).unwrap_err();
         assert!(expected(&e), "{op:?}: {e}");
     };
-    let named = |name: &'static str| {
-        move |e: &NormError| matches!(e, NormError::InvalidBuffer { name: n, .. } if *n == name)
-    };
+    let named = |name: &'static str| move |e: &NormError| matches!(e, NormError::InvalidBuffer { name: n, .. } if *n == name);
     // 8 rows need 8 mask words, not 7.
     let mask7 = Some(a.slice(slot..slot + 28));
     refused(train(y, mask7, None, None, 1), &|e| {
@@ -1378,18 +1376,27 @@ fn encoded_batch_norm_checks_every_span() {
     let g = Some(b.slice(slot..slot + 32));
     refused(train(y, None, g, None, 1), &named("gamma"));
     refused(
-        train(y, None, None, running(feat(0), copies.slice(16..48), 0.1), 1),
+        train(
+            y,
+            None,
+            None,
+            running(feat(0), copies.slice(16..48), 0.1),
+            1,
+        ),
         &named("running mean"),
     );
-    refused(train(y, None, None, running(feat(0), feat(1), 1.5), 1), &|e| {
-        matches!(
-            e,
-            NormError::InvalidParam {
-                name: "momentum",
-                ..
-            }
-        )
-    });
+    refused(
+        train(y, None, None, running(feat(0), feat(1), 1.5), 1),
+        &|e| {
+            matches!(
+                e,
+                NormError::InvalidParam {
+                    name: "momentum",
+                    ..
+                }
+            )
+        },
+    );
     refused(train(y, None, None, None, 0), &|e| {
         matches!(e, NormError::ZeroDimension { name: "spatial" })
     });
