@@ -230,8 +230,13 @@ fn rescale(total: f32, var_: f32) -> f32 {
 // values) is `var_`; for s = 1, 1 / sqrt(var + eps). Where eps * s^2 underflows to 0 (s = 2^-100)
 // and the scaled row has no spread (a constant row, or a row of one value), that is the rstd of
 // eps alone, 1 / (sqrt(eps) * s), which f32 holds for every eps above 1e-24.
+//
+// eps * s^2 is one exact scaling of eps's exponent (ldexp), never a product through s * s: that
+// is 2^200 for s = 2^100, past f32, and Vulkan's float rules let a compiler form it first (eps *
+// (s * s) = 0 * inf = NaN for eps 0). Rows of values near 1e-22 with eps 0 normalized to NaN on
+// an H100, where squares that small flush to 0 and send the row down this path.
 fn scaled_rstd(var_: f32, s: f32) -> f32 {
-    let e = params.eps * s * s;
+    let e = ldexp(params.eps, select(select(0i, 200i, s > 1.0), -200i, s < 1.0));
     if var_ + e == 0.0 && params.eps > 0.0 {
         return inverseSqrt(params.eps) / s;
     }
