@@ -831,7 +831,10 @@ impl Normalizer {
     /// [`Normalizer::layer_norm`] that also saves each row's statistics for the backward pass
     /// ([`RowStats`]: per row the mean and rstd, kept as the kernels use them). Hand them to
     /// [`Normalizer::layer_norm_backward_saved`], which then reads each row once fewer instead
-    /// of recomputing them; `y` is the bits `layer_norm` gives. Errors as `layer_norm` does.
+    /// of recomputing them. `y` is what `layer_norm` gives: the same bits on the CPU; on a GPU,
+    /// within a few ulps of them, since the kernel variant that also writes the statistics is
+    /// compiled on its own and a driver may fuse its multiply-adds differently (an H100's
+    /// differed by 1–3 ulps). Errors as `layer_norm` does.
     ///
     /// ```
     /// use gpunorm::{LayerNorm, Normalizer};

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{data, dx_error, gpu, max_err, ordinary};
+use common::{data, dx_error, gpu, max_err, ordinary, ulps_apart};
 use gpunorm::half::f16;
 use gpunorm::{reference, BatchNorm, ChannelsFirst, LayerNorm, NormError, Normalizer, RmsNorm};
 
@@ -679,10 +679,22 @@ fn saved_errors(
     f: usize,
     o: &LayerNorm,
 ) -> ([f64; 3], [f64; 2]) {
-    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // Saving changes no output bit on the CPU. On a GPU the kernel variant that also writes the
+    // statistics is compiled on its own, and a driver may fuse multiply-adds differently in it:
+    // an H100's gave 1-3 ulps of difference in some values. 4 ulps is far below the tolerances
+    // against the reference, and far above what such a fusing moves.
+    let same_output = |saved: &[f32], plain: &[f32]| {
+        let most = if norm.is_gpu() { 4 } else { 0 };
+        let (apart, at) = ulps_apart(saved, plain);
+        assert!(
+            apart <= most,
+            "saving moved y[{at}] by {apart} ulps: {} against {}",
+            saved[at],
+            plain[at]
+        );
+    };
     let out = norm.layer_norm_saving(x, f, o).expect("valid input");
-    let plain = norm.layer_norm(x, f, o).unwrap();
-    assert_eq!(bits(&out.y), bits(&plain), "saving changes no output bit");
+    same_output(&out.y, &norm.layer_norm(x, f, o).unwrap());
     let got = norm
         .layer_norm_backward_saved(x, dy, f, o, &out.stats)
         .unwrap();
@@ -697,8 +709,7 @@ fn saved_errors(
         gamma: o.gamma,
     };
     let out = norm.rms_norm_saving(x, f, &rms).unwrap();
-    let plain = norm.rms_norm(x, f, &rms).unwrap();
-    assert_eq!(bits(&out.y), bits(&plain), "saving changes no output bit");
+    same_output(&out.y, &norm.rms_norm(x, f, &rms).unwrap());
     let got = norm
         .rms_norm_backward_saved(x, dy, f, &rms, &out.stats)
         .unwrap();

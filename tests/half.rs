@@ -47,6 +47,20 @@ fn rounded<T: Half>(values: &[f32]) -> (Vec<T>, Vec<f32>) {
     (half, wide)
 }
 
+/// Representable values of T between a and b (0 when equal, ±0 alike, NaN with NaN); u32::MAX
+/// where one is NaN and the other not.
+fn steps<T: Half>(a: T, b: T) -> u32 {
+    let key = |v: T| {
+        let i = bytemuck::cast::<T, u16>(v) as i16;
+        i32::from(if i < 0 { i16::MIN.wrapping_sub(i) } else { i })
+    };
+    match (a.to_f32().is_nan(), b.to_f32().is_nan()) {
+        (true, true) => 0,
+        (false, false) => (key(a) - key(b)).unsigned_abs(),
+        _ => u32::MAX,
+    }
+}
+
 fn wide<T: Half>(values: &[T]) -> Vec<f32> {
     values.iter().map(|&v| v.to_f32()).collect()
 }
@@ -105,8 +119,12 @@ fn every_op<T: Half>(name: &str, norm: &gpunorm::Normalizer) {
             "{at}: layer_norm is not the f32 result rounded once"
         );
         // Saved statistics are those of the f32 op on the same values, and y is layer_norm's.
+        // The same values on the CPU; on a GPU the saving kernel variant may differ by a few
+        // f32 ulps (see tests/backward.rs), which can round to a neighbouring T.
         let saved = norm.layer_norm_saving(&x, features, &ln).unwrap();
-        assert!(saved.y == y, "{at}: layer_norm_saving's y");
+        let most = if norm.is_gpu() { 1 } else { 0 };
+        let apart = saved.y.iter().zip(&y).map(|(&a, &b)| steps(a, b)).max();
+        assert!(apart <= Some(most), "{at}: layer_norm_saving's y");
         let f32_stats = norm.layer_norm_saving(&xw, features, &ln).unwrap().stats;
         assert_eq!(
             saved.stats, f32_stats,

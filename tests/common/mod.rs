@@ -96,6 +96,28 @@ pub fn dx_error(dx: &[f32], reference: &[f64], features: usize) -> f64 {
 }
 
 /// Ordinary activations: mean 0.5, standard deviation 2.
+/// The most representable f32 values between paired elements of `a` and `b` (0 where all are
+/// equal, ±0 alike, NaN with NaN), and where that is; u32::MAX where one of a pair is NaN and
+/// the other not.
+#[allow(dead_code)]
+pub fn ulps_apart(a: &[f32], b: &[f32]) -> (u32, usize) {
+    assert_eq!(a.len(), b.len());
+    // Ordered so that adjacent floats are adjacent integers, -0.0 and +0.0 both 0.
+    let key = |v: f32| {
+        let i = v.to_bits() as i32;
+        i64::from(if i < 0 { i32::MIN.wrapping_sub(i) } else { i })
+    };
+    let apart = |(&x, &y): (&f32, &f32)| match (x.is_nan(), y.is_nan()) {
+        (true, true) => 0,
+        (false, false) => u32::try_from((key(x) - key(y)).unsigned_abs()).unwrap_or(u32::MAX),
+        _ => u32::MAX,
+    };
+    a.iter().zip(b).map(apart).enumerate().fold(
+        (0, 0),
+        |(most, at), (i, u)| if u > most { (u, i) } else { (most, at) },
+    )
+}
+
 pub fn ordinary(n: usize, seed: u64) -> Vec<f32> {
     data(n, 0.5, 2.0, seed)
 }
