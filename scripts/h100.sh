@@ -10,7 +10,9 @@
 #                                     process, the small-batch cost, and the training ops
 #   torch.txt                         PyTorch on the same card, in f32 and f16, for same-run ratios
 #   tests.txt                         the GPU tests, with GPUNORM_REQUIRE_GPU=1
-#   variants.txt                      GPU kernel times of the defaults and of each variant, each
+#   variants.txt                      GPU kernel times (of $VOPS, default LayerNorm, BatchNorm
+#                                     training and eval, and LayerNorm's backward) of the
+#                                     defaults and of each variant, each
 #                                     shape in a process of its own (a process that has run other
 #                                     big shapes first measures slower; see BENCHMARKS.md), the
 #                                     defaults first and last
@@ -23,7 +25,7 @@ dev=.device
 shapes=${SHAPES:-4096x768,65536x1024,16384x4096,2048x32768,262144x1024}
 # Variants skip the 1 GiB shape: its uploads take most of a run's time.
 vshapes=${VSHAPES:-4096x768,65536x1024,16384x4096,2048x32768}
-vops=layer_norm,batch_norm_train,batch_norm_eval
+vops=${VOPS:-layer_norm,batch_norm_train,batch_norm_eval,layer_norm_backward}
 mkdir -p "$out"
 step() { # step SECONDS LOG CMD...: runs CMD under a limit, output to LOG and, briefly, here.
     local limit=$1 log=$2

@@ -310,13 +310,6 @@ fn layer_norm_held(
     let live = row < params.rows;
     let n = params.features / W;
     let base = row * n;
-    var shift = 0.0;
-#ifndef RMS
-    if live {
-        shift = first(load(base));
-    }
-#endif
-    let count = f32(params.features);
 
     // All K loads are issued before any arithmetic waits on them.
     var held: array<V, K>;
@@ -334,6 +327,33 @@ fn layer_norm_held(
         }
     }
 #endif
+    let m = held_moments(inv, base, live, &held);
+    for (var j = 0u; j < K; j++) {
+        let i = lane + j * T;
+        if live && i < n {
+            store(base, i, held[j], m.z);
+        }
+    }
+#ifdef SAVE
+    if live && lane == 0u {
+        row_moments[row] = m;
+    }
+#endif
+}
+
+// The statistics of the row at `base` whose values this thread holds (lane + j * T for each j,
+// as loaded), with T threads a row: returns (shift, mean_d, rstd, s) as `looped_moments` does,
+// and leaves `held` centred, x * s - shift - mean_d. Threads whose row is past the end pass
+// `live` false and still call it: every thread of the workgroup must (it has barriers).
+fn held_moments(
+    inv: Invocation,
+    base: u32,
+    live: bool,
+    held: ptr<function, array<V, K>>,
+) -> vec4<f32> {
+    let lane = inv.lid % T;
+    let n = params.features / W;
+    let count = f32(params.features);
 #ifdef RMS
     // The flag rides on the sum of squares: a flagged thread adds at least 2^110, past what
     // values under 2^50 can reach in most rows (rows that do reach it are redone, also exactly).
@@ -341,22 +361,25 @@ fn layer_norm_held(
     var big = false;
     for (var j = 0u; j < K; j++) {
         if live && lane + j * T < n {
-            sq += hsum(held[j] * held[j]);
-            big = big || too_big(held[j]);
+            sq += hsum((*held)[j] * (*held)[j]);
+            big = big || too_big((*held)[j]);
         }
     }
     let total = row_sum(inv, flagged(sq, big));
     var var_ = total / count;
-    // (shift, mean_d) of the row as normalized, for SAVE.
     var centre = vec2<f32>(0.0);
 #else
+    var shift = 0.0;
+    if live {
+        shift = first(load(base));
+    }
     var sum = 0.0;
     var big = abs(shift) > BIG_SHIFT;
     for (var j = 0u; j < K; j++) {
         if live && lane + j * T < n {
-            held[j] = held[j] - shift;
-            sum += hsum(held[j]);
-            big = big || too_big(held[j]);
+            (*held)[j] = (*held)[j] - shift;
+            sum += hsum((*held)[j]);
+            big = big || too_big((*held)[j]);
         }
     }
     let total = row_sum(inv, flagged(sum, big));
@@ -365,8 +388,8 @@ fn layer_norm_held(
     var sq = 0.0;
     for (var j = 0u; j < K; j++) {
         if live && lane + j * T < n {
-            held[j] = held[j] - mean_d;
-            sq += hsum(held[j] * held[j]);
+            (*held)[j] = (*held)[j] - mean_d;
+            sq += hsum((*held)[j] * (*held)[j]);
         }
     }
     var var_ = row_sum(inv, sq) / count;
@@ -379,24 +402,12 @@ fn layer_norm_held(
         for (var j = 0u; j < K; j++) {
             let i = lane + j * T;
             if i < n {
-                held[j] = load(base + i) * s - stats.x - stats.y;
+                (*held)[j] = load(base + i) * s - stats.x - stats.y;
             }
         }
         var_ = stats.z;
     }
-    let rstd = scaled_rstd(var_, s);
-
-    for (var j = 0u; j < K; j++) {
-        let i = lane + j * T;
-        if live && i < n {
-            store(base, i, held[j], rstd);
-        }
-    }
-#ifdef SAVE
-    if live && lane == 0u {
-        row_moments[row] = vec4<f32>(centre, rstd, s);
-    }
-#endif
+    return vec4<f32>(centre, scaled_rstd(var_, s), s);
 }
 
 // The (shift, mean_d, var) of the row at `base` scaled by `s`, each pass reading the row again.
@@ -508,7 +519,8 @@ fn layer_norm(
 // normalized x (RMSNorm: no mean(g) term, xhat = x * rrms); dgamma and dbeta sum dy * xhat and dy
 // over the rows. Three kernels, recorded in one pass:
 // - `layer_norm_backward`: one workgroup per row (the looped forward's statistics, then the two
-//   sums), writes dx into `y` and the row's moments into `row_moments`;
+//   sums), writes dx into `y` and the row's moments into `row_moments`; or
+//   `layer_norm_backward_held`, the same with rows held in registers, several a workgroup;
 // - `layer_norm_backward_columns`: each thread one column (a vec4 of them with VEC4) over a tile
 //   of TILE_ROWS rows, into `partials`;
 // - `layer_norm_backward_merge`: each thread one column, adding the tiles' partials in order, in
@@ -576,6 +588,74 @@ fn layer_norm_backward(
     }
 #ifndef SAVED
     if inv.lid == 0u {
+        row_moments[row] = m;
+    }
+#endif
+}
+
+// `layer_norm_backward` for rows held in registers, as `layer_norm_held` holds them: T threads
+// a row, K values each of x and of g, several rows a workgroup; x and dy are read once.
+@compute @workgroup_size(WG)
+fn layer_norm_backward_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    inv: Invocation,
+) {
+    let first_row = (wid.y * groups.x + wid.x) * (WG / T);
+    if first_row >= params.rows {
+        return;
+    }
+    let row = first_row + inv.lid / T;
+    let lane = inv.lid % T;
+    let live = row < params.rows;
+    let n = params.features / W;
+    let base = row * n;
+    let count = f32(params.features);
+    var held: array<V, K>;
+    var g: array<V, K>;
+    for (var j = 0u; j < K; j++) {
+        let i = lane + j * T;
+        if live && i < n {
+            held[j] = unpack(x[base + i]);
+            g[j] = unpack(dy[base + i]) * gamma_at(i);
+        }
+    }
+#ifdef SAVED
+    var m = vec4<f32>(0.0, 0.0, 1.0, 1.0);
+    if live {
+        m = row_moments[row];
+    }
+    for (var j = 0u; j < K; j++) {
+        held[j] = held[j] * m.w - m.x - m.y;
+    }
+#else
+    let m = held_moments(inv, base, live, &held);
+#endif
+    // held becomes xhat.
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var j = 0u; j < K; j++) {
+        if live && lane + j * T < n {
+            held[j] = held[j] * m.z;
+            sg += hsum(g[j]);
+            sgx += hsum(g[j] * held[j]);
+        }
+    }
+#ifdef RMS
+    let mean_g = 0.0;
+#else
+    let mean_g = row_sum(inv, sg) / count;
+#endif
+    let mean_gx = row_sum(inv, sgx) / count;
+    let rstd = m.z * m.w;
+    for (var j = 0u; j < K; j++) {
+        let i = lane + j * T;
+        if live && i < n {
+            y[base + i] = pack((g[j] - mean_g - held[j] * mean_gx) * rstd);
+        }
+    }
+#ifndef SAVED
+    if live && lane == 0u {
         row_moments[row] = m;
     }
 #endif

@@ -27,6 +27,11 @@ pub(crate) struct Tuning {
     /// per thread are held in registers, longer rows looped; a power of two up to 32, or 0 for
     /// always looped. Default 32.
     pub ln_hold: u32,
+    /// `GPUNORM_LN_BWD_HOLD=K`: the LayerNorm and RMSNorm backward holds rows of up to K
+    /// elements of x and of dy per thread in registers, several short rows a workgroup, and reads
+    /// them once; longer rows (and every row with 0, the default until measured on a GPU) take
+    /// the looped kernel, one workgroup a row. A power of two up to 32.
+    pub ln_bwd_hold: u32,
     /// `GPUNORM_BN_APPLY4=0`: BatchNorm's elementwise pass one value per thread, never four.
     pub bn_apply4: bool,
     /// `GPUNORM_RUNTIME_CHECKS=all|bounds|none`: the checks naga adds to every shader. `all`
@@ -59,6 +64,7 @@ impl Default for Tuning {
         Tuning {
             subgroups: true,
             ln_hold: 32,
+            ln_bwd_hold: 0,
             bn_apply4: true,
             checks: Checks::Bounds,
             bn_rows: true,
@@ -84,6 +90,9 @@ impl Tuning {
             ln_hold: read("GPUNORM_LN_HOLD")
                 .filter(|&k| (k == 0 || k.is_power_of_two()) && k <= 32)
                 .unwrap_or(d.ln_hold),
+            ln_bwd_hold: read("GPUNORM_LN_BWD_HOLD")
+                .filter(|&k| (k == 0 || k.is_power_of_two()) && k <= 32)
+                .unwrap_or(d.ln_bwd_hold),
             bn_apply4: read("GPUNORM_BN_APPLY4").map_or(d.bn_apply4, |v| v != 0),
             checks: match std::env::var("GPUNORM_RUNTIME_CHECKS").as_deref() {
                 Ok("all") => Checks::All,

@@ -82,6 +82,11 @@ const BACKWARD: KernelDef = KernelDef {
         Slot::ReadWrite(6),
     ],
 };
+/// `BACKWARD` for rows held in registers, several a workgroup (`Tuning::ln_bwd_hold`).
+const BACKWARD_HELD: KernelDef = KernelDef {
+    entry: "layer_norm_backward_held",
+    ..BACKWARD
+};
 const BACKWARD_COLUMNS: KernelDef = KernelDef {
     source: Source::LayerNorm,
     entry: "layer_norm_backward_columns",
@@ -103,8 +108,10 @@ const TILE_ROWS: usize = 64;
 /// Every kernel, and the shader def it is built with beyond the layout ones: ADD, SAVE, SAVED
 /// or none.
 #[cfg(test)]
-pub(crate) const KERNELS: [(&KernelDef, Option<&str>); 11] = [
+pub(crate) const KERNELS: [(&KernelDef, Option<&str>); 13] = [
     (&HELD, None),
+    (&BACKWARD_HELD, None),
+    (&BACKWARD_HELD, Some("SAVED")),
     (&LOOPED, None),
     (&HELD_ADD, Some("ADD")),
     (&LOOPED_ADD, Some("ADD")),
@@ -205,15 +212,7 @@ impl Kernel {
         element: ElementType,
     ) -> Kernel {
         let layout = Layout::new(features, element);
-        let n = features / layout.width;
-        let wg = WG as usize;
-        let hold = ctx.tuning.ln_hold as usize;
-        let (per_row, held) = match n.div_ceil(wg) {
-            _ if hold == 0 => (WG, 0),
-            _ if n <= wg / 2 => (n.next_power_of_two() as u32, 1),
-            k if k <= hold => (WG, k.next_power_of_two() as u32),
-            _ => (WG, 0),
-        };
+        let (per_row, held) = held_class(features / layout.width, ctx.tuning.ln_hold);
         Kernel {
             rms: kind == RowNorm::Rms,
             add,
@@ -297,6 +296,20 @@ pub(crate) async fn prepare(
     ctx.check_storage_buffers(Slot::storage_count(kernel.def().slots), what)?;
     let pipeline = kernel.pipeline(ctx).await?;
     Ok(Prepared { kernel, pipeline })
+}
+
+/// The size class of rows of `n` elements (vec4s, vec2s or values) with at most `hold` held per
+/// thread: (threads per row, elements each holds), the latter 0 where the rows are looped
+/// instead (`hold` 0, or longer rows). Short rows take a power of two of threads, one element
+/// each, so a workgroup holds several rows.
+fn held_class(n: usize, hold: u32) -> (u32, u32) {
+    let wg = WG as usize;
+    match n.div_ceil(wg) {
+        _ if hold == 0 => (WG, 0),
+        _ if n <= wg / 2 => (n.next_power_of_two() as u32, 1),
+        k if k <= hold as usize => (WG, k.next_power_of_two() as u32),
+        _ => (WG, 0),
+    }
 }
 
 /// Rows one dispatch may cover: bounded by the binding size, the 2-D grid and u32 indexing.
@@ -571,6 +584,8 @@ pub(crate) struct Backward {
     rows: Arc<Pipeline>,
     columns: Arc<Pipeline>,
     merge: Arc<Pipeline>,
+    /// Rows one workgroup of the rows kernel takes: 1 for the looped kernel, WG / T held.
+    rows_per_group: usize,
     /// Workgroups across a row's columns (256 elements each).
     blocks: usize,
     /// Rows one dispatch may cover: one workgroup per row, and each row's moments (16 bytes)
@@ -592,18 +607,21 @@ pub(crate) async fn prepare_backward(
         Layout::new(features, element),
         ctx.subgroups,
     );
+    // Rows held in registers as the forward holds them, up to `ln_bwd_hold` elements of x and
+    // as many of dy per thread; otherwise (and by default) the looped kernel.
+    let (per_row, held) = held_class(features / layout.width, ctx.tuning.ln_bwd_hold);
     let mut defs = vec![
         ("RMS", Def::Flag(rms)),
         ("SAVED", Def::Flag(saved)),
         ("SUBGROUP", Def::Flag(subgroup)),
-        ("T", Def::U32(WG)),
-        ("K", Def::U32(1)),
+        ("T", Def::U32(per_row)),
+        ("K", Def::U32(held.max(1))),
     ];
     defs.extend(layout.defs());
     let defs = &defs;
     let pipeline = |kernel: &'static KernelDef| {
         let label = format!(
-            "{}{} {} {} {}",
+            "{}{} {} {} {} t{per_row} k{held}",
             kernel.entry,
             if saved { " saved" } else { "" },
             if rms { "rms" } else { "layer" },
@@ -612,8 +630,9 @@ pub(crate) async fn prepare_backward(
         );
         async move { ctx.pipeline(&label, kernel, defs).await }
     };
+    let rows_kernel = if held > 0 { &BACKWARD_HELD } else { &BACKWARD };
     let (rows, columns, merge) = (
-        pipeline(&BACKWARD).await?,
+        pipeline(rows_kernel).await?,
         pipeline(&BACKWARD_COLUMNS).await?,
         pipeline(&BACKWARD_MERGE).await?,
     );
@@ -622,6 +641,7 @@ pub(crate) async fn prepare_backward(
         rows,
         columns,
         merge,
+        rows_per_group: if held > 0 { (WG / per_row) as usize } else { 1 },
         blocks: n.div_ceil(WG as usize),
         max_rows: backward_max_rows(ctx, features)?,
     })
@@ -738,7 +758,11 @@ pub(crate) fn record_backward(
         timestamp_writes: timer.map(|t| t.writes()),
     });
     let blocks = prepared.blocks;
-    let groups = [io.rows, io.rows.div_ceil(TILE_ROWS) * blocks, blocks];
+    let groups = [
+        io.rows.div_ceil(prepared.rows_per_group),
+        io.rows.div_ceil(TILE_ROWS) * blocks,
+        blocks,
+    ];
     let bindings: [&[wgpu::BufferSlice]; 3] = [
         &[params, io.x, io.dx, gamma, io.dy, moments],
         &[params, io.x, io.dy, moments, partials],

@@ -199,8 +199,8 @@ mod tests {
     }
 
     /// Each kernel choice the tuning switches can make (`GPUNORM_*`, used to compare variants
-    /// on one machine) computes the same normalizations (LayerNorm, RMSNorm, BatchNorm
-    /// training): every one matches the f64 reference,
+    /// on one machine) computes the same normalizations (LayerNorm, RMSNorm, LayerNorm's
+    /// backward, BatchNorm training): every one matches the f64 reference,
     /// within the integration tests' tolerances (1e-4 relative; 1e-3 on rows with mean 1e4 and
     /// spread 1e-2), on shapes that reach each size class.
     #[test]
@@ -233,6 +233,15 @@ mod tests {
             },
             Tuning { bn_hold: 4, ..d },
             Tuning { bn_hold: 32, ..d },
+            Tuning {
+                ln_bwd_hold: 8,
+                ..d
+            },
+            Tuning {
+                ln_bwd_hold: 32,
+                subgroups: false,
+                ..d
+            },
         ];
         let shapes = [
             (2, 32768),
@@ -271,6 +280,38 @@ mod tests {
                         .unwrap();
                     let err = reference::max_error(&y, &reference::rms_norm(&x, features, &rms));
                     assert!(err < tol, "{tuning:?} RMS {rows}x{features}: {err:e}");
+
+                    // The backward: dx against each row's largest gradient (tests/common's
+                    // dx_error), dgamma and dbeta as everything else.
+                    let dy = values(x.len(), 0.0, 1.0, seed + 1);
+                    let mut dx = vec![0f32; x.len()];
+                    let (dgamma, dbeta, _) = pollster::block_on(ctx.layer_norm_backward(
+                        (&x, &dy),
+                        &mut dx,
+                        features,
+                        (&ln, RowNorm::Layer),
+                        None,
+                    ))
+                    .unwrap();
+                    let (rdx, rdg, rdb) = reference::layer_norm_backward(&x, &dy, features, &ln);
+                    let dx_err = dx
+                        .chunks(features)
+                        .zip(rdx.chunks(features))
+                        .map(|(got, want)| {
+                            let scale = want.iter().fold(1f64, |m, r| m.max(r.abs()));
+                            got.iter()
+                                .zip(want)
+                                .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+                                .fold(0f64, f64::max)
+                        })
+                        .fold(0f64, f64::max);
+                    assert!(
+                        dx_err < tol,
+                        "{tuning:?} LN dx {rows}x{features}: {dx_err:e}"
+                    );
+                    let err =
+                        reference::max_error(&dgamma, &rdg).max(reference::max_error(&dbeta, &rdb));
+                    assert!(err < tol, "{tuning:?} LN dgamma {rows}x{features}: {err:e}");
 
                     let mask: Vec<bool> = (0..rows).map(|r| r % 5 != 3).collect();
                     let bn = BatchNorm {

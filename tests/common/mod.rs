@@ -95,7 +95,6 @@ pub fn dx_error(dx: &[f32], reference: &[f64], features: usize) -> f64 {
     worst
 }
 
-/// Ordinary activations: mean 0.5, standard deviation 2.
 /// The most representable f32 values between paired elements of `a` and `b` (0 where all are
 /// equal, ±0 alike, NaN with NaN), and where that is; u32::MAX where one of a pair is NaN and
 /// the other not.
@@ -118,6 +117,7 @@ pub fn ulps_apart(a: &[f32], b: &[f32]) -> (u32, usize) {
     )
 }
 
+/// Ordinary activations: mean 0.5, standard deviation 2.
 pub fn ordinary(n: usize, seed: u64) -> Vec<f32> {
     data(n, 0.5, 2.0, seed)
 }
