@@ -520,7 +520,9 @@ fn layer_norm(
 // over the rows. Three kernels, recorded in one pass:
 // - `layer_norm_backward`: one workgroup per row (the looped forward's statistics, then the two
 //   sums), writes dx into `y` and the row's moments into `row_moments`; or
-//   `layer_norm_backward_held`, the same with rows held in registers, several a workgroup;
+//   `layer_norm_backward_held`, the same with rows held in registers, several a workgroup; or
+//   `layer_norm_backward_fused`, held rows a tile at a time that also write the tile's column
+//   partials, in place of the next kernel;
 // - `layer_norm_backward_columns`: each thread one column (a vec4 of them with VEC4) over a tile
 //   of TILE_ROWS rows, into `partials`;
 // - `layer_norm_backward_merge`: each thread one column, adding the tiles' partials in order, in
@@ -594,7 +596,7 @@ fn layer_norm_backward(
 }
 
 // `layer_norm_backward` for rows held in registers, as `layer_norm_held` holds them: T threads
-// a row, K values each of x and of g, several rows a workgroup; x and dy are read once.
+// a row, K values each of x and of dy, several rows a workgroup; x and dy are read once.
 @compute @workgroup_size(WG)
 fn layer_norm_backward_held(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -606,18 +608,68 @@ fn layer_norm_backward_held(
         return;
     }
     let row = first_row + inv.lid / T;
+    var held: array<V, K>;
+    var d: array<V, K>;
+    backward_held_row(inv, row, row < params.rows, &held, &d);
+}
+
+// `layer_norm_backward_held` with one row a workgroup (T == WG), taking the TILE_ROWS rows of one
+// tile in turn and adding each row's dy * xhat and dy for its columns, in the order and with the
+// values `layer_norm_backward_columns` adds them: the tile's partials come from here, and x and
+// dy are read once in all.
+@compute @workgroup_size(WG)
+fn layer_norm_backward_fused(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    inv: Invocation,
+) {
+    let tile = wid.y * groups.x + wid.x;
+    if tile >= (params.rows + TILE_ROWS - 1u) / TILE_ROWS {
+        return;
+    }
+    let n = params.features / W;
+    var held: array<V, K>;
+    var d: array<V, K>;
+    var dg: array<V, K>;
+    var db: array<V, K>;
+    for (var row = tile * TILE_ROWS; row < min(tile * TILE_ROWS + TILE_ROWS, params.rows); row++) {
+        backward_held_row(inv, row, true, &held, &d);
+        for (var j = 0u; j < K; j++) {
+            if inv.lid + j * T < n {
+                dg[j] += d[j] * held[j];
+                db[j] += d[j];
+            }
+        }
+    }
+    for (var j = 0u; j < K; j++) {
+        let i = inv.lid + j * T;
+        if i < n {
+            partials[tile * 2u * n + i] = dg[j];
+            partials[tile * 2u * n + n + i] = db[j];
+        }
+    }
+}
+
+// The backward of the row `row` (past the end where not `live`), T threads a row, this thread's
+// elements lane + j * T: loads x and dy into `held` and `d`, writes dx and (unless SAVED) the
+// row's moments, and leaves xhat in `held`. Every thread of the workgroup must call it (it has
+// barriers).
+fn backward_held_row(
+    inv: Invocation,
+    row: u32,
+    live: bool,
+    held: ptr<function, array<V, K>>,
+    d: ptr<function, array<V, K>>,
+) {
     let lane = inv.lid % T;
-    let live = row < params.rows;
     let n = params.features / W;
     let base = row * n;
     let count = f32(params.features);
-    var held: array<V, K>;
-    var g: array<V, K>;
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
         if live && i < n {
-            held[j] = unpack(x[base + i]);
-            g[j] = unpack(dy[base + i]) * gamma_at(i);
+            (*held)[j] = unpack(x[base + i]);
+            (*d)[j] = unpack(dy[base + i]);
         }
     }
 #ifdef SAVED
@@ -626,19 +678,20 @@ fn layer_norm_backward_held(
         m = row_moments[row];
     }
     for (var j = 0u; j < K; j++) {
-        held[j] = held[j] * m.w - m.x - m.y;
+        (*held)[j] = (*held)[j] * m.w - m.x - m.y;
     }
 #else
-    let m = held_moments(inv, base, live, &held);
+    let m = held_moments(inv, base, live, held);
 #endif
-    // held becomes xhat.
     var sg = 0.0;
     var sgx = 0.0;
     for (var j = 0u; j < K; j++) {
-        if live && lane + j * T < n {
-            held[j] = held[j] * m.z;
-            sg += hsum(g[j]);
-            sgx += hsum(g[j] * held[j]);
+        let i = lane + j * T;
+        if live && i < n {
+            (*held)[j] = (*held)[j] * m.z;
+            let g = (*d)[j] * gamma_at(i);
+            sg += hsum(g);
+            sgx += hsum(g * (*held)[j]);
         }
     }
 #ifdef RMS
@@ -651,7 +704,8 @@ fn layer_norm_backward_held(
     for (var j = 0u; j < K; j++) {
         let i = lane + j * T;
         if live && i < n {
-            y[base + i] = pack((g[j] - mean_g - held[j] * mean_gx) * rstd);
+            let g = (*d)[j] * gamma_at(i);
+            y[base + i] = pack((g - mean_g - (*held)[j] * mean_gx) * rstd);
         }
     }
 #ifndef SAVED

@@ -32,6 +32,10 @@ pub(crate) struct Tuning {
     /// them once; longer rows (and every row with 0, the default until measured on a GPU) take
     /// the looped kernel, one workgroup a row. A power of two up to 32.
     pub ln_bwd_hold: u32,
+    /// `GPUNORM_LN_BWD_FUSE=1`: where the backward holds rows of 256 threads each (rows longer
+    /// than 512 elements), each workgroup takes a tile of 64 rows in turn and writes their column
+    /// partials itself, so x and dy are read once in all (off by default until measured).
+    pub ln_bwd_fuse: bool,
     /// `GPUNORM_BN_APPLY4=0`: BatchNorm's elementwise pass one value per thread, never four.
     pub bn_apply4: bool,
     /// `GPUNORM_RUNTIME_CHECKS=all|bounds|none`: the checks naga adds to every shader. `all`
@@ -65,6 +69,7 @@ impl Default for Tuning {
             subgroups: true,
             ln_hold: 32,
             ln_bwd_hold: 0,
+            ln_bwd_fuse: false,
             bn_apply4: true,
             checks: Checks::Bounds,
             bn_rows: true,
@@ -93,6 +98,7 @@ impl Tuning {
             ln_bwd_hold: read("GPUNORM_LN_BWD_HOLD")
                 .filter(|&k| (k == 0 || k.is_power_of_two()) && k <= 32)
                 .unwrap_or(d.ln_bwd_hold),
+            ln_bwd_fuse: read("GPUNORM_LN_BWD_FUSE").map_or(d.ln_bwd_fuse, |v| v != 0),
             bn_apply4: read("GPUNORM_BN_APPLY4").map_or(d.bn_apply4, |v| v != 0),
             checks: match std::env::var("GPUNORM_RUNTIME_CHECKS").as_deref() {
                 Ok("all") => Checks::All,

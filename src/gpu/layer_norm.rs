@@ -87,6 +87,21 @@ const BACKWARD_HELD: KernelDef = KernelDef {
     entry: "layer_norm_backward_held",
     ..BACKWARD
 };
+/// `BACKWARD_HELD` a tile of rows a workgroup, writing the tile's column partials too
+/// (`Tuning::ln_bwd_fuse`): x, dx, gamma, dy, moments and partials.
+const BACKWARD_FUSED: KernelDef = KernelDef {
+    source: Source::LayerNorm,
+    entry: "layer_norm_backward_fused",
+    slots: &[
+        Slot::Uniform(0),
+        Slot::Read(1),
+        Slot::ReadWrite(2),
+        Slot::Read(3),
+        Slot::Read(5),
+        Slot::ReadWrite(6),
+        Slot::ReadWrite(7),
+    ],
+};
 const BACKWARD_COLUMNS: KernelDef = KernelDef {
     source: Source::LayerNorm,
     entry: "layer_norm_backward_columns",
@@ -108,10 +123,12 @@ const TILE_ROWS: usize = 64;
 /// Every kernel, and the shader def it is built with beyond the layout ones: ADD, SAVE, SAVED
 /// or none.
 #[cfg(test)]
-pub(crate) const KERNELS: [(&KernelDef, Option<&str>); 13] = [
+pub(crate) const KERNELS: [(&KernelDef, Option<&str>); 15] = [
     (&HELD, None),
     (&BACKWARD_HELD, None),
     (&BACKWARD_HELD, Some("SAVED")),
+    (&BACKWARD_FUSED, None),
+    (&BACKWARD_FUSED, Some("SAVED")),
     (&LOOPED, None),
     (&HELD_ADD, Some("ADD")),
     (&LOOPED_ADD, Some("ADD")),
@@ -584,8 +601,11 @@ pub(crate) struct Backward {
     rows: Arc<Pipeline>,
     columns: Arc<Pipeline>,
     merge: Arc<Pipeline>,
-    /// Rows one workgroup of the rows kernel takes: 1 for the looped kernel, WG / T held.
+    /// Rows one workgroup of the rows kernel takes: 1 for the looped kernel, WG / T held,
+    /// TILE_ROWS fused.
     rows_per_group: usize,
+    /// The rows kernel writes the column partials itself (`BACKWARD_FUSED`): no columns kernel.
+    fused: bool,
     /// Workgroups across a row's columns (256 elements each).
     blocks: usize,
     /// Rows one dispatch may cover: one workgroup per row, and each row's moments (16 bytes)
@@ -630,7 +650,18 @@ pub(crate) async fn prepare_backward(
         );
         async move { ctx.pipeline(&label, kernel, defs).await }
     };
-    let rows_kernel = if held > 0 { &BACKWARD_HELD } else { &BACKWARD };
+    // Fused where one row fills a workgroup and the device binds the six storage buffers.
+    let fused = ctx.tuning.ln_bwd_fuse
+        && held > 0
+        && per_row == WG
+        && ctx
+            .check_storage_buffers(Slot::storage_count(BACKWARD_FUSED.slots), "")
+            .is_ok();
+    let rows_kernel = match (fused, held > 0) {
+        (true, _) => &BACKWARD_FUSED,
+        (false, true) => &BACKWARD_HELD,
+        (false, false) => &BACKWARD,
+    };
     let (rows, columns, merge) = (
         pipeline(rows_kernel).await?,
         pipeline(&BACKWARD_COLUMNS).await?,
@@ -641,7 +672,12 @@ pub(crate) async fn prepare_backward(
         rows,
         columns,
         merge,
-        rows_per_group: if held > 0 { (WG / per_row) as usize } else { 1 },
+        rows_per_group: match (fused, held > 0) {
+            (true, _) => TILE_ROWS,
+            (false, true) => (WG / per_row) as usize,
+            (false, false) => 1,
+        },
+        fused,
         blocks: n.div_ceil(WG as usize),
         max_rows: backward_max_rows(ctx, features)?,
     })
@@ -769,7 +805,16 @@ pub(crate) fn record_backward(
         &[params, partials, grads],
     ];
     let kernels = [&prepared.rows, &prepared.columns, &prepared.merge];
+    // The fused rows kernel binds the partials too, and the columns kernel has nothing to do.
+    let fused_rows = [params, io.x, io.dx, gamma, io.dy, moments, partials];
+    let bindings = match prepared.fused {
+        true => [&fused_rows[..], &[], bindings[2]],
+        false => bindings,
+    };
     for ((pipeline, slices), groups) in kernels.into_iter().zip(bindings).zip(groups) {
+        if slices.is_empty() {
+            continue;
+        }
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &pipeline.bind_slices(ctx.device(), slices), &[]);
         let (gx, gy) = grid(groups, ctx.max_groups());

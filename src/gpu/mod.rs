@@ -242,11 +242,23 @@ mod tests {
                 subgroups: false,
                 ..d
             },
+            Tuning {
+                ln_bwd_hold: 8,
+                ln_bwd_fuse: true,
+                ..d
+            },
+            Tuning {
+                ln_bwd_hold: 32,
+                ln_bwd_fuse: true,
+                ..d
+            },
         ];
         let shapes = [
             (2, 32768),
             (3, 9000),
             (5, 4100),
+            // Three tiles of the fused backward (64 rows each), one row to a workgroup.
+            (130, 600),
             (301, 64),
             (257, 12),
             (67, 3),
