@@ -226,6 +226,42 @@ pub enum Encode<'a> {
 /// update in place: new = (1 − momentum) · old + momentum · batch, with the batch's unbiased
 /// variance, as [`RunningStats::update`](crate::RunningStats::update) does on the host. They are
 /// copied in and out (`COPY_SRC | COPY_DST`, offsets multiples of 4).
+///
+/// A training step and an eval pass of padded sequences, recorded with no host round trip:
+///
+/// ```no_run
+/// # fn main() -> Result<(), gpunorm::NormError> {
+/// use gpunorm::{wgpu, Encode, Normalizer, RunningSpans};
+/// let norm = Normalizer::gpu()?;
+/// let (device, queue) = norm.wgpu().unwrap();
+/// let (rows, features) = (512u64, 256u64);
+/// let buffer = |size, usage| {
+///     device.create_buffer(&wgpu::BufferDescriptor {
+///         label: None, size, usage, mapped_at_creation: false,
+///     })
+/// };
+/// use wgpu::BufferUsages as U;
+/// let x = buffer(rows * features * 4, U::STORAGE | U::COPY_DST);
+/// let y = buffer(rows * features * 4, U::STORAGE | U::COPY_SRC);
+/// // One u32 per row, 0 for padding.
+/// let mask = buffer(rows * 4, U::STORAGE | U::COPY_DST);
+/// // Running mean, then running variance (start them at 0 and 1).
+/// let running = buffer(2 * features * 4, U::COPY_SRC | U::COPY_DST);
+/// let (mean, var) = (running.slice(..features * 4), running.slice(features * 4..));
+/// let mut encoder = device.create_command_encoder(&Default::default());
+/// norm.encode(&mut encoder, &Encode::BatchNormTrain {
+///     x: x.slice(..), y: y.slice(..), features: features as usize, spatial: 1, eps: 1e-5,
+///     gamma: None, beta: None, mask: Some(mask.slice(..)),
+///     running: Some(RunningSpans { mean, var, momentum: 0.1 }),
+/// })?;
+/// norm.encode(&mut encoder, &Encode::BatchNormEval {
+///     x: x.slice(..), y: y.slice(..), features: features as usize, spatial: 1, eps: 1e-5,
+///     gamma: None, beta: None, mask: Some(mask.slice(..)), mean, var,
+/// })?;
+/// queue.submit([encoder.finish()]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct RunningSpans<'a> {
     /// The running mean: `features` values.
