@@ -555,6 +555,7 @@ pub(crate) struct Recorded<'a> {
 }
 
 /// What a recorded BatchNorm computes, with the spans of that mode alone.
+#[derive(Clone, Copy)]
 pub(crate) enum Mode<'a> {
     /// Batch statistics, with running (mean, var) updated in place with weight `momentum`.
     Train {
@@ -614,21 +615,37 @@ pub(crate) async fn record(
         p.momentum = momentum;
     }
     let kernel = |k| pipeline(ctx, &plan, k);
-    let seed = kernel(if op.mask.is_some() { &SEED_SCAN } else { &SEED }).await?;
-    let (partial, merge) = (kernel(plan.partial_kernel()).await?, kernel(&MERGE).await?);
     let (pack, apply) = (
         kernel(&PACK_AFFINE).await?,
         kernel(plan.apply_kernel(backward)).await?,
     );
-    let (pack_running, fold, unpack) = (
-        kernel(&PACK_RUNNING).await?,
-        kernel(&FOLD_RUNNING).await?,
-        kernel(&UNPACK_GRADS).await?,
-    );
-    let (sums, sums_merge) = (
-        kernel(&BACKWARD_PARTIAL).await?,
-        kernel(&BACKWARD_MERGE).await?,
-    );
+    // What each mode runs besides: eval's statistics come from the running ones; training's
+    // and the backward pass's from the seed, tiles and merge, which the backward follows with
+    // its sums; and last the fold into running statistics, or the gradients unpacked.
+    let eval = matches!(op.mode, Mode::Eval { .. });
+    let stats = if eval {
+        None
+    } else {
+        let seed = kernel(if op.mask.is_some() { &SEED_SCAN } else { &SEED }).await?;
+        let partial = kernel(plan.partial_kernel()).await?;
+        Some((seed, partial, kernel(&MERGE).await?))
+    };
+    let pack_running = if eval {
+        Some(kernel(&PACK_RUNNING).await?)
+    } else {
+        None
+    };
+    let sums = if backward {
+        let partial = kernel(&BACKWARD_PARTIAL).await?;
+        Some((partial, kernel(&BACKWARD_MERGE).await?))
+    } else {
+        None
+    };
+    let last = match op.mode {
+        Mode::Train { running: Some(_) } => Some(kernel(&FOLD_RUNNING).await?),
+        Mode::Backward { .. } => Some(kernel(&UNPACK_GRADS).await?),
+        _ => None,
+    };
     ctx.scoped(op.name, || {
         let pairs_bytes = 2 * c as u64 * 4;
         let scratch = |label, bytes, usage| ctx.buffer(label, bytes, usage, Lifetime::Detached);
@@ -644,10 +661,17 @@ pub(crate) async fn record(
             U::STORAGE,
         );
         let pairs = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        // gamma and beta in, the gradients out; the running statistics in (and out).
         let affine = scratch("batch_norm affine", pairs_bytes, pairs);
         let running = scratch("batch_norm running", pairs_bytes, pairs);
-        let placeholder = scratch("batch_norm mask", 16, U::STORAGE);
-        let mask = op.mask.unwrap_or(placeholder.slice(..));
+        let placeholder;
+        let mask = match op.mask {
+            Some(mask) => mask,
+            None => {
+                placeholder = scratch("batch_norm mask", 16, U::STORAGE);
+                placeholder.slice(..)
+            }
+        };
         // (a, b) spans into a pairs buffer, and back.
         let half = pairs_bytes / 2;
         let copy_in = |encoder: &mut wgpu::CommandEncoder, spans: [Option<BufferSlice>; 2], to| {
@@ -690,39 +714,36 @@ pub(crate) async fn record(
             let (params, columns) = (params.slice(..), columns.slice(..));
             let (partials, per_column) = (partials.slice(..), c.div_ceil(WG as usize));
             dispatch(&pack, &[params, columns, affine.slice(..)], per_column);
-            if let Mode::Eval { .. } = op.mode {
+            if let Some(pack_running) = &pack_running {
                 dispatch(
-                    &pack_running,
+                    pack_running,
                     &[params, columns, running.slice(..)],
                     per_column,
                 );
-            } else {
+            }
+            if let Some((seed, partial, merge)) = &stats {
                 let seed_spans = if op.mask.is_some() {
                     vec![params, op.x, mask, columns]
                 } else {
                     vec![params, op.x, columns]
                 };
-                dispatch(&seed, &seed_spans, per_column);
+                dispatch(seed, &seed_spans, per_column);
                 let tiles = [params, op.x, mask, partials, columns];
-                dispatch(&partial, &tiles, p.tiles());
-                dispatch(&merge, &[params, partials, columns], merge_groups(c));
+                dispatch(partial, &tiles, p.tiles());
+                dispatch(merge, &[params, partials, columns], merge_groups(c));
             }
             let mut apply_spans = vec![params, op.x, mask, columns, op.out];
-            if let Mode::Backward { dy, .. } = op.mode {
+            if let (Some((partial, merge)), Mode::Backward { dy, .. }) = (&sums, op.mode) {
                 let tiles = [params, op.x, mask, partials, columns, dy];
-                dispatch(&sums, &tiles, p.tiles());
-                dispatch(&sums_merge, &[params, partials, columns], per_column);
+                dispatch(partial, &tiles, p.tiles());
+                dispatch(merge, &[params, partials, columns], per_column);
                 apply_spans.push(dy);
             }
             dispatch(&apply, &apply_spans, plan.apply_groups(&p, backward));
-            match op.mode {
-                Mode::Train { running: Some(_) } => {
-                    dispatch(&fold, &[params, columns, running.slice(..)], per_column)
-                }
-                Mode::Backward { .. } => {
-                    dispatch(&unpack, &[params, columns, affine.slice(..)], per_column)
-                }
-                _ => {}
+            if let Some(last) = &last {
+                // fold_running on the running statistics, or unpack_grads into the affine pairs.
+                let pairs = if backward { &affine } else { &running };
+                dispatch(last, &[params, columns, pairs.slice(..)], per_column);
             }
         }
         match op.mode {
@@ -962,6 +983,11 @@ fn chunk_items(ctx: &GpuContext, item: usize) -> Result<usize, NormError> {
 }
 
 impl BatchNormParams {
+    /// Workgroups of the tiled kernels: one per (column tile, row tile).
+    fn tiles(&self) -> usize {
+        (self.col_tiles * self.row_tiles) as usize
+    }
+
     /// Parameters for one chunk of `positions` positions of a tensor shaped like `shape`, with
     /// at most `max_row_tiles` row tiles; for the kernels of `batch_norm_rows.wgsl` where
     /// `rows`, whose tile columns are vec4 columns; with tiles of `hold` rows per thread where
@@ -1047,13 +1073,6 @@ async fn pipeline(
     let label = format!("batch_norm {} k{k}", kernel.entry);
     ctx.pipeline(&label, kernel, &[("K", Def::U32(k as u32))])
         .await
-}
-
-impl BatchNormParams {
-    /// Workgroups of the tiled kernels: one per (column tile, row tile).
-    fn tiles(&self) -> usize {
-        (self.col_tiles * self.row_tiles) as usize
-    }
 }
 
 /// Workgroups of `stats_merge` for `channels` columns: its `merge_columns()` columns each.
