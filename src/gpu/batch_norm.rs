@@ -664,14 +664,7 @@ pub(crate) async fn record(
         // gamma and beta in, the gradients out; the running statistics in (and out).
         let affine = scratch("batch_norm affine", pairs_bytes, pairs);
         let running = scratch("batch_norm running", pairs_bytes, pairs);
-        let placeholder;
-        let mask = match op.mask {
-            Some(mask) => mask,
-            None => {
-                placeholder = scratch("batch_norm mask", 16, U::STORAGE);
-                placeholder.slice(..)
-            }
-        };
+        let mask = op.mask.unwrap_or(ctx.placeholder().slice(..));
         // (a, b) spans into a pairs buffer, and back.
         let half = pairs_bytes / 2;
         let copy_in = |encoder: &mut wgpu::CommandEncoder, spans: [Option<BufferSlice>; 2], to| {

@@ -146,6 +146,9 @@ pub(crate) struct GpuContext {
     serial: Option<futures_intrusive::sync::Mutex<()>>,
     /// Why the device was lost, once it is (from its device-lost callback or a failed call).
     lost: Arc<Mutex<Option<String>>>,
+    /// 16 bytes of storage bound where a kernel's optional input is absent (gamma, beta, a
+    /// mask): only ever read, so one serves every op.
+    placeholder: wgpu::Buffer,
 }
 
 impl GpuContext {
@@ -231,6 +234,12 @@ impl GpuContext {
             tuning,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             limits,
+            placeholder: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("gpunorm placeholder"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),
@@ -242,6 +251,11 @@ impl GpuContext {
 
     pub fn device(&self) -> &wgpu::Device {
         &self.device
+    }
+
+    /// A buffer to bind where an optional input is absent; kernels never write it.
+    pub fn placeholder(&self) -> &wgpu::Buffer {
+        &self.placeholder
     }
 
     pub fn queue(&self) -> &wgpu::Queue {

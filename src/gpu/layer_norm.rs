@@ -390,9 +390,12 @@ impl<'a> Param<'a> {
         !matches!(self, Param::None)
     }
 
-    /// What a kernel binds for it: the device span, or a new buffer of the host values (a
-    /// placeholder where there are none).
-    fn bound(&self, ctx: &GpuContext, label: &str) -> Bound<'a> {
+    /// What a kernel binds for it: the device span, a new buffer of the host values, or the
+    /// context's placeholder where there are none (made once, not per op).
+    fn bound<'b>(&self, ctx: &'b GpuContext, label: &str) -> Bound<'b>
+    where
+        'a: 'b,
+    {
         match *self {
             Param::Device(span) => Bound::Span(span),
             Param::Host(values) => Bound::Owned(ctx.buffer_with(
@@ -400,7 +403,7 @@ impl<'a> Param<'a> {
                 bytemuck::cast_slice(values),
                 wgpu::BufferUsages::STORAGE,
             )),
-            Param::None => Bound::Owned(ctx.buffer_with(label, &[], wgpu::BufferUsages::STORAGE)),
+            Param::None => Bound::Span(ctx.placeholder().slice(..)),
         }
     }
 }

@@ -118,6 +118,8 @@ pub struct SmallBatch {
     pub op: &'static str,
     pub per_op_seconds_end_to_end: f64,
     pub per_op_seconds_batched: f64,
+    /// Of the batched cost, the host's share: recording the ops, nothing submitted.
+    pub per_op_seconds_recording: f64,
     pub ops_per_submission: usize,
 }
 
