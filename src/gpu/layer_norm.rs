@@ -602,13 +602,12 @@ pub(crate) async fn run<T: Element>(
 /// The three backward kernels for rows `features` wide, ready to [`record_backward`].
 pub(crate) struct Backward {
     rows: Arc<Pipeline>,
-    columns: Arc<Pipeline>,
+    /// None where the rows kernel writes the column partials itself (`BACKWARD_FUSED`).
+    columns: Option<Arc<Pipeline>>,
     merge: Arc<Pipeline>,
     /// Rows one workgroup of the rows kernel takes: 1 for the looped kernel, WG / T held,
     /// TILE_ROWS fused.
     rows_per_group: usize,
-    /// The rows kernel writes the column partials itself (`BACKWARD_FUSED`): no columns kernel.
-    fused: bool,
     /// Workgroups across a row's columns (256 elements each).
     blocks: usize,
     /// Rows one dispatch may cover: one workgroup per row, and each row's moments (16 bytes)
@@ -633,43 +632,48 @@ pub(crate) async fn prepare_backward(
     // Rows held in registers as the forward holds them, up to `ln_bwd_hold` elements of x and
     // as many of dy per thread; otherwise (and by default) the looped kernel.
     let (per_row, held) = held_class(features / layout.width, ctx.tuning.ln_bwd_hold);
-    let mut defs = vec![
-        ("RMS", Def::Flag(rms)),
-        ("SAVED", Def::Flag(saved)),
-        ("SUBGROUP", Def::Flag(subgroup)),
-        ("T", Def::U32(per_row)),
-        ("K", Def::U32(held.max(1))),
-    ];
-    defs.extend(layout.defs());
-    let defs = &defs;
-    let pipeline = |kernel: &'static KernelDef| {
-        let label = format!(
-            "{}{} {} {} {} t{per_row} k{held}",
-            kernel.entry,
-            if saved { " saved" } else { "" },
-            if rms { "rms" } else { "layer" },
-            layout.label(),
-            if subgroup { "subgroup" } else { "tree" }
-        );
-        async move { ctx.pipeline(&label, kernel, defs).await }
-    };
     // Fused where one row fills a workgroup and the device binds the six storage buffers.
     let fused = ctx.tuning.ln_bwd_fuse
         && held > 0
         && per_row == WG
         && ctx
-            .check_storage_buffers(Slot::storage_count(BACKWARD_FUSED.slots), "")
+            .check_storage_buffers(
+                Slot::storage_count(BACKWARD_FUSED.slots),
+                "layer_norm_backward",
+            )
             .is_ok();
     let rows_kernel = match (fused, held > 0) {
         (true, _) => &BACKWARD_FUSED,
         (false, true) => &BACKWARD_HELD,
         (false, false) => &BACKWARD,
     };
-    let (rows, columns, merge) = (
-        pipeline(rows_kernel).await?,
-        pipeline(&BACKWARD_COLUMNS).await?,
-        pipeline(&BACKWARD_MERGE).await?,
-    );
+    // T and K shape the rows kernel alone: the column kernels take one build (T = WG, K = 1)
+    // whatever the rows kernel holds.
+    let pipeline = |kernel: &'static KernelDef, (t, k): (u32, u32)| {
+        let mut defs = vec![
+            ("RMS", Def::Flag(rms)),
+            ("SAVED", Def::Flag(saved)),
+            ("SUBGROUP", Def::Flag(subgroup)),
+            ("T", Def::U32(t)),
+            ("K", Def::U32(k)),
+        ];
+        defs.extend(layout.defs());
+        let label = format!(
+            "{}{} {} {} {} t{t} k{k}",
+            kernel.entry,
+            if saved { " saved" } else { "" },
+            if rms { "rms" } else { "layer" },
+            layout.label(),
+            if subgroup { "subgroup" } else { "tree" }
+        );
+        async move { ctx.pipeline(&label, kernel, &defs).await }
+    };
+    let rows = pipeline(rows_kernel, (per_row, held.max(1))).await?;
+    let columns = match fused {
+        true => None,
+        false => Some(pipeline(&BACKWARD_COLUMNS, (WG, 1)).await?),
+    };
+    let merge = pipeline(&BACKWARD_MERGE, (WG, 1)).await?;
     let n = features / layout.width;
     Ok(Backward {
         rows,
@@ -680,7 +684,6 @@ pub(crate) async fn prepare_backward(
             (false, true) => (WG / per_row) as usize,
             (false, false) => 1,
         },
-        fused,
         blocks: n.div_ceil(WG as usize),
         max_rows: backward_max_rows(ctx, features)?,
     })
@@ -797,27 +800,28 @@ pub(crate) fn record_backward(
         timestamp_writes: timer.map(|t| t.writes()),
     });
     let blocks = prepared.blocks;
-    let groups = [
-        io.rows.div_ceil(prepared.rows_per_group),
-        io.rows.div_ceil(TILE_ROWS) * blocks,
-        blocks,
-    ];
-    let bindings: [&[wgpu::BufferSlice]; 3] = [
-        &[params, io.x, io.dx, gamma, io.dy, moments],
-        &[params, io.x, io.dy, moments, partials],
-        &[params, partials, grads],
-    ];
-    let kernels = [&prepared.rows, &prepared.columns, &prepared.merge];
-    // The fused rows kernel binds the partials too, and the columns kernel has nothing to do.
-    let fused_rows = [params, io.x, io.dx, gamma, io.dy, moments, partials];
-    let bindings = match prepared.fused {
-        true => [&fused_rows[..], &[], bindings[2]],
-        false => bindings,
+    // The fused rows kernel binds the partials too, and no columns kernel runs.
+    let rows_spans = [params, io.x, io.dx, gamma, io.dy, moments, partials];
+    let rows_spans = match prepared.columns {
+        Some(_) => &rows_spans[..6],
+        None => &rows_spans[..],
     };
-    for ((pipeline, slices), groups) in kernels.into_iter().zip(bindings).zip(groups) {
-        if slices.is_empty() {
-            continue;
-        }
+    let column_spans = [params, io.x, io.dy, moments, partials];
+    let merge_spans = [params, partials, grads];
+    let mut steps = vec![(
+        &prepared.rows,
+        rows_spans,
+        io.rows.div_ceil(prepared.rows_per_group),
+    )];
+    if let Some(columns) = &prepared.columns {
+        steps.push((
+            columns,
+            &column_spans[..],
+            io.rows.div_ceil(TILE_ROWS) * blocks,
+        ));
+    }
+    steps.push((&prepared.merge, &merge_spans[..], blocks));
+    for (pipeline, slices, groups) in steps {
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &pipeline.bind_slices(ctx.device(), slices), &[]);
         let (gx, gy) = grid(groups, ctx.max_groups());
