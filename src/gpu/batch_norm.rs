@@ -655,15 +655,27 @@ pub(crate) async fn record(
             2 * c as u64 * COLUMN_BYTES,
             U::STORAGE,
         );
-        let partials = scratch(
-            "batch_norm partials",
-            plan.max_row_tiles() as u64 * c as u64 * COLUMN_BYTES,
-            U::STORAGE,
-        );
+        // The tiles' partials where statistics are taken (not in eval).
+        let partials = stats.is_some().then(|| {
+            scratch(
+                "batch_norm partials",
+                plan.max_row_tiles() as u64 * c as u64 * COLUMN_BYTES,
+                U::STORAGE,
+            )
+        });
         let pairs = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        // gamma and beta in, the gradients out; the running statistics in (and out).
+        // gamma and beta in, the gradients out; the running statistics in (and out), where the
+        // mode reads them.
         let affine = scratch("batch_norm affine", pairs_bytes, pairs);
-        let running = scratch("batch_norm running", pairs_bytes, pairs);
+        let running_spans = match op.mode {
+            Mode::Eval { mean, var }
+            | Mode::Train {
+                running: Some((mean, var, _)),
+            } => Some([mean, var]),
+            _ => None,
+        };
+        let running =
+            running_spans.map(|spans| (scratch("batch_norm running", pairs_bytes, pairs), spans));
         let mask = op.mask.unwrap_or(ctx.placeholder().slice(..));
         // (a, b) spans into a pairs buffer, and back.
         let half = pairs_bytes / 2;
@@ -686,12 +698,8 @@ pub(crate) async fn record(
             }
         };
         copy_in(encoder, [op.gamma, op.beta], &affine);
-        match op.mode {
-            Mode::Eval { mean, var }
-            | Mode::Train {
-                running: Some((mean, var, _)),
-            } => copy_in(encoder, [Some(mean), Some(var)], &running),
-            _ => {}
+        if let Some((buffer, [mean, var])) = &running {
+            copy_in(encoder, [Some(*mean), Some(*var)], buffer);
         }
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -705,16 +713,14 @@ pub(crate) async fn record(
                 pass.dispatch_workgroups(gx, gy, 1);
             };
             let (params, columns) = (params.slice(..), columns.slice(..));
-            let (partials, per_column) = (partials.slice(..), c.div_ceil(WG as usize));
+            let per_column = c.div_ceil(WG as usize);
+            let running_pairs = running.as_ref().map(|(buffer, _)| buffer.slice(..));
             dispatch(&pack, &[params, columns, affine.slice(..)], per_column);
-            if let Some(pack_running) = &pack_running {
-                dispatch(
-                    pack_running,
-                    &[params, columns, running.slice(..)],
-                    per_column,
-                );
+            if let (Some(pack_running), Some(pairs)) = (&pack_running, running_pairs) {
+                dispatch(pack_running, &[params, columns, pairs], per_column);
             }
-            if let Some((seed, partial, merge)) = &stats {
+            if let (Some((seed, partial, merge)), Some(partials)) = (&stats, &partials) {
+                let partials = partials.slice(..);
                 let seed_spans = if op.mask.is_some() {
                     vec![params, op.x, mask, columns]
                 } else {
@@ -726,7 +732,10 @@ pub(crate) async fn record(
                 dispatch(merge, &[params, partials, columns], merge_groups(c));
             }
             let mut apply_spans = vec![params, op.x, mask, columns, op.out];
-            if let (Some((partial, merge)), Mode::Backward { dy, .. }) = (&sums, op.mode) {
+            if let (Some((partial, merge)), Some(partials), Mode::Backward { dy, .. }) =
+                (&sums, &partials, op.mode)
+            {
+                let partials = partials.slice(..);
                 let tiles = [params, op.x, mask, partials, columns, dy];
                 dispatch(partial, &tiles, p.tiles());
                 dispatch(merge, &[params, partials, columns], per_column);
@@ -735,15 +744,15 @@ pub(crate) async fn record(
             dispatch(&apply, &apply_spans, plan.apply_groups(&p, backward));
             if let Some(last) = &last {
                 // fold_running on the running statistics, or unpack_grads into the affine pairs.
-                let pairs = if backward { &affine } else { &running };
-                dispatch(last, &[params, columns, pairs.slice(..)], per_column);
+                let pairs = running_pairs.unwrap_or(affine.slice(..));
+                dispatch(last, &[params, columns, pairs], per_column);
             }
         }
-        match op.mode {
-            Mode::Train {
-                running: Some((mean, var, _)),
-            } => copy_out(encoder, &running, [mean, var]),
-            Mode::Backward { dgamma, dbeta, .. } => copy_out(encoder, &affine, [dgamma, dbeta]),
+        match (op.mode, &running) {
+            (Mode::Train { .. }, Some((buffer, spans))) => copy_out(encoder, buffer, *spans),
+            (Mode::Backward { dgamma, dbeta, .. }, _) => {
+                copy_out(encoder, &affine, [dgamma, dbeta])
+            }
             _ => {}
         }
     })
