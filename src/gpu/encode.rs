@@ -337,6 +337,17 @@ enum Lowering<'a> {
     Batch(BatchNormOp<'a>),
 }
 
+impl<'a> Lowering<'a> {
+    fn of(op: &Encode<'a>) -> Lowering<'a> {
+        match op {
+            Encode::BatchNormTrain { .. }
+            | Encode::BatchNormEval { .. }
+            | Encode::BatchNormBackward { .. } => Lowering::Batch(BatchNormOp::of(op)),
+            _ => Lowering::Rows(Lowered::of(op)),
+        }
+    }
+}
+
 /// Every op of the LayerNorm family in one form: the row kernels' operands, by role.
 struct Lowered<'a> {
     name: &'static str,
@@ -353,7 +364,7 @@ struct Lowered<'a> {
 }
 
 impl<'a> Lowered<'a> {
-    fn of(op: &Encode<'a>) -> Lowering<'a> {
+    fn of(op: &Encode<'a>) -> Lowered<'a> {
         let device = |p: Option<BufferSlice<'a>>| p.map_or(Param::None, Param::Device);
         let affine = |eps, gamma, beta| Affine {
             eps,
@@ -371,84 +382,7 @@ impl<'a> Lowered<'a> {
             backward: None,
         };
         use RowNorm::{Layer, Rms};
-        Lowering::Rows(match *op {
-            Encode::BatchNormTrain {
-                x,
-                y,
-                features,
-                spatial,
-                eps,
-                gamma,
-                beta,
-                mask,
-                running,
-            } => {
-                return Lowering::Batch(BatchNormOp {
-                    name: "encode BatchNormTrain",
-                    features,
-                    spatial,
-                    eps,
-                    x,
-                    out: ("y", y),
-                    mask,
-                    gamma,
-                    beta,
-                    mode: Mode::Train {
-                        running: running.map(|r| (r.mean, r.var, r.momentum)),
-                    },
-                })
-            }
-            Encode::BatchNormEval {
-                x,
-                y,
-                features,
-                spatial,
-                eps,
-                gamma,
-                beta,
-                mask,
-                mean,
-                var,
-            } => {
-                return Lowering::Batch(BatchNormOp {
-                    name: "encode BatchNormEval",
-                    features,
-                    spatial,
-                    eps,
-                    x,
-                    out: ("y", y),
-                    mask,
-                    gamma,
-                    beta,
-                    mode: Mode::Eval { mean, var },
-                })
-            }
-            Encode::BatchNormBackward {
-                x,
-                dy,
-                dx,
-                dgamma,
-                dbeta,
-                features,
-                spatial,
-                eps,
-                gamma,
-                mask,
-            } => {
-                return Lowering::Batch(BatchNormOp {
-                    name: "encode BatchNormBackward",
-                    features,
-                    spatial,
-                    eps,
-                    x,
-                    out: ("dx", dx),
-                    mask,
-                    gamma,
-                    beta: None,
-                    mode: Mode::Backward { dy, dgamma, dbeta },
-                })
-            }
-
+        match *op {
             Encode::LayerNorm {
                 x,
                 y,
@@ -556,7 +490,12 @@ impl<'a> Lowered<'a> {
                     ("dx", dx),
                 )
             },
-        })
+            Encode::BatchNormTrain { .. }
+            | Encode::BatchNormEval { .. }
+            | Encode::BatchNormBackward { .. } => {
+                unreachable!("BatchNorm ops lower to BatchNormOp (Lowering::of)")
+            }
+        }
     }
 
     /// Every span with its argument name and use.
@@ -691,7 +630,7 @@ pub(crate) async fn encode(
     encoder: &mut wgpu::CommandEncoder,
     op: &Encode<'_>,
 ) -> Result<(), NormError> {
-    match Lowered::of(op) {
+    match Lowering::of(op) {
         Lowering::Rows(op) => {
             let rows = op.check(ctx)?;
             record(ctx, encoder, &op, rows).await
@@ -716,6 +655,82 @@ struct BatchNormOp<'a> {
 }
 
 impl<'a> BatchNormOp<'a> {
+    fn of(op: &Encode<'a>) -> BatchNormOp<'a> {
+        match *op {
+            Encode::BatchNormTrain {
+                x,
+                y,
+                features,
+                spatial,
+                eps,
+                gamma,
+                beta,
+                mask,
+                running,
+            } => BatchNormOp {
+                name: "encode BatchNormTrain",
+                features,
+                spatial,
+                eps,
+                x,
+                out: ("y", y),
+                mask,
+                gamma,
+                beta,
+                mode: Mode::Train {
+                    running: running.map(|r| (r.mean, r.var, r.momentum)),
+                },
+            },
+            Encode::BatchNormEval {
+                x,
+                y,
+                features,
+                spatial,
+                eps,
+                gamma,
+                beta,
+                mask,
+                mean,
+                var,
+            } => BatchNormOp {
+                name: "encode BatchNormEval",
+                features,
+                spatial,
+                eps,
+                x,
+                out: ("y", y),
+                mask,
+                gamma,
+                beta,
+                mode: Mode::Eval { mean, var },
+            },
+            Encode::BatchNormBackward {
+                x,
+                dy,
+                dx,
+                dgamma,
+                dbeta,
+                features,
+                spatial,
+                eps,
+                gamma,
+                mask,
+            } => BatchNormOp {
+                name: "encode BatchNormBackward",
+                features,
+                spatial,
+                eps,
+                x,
+                out: ("dx", dx),
+                mask,
+                gamma,
+                beta: None,
+                mode: Mode::Backward { dy, dgamma, dbeta },
+            },
+            _ => unreachable!("only BatchNorm ops lower to BatchNormOp (Lowering::of)"),
+        }
+    }
+
     /// Checks eps, the shape, momentum and every span, as the host-slice forms check theirs.
     fn check(self, ctx: &GpuContext) -> Result<Recorded<'a>, NormError> {
         check_eps(self.eps)?;
