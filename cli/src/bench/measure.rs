@@ -252,18 +252,21 @@ pub fn input(n: usize) -> CliResult<Vec<f32>> {
     Ok(x)
 }
 
-/// The copy ceilings and transfer speeds of one shape.
+/// The copy ceilings and transfer speeds of one shape, whose tensors hold values of `size`
+/// bytes: the copies move that many bytes per value, as the ops do (transfers stay f32's).
 pub fn ceilings(
     gpu: Option<&Normalizer>,
     shape: (usize, usize),
     x: &[f32],
+    size: usize,
     reps: usize,
 ) -> CliResult<ShapeFacts> {
-    let bytes = op_bytes(shape);
-    let mut y = error::filled(x.len(), 1f32, "the output")?;
+    let bytes = op_bytes(shape) * size as f64 / 4.0;
+    let src = &bytemuck::cast_slice::<f32, u8>(x)[..x.len() * size];
+    let mut y = error::filled(src.len(), 1u8, "the output")?;
     let cpu_copy = median(reps, || {
         let t = Instant::now();
-        y.copy_from_slice(x);
+        y.copy_from_slice(src);
         Ok((t.elapsed(), Timing::default()))
     })?
     .0;
@@ -275,7 +278,7 @@ pub fn ceilings(
         ..Default::default()
     };
     if let Some(g) = gpu {
-        facts.gpu_copy_kernel_gbps = gpu_copy(g, x.len(), reps)?.map(|s| gbps(bytes, s));
+        facts.gpu_copy_kernel_gbps = gpu_copy(g, src.len() / 4, reps)?.map(|s| gbps(bytes, s));
         // A tensor past one binding cannot live on the device whole: no transfer figures.
         if let Some((up, down)) = transfers(g, x, reps)? {
             facts.upload_gbps = Some(up);

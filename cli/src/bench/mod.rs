@@ -73,6 +73,14 @@ impl Dtype {
         }
     }
 
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
@@ -194,7 +202,7 @@ pub fn run(norm: &Normalizer, opts: &Options) -> CliResult<()> {
     };
     for &shape in &opts.shapes {
         let x = measure::input(crate::error::values(shape.0, shape.1)?)?;
-        let facts = measure::ceilings(gpu, shape, &x, opts.reps)?;
+        let facts = measure::ceilings(gpu, shape, &x, opts.dtype.size(), opts.reps)?;
         print_ceilings(&facts);
         for op in &ops {
             let backends = [cpu.map(|c| ("cpu", c)), gpu.map(|g| ("gpu", g))];
@@ -293,10 +301,12 @@ fn print_header(norm: &Normalizer, reps: usize, dtype: Dtype) {
         "  written; add_layer_norm: x and residual read, sum and y written). % ceil: CPU rows"
     );
     println!(
-        "  against the single-thread memcpy, GPU kernel times against the copy kernel, both of"
+        "  against the single-thread memcpy, GPU kernel times against the copy kernel, both of the"
     );
-    println!("  this run. *_alloc ops return a new Vec per call, as the backward and add ops do;");
-    println!("  the others write into a reused buffer.");
+    println!(
+        "  same bytes in this run. *_alloc ops return a new Vec per call, as the backward and"
+    );
+    println!("  add ops do; the others write into a reused buffer.");
     println!(
         "  {:<22} {:>12} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
         "op", "shape", "backend", "ms", "GB/s", "% ceil", "kernel ms", "kern GB/s", "% ceil"
