@@ -144,10 +144,12 @@ macro_rules! half_element {
         impl Sealed for $t {
             const IS_F32: bool = false;
 
+            #[inline]
             fn widen_into(src: &[$t], dst: &mut [f32]) {
                 simd::widen(src, dst);
             }
 
+            #[inline]
             fn narrow_into(src: &[f32], dst: &mut [$t]) {
                 simd::narrow(src, dst);
             }
@@ -183,10 +185,12 @@ mod simd {
         fn narrow(src: &[f32], dst: &mut [Self]);
     }
 
+    #[inline]
     pub(super) fn widen<T: Convert>(src: &[T], dst: &mut [f32]) {
         T::widen(src, dst);
     }
 
+    #[inline]
     pub(super) fn narrow<T: Convert>(src: &[f32], dst: &mut [T]) {
         T::narrow(src, dst);
     }
@@ -195,6 +199,7 @@ mod simd {
     /// even, overflow to ±infinity, NaN kept) where the CPU has it, else `half`'s conversions
     /// (which use the same instructions on other architectures).
     impl Convert for f16 {
+        #[inline]
         fn widen(src: &[f16], dst: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("f16c") {
@@ -204,6 +209,7 @@ mod simd {
             src.convert_to_f32_slice(dst);
         }
 
+        #[inline]
         fn narrow(src: &[f32], dst: &mut [f16]) {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("f16c") {
@@ -227,6 +233,7 @@ mod simd {
         /// Values per instruction.
         const LANES: usize = 8;
 
+        #[inline]
         #[target_feature(enable = "avx,f16c")]
         pub(super) unsafe fn widen(src: &[f16], dst: &mut [f32]) {
             assert_eq!(src.len(), dst.len());
@@ -242,9 +249,12 @@ mod simd {
                     _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(v));
                 }
             }
-            src[whole..].convert_to_f32_slice(&mut dst[whole..]);
+            if whole < src.len() {
+                src[whole..].convert_to_f32_slice(&mut dst[whole..]);
+            }
         }
 
+        #[inline]
         #[target_feature(enable = "avx,f16c")]
         pub(super) unsafe fn narrow(src: &[f32], dst: &mut [f16]) {
             assert_eq!(src.len(), dst.len());
@@ -260,7 +270,9 @@ mod simd {
                     _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), v);
                 }
             }
-            dst[whole..].convert_from_f32_slice(&src[whole..]);
+            if whole < src.len() {
+                dst[whole..].convert_from_f32_slice(&src[whole..]);
+            }
         }
     }
 
@@ -268,6 +280,7 @@ mod simd {
     /// half away to nearest even; both quiet NaNs, as `half` does. The selects compile
     /// branch-free, so the loops vectorize.
     impl Convert for bf16 {
+        #[inline]
         fn widen(src: &[bf16], dst: &mut [f32]) {
             assert_eq!(src.len(), dst.len());
             for (d, s) in dst.iter_mut().zip(src) {
@@ -278,6 +291,7 @@ mod simd {
             }
         }
 
+        #[inline]
         fn narrow(src: &[f32], dst: &mut [bf16]) {
             assert_eq!(src.len(), dst.len());
             for (d, s) in dst.iter_mut().zip(src) {

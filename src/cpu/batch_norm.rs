@@ -232,7 +232,7 @@ fn backward_dx_pass(
             [mean[ch], g * rstd[ch], dbeta[ch] / n_counted, rstd[ch] * m2]
         })
         .collect();
-    let stream = should_stream(dx.len());
+    let stream = should_stream(dx);
     dx.par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .enumerate()
@@ -1082,7 +1082,7 @@ fn channels_first_plane(
                 let m = (super::sum_shifted(run, sh) / s as f64) as f32;
                 let lin = super::sum_centered(run, sh, m);
                 *mean = m as f64 + lin / s as f64;
-                *m2 = super::sum_sq_centered(run, sh, m, &[]) - lin * lin / s as f64;
+                *m2 = super::sum_sq_centered::<f32>(run, sh, m, &[]) - lin * lin / s as f64;
             }
             Some(mk) => {
                 let kept = || run.iter().zip(mk).filter(|(_, &k)| k).map(|(&v, _)| v);
@@ -1098,7 +1098,7 @@ fn channels_first_plane(
 fn apply(x: &[f32], y: &mut [f32], shape: &Shape, mask: Option<&[bool]>, cols: &Columns) {
     let c = shape.channels;
     let s = shape.spatial;
-    let stream = should_stream(y.len());
+    let stream = should_stream(y);
     let block = if s == 1 {
         (TASK_VALUES / c).max(1) * c
     } else {

@@ -17,102 +17,45 @@ use crate::{Element, LayerNorm};
 /// With `add` (the residual and the sum's output), each row is x + residual, written to the sum
 /// and normalized while in cache: one pass over memory. With `moments`, each row's statistics
 /// are saved there ([`RowStats`](crate::RowStats)'s layout).
-pub(crate) fn layer_norm(
-    x: &[f32],
-    y: &mut [f32],
-    features: usize,
-    (opts, kind): (&LayerNorm<'_>, RowNorm),
-    add: FusedAdd<'_>,
-    moments: Option<&mut [[f32; 4]]>,
-) {
-    let block_rows = rows_per_task(features);
-    let block = block_rows * features;
-    let stream = should_stream(y.len());
-    let op = (opts, kind);
-    let moments = block_moments(moments, x.len().div_ceil(block), block_rows);
-    match add {
-        None => y
-            .par_chunks_mut(block)
-            .zip(x.par_chunks(block))
-            .zip(moments)
-            .for_each(|((yb, xb), mb)| {
-                rows(xb, yb, features, op, (stream, None), mb);
-                stream_fence();
-            }),
-        Some((residual, sum)) => y
-            .par_chunks_mut(block)
-            .zip(x.par_chunks(block))
-            .zip(residual.par_chunks(block).zip(sum.par_chunks_mut(block)))
-            .zip(moments)
-            .for_each(|(((yb, xb), (rb, sb)), mb)| {
-                rows(xb, yb, features, op, (stream, Some((rb, sb))), mb);
-                stream_fence();
-            }),
-    }
-}
-
-/// The saved statistics' share of each of `blocks` blocks of `block_rows` rows (None for each
-/// where nothing is saved), to zip with the blocks.
-fn block_moments(
-    moments: Option<&mut [[f32; 4]]>,
-    blocks: usize,
-    block_rows: usize,
-) -> Vec<Option<&mut [[f32; 4]]>> {
-    match moments {
-        Some(m) => m.chunks_mut(block_rows).map(Some).collect(),
-        None => (0..blocks).map(|_| None).collect(),
-    }
-}
-
-/// [`layer_norm`] of half tensors: each task widens its block of rows into f32 scratch of its
-/// own (in cache), normalizes it there and rounds the outputs into `y` (and the sum): no
-/// full-size f32 copy of any tensor, and the same f32 arithmetic as f32 tensors.
-pub(crate) fn layer_norm_of<T: Element>(
+///
+/// Half tensors take the same passes row by row: each row is widened into f32 scratch of the
+/// task's own (in L1), its statistics and outputs computed there with the same f32 arithmetic
+/// as f32 rows, and each output rounded to `T` as it is written: no f32 copy of any tensor, and
+/// one pass over memory as for f32.
+pub(crate) fn layer_norm<T: Element>(
     x: &[T],
     y: &mut [T],
     features: usize,
     op: (&LayerNorm<'_>, RowNorm),
-    add: Option<(&[T], &mut [T])>,
+    add: FusedAdd<'_, T>,
     moments: Option<&mut [[f32; 4]]>,
 ) {
-    let y = match T::as_f32(y) {
-        Ok(y) => {
-            // f32 tensors as they are.
-            fn f32s<T: Element>(v: &[T]) -> &[f32] {
-                T::as_f32_ref(v).expect("f32 tensors are all f32")
-            }
-            let add = add.map(|(r, s)| {
-                let s = T::as_f32(s).unwrap_or_else(|_| unreachable!("f32 tensors are all f32"));
-                (f32s(r), s)
-            });
-            return layer_norm(f32s(x), y, features, op, add, moments);
-        }
-        Err(y) => y,
-    };
     let block_rows = rows_per_task(features);
     let block = block_rows * features;
+    let stream = should_stream(y);
     let moments = block_moments(moments, x.len().div_ceil(block), block_rows);
-    let task = |xb: &[T], yb: &mut [T], add: Option<(&[T], &mut [T])>, mb| {
+    let task = |xb: &[T], yb: &mut [T], add: FusedAdd<'_, T>, mb| {
+        // f32 rows need no scratch; a half row needs its f32 copy (and the residual's).
+        let width = if T::IS_F32 {
+            0
+        } else {
+            features * (1 + add.is_some() as usize)
+        };
         SCRATCH.with_borrow_mut(|scratch| {
-            let n = xb.len();
-            if scratch.len() < 4 * n {
-                scratch.resize(4 * n, 0.0);
+            if scratch.len() < width {
+                scratch.resize(width, 0.0);
             }
-            let (xw, rest) = scratch.split_at_mut(n);
-            let (yw, rest) = rest.split_at_mut(n);
-            let (rw, rest) = rest.split_at_mut(n);
-            let sw = &mut rest[..n];
-            T::widen_into(xb, xw);
-            match add {
-                None => rows(xw, yw, features, op, (false, None), mb),
-                Some((rb, sb)) => {
-                    T::widen_into(rb, rw);
-                    rows(xw, yw, features, op, (false, Some((rw, &mut *sw))), mb);
-                    T::narrow_into(sw, sb);
-                }
-            }
-            T::narrow_into(yw, yb);
-        })
+            rows(
+                xb,
+                yb,
+                features,
+                op,
+                (stream, add),
+                mb,
+                &mut scratch[..width],
+            );
+        });
+        stream_fence();
     };
     match add {
         None => y
@@ -129,23 +72,37 @@ pub(crate) fn layer_norm_of<T: Element>(
     }
 }
 
+/// The saved statistics' share of each of `blocks` blocks of `block_rows` rows (None for each
+/// where nothing is saved), to zip with the blocks.
+fn block_moments(
+    moments: Option<&mut [[f32; 4]]>,
+    blocks: usize,
+    block_rows: usize,
+) -> Vec<Option<&mut [[f32; 4]]>> {
+    match moments {
+        Some(m) => m.chunks_mut(block_rows).map(Some).collect(),
+        None => (0..blocks).map(|_| None).collect(),
+    }
+}
+
 thread_local! {
-    /// A task's f32 copies of its block of half rows ([`layer_norm_of`], [`backward`]).
+    /// A task's f32 copies of half rows ([`layer_norm`], [`backward`]).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 multiversion! {
-    fn rows(x: &[f32], y: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), out: (bool, FusedAdd<'_>), moments: Option<&mut [[f32; 4]]>) => rows_body
+    fn rows<T: Element>(x: &[T], y: &mut [T], features: usize, op: (&LayerNorm<'_>, RowNorm), out: (bool, FusedAdd<'_, T>), moments: Option<&mut [[f32; 4]]>, scratch: &mut [f32]) => rows_body
 }
 
 #[inline(always)]
-fn rows_body(
-    x: &[f32],
-    y: &mut [f32],
+fn rows_body<T: Element>(
+    x: &[T],
+    y: &mut [T],
     features: usize,
     (opts, kind): (&LayerNorm<'_>, RowNorm),
-    (stream, mut add): (bool, FusedAdd<'_>),
+    (stream, mut add): (bool, FusedAdd<'_, T>),
     mut moments: Option<&mut [[f32; 4]]>,
+    scratch: &mut [f32],
 ) {
     // Prefetch a row's worth of values at least PREFETCH_DISTANCE ahead: one row is too close
     // when rows are short.
@@ -158,17 +115,10 @@ fn rows_body(
         let lo = (r * features + distance).min(x.len());
         let hi = (lo + features).min(x.len());
         let span = r * features..(r + 1) * features;
-        // The fused add: the row normalized is x + residual, rounded once and written out.
-        let xr: &[f32] = match &mut add {
-            None => xr,
-            Some((residual, sum)) => {
-                let out = &mut sum[span.clone()];
-                for ((o, &a), &b) in out.iter_mut().zip(xr).zip(&residual[span]) {
-                    *o = a + b;
-                }
-                out
-            }
-        };
+        let add = add
+            .as_mut()
+            .map(|(residual, sum)| (&residual[span.clone()], &mut sum[span]));
+        let xr = source_row(xr, add, &mut *scratch);
         let m = match kind {
             RowNorm::Layer => row(xr, yr, opts, &x[lo..hi], stream),
             RowNorm::Rms => rms_row(xr, yr, opts, &x[lo..hi], stream),
@@ -179,11 +129,60 @@ fn rows_body(
     }
 }
 
+/// The f32 row that a row op normalizes: `x` itself where it is f32, else widened into
+/// `scratch`. With the fused add (the row of the residual and of the sum's output), the row is
+/// x + residual, written to the sum rounded once: in place for f32, else in `scratch` (which
+/// then holds two rows) and rounded into the sum, the row normalized being the unrounded sum.
+#[inline(always)]
+fn source_row<'a, T: Element>(
+    x: &'a [T],
+    add: Option<(&[T], &'a mut [T])>,
+    scratch: &'a mut [f32],
+) -> &'a [f32] {
+    let n = x.len();
+    let Some((residual, sum)) = add else {
+        return match T::as_f32_ref(x) {
+            Some(x) => x,
+            None => {
+                let wide = &mut scratch[..n];
+                T::widen_into(x, wide);
+                wide
+            }
+        };
+    };
+    match T::as_f32(sum) {
+        Ok(out) => {
+            let f32s = |v| T::as_f32_ref(v).expect("the sum is f32, so are x and the residual");
+            for ((o, &a), &b) in out.iter_mut().zip(f32s(x)).zip(f32s(residual)) {
+                *o = a + b;
+            }
+            out
+        }
+        Err(sum) => {
+            let (wide, rest) = scratch.split_at_mut(n);
+            let residual_wide = &mut rest[..n];
+            T::widen_into(x, wide);
+            T::widen_into(residual, residual_wide);
+            for (a, &b) in wide.iter_mut().zip(&*residual_wide) {
+                *a += b;
+            }
+            T::narrow_into(wide, sum);
+            wide
+        }
+    }
+}
+
 /// One row; `ahead` (data read later, or empty) is prefetched while this row is in cache, and
 /// `stream` sends the output past the caches. Returns the row's statistics as
 /// [`RowStats`](crate::RowStats) keeps them.
 #[inline(always)]
-fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bool) -> [f32; 4] {
+fn row<T: Element>(
+    x: &[f32],
+    y: &mut [T],
+    opts: &LayerNorm<'_>,
+    ahead: &[T],
+    stream: bool,
+) -> [f32; 4] {
     let n = x.len() as f64;
     let shift = x[0];
     let mean_d = (sum_shifted(x, shift) / n) as f32;
@@ -199,11 +198,11 @@ fn row(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, ahead: &[f32], stream: bo
 /// One row of RMSNorm: the mean square in one pass over `x`, then the output. Returns its
 /// statistics as [`row`] does.
 #[inline(always)]
-fn rms_row(
+fn rms_row<T: Element>(
     x: &[f32],
-    y: &mut [f32],
+    y: &mut [T],
     opts: &LayerNorm<'_>,
-    ahead: &[f32],
+    ahead: &[T],
     stream: bool,
 ) -> [f32; 4] {
     let mean_sq = sum_sq_centered(x, 0.0, 0.0, ahead) / x.len() as f64;
@@ -218,9 +217,9 @@ fn rms_row(
 /// y = ((x − shift) − mean_d) · rstd · gamma + beta over one row (RMSNorm: shift and mean_d 0,
 /// which leaves x exactly).
 #[inline(always)]
-fn normalize(
+fn normalize<T: Element>(
     x: &[f32],
-    y: &mut [f32],
+    y: &mut [T],
     (shift, mean_d, rstd): (f32, f32, f32),
     opts: &LayerNorm<'_>,
     stream: bool,
@@ -267,7 +266,7 @@ fn normalize(
 /// what the same f64 arithmetic gives in the reference: NaN throughout for LayerNorm; for RMSNorm
 /// NaN where the row holds a NaN, and with an infinity, NaN there and 0 elsewhere.
 #[cold]
-fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) -> [f32; 4] {
+fn row_in_f64<T: Element>(x: &[f32], y: &mut [T], opts: &LayerNorm<'_>, kind: RowNorm) -> [f32; 4] {
     let n = x.len() as f64;
     let mean = match kind {
         RowNorm::Layer => x.iter().map(|&v| v as f64).sum::<f64>() / n,
@@ -275,11 +274,13 @@ fn row_in_f64(x: &[f32], y: &mut [f32], opts: &LayerNorm<'_>, kind: RowNorm) -> 
     };
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let rstd = 1.0 / (var + opts.eps as f64).sqrt();
-    for (c, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-        let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
-        let b = opts.beta.map_or(0.0, |b| b[c] as f64);
-        *o = ((v as f64 - mean) * rstd * g + b) as f32;
-    }
+    write_out(y, false, |out, off| {
+        for (c, o) in (off..).zip(out.iter_mut()) {
+            let g = opts.gamma.map_or(1.0, |g| g[c] as f64);
+            let b = opts.beta.map_or(0.0, |b| b[c] as f64);
+            *o = ((x[c] as f64 - mean) * rstd * g + b) as f32;
+        }
+    });
     let shift = match kind {
         RowNorm::Layer => x[0] as f64,
         RowNorm::Rms => 0.0,
@@ -423,7 +424,7 @@ fn backward_row(
                 RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
                 RowNorm::Rms => (0.0, 0.0),
             };
-            let var = sum_sq_centered(x, shift, mean_d, &[]) / n;
+            let var = sum_sq_centered::<f32>(x, shift, mean_d, &[]) / n;
             if stats_out_of_range(mean_d as f64, var, opts.eps) {
                 return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
             }
@@ -536,37 +537,62 @@ fn backward_row_in_f64(
 mod tests {
     use super::*;
 
-    /// The build for wider registers (AVX2 where this CPU has it) and the baseline build of the
-    /// same code give the same bits, with and without streaming stores.
+    /// The build for wider registers (AVX2 and F16C where this CPU has them) and the baseline
+    /// build of the same code give the same bits, with and without streaming stores and the
+    /// fused add, for every element type.
     #[test]
     fn every_build_gives_the_same_bits() {
+        same_bits::<f32>();
+        same_bits::<half::f16>();
+        same_bits::<half::bf16>();
+    }
+
+    fn same_bits<T: Element>() {
+        let values = |n: usize, salt: usize| -> Vec<T> {
+            crate::element::narrow(
+                (0..n)
+                    .map(|i| ((i * 7919 + salt) % 1013) as f32 * 0.37 - 90.0)
+                    .collect(),
+            )
+        };
+        let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
         for &features in &[1usize, 5, 64, 1027] {
-            let x: Vec<f32> = (0..features * 37)
-                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 90.0)
-                .collect();
+            let x = values(features * 37, 0);
+            let residual = values(x.len(), 11);
             let gamma: Vec<f32> = (0..features).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect();
             let opts = LayerNorm {
                 gamma: Some(&gamma),
                 ..Default::default()
             };
-            for (stream, kind) in [
-                (false, RowNorm::Layer),
-                (true, RowNorm::Layer),
-                (false, RowNorm::Rms),
-                (true, RowNorm::Rms),
+            let mut scratch = vec![0f32; 2 * features];
+            for (kind, add) in [
+                (RowNorm::Layer, false),
+                (RowNorm::Rms, false),
+                (RowNorm::Layer, true),
+                (RowNorm::Rms, true),
             ] {
-                let mut wide = vec![0f32; x.len()];
-                let mut base = vec![1f32; x.len()];
                 let op = (&opts, kind);
-                rows(&x, &mut wide, features, op, (stream, None), None);
-                rows_body(&x, &mut base, features, op, (stream, None), None);
-                crate::cpu::stream_fence();
-                assert!(
-                    wide.iter()
-                        .zip(&base)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{features} features, stream {stream}, {kind:?}"
-                );
+                // Both builds, without and with streaming stores: four times the same bits.
+                let mut outs = Vec::new();
+                for (stream, wide) in [(false, true), (true, true), (false, false), (true, false)] {
+                    let (mut y, mut sum) = (vec![T::default(); x.len()], x.clone());
+                    let out = (stream, add.then_some((&residual[..], &mut sum[..])));
+                    if wide {
+                        rows(&x, &mut y, features, op, out, None, &mut scratch);
+                    } else {
+                        rows_body(&x, &mut y, features, op, out, None, &mut scratch);
+                    }
+                    crate::cpu::stream_fence();
+                    outs.push((bits(&y), bits(&sum), stream, wide));
+                }
+                for (y, sum, stream, wide) in &outs[1..] {
+                    let what = format!(
+                        "{} {features} features, {kind:?}, add {add}, stream {stream}, wide {wide}",
+                        T::NAME
+                    );
+                    assert_eq!(y, &outs[0].0, "y of {what}");
+                    assert_eq!(sum, &outs[0].1, "sum of {what}");
+                }
             }
         }
     }

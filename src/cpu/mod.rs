@@ -36,7 +36,7 @@ impl Backend for Cpu {
         op: (&LayerNorm<'_>, RowNorm),
         (add, moments): RowOutputs<'_, T>,
     ) -> Result<Timing, NormError> {
-        layer_norm::layer_norm_of(x, y, features, op, add, moments);
+        layer_norm::layer_norm(x, y, features, op, add, moments);
         Ok(Timing::default())
     }
 
@@ -143,23 +143,24 @@ pub(crate) const PREFETCH_DISTANCE: usize = 4096;
 /// Values summed in f32 before the partial sum moves to f64.
 pub(crate) const BLOCK: usize = 512;
 
-/// Defines `$name`, which runs the `#[inline(always)]` function `$body` with the same arguments,
-/// compiled for AVX2 where the CPU has it (detected at run time, cached by std) and for the
-/// baseline target elsewhere. Everything `$body` calls on its hot path must be `#[inline(always)]`
-/// to be compiled for the wider registers. Rust never contracts `a * b + c` into an FMA, so both
+/// Defines `$name`, which runs the `#[inline(always)]` function `$body` with the same arguments
+/// (and type parameters, if any), compiled for AVX2 with F16C where the CPU has them (detected at
+/// run time, cached by std) and for the baseline target elsewhere. Everything `$body` calls on
+/// its hot path must be `#[inline(always)]` to be compiled for the wider registers (F16C's
+/// conversions are then inlined too). Rust never contracts `a * b + c` into an FMA, so both
 /// builds give the same bits.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($g:ident: $bound:path),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                #[target_feature(enable = "avx2,f16c")]
+                fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                    // SAFETY: the CPU supports AVX2 and F16C, checked just above.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -173,9 +174,9 @@ pub(crate) use multiversion;
 /// often a page or more, and hardware prefetchers stop at page boundaries, so without this each
 /// row would start with a stall while the previous row's arithmetic left memory idle.
 #[inline(always)]
-pub(crate) fn prefetch(x: &[f32]) {
+pub(crate) fn prefetch<T>(x: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in x.chunks(16) {
+    for line in x.chunks(64 / std::mem::size_of::<T>()) {
         // SAFETY: a prefetch is a hint; it never faults, and the address is inside `x`.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
@@ -217,9 +218,10 @@ pub(crate) fn sum_centered(x: &[f32], shift: f32, center: f32) -> f64 {
 }
 
 /// Σ (x − shift − center)². While it works on `x` (in cache) it prefetches `ahead` (the data
-/// to be read next; may be empty), one 64-byte line per 16 values, so memory keeps streaming.
+/// to be read next, of any element type; may be empty), a block of `ahead`'s values for each
+/// block of `x`'s, so memory keeps streaming.
 #[inline(always)]
-pub(crate) fn sum_sq_centered(x: &[f32], shift: f32, center: f32, ahead: &[f32]) -> f64 {
+pub(crate) fn sum_sq_centered<T>(x: &[f32], shift: f32, center: f32, ahead: &[T]) -> f64 {
     let mut total = 0f64;
     for (b, block) in x.chunks(BLOCK).enumerate() {
         let lo = (b * BLOCK).min(ahead.len());
@@ -278,9 +280,23 @@ pub(crate) fn rows_per_task(features: usize) -> usize {
 /// stores: they skip the read-for-ownership of each output line (a third of the memory traffic of
 /// a streaming op) and leave the caches to the input. Only worth it when the output is far larger
 /// than the caches; see [`should_stream`].
+///
+/// For half outputs, `fill` writes at most [`STAGE`] values at a time into an f32 stage in L1,
+/// rounded into `y` from there; streamed stages go out through a second stage of rounded values.
 #[inline(always)]
-pub(crate) fn write_out(y: &mut [f32], stream: bool, fill: impl Fn(&mut [f32], usize)) {
-    const STAGE: usize = 64;
+pub(crate) fn write_out<T: Element>(y: &mut [T], stream: bool, fill: impl Fn(&mut [f32], usize)) {
+    match T::as_f32(y) {
+        Ok(y) => write_f32(y, stream, fill),
+        Err(y) => write_narrowed(y, stream, fill),
+    }
+}
+
+/// Values a stage of [`write_out`] holds: 256 bytes of f32, whole 64-byte lines of any type.
+const STAGE: usize = 64;
+
+/// [`write_out`] of f32 values.
+#[inline(always)]
+fn write_f32(y: &mut [f32], stream: bool, fill: impl Fn(&mut [f32], usize)) {
     #[repr(align(64))]
     struct Stage([f32; STAGE]);
     let mut stage = Stage([0.0; STAGE]);
@@ -322,10 +338,53 @@ pub(crate) fn write_out(y: &mut [f32], stream: bool, fill: impl Fn(&mut [f32], u
     }
 }
 
-/// Non-temporal stores pay off only for outputs far larger than the caches: below this many
-/// bytes the output stays in cache for whatever reads it next.
-pub(crate) fn should_stream(output_len: usize) -> bool {
-    output_len * 4 >= 32 << 20
+/// [`write_out`] of a half type's values: each stage filled in f32, then rounded into `y` (or, in
+/// streamed stages, into a stage of `T` sent out with non-temporal stores).
+#[inline(always)]
+fn write_narrowed<T: Element>(y: &mut [T], stream: bool, fill: impl Fn(&mut [f32], usize)) {
+    #[repr(align(64))]
+    struct Wide([f32; STAGE]);
+    #[repr(align(64))]
+    struct Narrow<T>([T; STAGE]);
+    let mut wide = Wide([0.0; STAGE]);
+    let mut narrow = Narrow([T::default(); STAGE]);
+    // As in `write_f32`: whole stages stream from the first 16-byte-aligned element on.
+    let head = if stream && cfg!(target_arch = "x86_64") {
+        y.as_ptr().align_offset(16).min(y.len())
+    } else {
+        y.len()
+    };
+    let mut off = 0;
+    while off < y.len() {
+        let end = if off < head { head } else { y.len() }.min(off + STAGE);
+        let part = &mut wide.0[..end - off];
+        fill(part, off);
+        let streamed = off >= head && end - off == STAGE;
+        if !streamed {
+            T::narrow_into(part, &mut y[off..end]);
+            off = end;
+            continue;
+        }
+        T::narrow_into(&wide.0, &mut narrow.0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{__m128i, _mm_load_si128, _mm_stream_si128};
+            let out = y[off..end].as_mut_ptr().cast::<__m128i>();
+            let src = narrow.0.as_ptr().cast::<__m128i>();
+            for k in 0..STAGE * std::mem::size_of::<T>() / 16 {
+                // SAFETY: y[off..end] is 16-byte aligned (off − head is a multiple of STAGE
+                // values) and holds STAGE values, as the 64-byte-aligned stage does.
+                unsafe { _mm_stream_si128(out.add(k), _mm_load_si128(src.add(k))) };
+            }
+        }
+        off = end;
+    }
+}
+
+/// Non-temporal stores pay off only for outputs far larger than the caches: below 32 MiB the
+/// output stays in cache for whatever reads it next.
+pub(crate) fn should_stream<T>(output: &[T]) -> bool {
+    std::mem::size_of_val(output) >= 32 << 20
 }
 
 /// Orders this thread's non-temporal stores before whatever it does next (they are weakly

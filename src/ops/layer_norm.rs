@@ -195,11 +195,11 @@ pub(crate) fn validate_backward(
 }
 
 /// The fused residual add of a row op: the residual, and the output for x + residual.
-pub(crate) type FusedAdd<'a> = Option<(&'a [f32], &'a mut [f32])>;
+pub(crate) type FusedAdd<'a, T> = Option<(&'a [T], &'a mut [T])>;
 
 /// What a row op on tensors of `T` writes besides y: the fused add's sum (with its residual),
 /// and each row's saved statistics ([`RowStats`]'s moments).
-pub(crate) type RowOutputs<'a, T> = (Option<(&'a [T], &'a mut [T])>, Option<&'a mut [[f32; 4]]>);
+pub(crate) type RowOutputs<'a, T> = (FusedAdd<'a, T>, Option<&'a mut [[f32; 4]]>);
 
 /// What the row kernels of both backends compute over each row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
