@@ -170,16 +170,17 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Asks the memory system for `x` ahead of use (into L2), one request per 64-byte line. Rows are
+/// Asks the memory system for `x` ahead of use (into L1), one request per 64-byte line. Rows are
 /// often a page or more, and hardware prefetchers stop at page boundaries, so without this each
-/// row would start with a stall while the previous row's arithmetic left memory idle.
+/// row would start with a stall while the previous row's arithmetic left memory idle. (Into L1
+/// rather than L2: half rows ran about a tenth faster so, f32 ops and BatchNorm the same.)
 #[inline(always)]
 pub(crate) fn prefetch<T>(x: &[T]) {
     #[cfg(target_arch = "x86_64")]
     for line in x.chunks(64 / std::mem::size_of::<T>()) {
         // SAFETY: a prefetch is a hint; it never faults, and the address is inside `x`.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                 line.as_ptr().cast(),
             );
         }
