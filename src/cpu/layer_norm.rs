@@ -313,10 +313,11 @@ const MAX_BACKWARD_BLOCKS: usize = 64;
 /// The backward pass of LayerNorm (or RMSNorm, as `kind` says) over every row: `dx` (same
 /// length as `x`), and the column sums (dgamma, dbeta). Rows run in parallel in blocks whose
 /// size depends on the shape alone, and the blocks' partial sums are added in order, so the
-/// result does not depend on the thread count. Half tensors are widened a few rows at a time
-/// into f32 scratch of the task's own (in cache) and dx rounded back: no full-size f32 copy, and
-/// the same f32 arithmetic and the same blocks as f32 tensors. With `saved` (a forward pass's
-/// [`RowStats`](crate::RowStats) moments), each row's statistics are taken from there.
+/// result does not depend on the thread count. A half row's x and dy are widened into f32
+/// scratch of the task's own (in L1) and its dx rounded back from there: no f32 copy of any
+/// tensor, and the same f32 arithmetic and the same blocks as f32 tensors. With `saved` (a
+/// forward pass's [`RowStats`](crate::RowStats) moments), each row's statistics are taken from
+/// there.
 pub(crate) fn backward<T: Element>(
     (x, dy): (&[T], &[T]),
     dx: &mut [T],
@@ -327,46 +328,26 @@ pub(crate) fn backward<T: Element>(
     let rows = x.len() / features;
     let block_rows = rows_per_task(features).max(rows.div_ceil(MAX_BACKWARD_BLOCKS));
     let block = block_rows * features;
-    let piece_rows = rows_per_task(features);
-    let piece = piece_rows * features;
     let op = (opts, kind);
     let saved: Vec<Option<&[[f32; 4]]>> = match saved {
         Some(m) => m.chunks(block_rows).map(Some).collect(),
         None => vec![None; x.len().div_ceil(block)],
     };
+    // f32 rows need no scratch; a half row needs x, dy and dx in f32.
+    let width = if T::IS_F32 { 0 } else { 3 * features };
     let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
         .zip(saved)
-        .map(|((dxb, (xb, dyb)), mb)| {
+        .map(|((dxb, x_dy), mb)| {
             let mut sums = (vec![0f64; features], vec![0f64; features]);
-            let mut add = |x: &[f32], dy: &[f32], dx: &mut [f32], m| {
-                backward_rows((x, dy), dx, features, op, (&mut sums.0, &mut sums.1), m);
-            };
-            match (T::as_f32_ref(xb).zip(T::as_f32_ref(dyb)), T::as_f32(dxb)) {
-                (Some((xb, dyb)), Ok(dxb)) => add(xb, dyb, dxb, mb),
-                (_, Ok(_)) => unreachable!("f32 tensors are all f32"),
-                (_, Err(dxb)) => SCRATCH.with_borrow_mut(|scratch| {
-                    let pieces = dxb
-                        .chunks_mut(piece)
-                        .zip(xb.chunks(piece).zip(dyb.chunks(piece)));
-                    for (k, (dxp, (xp, dyp))) in pieces.enumerate() {
-                        let first = k * piece_rows;
-                        let mp = mb.map(|m| &m[first..first + xp.len() / features]);
-                        let n = xp.len();
-                        if scratch.len() < 3 * n {
-                            scratch.resize(3 * n, 0.0);
-                        }
-                        let (xw, rest) = scratch.split_at_mut(n);
-                        let (dyw, rest) = rest.split_at_mut(n);
-                        let dxw = &mut rest[..n];
-                        T::widen_into(xp, xw);
-                        T::widen_into(dyp, dyw);
-                        add(xw, dyw, dxw, mp);
-                        T::narrow_into(dxw, dxp);
-                    }
-                }),
-            }
+            SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < width {
+                    scratch.resize(width, 0.0);
+                }
+                let sums = (&mut sums.0[..], &mut sums.1[..]);
+                backward_rows(x_dy, dxb, features, op, sums, mb, &mut scratch[..width]);
+            });
             sums
         })
         .collect();
@@ -380,17 +361,18 @@ pub(crate) fn backward<T: Element>(
 }
 
 multiversion! {
-    fn backward_rows(x_dy: (&[f32], &[f32]), dx: &mut [f32], features: usize, op: (&LayerNorm<'_>, RowNorm), sums: (&mut [f64], &mut [f64]), saved: Option<&[[f32; 4]]>) => backward_rows_body
+    fn backward_rows<T: Element>(x_dy: (&[T], &[T]), dx: &mut [T], features: usize, op: (&LayerNorm<'_>, RowNorm), sums: (&mut [f64], &mut [f64]), saved: Option<&[[f32; 4]]>, scratch: &mut [f32]) => backward_rows_body
 }
 
 #[inline(always)]
-fn backward_rows_body(
-    (x, dy): (&[f32], &[f32]),
-    dx: &mut [f32],
+fn backward_rows_body<T: Element>(
+    (x, dy): (&[T], &[T]),
+    dx: &mut [T],
     features: usize,
     op: (&LayerNorm<'_>, RowNorm),
     (dgamma, dbeta): (&mut [f64], &mut [f64]),
     saved: Option<&[[f32; 4]]>,
+    scratch: &mut [f32],
 ) {
     for (r, (dxr, (xr, dyr))) in dx
         .chunks_exact_mut(features)
@@ -398,7 +380,22 @@ fn backward_rows_body(
         .enumerate()
     {
         let m = saved.map(|m| m[r]);
-        backward_row((xr, dyr), dxr, op, (&mut *dgamma, &mut *dbeta), m);
+        let sums = (&mut *dgamma, &mut *dbeta);
+        match T::as_f32(dxr) {
+            Ok(dxr) => {
+                let f32s = |v| T::as_f32_ref(v).expect("dx is f32, so are x and dy");
+                backward_row((f32s(xr), f32s(dyr)), dxr, op, sums, m);
+            }
+            Err(dxr) => {
+                let (xw, rest) = scratch.split_at_mut(features);
+                let (dyw, rest) = rest.split_at_mut(features);
+                let dxw = &mut rest[..features];
+                T::widen_into(xr, xw);
+                T::widen_into(dyr, dyw);
+                backward_row((xw, dyw), dxw, op, sums, m);
+                T::narrow_into(dxw, dxr);
+            }
+        }
     }
 }
 
