@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{multiversion, should_stream, stream_fence, write_out};
+use super::{multiversion, should_stream, staged, stream_fence, write_out, STAGE};
 use crate::element::{narrow_all, widen_all};
 use crate::ops::batch_norm::{BatchNorm, BatchStats, RunningStats, Shape};
 use crate::ops::partial::{ColumnGrads, ColumnStats, PartialStats};
@@ -275,9 +275,9 @@ pub(crate) fn partial_stats(x: &[f32], shape: &Shape, opts: &BatchNorm<'_>) -> V
 
 /// Normalization with given statistics per column (a merge of shards'): y = ((x − shift) −
 /// mean_d) · rstd · gamma + beta, masked positions 0. Columns out of f32's range run in f64.
-pub(crate) fn apply_stats(
-    x: &[f32],
-    y: &mut [f32],
+pub(crate) fn apply_stats<T: Element>(
+    x: &[T],
+    y: &mut [T],
     shape: &Shape,
     opts: &BatchNorm<'_>,
     stats: &[ColumnStats],
@@ -297,9 +297,9 @@ pub(crate) fn apply_stats(
 
 /// Rewrites, in f64, the outputs of the columns whose given statistics leave f32's range (the
 /// f32 apply pass cannot normalize them). Rare.
-pub(crate) fn columns_in_f64(
-    x: &[f32],
-    y: &mut [f32],
+pub(crate) fn columns_in_f64<T: Element>(
+    x: &[T],
+    y: &mut [T],
     shape: &Shape,
     opts: &BatchNorm<'_>,
     stats: &[ColumnStats],
@@ -316,7 +316,10 @@ pub(crate) fn columns_in_f64(
         );
         for p in (0..shape.positions).filter(|&p| opts.mask.is_none_or(|m| m[p])) {
             let i = ((p / s) * c + ch) * s + p % s;
-            y[i] = ((x[i] as f64 - st.mean()) * rstd * g + b) as f32;
+            let mut v = [0.0];
+            T::widen_into(&x[i..=i], &mut v);
+            v[0] = ((v[0] as f64 - st.mean()) * rstd * g + b) as f32;
+            T::narrow_into(&v, &mut y[i..=i]);
         }
     }
 }
@@ -597,9 +600,9 @@ pub(crate) fn redo_columns_in_f64(
 }
 
 /// Eval: one elementwise pass with the running statistics.
-pub(crate) fn eval(
-    x: &[f32],
-    y: &mut [f32],
+pub(crate) fn eval<T: Element>(
+    x: &[T],
+    y: &mut [T],
     shape: &Shape,
     opts: &BatchNorm<'_>,
     stats: &RunningStats,
@@ -1095,7 +1098,7 @@ fn channels_first_plane(
 
 /// y = ((x − shift) − center) · scale + offset per column; masked positions are 0. Blocks run
 /// in reverse order: after the statistics pass the end of x is the part most likely in cache.
-fn apply(x: &[f32], y: &mut [f32], shape: &Shape, mask: Option<&[bool]>, cols: &Columns) {
+fn apply<T: Element>(x: &[T], y: &mut [T], shape: &Shape, mask: Option<&[bool]>, cols: &Columns) {
     let c = shape.channels;
     let s = shape.spatial;
     let stream = should_stream(y);
@@ -1117,16 +1120,17 @@ fn apply(x: &[f32], y: &mut [f32], shape: &Shape, mask: Option<&[bool]>, cols: &
 }
 
 multiversion! {
-    fn apply_block(x: &[f32], y: &mut [f32], c: usize, s: usize, mask: Option<&[bool]>, cols: &Columns, stream: bool)
+    fn apply_block<T: Element>(x: &[T], y: &mut [T], c: usize, s: usize, mask: Option<&[bool]>, cols: &Columns, stream: bool)
         => apply_block_body
 }
 
 /// One block of whole rows (features-last) or whole batch items (channels-first); `mask` holds
-/// the block's positions.
+/// the block's positions. A half block is widened and rounded a stage at a time as it is
+/// written.
 #[inline(always)]
-fn apply_block_body(
-    x: &[f32],
-    y: &mut [f32],
+fn apply_block_body<T: Element>(
+    x: &[T],
+    y: &mut [T],
     c: usize,
     s: usize,
     mask: Option<&[bool]>,
@@ -1138,7 +1142,11 @@ fn apply_block_body(
             y,
             stream,
             #[inline(always)]
-            |out, off| fill_rows(out, &x[off..], off % c, mask.map(|m| (m, off / c)), cols),
+            |out, off| {
+                let mut stage = [0.0; STAGE];
+                let xs = staged(&x[off..off + out.len()], &mut stage);
+                fill_rows(out, xs, off % c, mask.map(|m| (m, off / c)), cols);
+            },
         );
     } else {
         for (ch, (yr, xr)) in y.chunks_exact_mut(s).zip(x.chunks_exact(s)).enumerate() {
@@ -1152,7 +1160,11 @@ fn apply_block_body(
                 yr,
                 stream,
                 #[inline(always)]
-                |out, off| fill_run(out, &xr[off..], k, mask.map(|m| &m[off..])),
+                |out, off| {
+                    let mut stage = [0.0; STAGE];
+                    let xs = staged(&xr[off..off + out.len()], &mut stage);
+                    fill_run(out, xs, k, mask.map(|m| &m[off..]));
+                },
             );
         }
     }
@@ -1209,11 +1221,13 @@ fn fill_run(out: &mut [f32], x: &[f32], k: [f32; 4], mask: Option<&[bool]>) {
 
 // ---- Half tensors ------------------------------------------------------------------------------
 //
-// A half tensor is BatchNorm'd in pieces of whole batch items, each widened into f32 scratch of
-// about `HALF_PIECE` values when it is read: the statistics of each piece, merged in order with
-// Chan's formula in f64 (the pieces are shards of one batch, as SyncBatchNorm's), then each
-// piece normalized with the merged statistics and rounded into the output. No full-size f32
-// copy of any tensor; the f32 passes on each piece are those of f32 tensors.
+// A half tensor's statistics (and the backward's sums) are taken in pieces of whole batch items,
+// each widened into f32 scratch of about `HALF_PIECE` values when it is read, and merged in
+// order with Chan's formula in f64 (the pieces are shards of one batch, as SyncBatchNorm's).
+// The output passes of training and eval are generic over the element type (`apply`): each
+// stage of x widened and each output rounded as it is written. The backward's dx pass runs
+// piece by piece. No full-size f32 copy of any tensor; the f32 arithmetic is that of f32
+// tensors.
 
 /// Values of one piece of a half tensor, about: 4 MiB of f32 scratch per tensor read.
 const HALF_PIECE: usize = 1 << 20;
@@ -1297,33 +1311,11 @@ pub(crate) fn train_of<T: Element>(
     shape: &Shape,
     opts: &BatchNorm<'_>,
 ) -> BatchStats {
-    let pieces = pieces(shape);
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    let merged = merged_stats(x, &pieces, opts, &mut xs);
-    for p in &pieces {
-        let xw = widened(&x[p.values.clone()], &mut xs);
-        let yw = output(p.values.len(), &mut ys);
-        apply_stats(xw, yw, &p.shape, &p.opts(opts), &merged.columns);
-        narrow_all(yw, &mut y[p.values.clone()]);
-    }
+    let mut scratch = Vec::new();
+    let merged = merged_stats(x, &pieces(shape), opts, &mut scratch);
+    drop(scratch);
+    apply_stats(x, y, shape, opts, &merged.columns);
     merged.batch_stats()
-}
-
-/// Eval on a half tensor, piece by piece.
-pub(crate) fn eval_of<T: Element>(
-    x: &[T],
-    y: &mut [T],
-    shape: &Shape,
-    opts: &BatchNorm<'_>,
-    stats: &RunningStats,
-) {
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    for p in pieces(shape) {
-        let xw = widened(&x[p.values.clone()], &mut xs);
-        let yw = output(p.values.len(), &mut ys);
-        eval(xw, yw, &p.shape, &p.opts(opts), stats);
-        narrow_all(yw, &mut y[p.values.clone()]);
-    }
 }
 
 /// Training's backward pass on half tensors, piece by piece: each piece's statistics and sums
@@ -1411,6 +1403,51 @@ mod tests {
                     backward_dx((&x, &dy), &mut wide, (&shape, m), &coef, stream);
                     crate::cpu::stream_fence();
                     assert_eq!(bits(&wide), bits(&want), "{c} columns, stream {stream}");
+                }
+            }
+        }
+    }
+
+    /// The output pass on half tensors gives the same bits in both builds, with and without
+    /// streaming stores, features-last (masked) and channels-first, as on the f32 values of the
+    /// same tensor rounded once.
+    #[test]
+    fn half_outputs_round_the_f32_pass() {
+        half_outputs::<half::f16>();
+        half_outputs::<half::bf16>();
+    }
+
+    fn half_outputs<T: Element>() {
+        for &c in &[1usize, 3, 33, 100] {
+            let wide: Vec<f32> = (0..c * 300)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 + 1e2)
+                .collect();
+            let x: Vec<T> = crate::element::narrow(wide.clone());
+            let x32 = crate::element::widen(&x).into_owned();
+            let mask: Vec<bool> = (0..300).map(|r| r % 5 != 2).collect();
+            let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
+            // Features-last with c columns, and channels-first: one batch item (a block) of 3
+            // channels of 100 positions.
+            for (s, m) in [(1, Some(&mask[..])), (100, None)] {
+                let (c, x, x32) = if s == 1 {
+                    (c, &x[..], &x32[..])
+                } else {
+                    (3, &x[..300], &x32[..300])
+                };
+                let var: Vec<f64> = (0..c).map(|i| 1.0 + i as f64).collect();
+                let cols =
+                    Columns::new(x32[..c].to_vec(), vec![0.5; c], &var, &BatchNorm::default());
+                let mut f32_out = vec![0f32; x.len()];
+                apply_block_body(x32, &mut f32_out, c, s, m, &cols, false);
+                let want = bits(&crate::element::narrow::<T>(f32_out));
+                for stream in [false, true] {
+                    let (mut wide_out, mut base) = (vec![T::default(); x.len()], x.to_vec());
+                    apply_block(x, &mut wide_out, c, s, m, &cols, stream);
+                    apply_block_body(x, &mut base, c, s, m, &cols, stream);
+                    crate::cpu::stream_fence();
+                    let what = format!("{} {c} columns, spatial {s}, stream {stream}", T::NAME);
+                    assert_eq!(bits(&wide_out), want, "{what}");
+                    assert_eq!(bits(&base), want, "{what}");
                 }
             }
         }

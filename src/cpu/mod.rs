@@ -17,7 +17,7 @@ use crate::ops::Backend;
 use crate::{Element, LayerNorm, NormError, Timing};
 pub(crate) use batch_norm::{
     backward as batch_norm_backward, backward_of as batch_norm_backward_of, column_in_f64,
-    columns_in_f64, eval_of as batch_norm_eval_of, redo_columns_in_f64,
+    columns_in_f64, eval as batch_norm_eval_of, redo_columns_in_f64,
     train_of as batch_norm_train_of,
 };
 
@@ -293,7 +293,21 @@ pub(crate) fn write_out<T: Element>(y: &mut [T], stream: bool, fill: impl Fn(&mu
 }
 
 /// Values a stage of [`write_out`] holds: 256 bytes of f32, whole 64-byte lines of any type.
-const STAGE: usize = 64;
+pub(crate) const STAGE: usize = 64;
+
+/// The values of `x` as f32 for a [`write_out`] fill: `x` itself where it is f32, else widened
+/// into `stage` (a half type's fill covers at most [`STAGE`] values at a time).
+#[inline(always)]
+pub(crate) fn staged<'a, T: Element>(x: &'a [T], stage: &'a mut [f32; STAGE]) -> &'a [f32] {
+    match T::as_f32_ref(x) {
+        Some(x) => x,
+        None => {
+            let wide = &mut stage[..x.len()];
+            T::widen_into(x, wide);
+            wide
+        }
+    }
+}
 
 /// [`write_out`] of f32 values.
 #[inline(always)]
