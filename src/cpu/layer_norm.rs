@@ -99,7 +99,7 @@ fn rows_body<T: Element>(
     x: &[T],
     y: &mut [T],
     features: usize,
-    (opts, kind): (&LayerNorm<'_>, RowNorm),
+    op: (&LayerNorm<'_>, RowNorm),
     (stream, mut add): (bool, FusedAdd<'_, T>),
     mut moments: Option<&mut [[f32; 4]]>,
     scratch: &mut [f32],
@@ -119,10 +119,7 @@ fn rows_body<T: Element>(
             .as_mut()
             .map(|(residual, sum)| (&residual[span.clone()], &mut sum[span]));
         let xr = source_row(xr, add, &mut *scratch);
-        let m = match kind {
-            RowNorm::Layer => row(xr, yr, opts, &x[lo..hi], stream),
-            RowNorm::Rms => rms_row(xr, yr, opts, &x[lo..hi], stream),
-        };
+        let m = row(xr, yr, op, &x[lo..hi], stream);
         if let Some(moments) = &mut moments {
             moments[r] = m;
         }
@@ -172,46 +169,38 @@ fn source_row<'a, T: Element>(
     }
 }
 
-/// One row; `ahead` (data read later, or empty) is prefetched while this row is in cache, and
-/// `stream` sends the output past the caches. Returns the row's statistics as
-/// [`RowStats`](crate::RowStats) keeps them.
+/// One row of LayerNorm, or of RMSNorm (the mean square alone: no shift, no mean); `ahead`
+/// (data read later, or empty) is prefetched while this row is in cache, and `stream` sends the
+/// output past the caches. Returns the row's statistics as [`RowStats`](crate::RowStats) keeps
+/// them.
 #[inline(always)]
 fn row<T: Element>(
     x: &[f32],
     y: &mut [T],
-    opts: &LayerNorm<'_>,
+    (opts, kind): (&LayerNorm<'_>, RowNorm),
     ahead: &[T],
     stream: bool,
 ) -> [f32; 4] {
-    let n = x.len() as f64;
-    let shift = x[0];
-    let mean_d = (sum_shifted(x, shift) / n) as f32;
-    let var = sum_sq_centered(x, shift, mean_d, ahead) / n;
+    let (shift, mean_d, var) = shifted_moments(x, kind, ahead);
     if stats_out_of_range(mean_d as f64, var, opts.eps) {
-        return row_in_f64(x, y, opts, RowNorm::Layer);
+        return row_in_f64(x, y, opts, kind);
     }
     let rstd = (1.0 / (var + opts.eps as f64).sqrt()) as f32;
     normalize(x, y, (shift, mean_d, rstd), opts, stream);
     [shift, mean_d, rstd, 1.0]
 }
 
-/// One row of RMSNorm: the mean square in one pass over `x`, then the output. Returns its
-/// statistics as [`row`] does.
+/// A row's shift (its first value), the mean of x − shift and the variance about it, by the
+/// shifted two-pass; for RMSNorm 0, 0 and the mean square. `ahead` is prefetched during the
+/// second pass.
 #[inline(always)]
-fn rms_row<T: Element>(
-    x: &[f32],
-    y: &mut [T],
-    opts: &LayerNorm<'_>,
-    ahead: &[T],
-    stream: bool,
-) -> [f32; 4] {
-    let mean_sq = sum_sq_centered(x, 0.0, 0.0, ahead) / x.len() as f64;
-    if stats_out_of_range(0.0, mean_sq, opts.eps) {
-        return row_in_f64(x, y, opts, RowNorm::Rms);
-    }
-    let rrms = (1.0 / (mean_sq + opts.eps as f64).sqrt()) as f32;
-    normalize(x, y, (0.0, 0.0, rrms), opts, stream);
-    [0.0, 0.0, rrms, 1.0]
+fn shifted_moments<T>(x: &[f32], kind: RowNorm, ahead: &[T]) -> (f32, f32, f64) {
+    let n = x.len() as f64;
+    let (shift, mean_d) = match kind {
+        RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
+        RowNorm::Rms => (0.0, 0.0),
+    };
+    (shift, mean_d, sum_sq_centered(x, shift, mean_d, ahead) / n)
 }
 
 /// y = ((x − shift) − mean_d) · rstd · gamma + beta over one row (RMSNorm: shift and mean_d 0,
@@ -417,11 +406,7 @@ fn backward_row(
         // A row the forward pass scaled (its statistics leave f32's range) goes the rare way.
         Some(_) => return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta)),
         None => {
-            let (shift, mean_d) = match kind {
-                RowNorm::Layer => (x[0], (sum_shifted(x, x[0]) / n) as f32),
-                RowNorm::Rms => (0.0, 0.0),
-            };
-            let var = sum_sq_centered::<f32>(x, shift, mean_d, &[]) / n;
+            let (shift, mean_d, var) = shifted_moments::<f32>(x, kind, &[]);
             if stats_out_of_range(mean_d as f64, var, opts.eps) {
                 return backward_row_in_f64((x, dy), dx, (opts, kind), (dgamma, dbeta));
             }
