@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use super::{
-    fold, multiversion, rows_per_task, should_stream, stream_fence, sum_shifted, sum_sq_centered,
-    write_out, BLOCK, LANES, PREFETCH_DISTANCE,
+    fold, multiversion, rows_per_task, should_stream, staged, stream_fence, sum_shifted,
+    sum_sq_centered, write_out, BLOCK, LANES, PREFETCH_DISTANCE,
 };
 use crate::ops::layer_norm::{FusedAdd, RowNorm};
 use crate::ops::stats_out_of_range;
@@ -138,14 +138,7 @@ fn source_row<'a, T: Element>(
 ) -> &'a [f32] {
     let n = x.len();
     let Some((residual, sum)) = add else {
-        return match T::as_f32_ref(x) {
-            Some(x) => x,
-            None => {
-                let wide = &mut scratch[..n];
-                T::widen_into(x, wide);
-                wide
-            }
-        };
+        return staged(x, scratch);
     };
     match T::as_f32(sum) {
         Ok(out) => {

@@ -295,14 +295,14 @@ pub(crate) fn write_out<T: Element>(y: &mut [T], stream: bool, fill: impl Fn(&mu
 /// Values a stage of [`write_out`] holds: 256 bytes of f32, whole 64-byte lines of any type.
 pub(crate) const STAGE: usize = 64;
 
-/// The values of `x` as f32 for a [`write_out`] fill: `x` itself where it is f32, else widened
-/// into `stage` (a half type's fill covers at most [`STAGE`] values at a time).
+/// The values of `x` as f32: `x` itself where it is f32, else widened into the front of
+/// `scratch` (at least as long; a stage of [`STAGE`] values serves a [`write_out`] fill).
 #[inline(always)]
-pub(crate) fn staged<'a, T: Element>(x: &'a [T], stage: &'a mut [f32; STAGE]) -> &'a [f32] {
+pub(crate) fn staged<'a, T: Element>(x: &'a [T], scratch: &'a mut [f32]) -> &'a [f32] {
     match T::as_f32_ref(x) {
         Some(x) => x,
         None => {
-            let wide = &mut stage[..x.len()];
+            let wide = &mut scratch[..x.len()];
             T::widen_into(x, wide);
             wide
         }
