@@ -343,14 +343,18 @@ pub fn small_batch(
     .0;
     let (device, queue) = norm.wgpu().expect("a GPU normalizer");
     let (input, output) = (norm.upload(&x)?, norm.upload(&y)?);
-    let batched = median(reps, || {
-        let t = Instant::now();
+    // BATCHED LayerNorms recorded into one encoder.
+    let record = || -> Result<wgpu::CommandEncoder, NormError> {
         let mut encoder = device.create_command_encoder(&Default::default());
         for _ in 0..BATCHED {
             let io = (input.buffer(), output.buffer());
             norm.encode_layer_norm(&mut encoder, io.0, io.1, x.len(), features, &opts)?;
         }
-        queue.submit([encoder.finish()]);
+        Ok(encoder)
+    };
+    let batched = median(reps, || {
+        let t = Instant::now();
+        queue.submit([record()?.finish()]);
         wait(device, "waiting for a batch")?;
         Ok((t.elapsed(), Timing::default()))
     })?
@@ -358,11 +362,7 @@ pub fn small_batch(
     // The host's share of that: the same ops recorded, the encoder dropped unsubmitted.
     let recording = median(reps, || {
         let t = Instant::now();
-        let mut encoder = device.create_command_encoder(&Default::default());
-        for _ in 0..BATCHED {
-            let io = (input.buffer(), output.buffer());
-            norm.encode_layer_norm(&mut encoder, io.0, io.1, x.len(), features, &opts)?;
-        }
+        let encoder = record()?;
         let elapsed = t.elapsed();
         drop(encoder);
         Ok((elapsed, Timing::default()))
